@@ -1,0 +1,9 @@
+//! Vision Transformers in Rust: build, train, fine-tune, evaluate, explain and run ViTs.
+//!
+//! Layers, bottom up: [`ops`] (differentiable kernels), [`model`] (the network),
+//! [`weights`] (checkpoints), [`data`] (datasets), [`train`] (the loop), [`viz`] (pictures).
+//! The `vit` binary only parses arguments and prints.
+
+pub mod error;
+
+pub use error::{Error, Result};
