@@ -7,3 +7,9 @@
 pub mod error;
 
 pub use error::{Error, Result};
+pub mod config;
+pub mod model;
+pub mod ops;
+
+pub use config::ViTConfig;
+pub use model::VisionTransformer;

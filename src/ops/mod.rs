@@ -1,0 +1,174 @@
+//! The differentiable building blocks the model is made of, behind one interface:
+//! LayerNorm, linear, GELU, softmax, attention, cross-entropy and dropout.
+//! Each is composed of candle ops that record gradients (candle-nn's fused
+//! `softmax_last_dim`, `layer_norm` and `sdpa` do not), so every parameter trains.
+
+use candle_core::{DType, Device, Tensor, D};
+use rand::RngExt;
+use rand_chacha::ChaCha8Rng;
+
+use crate::Result;
+
+/// LayerNorm over the last dimension: (x − mean) / sqrt(var + eps) · weight + bias.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?; // (..., 1)
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?; // biased variance, as PyTorch
+    let xn = xc.broadcast_mul(&(var + eps)?.sqrt()?.recip()?)?;
+    Ok(xn.broadcast_mul(weight)?.broadcast_add(bias)?)
+}
+
+/// `x · weightᵀ + bias` for x of shape (..., in) and weight (out, in), as `nn.Linear`.
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let (out_dim, in_dim) = weight.dims2()?;
+    let rows = x.elem_count() / in_dim;
+    let y = x.reshape((rows, in_dim))?.matmul(&weight.t()?)?; // (rows, out)
+    let y = match bias {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut out_dims = dims;
+    *out_dims.last_mut().expect("linear input has at least one dim") = out_dim;
+    Ok(y.reshape(out_dims)?)
+}
+
+/// Exact (erf) GELU, as `nn.GELU()` in timm and `"gelu"` in HuggingFace.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    Ok(x.gelu_erf()?)
+}
+
+/// Softmax over the last dimension, max-subtracted for stability.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let sum = e.sum_keepdim(D::Minus1)?;
+    Ok(e.broadcast_div(&sum)?)
+}
+
+/// Log-softmax over the last dimension.
+pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    Ok(shifted.broadcast_sub(&lse)?)
+}
+
+/// Mean cross-entropy of `logits` (B, K) against class indices `targets` (B,) u32,
+/// with label smoothing ε as PyTorch's `CrossEntropyLoss(label_smoothing=ε)`:
+/// loss = (1 − ε)·NLL + ε·mean_k(−log p_k).
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor, smoothing: f64) -> Result<Tensor> {
+    let logp = log_softmax_last_dim(logits)?; // (B, K)
+    let nll = logp
+        .gather(&targets.unsqueeze(1)?, 1)?
+        .neg()?
+        .mean_all()?;
+    if smoothing == 0.0 {
+        return Ok(nll);
+    }
+    let smooth = logp.mean(D::Minus1)?.neg()?.mean_all()?;
+    Ok(((nll * (1.0 - smoothing))? + (smooth * smoothing)?)?)
+}
+
+/// Inverted dropout: zeroes each element with probability `p` and scales the rest by
+/// 1/(1−p). The mask comes from our seeded RNG, so training is reproducible.
+pub fn dropout(x: &Tensor, p: f64, rng: &mut ChaCha8Rng) -> Result<Tensor> {
+    if p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let mask = bernoulli_mask(x.dims(), p, rng, x.device())?;
+    Ok(x.broadcast_mul(&mask.to_dtype(x.dtype())?)?)
+}
+
+/// Stochastic depth on a residual branch `x` (B, ...): drops whole samples with
+/// probability `p`, scaling the kept ones by 1/(1−p) (timm `DropPath`).
+pub fn drop_path(x: &Tensor, p: f64, rng: &mut ChaCha8Rng) -> Result<Tensor> {
+    if p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let mut shape = vec![1; x.rank()];
+    shape[0] = x.dim(0)?;
+    let mask = bernoulli_mask(&shape, p, rng, x.device())?;
+    Ok(x.broadcast_mul(&mask.to_dtype(x.dtype())?)?)
+}
+
+/// A tensor of 0 and 1/(1−p), each kept with probability 1−p.
+fn bernoulli_mask(shape: &[usize], p: f64, rng: &mut ChaCha8Rng, dev: &Device) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let keep = (1.0 - p) as f32;
+    let scale = 1.0 / keep;
+    let v: Vec<f32> = (0..n)
+        .map(|_| if rng.random::<f32>() < keep { scale } else { 0.0 })
+        .collect();
+    Ok(Tensor::from_vec(v, shape, dev)?.to_dtype(DType::F32)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    fn t(v: &[f32], shape: &[usize]) -> Tensor {
+        Tensor::from_slice(v, shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn softmax_rows_sum_to_one_and_match_exp_ratio() {
+        let x = t(&[1.0, 2.0, 3.0, -1.0, 0.0, 1000.0], &[2, 3]);
+        let s = softmax_last_dim(&x).unwrap().to_vec2::<f32>().unwrap();
+        let e: f32 = (1f32).exp() + (2f32).exp() + (3f32).exp();
+        assert!((s[0][2] - 3f32.exp() / e).abs() < 1e-6);
+        assert!((s[1][2] - 1.0).abs() < 1e-6 && s[1][0] == 0.0);
+        for row in s {
+            assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn layer_norm_normalises_and_has_gradients() {
+        let x = Var::from_tensor(&t(&[1.0, 2.0, 4.0, 8.0], &[1, 4])).unwrap();
+        let w = Var::from_tensor(&t(&[1.0, 2.0, 1.0, 1.0], &[4])).unwrap();
+        let b = Var::from_tensor(&t(&[0.0, 0.0, 0.0, 0.5], &[4])).unwrap();
+        let y = layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-6).unwrap();
+        let v = y.to_vec2::<f32>().unwrap()[0].clone();
+        // mean 3.75, var 7.1875
+        let sd = (7.1875f32 + 1e-6).sqrt();
+        assert!((v[0] - (1.0 - 3.75) / sd).abs() < 1e-5);
+        assert!((v[1] - 2.0 * (2.0 - 3.75) / sd).abs() < 1e-5);
+        assert!((v[3] - ((8.0 - 3.75) / sd + 0.5)).abs() < 1e-5);
+        let g = (y * t(&[1.0, -1.0, 2.0, 0.5], &[1, 4])).unwrap().sum_all().unwrap();
+        let grads = g.backward().unwrap();
+        for var in [&x, &w, &b] {
+            let gv = grads.get(var.as_tensor()).unwrap();
+            assert!(gv.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
+        }
+    }
+
+    #[test]
+    fn cross_entropy_matches_hand_computation() {
+        let logits = t(&[2.0, 0.0, 0.0, 0.0, 1.0, 3.0], &[2, 3]);
+        let y = Tensor::from_slice(&[0u32, 2], 2, &Device::Cpu).unwrap();
+        let lse0 = (2f32.exp() + 2.0).ln();
+        let lse1 = (1.0 + 1f32.exp() + 3f32.exp()).ln();
+        let nll = ((lse0 - 2.0) + (lse1 - 3.0)) / 2.0;
+        let got = cross_entropy(&logits, &y, 0.0).unwrap().to_scalar::<f32>().unwrap();
+        assert!((got - nll).abs() < 1e-6);
+        let smooth = ((3.0 * lse0 - 2.0) / 3.0 + (3.0 * lse1 - 4.0) / 3.0) / 2.0;
+        let want = 0.9 * nll + 0.1 * smooth;
+        let got = cross_entropy(&logits, &y, 0.1).unwrap().to_scalar::<f32>().unwrap();
+        assert!((got - want).abs() < 1e-6, "{got} {want}");
+    }
+
+    #[test]
+    fn dropout_is_seeded_and_preserves_expectation() {
+        use rand::SeedableRng;
+        let x = Tensor::ones((100, 100), DType::F32, &Device::Cpu).unwrap();
+        let a = dropout(&x, 0.25, &mut ChaCha8Rng::seed_from_u64(3)).unwrap();
+        let b = dropout(&x, 0.25, &mut ChaCha8Rng::seed_from_u64(3)).unwrap();
+        assert_eq!(a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
+        let mean = a.mean_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!((mean - 1.0).abs() < 0.05, "{mean}");
+        let zeros = a.eq(0f32).unwrap().to_dtype(DType::F32).unwrap().mean_all().unwrap();
+        assert!((zeros.to_scalar::<f32>().unwrap() - 0.25).abs() < 0.03);
+    }
+}
