@@ -1,0 +1,357 @@
+"""Reference fixtures for the `vit` crate's parity tests, made with timm and transformers.
+
+Dev-only: CI never runs this script; its outputs under tests/fixtures/ (and
+src/imagenet_classes.txt) are committed. Regenerate from the repository root with
+
+    .venv/bin/python scripts/make_fixtures.py
+
+(the venv needs torch, timm, transformers, safetensors, numpy and pillow; CPU only).
+It is deterministic (fixed seeds, float32) and doubles as the executable spec of what
+each fixture contains:
+
+  timm_tiny/       timm ViT (cls pool, qkv bias): weights, our config, input/logits/
+                   features/attention probs, pos-embed resampling (timm + HF style),
+                   32 -> 48 px resolution change through timm's checkpoint filter
+  timm_meanpool/   timm ViT without class token, mean pool + fc_norm, 1 channel, 24x32
+  hf_tiny/         transformers ViTForImageClassification in HF format (+ processor),
+                   expected outputs, and ours_config.json (our config for it)
+  predict/         two PNG images and logits after timm / HF preprocessing
+  grad_tiny/       loss, gradients, grad norm and two clipped AdamW steps (timm naming)
+  timm_param_counts.json  parameter counts of standard timm ViTs (num_classes=1000)
+
+All parameters are perturbed after construction (LayerNorm weights 1 + 0.1*randn,
+biases 0.02*randn, other tensors get noise) so that no weight is trivially 0 or 1.
+"""
+
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import transformers
+from PIL import Image
+from safetensors.torch import save_file
+from timm.data import ImageNetInfo, create_transform
+from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIX = os.path.join(ROOT, "tests", "fixtures")
+
+torch.set_num_threads(2)
+torch.manual_seed(0)
+
+
+def seed(n):
+    torch.manual_seed(n)
+    np.random.seed(n)
+
+
+def out_dir(name):
+    d = os.path.join(FIX, name)
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def save(tensors, path):
+    save_file({k: v.detach().float().contiguous() if v.is_floating_point() else v.contiguous()
+               for k, v in tensors.items()}, path)
+
+
+def write_json(obj, path):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+@torch.no_grad()
+def perturb(model):
+    """LayerNorm weights 1 + 0.1*randn, biases 0.02*randn, matrices + N(0, 1/fan_in)
+    noise (so attention is far from uniform), cls/pos tokens + 0.2*randn."""
+    for name, p in model.named_parameters():
+        if p.ndim == 1 and name.endswith("weight"):
+            p.copy_(1 + 0.1 * torch.randn_like(p))
+        elif p.ndim == 1:
+            p.copy_(0.02 * torch.randn_like(p))
+        elif "cls_token" in name or "pos" in name:
+            p.add_(0.2 * torch.randn_like(p))
+        else:
+            p.add_(torch.randn_like(p) / math.sqrt(p[0].numel()))
+        assert (p != 0).all() and (p != 1).all(), name
+
+
+def ours(image_size, patch_size, in_channels, num_classes, embed_dim, depth, num_heads,
+         mlp_ratio, qkv_bias, pool, fc_norm, class_token, eps):
+    """Our Rust config (JSON field names of vit::Config)."""
+    return dict(image_size=list(image_size), patch_size=patch_size, in_channels=in_channels,
+                num_classes=num_classes, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                mlp_ratio=float(mlp_ratio), qkv_bias=qkv_bias, pool=pool, fc_norm=fc_norm,
+                pos_embed="learned", class_token=class_token, norm="pre", layer_norm_eps=eps)
+
+
+def timm_run(model, x):
+    """logits, forward_features and per-block softmax attention probabilities."""
+    probs = []
+    hooks = []
+    for blk in model.blocks:
+        blk.attn.fused_attn = False
+        hooks.append(blk.attn.attn_drop.register_forward_hook(
+            lambda mod, inp, out: probs.append(inp[0].detach().clone())))
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        logits = model.forward_head(feats)
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        assert torch.allclose(logits, model(x), atol=1e-6)
+    assert len(probs) == len(model.blocks)
+    for a in probs:
+        assert torch.allclose(a.sum(-1), torch.ones(()), atol=1e-5)
+    out = {"logits": logits, "features": feats}
+    out.update({f"attn{i}": a for i, a in enumerate(probs)})
+    return out
+
+
+def hf_style_resample(pos, new_size, num_prefix=1):
+    """What HF's ViTEmbeddings.interpolate_pos_encoding does: bicubic, no antialias."""
+    prefix, grid = pos[:, :num_prefix], pos[:, num_prefix:]
+    n = int(math.sqrt(grid.shape[1]))
+    grid = grid.reshape(1, n, n, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=new_size, mode="bicubic", align_corners=False)
+    return torch.cat([prefix, grid.permute(0, 2, 3, 1).reshape(1, -1, pos.shape[-1])], dim=1)
+
+
+# ---------------------------------------------------------------- A. timm_tiny
+def make_timm_tiny():
+    seed(1)
+    kw = dict(patch_size=8, in_chans=3, num_classes=10, embed_dim=64, depth=2, num_heads=4,
+              mlp_ratio=4.0, qkv_bias=True)
+    model = VisionTransformer(img_size=32, **kw).eval()
+    perturb(model)
+    d = out_dir("timm_tiny")
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    save(sd, os.path.join(d, "model.safetensors"))
+    write_json(ours((32, 32), 8, 3, 10, 64, 2, 4, 4.0, True, "cls", False, True, 1e-6),
+               os.path.join(d, "config.json"))
+
+    x = torch.randn(2, 3, 32, 32)
+    exp = {"input": x, **timm_run(model, x)}
+    pos = model.pos_embed.detach()
+    exp["pos_embed"] = pos
+    for h, w in [(6, 5), (3, 2)]:
+        exp[f"pos_timm_{h}x{w}"] = resample_abs_pos_embed(pos, new_size=(h, w), num_prefix_tokens=1)
+        exp[f"pos_hf_{h}x{w}"] = hf_style_resample(pos, (h, w))
+
+    # 32 px weights -> 48 px model via timm's own checkpoint filter (grid 4x4 -> 6x6).
+    model48 = VisionTransformer(img_size=48, **kw).eval()
+    model48.load_state_dict(checkpoint_filter_fn(sd, model48))
+    x48 = torch.randn(1, 3, 48, 48)
+    with torch.no_grad():
+        exp["input_48"] = x48
+        exp["logits_48"] = model48(x48)
+    exp["pos_timm_6x6"] = model48.pos_embed.detach()
+    assert torch.allclose(exp["pos_timm_6x6"],
+                          resample_abs_pos_embed(pos, new_size=(6, 6), num_prefix_tokens=1))
+    save(exp, os.path.join(d, "expected.safetensors"))
+    return model
+
+
+# ------------------------------------------------------------ B. timm_meanpool
+def make_timm_meanpool():
+    seed(2)
+    model = VisionTransformer(img_size=(24, 32), patch_size=8, in_chans=1, num_classes=5,
+                              embed_dim=48, depth=2, num_heads=3, mlp_ratio=2.0, qkv_bias=False,
+                              global_pool="avg", class_token=False).eval()
+    assert isinstance(model.norm, nn.Identity) and isinstance(model.fc_norm, nn.LayerNorm)
+    perturb(model)
+    d = out_dir("timm_meanpool")
+    save(model.state_dict(), os.path.join(d, "model.safetensors"))
+    write_json(ours((24, 32), 8, 1, 5, 48, 2, 3, 2.0, False, "mean", True, False, 1e-6),
+               os.path.join(d, "config.json"))
+    x = torch.randn(2, 1, 24, 32)
+    save({"input": x, **timm_run(model, x)}, os.path.join(d, "expected.safetensors"))
+
+
+# ------------------------------------------------------------------ C. hf_tiny
+LABELS = ["airplane", "automobile", "bird", "cat", "deer",
+          "dog", "frog", "horse", "ship", "truck"]
+
+
+def make_hf_tiny():
+    seed(3)
+    cfg = transformers.ViTConfig(
+        image_size=32, patch_size=8, num_channels=3, hidden_size=64, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=256, num_labels=10, hidden_act="gelu",
+        layer_norm_eps=1e-12, qkv_bias=True, id2label=dict(enumerate(LABELS)),
+        label2id={n: i for i, n in enumerate(LABELS)}, attn_implementation="eager")
+    model = transformers.ViTForImageClassification(cfg).eval()
+    assert model.config._attn_implementation == "eager"
+    perturb(model)
+    d = out_dir("hf_tiny")
+    model.save_pretrained(d)  # transformers 5 always writes model.safetensors
+    processor = transformers.ViTImageProcessor(
+        size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor.save_pretrained(d)
+    write_json(ours((32, 32), 8, 3, 10, 64, 2, 4, 4.0, True, "cls", False, True, 1e-12),
+               os.path.join(d, "ours_config.json"))
+
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = model(pixel_values=x, output_attentions=True)
+        feats = model.vit(pixel_values=x).last_hidden_state
+    assert len(out.attentions) == 2
+    for a in out.attentions:
+        assert torch.allclose(a.sum(-1), torch.ones(()), atol=1e-5)
+    save({"input": x, "logits": out.logits, "features": feats,
+          "attn0": out.attentions[0], "attn1": out.attentions[1]},
+         os.path.join(d, "expected.safetensors"))
+    return model, processor
+
+
+# ------------------------------------------------------------------ D. predict
+def make_image(h, w, rng):
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    r = 255 * xx / (w - 1)
+    g = 255 * yy / (h - 1)
+    b = 127.5 + 100 * np.sin(xx / 3.0) * np.cos(yy / 4.0)
+    img = np.stack([r, g, b], axis=-1) + rng.normal(0, 12, size=(h, w, 3))
+    return Image.fromarray(np.clip(np.round(img), 0, 255).astype(np.uint8), mode="RGB")
+
+
+def make_predict(timm_model, hf_model, processor):
+    rng = np.random.RandomState(4)
+    d = out_dir("predict")
+    make_image(32, 32, rng).save(os.path.join(d, "image_rgb.png"))
+    make_image(40, 48, rng).save(os.path.join(d, "image_40x48.png"))
+    img = Image.open(os.path.join(d, "image_rgb.png")).convert("RGB")
+    img2 = Image.open(os.path.join(d, "image_40x48.png")).convert("RGB")
+    assert img2.size == (48, 40)  # PIL: (width, height)
+
+    tf = dict(input_size=(3, 32, 32), interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3)
+    t_full = create_transform(crop_pct=1.0, **tf)
+    t_crop = create_transform(crop_pct=0.875, **tf)
+    print("timm transform crop_pct=0.875:", t_crop, sep="\n")
+    resize = t_crop.transforms[0]
+    assert resize.size == 36 == math.floor(32 / 0.875), resize.size  # shorter side -> 36
+    print("  40x48 resized to", resize(img2).size[::-1], "(h, w) then center crop 32x32")
+
+    exp = {}
+    with torch.no_grad():
+        exp["timm_input"] = t_full(img).unsqueeze(0)
+        exp["timm_logits"] = timm_model(exp["timm_input"])
+        exp["timm_input_resized"] = t_crop(img2).unsqueeze(0)
+        exp["timm_logits_resized"] = timm_model(exp["timm_input_resized"])
+        exp["hf_input"] = processor(images=img, return_tensors="pt")["pixel_values"]
+        exp["hf_logits"] = hf_model(pixel_values=exp["hf_input"]).logits
+    save(exp, os.path.join(d, "expected.safetensors"))
+
+
+# ---------------------------------------------------------------- E. grad_tiny
+TRAIN = dict(loss="cross_entropy", label_smoothing=0.1, reduction="mean", optimizer="adamw",
+             lr=1e-3, betas=[0.9, 0.999], eps=1e-8, weight_decay=0.05,
+             no_weight_decay="params with ndim < 2, pos_embed, cls_token",
+             clip_grad_norm=1.0, steps=2, same_batch_each_step=True,
+             adamw="torch.optim.AdamW: p *= 1 - lr*wd; m,v updates; "
+                   "p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)")
+
+
+def make_grad_tiny():
+    seed(5)
+    model = VisionTransformer(img_size=16, patch_size=4, in_chans=1, num_classes=5, embed_dim=32,
+                              depth=2, num_heads=2, mlp_ratio=2.0, qkv_bias=True,
+                              drop_rate=0.0, pos_drop_rate=0.0, proj_drop_rate=0.0,
+                              attn_drop_rate=0.0, drop_path_rate=0.0)
+    perturb(model)
+    model.train()
+    d = out_dir("grad_tiny")
+    save(model.state_dict(), os.path.join(d, "model.safetensors"))
+    write_json(ours((16, 16), 4, 1, 5, 32, 2, 2, 2.0, True, "cls", False, True, 1e-6),
+               os.path.join(d, "config.json"))
+
+    x = torch.randn(4, 1, 16, 16)
+    labels = torch.randint(0, 5, (4,), dtype=torch.int64)
+    params = dict(model.named_parameters())
+    no_decay = {"pos_embed", "cls_token"}
+    decay = [n for n, p in params.items() if p.ndim >= 2 and n not in no_decay]
+    rest = [n for n in params if n not in decay]
+    opt = torch.optim.AdamW(
+        [{"params": [params[n] for n in decay], "weight_decay": TRAIN["weight_decay"]},
+         {"params": [params[n] for n in rest], "weight_decay": 0.0}],
+        lr=TRAIN["lr"], betas=tuple(TRAIN["betas"]), eps=TRAIN["eps"])
+    criterion = nn.CrossEntropyLoss(label_smoothing=TRAIN["label_smoothing"])
+
+    exp = {"input": x, "labels": labels}
+    for step in range(TRAIN["steps"]):
+        opt.zero_grad()
+        loss = criterion(model(x), labels)
+        loss.backward()
+        if step == 0:
+            exp["loss"] = loss.detach().reshape(1)
+            exp.update({f"grad.{n}": p.grad.clone() for n, p in params.items()})
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=TRAIN["clip_grad_norm"])
+        exp["grad_norm" if step == 0 else f"grad_norm{step + 1}"] = norm.detach().reshape(1)
+        opt.step()
+    exp["loss2"] = loss.detach().reshape(1)
+    exp.update({f"after2.{n}": p.detach().clone() for n, p in params.items()})
+    save(exp, os.path.join(d, "expected.safetensors"))
+    write_json({**TRAIN, "decay_params": decay, "no_decay_params": rest},
+               os.path.join(d, "train.json"))
+    print(f"grad_tiny: loss {exp['loss'].item():.6f} grad_norm {exp['grad_norm'].item():.6f} "
+          f"loss2 {exp['loss2'].item():.6f}")
+
+
+# ---------------------------------------------------- F. ImageNet class names
+def make_imagenet_classes():
+    info = ImageNetInfo()
+    names = [info.index_to_description(i) for i in range(info.num_classes())]
+    assert len(names) == 1000 and names[0] == "tench, Tinca tinca"
+    with open(os.path.join(ROOT, "src", "imagenet_classes.txt"), "w") as f:
+        f.write("\n".join(names) + "\n")
+
+
+# ------------------------------------------------------- timm parameter counts
+VARIANTS = ["vit_tiny_patch16_224", "vit_small_patch16_224", "vit_small_patch32_224",
+            "vit_base_patch16_224", "vit_base_patch32_224", "vit_base_patch16_384",
+            "vit_large_patch16_224", "vit_huge_patch14_224"]
+
+
+def param_counts():
+    counts = {}
+    for name in VARIANTS:
+        m = timm.create_model(name, pretrained=False, num_classes=1000, device="meta")
+        counts[name] = sum(p.numel() for p in m.parameters())
+        print(f"  {name:24s} {counts[name]:>12,d}")
+    write_json(counts, os.path.join(FIX, "timm_param_counts.json"))
+    cfg = timm.create_model("vit_base_patch16_224", pretrained=False, device="meta").pretrained_cfg
+    print("vit_base_patch16_224 pretrained_cfg:",
+          {k: cfg[k] for k in ("tag", "mean", "std", "crop_pct", "interpolation", "crop_mode")})
+
+
+def main():
+    print(f"torch {torch.__version__}, timm {timm.__version__}, "
+          f"transformers {transformers.__version__}, python {sys.version.split()[0]}")
+    tiny = make_timm_tiny()
+    make_timm_meanpool()
+    hf, processor = make_hf_tiny()
+    make_predict(tiny, hf, processor)
+    make_grad_tiny()
+    make_imagenet_classes()
+    print("timm parameter counts (num_classes=1000):")
+    param_counts()
+    total = 0
+    for dirpath, _, files in sorted(os.walk(FIX)):
+        for f in sorted(files):
+            size = os.path.getsize(os.path.join(dirpath, f))
+            total += size
+            print(f"  {os.path.relpath(os.path.join(dirpath, f), ROOT):55s} {size:>9,d} B")
+    print(f"fixtures total {total:,d} B")
+    assert total < 3_000_000
+
+
+if __name__ == "__main__":
+    main()
