@@ -13,3 +13,6 @@ pub mod ops;
 
 pub use config::ViTConfig;
 pub use model::VisionTransformer;
+pub mod atomic;
+pub mod predict;
+pub mod weights;

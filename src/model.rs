@@ -2,7 +2,7 @@
 //! class token, position embedding, transformer blocks, final norm, pooling, linear head.
 //! Struct nesting mirrors timm's checkpoint names; `model` never touches files.
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -499,6 +499,7 @@ pub fn init_model(cfg: &ViTConfig, seed: u64, dev: &Device) -> Result<VisionTran
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::D;
 
     fn tiny(pool: Pool) -> ViTConfig {
         ViTConfig {
@@ -566,9 +567,17 @@ mod tests {
         let b = init_params(&cfg, 7, &Device::Cpu).unwrap();
         for ((na, ta), (_, tb)) in a.iter().zip(&b) {
             let (va, vb) = (ta.flatten_all().unwrap(), tb.flatten_all().unwrap());
-            assert_eq!(va.to_vec1::<f32>().unwrap(), vb.to_vec1::<f32>().unwrap(), "{na}");
+            assert_eq!(
+                va.to_vec1::<f32>().unwrap(),
+                vb.to_vec1::<f32>().unwrap(),
+                "{na}"
+            );
         }
-        let qkv = &a.iter().find(|(n, _)| n == "blocks.0.attn.qkv.weight").unwrap().1;
+        let qkv = &a
+            .iter()
+            .find(|(n, _)| n == "blocks.0.attn.qkv.weight")
+            .unwrap()
+            .1;
         let v = qkv.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let std = (v.iter().map(|x| x * x).sum::<f32>() / v.len() as f32).sqrt();
         assert!((std - 0.02).abs() < 0.001, "{std}");
@@ -583,7 +592,7 @@ mod tests {
         let t = sincos_2d(&cfg, &Device::Cpu).unwrap(); // (1, 7, 8)
         let v = t.squeeze(0).unwrap().to_vec2::<f32>().unwrap();
         assert!(v[0].iter().all(|&x| x == 0.0)); // class token
-        // token 1 + (r=1)*3 + (c=2) = 6; quarter = 2, ω = [1, 0.01]
+                                                 // token 1 + (r=1)*3 + (c=2) = 6; quarter = 2, ω = [1, 0.01]
         let row = &v[6];
         assert!((row[0] - 2f32.sin()).abs() < 1e-6 && (row[2] - 2f32.cos()).abs() < 1e-6);
         assert!((row[4] - 1f32.sin()).abs() < 1e-6 && (row[5] - 0.01f32.sin()).abs() < 1e-6);

@@ -29,7 +29,9 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
         None => y,
     };
     let mut out_dims = dims;
-    *out_dims.last_mut().expect("linear input has at least one dim") = out_dim;
+    *out_dims
+        .last_mut()
+        .expect("linear input has at least one dim") = out_dim;
     Ok(y.reshape(out_dims)?)
 }
 
@@ -59,10 +61,7 @@ pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// loss = (1 − ε)·NLL + ε·mean_k(−log p_k).
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor, smoothing: f64) -> Result<Tensor> {
     let logp = log_softmax_last_dim(logits)?; // (B, K)
-    let nll = logp
-        .gather(&targets.unsqueeze(1)?, 1)?
-        .neg()?
-        .mean_all()?;
+    let nll = logp.gather(&targets.unsqueeze(1)?, 1)?.neg()?.mean_all()?;
     if smoothing == 0.0 {
         return Ok(nll);
     }
@@ -98,7 +97,13 @@ fn bernoulli_mask(shape: &[usize], p: f64, rng: &mut ChaCha8Rng, dev: &Device) -
     let keep = (1.0 - p) as f32;
     let scale = 1.0 / keep;
     let v: Vec<f32> = (0..n)
-        .map(|_| if rng.random::<f32>() < keep { scale } else { 0.0 })
+        .map(|_| {
+            if rng.random::<f32>() < keep {
+                scale
+            } else {
+                0.0
+            }
+        })
         .collect();
     Ok(Tensor::from_vec(v, shape, dev)?.to_dtype(DType::F32)?)
 }
@@ -136,11 +141,22 @@ mod tests {
         assert!((v[0] - (1.0 - 3.75) / sd).abs() < 1e-5);
         assert!((v[1] - 2.0 * (2.0 - 3.75) / sd).abs() < 1e-5);
         assert!((v[3] - ((8.0 - 3.75) / sd + 0.5)).abs() < 1e-5);
-        let g = (y * t(&[1.0, -1.0, 2.0, 0.5], &[1, 4])).unwrap().sum_all().unwrap();
+        let g = (y * t(&[1.0, -1.0, 2.0, 0.5], &[1, 4]))
+            .unwrap()
+            .sum_all()
+            .unwrap();
         let grads = g.backward().unwrap();
         for var in [&x, &w, &b] {
             let gv = grads.get(var.as_tensor()).unwrap();
-            assert!(gv.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
+            assert!(
+                gv.abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    > 0.0
+            );
         }
     }
 
@@ -151,11 +167,17 @@ mod tests {
         let lse0 = (2f32.exp() + 2.0).ln();
         let lse1 = (1.0 + 1f32.exp() + 3f32.exp()).ln();
         let nll = ((lse0 - 2.0) + (lse1 - 3.0)) / 2.0;
-        let got = cross_entropy(&logits, &y, 0.0).unwrap().to_scalar::<f32>().unwrap();
+        let got = cross_entropy(&logits, &y, 0.0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!((got - nll).abs() < 1e-6);
         let smooth = ((3.0 * lse0 - 2.0) / 3.0 + (3.0 * lse1 - 4.0) / 3.0) / 2.0;
         let want = 0.9 * nll + 0.1 * smooth;
-        let got = cross_entropy(&logits, &y, 0.1).unwrap().to_scalar::<f32>().unwrap();
+        let got = cross_entropy(&logits, &y, 0.1)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!((got - want).abs() < 1e-6, "{got} {want}");
     }
 
@@ -168,7 +190,13 @@ mod tests {
         assert_eq!(a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
         let mean = a.mean_all().unwrap().to_scalar::<f32>().unwrap();
         assert!((mean - 1.0).abs() < 0.05, "{mean}");
-        let zeros = a.eq(0f32).unwrap().to_dtype(DType::F32).unwrap().mean_all().unwrap();
+        let zeros = a
+            .eq(0f32)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .mean_all()
+            .unwrap();
         assert!((zeros.to_scalar::<f32>().unwrap() - 0.25).abs() < 0.03);
     }
 }

@@ -1,0 +1,325 @@
+//! Inference on image files: resolving the architecture and preprocessing of a checkpoint,
+//! timm's evaluation transform (resize, center crop, normalise) and top-k predictions.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use fast_image_resize::{images::Image, FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use image::DynamicImage;
+use serde::Serialize;
+
+use crate::config::{Preprocess, ViTConfig};
+use crate::weights::{Checkpoint, PosResample};
+use crate::{Error, Result, VisionTransformer};
+
+/// The 1000 ImageNet-1k class names in index order (timm's `ImageNetInfo`).
+pub const IMAGENET_CLASSES: &str = include_str!("imagenet_classes.txt");
+
+/// Where the architecture comes from, besides the checkpoint itself.
+#[derive(Debug, Clone, Default)]
+pub enum Arch {
+    /// Use the checkpoint's own config (our metadata or HF `config.json`).
+    #[default]
+    FromCheckpoint,
+    /// A named preset; its class count follows the checkpoint's head.
+    Preset(String),
+    /// A config file, used as written.
+    File(PathBuf),
+}
+
+/// Options of `vit predict` (and of every command that runs a checkpoint on images).
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    pub arch: Arch,
+    /// Square input size overriding the config's (the position embedding is resampled).
+    pub img_size: Option<usize>,
+    pub crop_pct: Option<f64>,
+    pub mean: Option<Vec<f32>>,
+    pub std: Option<Vec<f32>>,
+    pub pos_resample: PosResample,
+}
+
+/// A model ready to run on images, with how to prepare them and what its classes are called.
+#[derive(Debug)]
+pub struct Predictor {
+    pub model: VisionTransformer,
+    pub config: ViTConfig,
+    pub preprocess: Preprocess,
+    pub class_names: Vec<String>,
+    /// Things the user should know (resampled position embedding, ignored tensors).
+    pub warnings: Vec<String>,
+}
+
+impl Predictor {
+    /// Loads `weights` and resolves config, preprocessing and class names: explicit options
+    /// first, then the checkpoint's metadata, then the ViT defaults of timm and HF.
+    pub fn load(weights: &Path, opts: &LoadOptions) -> Result<Self> {
+        let ck = Checkpoint::load(weights)?;
+        let mut config = match &opts.arch {
+            Arch::File(p) => ViTConfig::from_file(p)?,
+            Arch::Preset(name) => {
+                let mut c = ViTConfig::preset(name)?;
+                if let Some(k) = ck.head_classes() {
+                    c.num_classes = k;
+                }
+                c
+            }
+            Arch::FromCheckpoint => ck.config.clone().ok_or_else(|| Error::Checkpoint {
+                path: weights.to_path_buf(),
+                msg: "does not describe its architecture; pass --preset NAME or --config FILE"
+                    .into(),
+            })?,
+        };
+        if let Some(s) = opts.img_size {
+            config.image_size = [s, s];
+        }
+        config.validate()?;
+        let (tensors, mut warnings) = ck.fit(&config, opts.pos_resample, None)?;
+        if !ck.ignored.is_empty() {
+            warnings.push(format!(
+                "ignored tensors not used by the model: {}",
+                ck.ignored.join(", ")
+            ));
+        }
+        let mut preprocess = ck
+            .preprocess
+            .clone()
+            .unwrap_or_else(|| Preprocess::vit_default(config.in_channels));
+        if let Some(c) = opts.crop_pct {
+            preprocess.crop_pct = c;
+        }
+        if let Some(m) = &opts.mean {
+            preprocess.mean = m.clone();
+        }
+        if let Some(s) = &opts.std {
+            preprocess.std = s.clone();
+        }
+        preprocess.validate(config.in_channels)?;
+        let class_names = match &ck.class_names {
+            Some(n) if n.len() == config.num_classes => n.clone(),
+            _ if config.num_classes == 1000 => IMAGENET_CLASSES.lines().map(String::from).collect(),
+            _ => (0..config.num_classes).map(|i| i.to_string()).collect(),
+        };
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+        let model = VisionTransformer::new(&config, vb)?;
+        Ok(Predictor {
+            model,
+            config,
+            preprocess,
+            class_names,
+            warnings,
+        })
+    }
+
+    /// Reads and prepares one image file: (1, C, H, W).
+    pub fn input(&self, path: &Path) -> Result<Tensor> {
+        let img = load_image(path)?;
+        eval_transform(&img, &self.config, &self.preprocess)
+    }
+
+    /// Top-k classes and logits for one image file.
+    pub fn predict(&self, path: &Path, top_k: usize) -> Result<Prediction> {
+        if self.config.num_classes == 0 {
+            return Err(Error::Invalid(
+                "the model has no classification head (num_classes = 0)".into(),
+            ));
+        }
+        let logits = self.model.forward(&self.input(path)?)?.squeeze(0)?; // (classes,)
+        let logits = logits.to_vec1::<f32>()?;
+        Ok(Prediction {
+            image: path.display().to_string(),
+            top_k: top_k_of(&logits, top_k, &self.class_names),
+            logits,
+        })
+    }
+}
+
+/// One image's result.
+#[derive(Debug, Clone, Serialize)]
+pub struct Prediction {
+    pub image: String,
+    pub top_k: Vec<Ranked>,
+    pub logits: Vec<f32>,
+}
+
+/// One class of a top-k list.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ranked {
+    pub index: usize,
+    pub label: String,
+    pub probability: f32,
+}
+
+/// The `k` most probable classes under softmax(logits), best first.
+pub fn top_k_of(logits: &[f32], k: usize, names: &[String]) -> Vec<Ranked> {
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let exp: Vec<f64> = logits.iter().map(|l| ((l - max) as f64).exp()).collect();
+    let sum: f64 = exp.iter().sum();
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    order
+        .into_iter()
+        .take(k)
+        .map(|i| Ranked {
+            index: i,
+            label: names.get(i).cloned().unwrap_or_else(|| i.to_string()),
+            probability: (exp[i] / sum) as f32,
+        })
+        .collect()
+}
+
+/// Decodes an image file (PNG or JPEG); a missing file or a non-image is a clear error.
+pub fn load_image(path: &Path) -> Result<DynamicImage> {
+    let reader = image::ImageReader::open(path)
+        .map_err(|e| Error::io(path, e))?
+        .with_guessed_format()
+        .map_err(|e| Error::io(path, e))?;
+    reader
+        .decode()
+        .map_err(|e| Error::format(path, format!("cannot decode image: {e}")))
+}
+
+/// timm's evaluation transform, producing (1, C, H, W) f32:
+/// resize (the shorter side to floor(size / crop_pct), keeping the aspect ratio; or straight
+/// to the input size in HF's "exact" mode), center crop to the input size, scale to [0, 1],
+/// normalise with mean and std. An image already of the target size with crop_pct 1 is
+/// not resampled at all.
+pub fn eval_transform(img: &DynamicImage, cfg: &ViTConfig, p: &Preprocess) -> Result<Tensor> {
+    let c = cfg.in_channels;
+    let (pixels, w, h) = match c {
+        1 => {
+            let g = img.to_luma8();
+            let (w, h) = g.dimensions();
+            (g.into_raw(), w as usize, h as usize)
+        }
+        3 => {
+            let g = img.to_rgb8();
+            let (w, h) = g.dimensions();
+            (g.into_raw(), w as usize, h as usize)
+        }
+        _ => {
+            return Err(Error::Invalid(format!(
+                "images can feed 1- or 3-channel models, this one has {c} channels"
+            )))
+        }
+    };
+    let [th, tw] = cfg.image_size;
+    // Size after resizing, before the crop.
+    let (rh, rw) = if p.resize == "exact" {
+        (th, tw)
+    } else if th == tw {
+        let short = (th as f64 / p.crop_pct).floor() as usize;
+        if h <= w {
+            (short, (short as f64 * w as f64 / h as f64) as usize)
+        } else {
+            ((short as f64 * h as f64 / w as f64) as usize, short)
+        }
+    } else {
+        (
+            (th as f64 / p.crop_pct).floor() as usize,
+            (tw as f64 / p.crop_pct).floor() as usize,
+        )
+    };
+    let (pixels, w, h) = if (rh, rw) == (h, w) {
+        (pixels, w, h)
+    } else {
+        (
+            resize_u8(pixels, c, w, h, rw, rh, &p.interpolation)?,
+            rw,
+            rh,
+        )
+    };
+    if h < th || w < tw {
+        return Err(Error::Invalid(format!(
+            "resized image {w}x{h} is smaller than the input size {tw}x{th}"
+        )));
+    }
+    // torchvision CenterCrop: int(round((size - crop) / 2)), round half to even.
+    let top = ((h - th) as f64 / 2.0).round_ties_even() as usize;
+    let left = ((w - tw) as f64 / 2.0).round_ties_even() as usize;
+    let mut out = vec![0f32; c * th * tw];
+    for ch in 0..c {
+        let (m, s) = (p.mean[ch], p.std[ch]);
+        for y in 0..th {
+            for x in 0..tw {
+                let v = pixels[((top + y) * w + left + x) * c + ch] as f32 / 255.0;
+                out[(ch * th + y) * tw + x] = (v - m) / s;
+            }
+        }
+    }
+    Ok(Tensor::from_vec(out, (1, c, th, tw), &Device::Cpu)?)
+}
+
+/// Resizes interleaved u8 pixels with PIL's filters (bicubic = Catmull-Rom, a = −0.5,
+/// antialiased when shrinking, as PIL and timm's eval transform do).
+fn resize_u8(
+    pixels: Vec<u8>,
+    c: usize,
+    w: usize,
+    h: usize,
+    nw: usize,
+    nh: usize,
+    interpolation: &str,
+) -> Result<Vec<u8>> {
+    let pt = if c == 1 {
+        PixelType::U8
+    } else {
+        PixelType::U8x3
+    };
+    let src = Image::from_vec_u8(w as u32, h as u32, pixels, pt)
+        .map_err(|e| Error::Invalid(format!("image buffer: {e}")))?;
+    let mut dst = Image::new(nw as u32, nh as u32, pt);
+    let filter = if interpolation == "bilinear" {
+        FilterType::Bilinear
+    } else {
+        FilterType::CatmullRom
+    };
+    Resizer::new()
+        .resize(
+            &src,
+            &mut dst,
+            &ResizeOptions::new().resize_alg(ResizeAlg::Convolution(filter)),
+        )
+        .map_err(|e| Error::Invalid(format!("resize: {e}")))?;
+    Ok(dst.into_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn imagenet_names_are_complete() {
+        let names: Vec<&str> = IMAGENET_CLASSES.lines().collect();
+        assert_eq!(names.len(), 1000);
+        assert_eq!(names[0], "tench, Tinca tinca");
+    }
+
+    #[test]
+    fn top_k_is_sorted_softmax() {
+        let names: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        let r = top_k_of(&[0.0, 2.0, 1.0], 2, &names);
+        assert_eq!((r[0].index, r[1].index), (1, 2));
+        let z = 1.0 + 2f32.exp() + 1f32.exp();
+        assert!((r[0].probability - 2f32.exp() / z).abs() < 1e-6);
+        assert_eq!(r[1].label, "c");
+    }
+
+    #[test]
+    fn center_crop_and_normalise_without_resampling() {
+        // 4x2 grayscale image, crop_pct 0.5 → resize shorter side 2 to floor(2/0.5)=4 would
+        // resample; instead use a target equal to the image with crop 1: values pass through.
+        let img = DynamicImage::ImageLuma8(
+            image::GrayImage::from_raw(2, 2, vec![0, 51, 102, 255]).unwrap(),
+        );
+        let cfg = ViTConfig {
+            in_channels: 1,
+            ..ViTConfig::timm(2, 1, 4, 1, 1)
+        };
+        let p = Preprocess::vit_default(1);
+        let t = eval_transform(&img, &cfg, &p).unwrap();
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(v, vec![-1.0, (0.2 - 0.5) / 0.5, (0.4 - 0.5) / 0.5, 1.0]);
+    }
+}

@@ -1,0 +1,149 @@
+use super::*;
+use crate::model::init_params;
+
+fn tiny() -> ViTConfig {
+    ViTConfig {
+        num_classes: 4,
+        ..ViTConfig::timm(16, 8, 16, 2, 2)
+    }
+}
+
+fn saved(dir: &Path, cfg: &ViTConfig) -> PathBuf {
+    let params: HashMap<String, Tensor> = init_params(cfg, 0, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .collect();
+    let path = dir.join("m.safetensors");
+    let pre = Preprocess::vit_default(3);
+    let names: Vec<String> = (0..4).map(|i| format!("c{i}")).collect();
+    let meta = SaveMeta {
+        config: Some(cfg),
+        preprocess: Some(&pre),
+        class_names: Some(&names),
+        extra: vec![],
+    };
+    let state = HashMap::from([(
+        "step".to_string(),
+        Tensor::new(&[7i64], &Device::Cpu).unwrap(),
+    )]);
+    save(&path, &params, &state, &meta).unwrap();
+    path
+}
+
+#[test]
+fn save_load_round_trips_bit_for_bit_with_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny();
+    let path = saved(dir.path(), &cfg);
+    let ck = Checkpoint::load(&path).unwrap();
+    assert_eq!(ck.naming, Naming::Timm);
+    assert_eq!(ck.config.as_ref(), Some(&cfg));
+    assert_eq!(ck.class_names.as_ref().unwrap()[3], "c3");
+    assert_eq!(ck.train_state["step"].to_vec1::<i64>().unwrap(), vec![7]);
+    let orig = init_params(&cfg, 0, &Device::Cpu).unwrap();
+    for (name, t) in orig {
+        let a = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = ck.tensors[&name]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(a, b, "{name}");
+    }
+    let (fitted, warnings) = ck.fit(&cfg, PosResample::Timm, None).unwrap();
+    assert!(warnings.is_empty());
+    assert_eq!(fitted.len(), cfg.param_shapes().len());
+}
+
+#[test]
+fn corrupt_and_truncated_files_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = saved(dir.path(), &tiny());
+    let bytes = std::fs::read(&path).unwrap();
+    let cut = dir.path().join("cut.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() - 100]).unwrap();
+    let e = Checkpoint::load(&cut).unwrap_err().to_string();
+    assert!(
+        e.contains("cut.safetensors") && e.contains("not a valid safetensors"),
+        "{e}"
+    );
+    let junk = dir.path().join("junk.safetensors");
+    std::fs::write(&junk, b"hello world, not a checkpoint").unwrap();
+    let e = Checkpoint::load(&junk).unwrap_err().to_string();
+    assert!(e.contains("not a valid safetensors"), "{e}");
+    let e = Checkpoint::load(&dir.path().join("absent.safetensors"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("absent.safetensors") && e.contains("No such file"),
+        "{e}"
+    );
+}
+
+#[test]
+fn fit_names_the_mismatching_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny();
+    let ck = Checkpoint::load(&saved(dir.path(), &cfg)).unwrap();
+    let wider = ViTConfig {
+        mlp_ratio: 2.0,
+        ..cfg.clone()
+    };
+    let e = ck
+        .fit(&wider, PosResample::Timm, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("tensor blocks.0.mlp.fc1.weight: expected [32, 16], found [64, 16]"),
+        "{e}"
+    );
+    let deeper = ViTConfig {
+        depth: 3,
+        ..cfg.clone()
+    };
+    let e = ck
+        .fit(&deeper, PosResample::Timm, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("missing tensors: blocks.2."), "{e}");
+    let shallower = ViTConfig {
+        depth: 1,
+        ..cfg.clone()
+    };
+    let e = ck
+        .fit(&shallower, PosResample::Timm, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("unexpected tensors: blocks.1."), "{e}");
+}
+
+#[test]
+fn head_of_another_size_is_replaced_only_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = Checkpoint::load(&saved(dir.path(), &tiny())).unwrap();
+    let ten = ViTConfig {
+        num_classes: 10,
+        ..tiny()
+    };
+    let e = ck
+        .fit(&ten, PosResample::Timm, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("head has 4 classes but the config asks for 10"),
+        "{e}"
+    );
+    let head = (
+        Tensor::zeros((10, 16), DType::F32, &Device::Cpu).unwrap(),
+        Tensor::zeros(10, DType::F32, &Device::Cpu).unwrap(),
+    );
+    let (t, w) = ck.fit(&ten, PosResample::Timm, Some(head)).unwrap();
+    assert_eq!(t["head.weight"].dims(), &[10, 16]);
+    assert!(w[0].contains("head dropped"), "{w:?}");
+    let features = ViTConfig {
+        num_classes: 0,
+        ..tiny()
+    };
+    let (t, _) = ck.fit(&features, PosResample::Timm, None).unwrap();
+    assert!(!t.contains_key("head.weight"));
+}

@@ -1,0 +1,120 @@
+//! Golden tests against timm and HuggingFace transformers: fixtures made by
+//! `scripts/make_fixtures.py` (random-weight models, their inputs and outputs).
+
+mod common;
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use common::{assert_close, fixture, load};
+use vit::weights::{resample_pos_embed, Checkpoint, PosResample};
+use vit::{ViTConfig, VisionTransformer};
+
+fn model_from(dir: &str, cfg_file: &str) -> (ViTConfig, VisionTransformer) {
+    let cfg = ViTConfig::from_file(&fixture(&format!("{dir}/{cfg_file}"))).unwrap();
+    let ck = Checkpoint::load(&fixture(&format!("{dir}/model.safetensors"))).unwrap();
+    let (tensors, warnings) = ck.fit(&cfg, PosResample::Timm, None).unwrap();
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+    (cfg.clone(), VisionTransformer::new(&cfg, vb).unwrap())
+}
+
+fn check_outputs(dir: &str, cfg_file: &str) {
+    let (_, m) = model_from(dir, cfg_file);
+    let want = load(&format!("{dir}/expected.safetensors"));
+    let x = &want["input"];
+    assert_close("logits", &m.forward(x).unwrap(), &want["logits"], 1e-4);
+    assert_close(
+        "features",
+        &m.forward_features(x).unwrap(),
+        &want["features"],
+        1e-4,
+    );
+    let (logits, attn) = m.forward_with_attention(x, &[0, 1]).unwrap();
+    assert_close("logits (capture)", &logits, &want["logits"], 1e-4);
+    assert_close("attn0", &attn[0], &want["attn0"], 1e-4);
+    assert_close("attn1", &attn[1], &want["attn1"], 1e-4);
+}
+
+#[test]
+fn timm_tiny_matches_timm() {
+    check_outputs("timm_tiny", "config.json");
+}
+
+#[test]
+fn timm_mean_pool_fc_norm_no_class_token_non_square_matches_timm() {
+    check_outputs("timm_meanpool", "config.json");
+}
+
+#[test]
+fn hf_checkpoint_matches_transformers() {
+    check_outputs("hf_tiny", "ours_config.json");
+}
+
+#[test]
+fn hf_config_json_gives_the_architecture() {
+    let ck = Checkpoint::load(&fixture("hf_tiny/model.safetensors")).unwrap();
+    let ours = ViTConfig::from_file(&fixture("hf_tiny/ours_config.json")).unwrap();
+    assert_eq!(ck.config.as_ref().unwrap(), &ours);
+    assert_eq!(ck.class_names.as_ref().unwrap()[0], "airplane");
+    let p = ck.preprocess.unwrap();
+    assert_eq!(p.mean, vec![0.5; 3]);
+}
+
+#[test]
+fn position_embedding_resampling_matches_timm_and_hf() {
+    let want = load("timm_tiny/expected.safetensors");
+    let pos = &want["pos_embed"];
+    for (key, grid, mode) in [
+        ("pos_timm_6x5", (6, 5), PosResample::Timm),
+        ("pos_timm_3x2", (3, 2), PosResample::Timm),
+        ("pos_hf_6x5", (6, 5), PosResample::Hf),
+        ("pos_hf_3x2", (3, 2), PosResample::Hf),
+    ] {
+        let got = resample_pos_embed(pos, 1, (4, 4), grid, mode).unwrap();
+        assert_close(key, &got, &want[key], 1e-5);
+    }
+}
+
+#[test]
+fn checkpoint_at_another_resolution_matches_timm() {
+    // timm loads the 32-px checkpoint into a 48-px model through resample_abs_pos_embed.
+    let mut cfg = ViTConfig::from_file(&fixture("timm_tiny/config.json")).unwrap();
+    cfg.image_size = [48, 48];
+    let ck = Checkpoint::load(&fixture("timm_tiny/model.safetensors")).unwrap();
+    let (tensors, warnings) = ck.fit(&cfg, PosResample::Timm, None).unwrap();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].contains("4x4 to a 6x6"), "{warnings:?}");
+    let m = VisionTransformer::new(
+        &cfg,
+        VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    let want = load("timm_tiny/expected.safetensors");
+    assert_close(
+        "logits_48",
+        &m.forward(&want["input_48"]).unwrap(),
+        &want["logits_48"],
+        1e-4,
+    );
+}
+
+#[test]
+fn hf_round_trip_through_our_names() {
+    let ck = Checkpoint::load(&fixture("timm_tiny/model.safetensors")).unwrap();
+    let hf = vit::weights::to_hf_names(&ck.tensors).unwrap();
+    assert!(hf.contains_key("vit.encoder.layer.1.attention.attention.value.weight"));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.safetensors");
+    candle_core::safetensors::save(&hf, &path).unwrap();
+    let back = Checkpoint::load(&path).unwrap();
+    assert_eq!(back.tensors.len(), ck.tensors.len());
+    for (k, t) in &ck.tensors {
+        let diff = (t - &back.tensors[k])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{k}");
+    }
+}
