@@ -264,7 +264,7 @@ impl ViTConfig {
                 self.embed_dim
             ));
         }
-        if !(self.layer_norm_eps > 0.0) {
+        if self.layer_norm_eps.is_nan() || self.layer_norm_eps <= 0.0 {
             return bad("layer_norm_eps must be positive".into());
         }
         for (name, p) in [
@@ -371,6 +371,62 @@ impl ViTConfig {
             .sum()
     }
 
+    /// Parameter counts per top-level module, in order: `patch_embed`, `cls_token`,
+    /// `pos_embed`, one entry per block, the final norm and the head.
+    pub fn param_groups(&self) -> Vec<(String, usize)> {
+        let mut groups: Vec<(String, usize)> = Vec::new();
+        for (name, shape) in self.param_shapes() {
+            let parts: Vec<&str> = name.split('.').collect();
+            let key = if parts[0] == "blocks" {
+                format!("blocks.{}", parts[1])
+            } else {
+                parts[0].to_string()
+            };
+            let n: usize = shape.iter().product();
+            match groups.last_mut() {
+                Some((k, c)) if *k == key => *c += n,
+                _ => groups.push((key, n)),
+            }
+        }
+        groups
+    }
+
+    /// How one image's shape changes through the network: (stage, shape without batch).
+    pub fn shape_flow(&self) -> Vec<(String, Vec<usize>)> {
+        let [h, w] = self.image_size;
+        let (n, t, d) = (self.num_patches(), self.num_tokens(), self.embed_dim);
+        let mut flow = vec![
+            ("image".to_string(), vec![self.in_channels, h, w]),
+            (
+                format!(
+                    "patches ({}x{} of {}px)",
+                    self.grid().0,
+                    self.grid().1,
+                    self.patch_size
+                ),
+                vec![n, self.patch_dim()],
+            ),
+            ("patch embedding".to_string(), vec![n, d]),
+        ];
+        if self.class_token {
+            flow.push(("+ class token".to_string(), vec![t, d]));
+        }
+        flow.push((format!("{} blocks", self.depth), vec![t, d]));
+        flow.push((
+            format!("attention per block ({} heads)", self.num_heads),
+            vec![self.num_heads, t, t],
+        ));
+        let pool = match self.pool {
+            Pool::Cls => "pool (class token)",
+            Pool::Mean => "pool (mean of patches)",
+        };
+        flow.push((pool.to_string(), vec![d]));
+        if self.num_classes > 0 {
+            flow.push(("head: logits".to_string(), vec![self.num_classes]));
+        }
+        flow
+    }
+
     /// Forward-pass floating-point operations for one image (a multiply-add counts 2),
     /// counting the matrix products (patch embedding, qkv, attention scores and weighted sum,
     /// output projection, MLP, head); norms, softmax and activations are left out, as in
@@ -433,7 +489,7 @@ impl Preprocess {
                 self.std.len()
             )));
         }
-        if self.std.iter().any(|s| !(*s > 0.0)) {
+        if self.std.iter().any(|s| s.is_nan() || *s <= 0.0) {
             return Err(Error::Config("std values must be positive".into()));
         }
         if !(self.crop_pct > 0.0 && self.crop_pct <= 1.0) {
@@ -501,6 +557,16 @@ mod tests {
         // timm lists vit_base_patch16_224 at 17.6 GMACs (35.1 GFLOPs).
         let f = ViTConfig::preset("vit_base_patch16_224").unwrap().flops() as f64;
         assert!((f / 2e9 - 17.56).abs() < 0.05, "{}", f / 2e9);
+    }
+
+    #[test]
+    fn groups_sum_to_the_total() {
+        let c = ViTConfig::preset("vit_tiny_patch16_224").unwrap();
+        let g = c.param_groups();
+        assert_eq!(g.iter().map(|(_, n)| n).sum::<usize>(), c.num_params());
+        assert_eq!(g[0], ("cls_token".to_string(), 192));
+        assert_eq!(g[3], ("blocks.0".to_string(), 444_864));
+        assert_eq!(g.len(), 3 + 12 + 2);
     }
 
     #[test]

@@ -583,6 +583,54 @@ mod tests {
         assert!((std - 0.02).abs() < 0.001, "{std}");
     }
 
+    /// Regression guard: candle-nn's fused softmax/layer_norm record no gradient, so a
+    /// model built on them silently does not train. Every parameter must get a gradient.
+    #[test]
+    fn every_parameter_receives_a_nonzero_gradient() {
+        use candle_nn::VarMap;
+        for cfg in [
+            tiny(Pool::Cls),
+            tiny(Pool::Mean),
+            ViTConfig {
+                norm: NormPlacement::Post,
+                qkv_bias: false,
+                ..tiny(Pool::Cls)
+            },
+        ] {
+            let dev = Device::Cpu;
+            let varmap = VarMap::new();
+            for (name, t) in init_params(&cfg, 3, &dev).unwrap() {
+                varmap
+                    .data()
+                    .lock()
+                    .unwrap()
+                    .insert(name, candle_core::Var::from_tensor(&t).unwrap());
+            }
+            let m =
+                VisionTransformer::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev))
+                    .unwrap();
+            let x = Tensor::randn(0f32, 1.0, (3, 2, 8, 12), &dev).unwrap();
+            let y = Tensor::new(&[0u32, 2, 1], &dev).unwrap();
+            let loss = ops::cross_entropy(&m.forward(&x).unwrap(), &y, 0.1).unwrap();
+            let grads = loss.backward().unwrap();
+            let data = varmap.data().lock().unwrap();
+            assert_eq!(data.len(), cfg.param_shapes().len());
+            for (name, var) in data.iter() {
+                let g = grads
+                    .get(var.as_tensor())
+                    .unwrap_or_else(|| panic!("{name}: no gradient"));
+                let norm = g
+                    .abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(norm > 0.0 && norm.is_finite(), "{name}: gradient {norm}");
+            }
+        }
+    }
+
     #[test]
     fn sincos_table_matches_formula() {
         let cfg = ViTConfig {

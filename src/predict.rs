@@ -1,7 +1,7 @@
 //! Inference on image files: resolving the architecture and preprocessing of a checkpoint,
 //! timm's evaluation transform (resize, center crop, normalise) and top-k predictions.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -10,23 +10,11 @@ use image::DynamicImage;
 use serde::Serialize;
 
 use crate::config::{Preprocess, ViTConfig};
-use crate::weights::{Checkpoint, PosResample};
+use crate::weights::{Arch, Checkpoint, PosResample};
 use crate::{Error, Result, VisionTransformer};
 
 /// The 1000 ImageNet-1k class names in index order (timm's `ImageNetInfo`).
 pub const IMAGENET_CLASSES: &str = include_str!("imagenet_classes.txt");
-
-/// Where the architecture comes from, besides the checkpoint itself.
-#[derive(Debug, Clone, Default)]
-pub enum Arch {
-    /// Use the checkpoint's own config (our metadata or HF `config.json`).
-    #[default]
-    FromCheckpoint,
-    /// A named preset; its class count follows the checkpoint's head.
-    Preset(String),
-    /// A config file, used as written.
-    File(PathBuf),
-}
 
 /// Options of `vit predict` (and of every command that runs a checkpoint on images).
 #[derive(Debug, Clone, Default)]
@@ -56,25 +44,7 @@ impl Predictor {
     /// first, then the checkpoint's metadata, then the ViT defaults of timm and HF.
     pub fn load(weights: &Path, opts: &LoadOptions) -> Result<Self> {
         let ck = Checkpoint::load(weights)?;
-        let mut config = match &opts.arch {
-            Arch::File(p) => ViTConfig::from_file(p)?,
-            Arch::Preset(name) => {
-                let mut c = ViTConfig::preset(name)?;
-                if let Some(k) = ck.head_classes() {
-                    c.num_classes = k;
-                }
-                c
-            }
-            Arch::FromCheckpoint => ck.config.clone().ok_or_else(|| Error::Checkpoint {
-                path: weights.to_path_buf(),
-                msg: "does not describe its architecture; pass --preset NAME or --config FILE"
-                    .into(),
-            })?,
-        };
-        if let Some(s) = opts.img_size {
-            config.image_size = [s, s];
-        }
-        config.validate()?;
+        let config = ck.resolve_config(&opts.arch, opts.img_size)?;
         let (tensors, mut warnings) = ck.fit(&config, opts.pos_resample, None)?;
         if !ck.ignored.is_empty() {
             warnings.push(format!(

@@ -54,6 +54,18 @@ pub struct Checkpoint {
     pub metadata: HashMap<String, String>,
 }
 
+/// Where the architecture comes from, besides the checkpoint itself.
+#[derive(Debug, Clone, Default)]
+pub enum Arch {
+    /// Use the checkpoint's own config (our metadata or HF `config.json`).
+    #[default]
+    FromCheckpoint,
+    /// A named preset; its class count follows the checkpoint's head.
+    Preset(String),
+    /// A config file, used as written.
+    File(PathBuf),
+}
+
 /// How to resample a position embedding to a new grid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum PosResample {
@@ -144,6 +156,31 @@ impl Checkpoint {
             self.class_names = Some(c);
         }
         Ok(())
+    }
+
+    /// The config to run this checkpoint with: a config file as written, a preset with the
+    /// checkpoint's class count, or the checkpoint's own; `img_size` overrides the input size.
+    pub fn resolve_config(&self, arch: &Arch, img_size: Option<usize>) -> Result<ViTConfig> {
+        let mut config = match arch {
+            Arch::File(p) => ViTConfig::from_file(p)?,
+            Arch::Preset(name) => {
+                let mut c = ViTConfig::preset(name)?;
+                if let Some(k) = self.head_classes() {
+                    c.num_classes = k;
+                }
+                c
+            }
+            Arch::FromCheckpoint => self.config.clone().ok_or_else(|| Error::Checkpoint {
+                path: self.path.clone(),
+                msg: "does not describe its architecture; pass --preset NAME or --config FILE"
+                    .into(),
+            })?,
+        };
+        if let Some(s) = img_size {
+            config.image_size = [s, s];
+        }
+        config.validate()?;
+        Ok(config)
     }
 
     /// Number of classes of the checkpoint's head, if it has one.
@@ -387,6 +424,61 @@ pub fn save(
     let bytes = safetensors::serialize(all.iter().map(|(k, t)| (k.as_str(), t)), Some(metadata))
         .map_err(|e| Error::Invalid(format!("{}: cannot serialise: {e}", path.display())))?;
     crate::atomic::write_atomic(path, &bytes)
+}
+
+/// Output naming of [`convert`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// timm names with our metadata (config, preprocessing, class names) in the header.
+    Timm,
+    /// HF `ViTForImageClassification` names, with `config.json` and
+    /// `preprocessor_config.json` written beside the output file.
+    Hf,
+}
+
+/// Reads a checkpoint in either naming and writes it in `to`'s naming. Returns the files
+/// written and the warnings.
+pub fn convert(
+    input: &Path,
+    output: &Path,
+    to: Target,
+    arch: &Arch,
+) -> Result<(Vec<PathBuf>, Vec<String>)> {
+    let ck = Checkpoint::load(input)?;
+    let cfg = ck.resolve_config(arch, None)?;
+    let (tensors, warnings) = ck.fit(&cfg, PosResample::Timm, None)?;
+    let pre = ck
+        .preprocess
+        .clone()
+        .unwrap_or_else(|| Preprocess::vit_default(cfg.in_channels));
+    let names = ck.class_names.as_deref();
+    let mut written = vec![output.to_path_buf()];
+    match to {
+        Target::Timm => {
+            let meta = SaveMeta {
+                config: Some(&cfg),
+                preprocess: Some(&pre),
+                class_names: names,
+                extra: vec![],
+            };
+            save(output, &tensors, &HashMap::new(), &meta)?;
+        }
+        Target::Hf => {
+            let config_json = hf_config_json(&cfg, names)?;
+            let hf = to_hf_names(&tensors)?;
+            save(output, &hf, &HashMap::new(), &SaveMeta::default())?;
+            let dir = output.parent().unwrap_or(Path::new("."));
+            for (name, text) in [
+                ("config.json", config_json),
+                ("preprocessor_config.json", hf_preprocessor_json(&cfg, &pre)),
+            ] {
+                let p = dir.join(name);
+                crate::atomic::write_atomic(&p, text.as_bytes())?;
+                written.push(p);
+            }
+        }
+    }
+    Ok((written, warnings))
 }
 
 #[cfg(test)]

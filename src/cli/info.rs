@@ -1,0 +1,88 @@
+//! `vit info`: the preset table, or one architecture in detail.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use vit::config::PRESETS;
+use vit::ViTConfig;
+
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    /// Preset to show in detail; without it, all presets are listed.
+    preset: Option<String>,
+    /// Show this config file instead of a preset.
+    #[arg(long, conflicts_with = "preset")]
+    config: Option<PathBuf>,
+}
+
+pub fn run(a: InfoArgs) -> anyhow::Result<()> {
+    let cfg = match (&a.preset, &a.config) {
+        (Some(name), _) => ViTConfig::preset(name)?,
+        (_, Some(path)) => ViTConfig::from_file(path)?,
+        _ => {
+            print_table();
+            return Ok(());
+        }
+    };
+    let name = a
+        .preset
+        .clone()
+        .unwrap_or_else(|| a.config.unwrap().display().to_string());
+    print_detail(&name, &cfg)
+}
+
+fn print_table() {
+    println!(
+        "{:<24} {:>14} {:>9} {:>7} {:>11}",
+        "preset", "params", "GFLOPs", "tokens", "resolution"
+    );
+    for name in PRESETS {
+        let c = ViTConfig::preset(name).expect("presets are valid");
+        println!(
+            "{:<24} {:>14} {:>9.2} {:>7} {:>11}",
+            name,
+            thousands(c.num_params()),
+            c.flops() as f64 / 1e9,
+            c.num_tokens(),
+            format!("{}x{}x{}", c.image_size[0], c.image_size[1], c.in_channels)
+        );
+    }
+    println!("\nGFLOPs: forward pass of one image, a multiply-add counted as 2 (timm lists GMACs = half).");
+}
+
+fn print_detail(name: &str, c: &ViTConfig) -> anyhow::Result<()> {
+    println!("{name}");
+    println!(
+        "  parameters {}   GFLOPs/image {:.3}   tokens {}\n",
+        thousands(c.num_params()),
+        c.flops() as f64 / 1e9,
+        c.num_tokens()
+    );
+    println!("config:");
+    for line in toml::to_string(c)?.lines() {
+        println!("  {line}");
+    }
+    println!("\nparameters per module:");
+    for (module, n) in c.param_groups() {
+        println!("  {module:<16} {:>14}", thousands(n));
+    }
+    println!("\nshape flow (one image):");
+    for (stage, shape) in c.shape_flow() {
+        let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+        println!("  {stage:<34} ({})", dims.join(", "));
+    }
+    Ok(())
+}
+
+/// 5717416 → "5,717,416".
+fn thousands(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}

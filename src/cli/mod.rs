@@ -1,0 +1,67 @@
+//! Argument definitions (clap) and dispatch to one module per subcommand.
+
+mod convert;
+mod info;
+mod predict;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use vit::weights::{Arch, PosResample};
+
+/// Vision Transformers: build, train, fine-tune, evaluate, explain and run ViTs.
+#[derive(Debug, Parser)]
+#[command(name = "vit", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// List the presets, or show one architecture in detail.
+    Info(info::InfoArgs),
+    /// Classify images with a checkpoint (timm or HuggingFace format).
+    Predict(predict::PredictArgs),
+    /// Rewrite a checkpoint in timm or HuggingFace naming.
+    Convert(convert::ConvertArgs),
+}
+
+/// Runs the parsed command.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Info(a) => info::run(a),
+        Command::Predict(a) => predict::run(a),
+        Command::Convert(a) => convert::run(a),
+    }
+}
+
+/// Where the architecture comes from: `--preset` or `--config`, else the checkpoint.
+#[derive(Debug, Args, Clone)]
+pub struct ArchArgs {
+    /// Preset name (see `vit info`); the class count follows the checkpoint.
+    #[arg(long, conflicts_with = "config")]
+    preset: Option<String>,
+    /// Architecture config file (.toml or .json).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+impl ArchArgs {
+    fn arch(&self) -> Arch {
+        match (&self.preset, &self.config) {
+            (Some(p), _) => Arch::Preset(p.clone()),
+            (_, Some(c)) => Arch::File(c.clone()),
+            _ => Arch::FromCheckpoint,
+        }
+    }
+}
+
+/// `--pos-resample timm|hf`.
+fn parse_pos_resample(s: &str) -> Result<PosResample, String> {
+    match s {
+        "timm" => Ok(PosResample::Timm),
+        "hf" => Ok(PosResample::Hf),
+        _ => Err(format!("'{s}' is not one of timm, hf")),
+    }
+}
