@@ -4,6 +4,7 @@
 //! [`weights`] (checkpoints), [`data`] (datasets), [`train`] (the loop), [`viz`] (pictures).
 //! The `vit` binary only parses arguments and prints.
 
+pub mod data;
 pub mod error;
 
 pub use error::{Error, Result};

@@ -1,0 +1,103 @@
+//! Carving a validation set out of a training set: a seeded, portable (ChaCha8) random
+//! choice of images, so the same seed always holds out the same images.
+
+use super::dataset::Dataset;
+use super::rng::{keyed_rng, permutation, STREAM_SPLIT};
+use crate::{Error, Result};
+
+/// How many training images to hold out for validation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ValSize {
+    /// Exactly this many images.
+    Count(usize),
+    /// This fraction of the images (in [0, 1)), rounded to the nearest count.
+    Fraction(f64),
+}
+
+impl ValSize {
+    /// The number of images this means for a dataset of `n` images.
+    pub fn count(self, n: usize) -> Result<usize> {
+        let k = match self {
+            ValSize::Count(k) => k,
+            ValSize::Fraction(f) => {
+                if !(0.0..1.0).contains(&f) {
+                    return Err(Error::Invalid(format!(
+                        "validation fraction must be in [0, 1), got {f}"
+                    )));
+                }
+                (f * n as f64).round() as usize
+            }
+        };
+        if k > n || (k == n && n > 0) {
+            return Err(Error::Invalid(format!(
+                "cannot hold out {k} validation images from {n}: nothing would be left to train on"
+            )));
+        }
+        Ok(k)
+    }
+}
+
+/// Splits `dataset` into (train, validation). The validation images are a random choice
+/// determined by `seed` alone; both parts keep the original relative order of images.
+pub fn split_validation(dataset: &Dataset, size: ValSize, seed: u64) -> Result<(Dataset, Dataset)> {
+    let n = dataset.len();
+    let k = size.count(n)?;
+    let mut rng = keyed_rng(STREAM_SPLIT, seed, n as u64, 0);
+    let order = permutation(&mut rng, n);
+    let mut val_idx = order[..k].to_vec();
+    let mut train_idx = order[k..].to_vec();
+    val_idx.sort_unstable();
+    train_idx.sort_unstable();
+    Ok((dataset.subset(&train_idx)?, dataset.subset(&val_idx)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn numbered(n: usize) -> Dataset {
+        // Image i is one pixel holding i; label i % 3.
+        Dataset::new(
+            (0..n).map(|i| i as u8).collect(),
+            (0..n).map(|i| (i % 3) as u32).collect(),
+            1,
+            1,
+            1,
+            vec!["a".into(), "b".into(), "c".into()],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn split_is_a_deterministic_partition() {
+        let ds = numbered(100);
+        let (train, val) = split_validation(&ds, ValSize::Fraction(0.2), 42).unwrap();
+        assert_eq!((train.len(), val.len()), (80, 20));
+        let mut all: Vec<u8> = train.images.iter().chain(&val.images).copied().collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..100).map(|i| i as u8).collect::<Vec<_>>());
+        // Labels travel with their images; order is preserved within each part.
+        for part in [&train, &val] {
+            for i in 0..part.len() {
+                assert_eq!(part.labels[i], u32::from(part.images[i]) % 3);
+            }
+            assert!(part.images.windows(2).all(|w| w[0] < w[1]));
+        }
+        let (train2, val2) = split_validation(&ds, ValSize::Count(20), 42).unwrap();
+        assert_eq!((train2, val2.clone()), (train, val.clone()));
+        let (_, val3) = split_validation(&ds, ValSize::Count(20), 43).unwrap();
+        assert_ne!(val3, val2);
+        assert_eq!(val.class_names, ds.class_names);
+    }
+
+    #[test]
+    fn sizes_are_checked() {
+        let ds = numbered(10);
+        assert_eq!(ValSize::Fraction(0.25).count(10).unwrap(), 3); // 2.5 rounds to 3
+        assert!(split_validation(&ds, ValSize::Count(10), 0).is_err());
+        assert!(split_validation(&ds, ValSize::Fraction(1.0), 0).is_err());
+        assert!(split_validation(&ds, ValSize::Fraction(-0.1), 0).is_err());
+        let (t, v) = split_validation(&ds, ValSize::Count(0), 0).unwrap();
+        assert_eq!((t.len(), v.len()), (10, 0));
+    }
+}
