@@ -11,6 +11,7 @@ pub use error::{Error, Result};
 pub mod config;
 pub mod model;
 pub mod ops;
+pub mod viz;
 
 pub use config::ViTConfig;
 pub use model::VisionTransformer;
