@@ -1,20 +1,19 @@
 //! Vision Transformers in Rust: build, train, fine-tune, evaluate, explain and run ViTs.
 //!
-//! Layers, bottom up: [`ops`] (differentiable kernels), [`model`] (the network),
-//! [`weights`] (checkpoints), [`data`] (datasets), [`train`] (the loop), [`viz`] (pictures).
-//! The `vit` binary only parses arguments and prints.
+//! Layers, bottom up: [`ops`] (differentiable kernels), [`model`] (the network, configured
+//! by [`config`]), [`weights`] (checkpoints), [`data`] (datasets), [`predict`] (inference on
+//! image files), [`viz`] (pictures). The `vit` binary only parses arguments and prints.
 
+pub mod atomic;
+pub mod config;
 pub mod data;
 pub mod error;
-
-pub use error::{Error, Result};
-pub mod config;
 pub mod model;
 pub mod ops;
+pub mod predict;
 pub mod viz;
+pub mod weights;
 
 pub use config::ViTConfig;
+pub use error::{Error, Result};
 pub use model::VisionTransformer;
-pub mod atomic;
-pub mod predict;
-pub mod weights;
