@@ -17,3 +17,4 @@ pub mod weights;
 pub use config::ViTConfig;
 pub use error::{Error, Result};
 pub use model::VisionTransformer;
+pub mod train;

@@ -1,8 +1,10 @@
 //! Argument definitions (clap) and dispatch to one module per subcommand.
 
 mod convert;
+mod eval;
 mod info;
 mod predict;
+mod train;
 
 use std::path::PathBuf;
 
@@ -25,6 +27,10 @@ enum Command {
     Predict(predict::PredictArgs),
     /// Rewrite a checkpoint in timm or HuggingFace naming.
     Convert(convert::ConvertArgs),
+    /// Train a ViT (the default recipe: Fashion-MNIST with vit_fmnist).
+    Train(train::TrainArgs),
+    /// Evaluate a checkpoint on a dataset's test split.
+    Eval(eval::EvalArgs),
 }
 
 /// Runs the parsed command.
@@ -33,6 +39,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Info(a) => info::run(a),
         Command::Predict(a) => predict::run(a),
         Command::Convert(a) => convert::run(a),
+        Command::Train(a) => train::run(a),
+        Command::Eval(a) => eval::run(a),
     }
 }
 
