@@ -77,9 +77,10 @@ pub struct TrainArgs {
 
 impl TrainArgs {
     fn recipe(&self) -> anyhow::Result<Recipe> {
-        let mut r = match &self.config {
-            Some(p) => Recipe::from_file(p)?,
-            None => Recipe::default(),
+        let mut r = match (&self.resume, &self.config) {
+            (Some(dir), _) => Recipe::of_run(dir)?,
+            (_, Some(p)) => Recipe::from_file(p)?,
+            _ => Recipe::default(),
         };
         macro_rules! set {
             ($($f:ident),*) => { $( if let Some(v) = &self.$f { r.$f = v.clone(); } )* };

@@ -258,25 +258,18 @@ pub fn default_out_dir() -> PathBuf {
 
 /// Trains as the recipe says, writing checkpoints, metrics and a report into its output
 /// folder. With `resume`, continues the run in that folder exactly where its last
-/// checkpoint left off (the folder's saved recipe is used).
+/// checkpoint left off; pass the folder's saved recipe ([`Recipe::of_run`]), changed only
+/// where a change is meant (more epochs or steps).
 pub fn train(
     recipe: &Recipe,
     resume: Option<&Path>,
     progress: &mut Progress,
 ) -> Result<RunSummary> {
-    let (recipe, out) = match resume {
-        Some(dir) => {
-            let mut r = Recipe::from_file(&dir.join(RECIPE))?;
-            // Extending a run is allowed; everything else stays as it was.
-            r.epochs = recipe.epochs.max(r.epochs);
-            r.max_steps = recipe.max_steps.or(r.max_steps);
-            (r, dir.to_path_buf())
-        }
-        None => {
-            let out = recipe.out.clone().unwrap_or_else(default_out_dir);
-            (recipe.clone(), out)
-        }
+    let out = match resume {
+        Some(dir) => dir.to_path_buf(),
+        None => recipe.out.clone().unwrap_or_else(default_out_dir),
     };
+    let recipe = recipe.clone();
     recipe.validate()?;
     let cfg = recipe.model_config()?;
     let dev = device(&recipe.device)?;

@@ -106,6 +106,19 @@ impl Recipe {
         Ok(r)
     }
 
+    /// The recipe saved in a run folder (for `--resume`).
+    pub fn of_run(dir: &Path) -> Result<Self> {
+        let path = dir.join(super::RECIPE);
+        if !path.exists() {
+            return Err(Error::Invalid(format!(
+                "{} is not a run folder: it has no {}",
+                dir.display(),
+                super::RECIPE
+            )));
+        }
+        Self::from_file(&path)
+    }
+
     /// The model config this recipe trains.
     pub fn model_config(&self) -> Result<ViTConfig> {
         let mut c = match &self.model {
