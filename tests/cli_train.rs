@@ -435,3 +435,65 @@ fn image_folder_trains_and_names_classes() {
         "{e}"
     );
 }
+
+#[test]
+fn fine_tuning_from_a_timm_checkpoint_resamples_positions_and_replaces_the_head() {
+    // timm_tiny: 32×32, patch 8, 10 classes. Fine-tune at 48×48 on a 2-class folder.
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("two");
+    for (split, n) in [("train", 10), ("test", 4)] {
+        for (c, class) in ["a", "b"].iter().enumerate() {
+            let d = root.join(split).join(class);
+            std::fs::create_dir_all(&d).unwrap();
+            for i in 0..n {
+                let v = (50 + 150 * c + i) as u8;
+                image::RgbImage::from_pixel(48, 48, image::Rgb([v, v, v]))
+                    .save(d.join(format!("{i}.png")))
+                    .unwrap();
+            }
+        }
+    }
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/timm_tiny");
+    let recipe = dir.path().join("r.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "dataset = \"folder:{}\"\nbatch_size = 4\nval_size = 4\nepochs = 1\n\
+             init = \"{}\"\n[model]\nimage_size = [48, 48]\npatch_size = 8\nnum_classes = 2\n\
+             embed_dim = 64\ndepth = 2\nnum_heads = 4\n",
+            root.display(),
+            fixture.join("model.safetensors").display()
+        ),
+    )
+    .unwrap();
+    let out = vit(&[
+        "train",
+        "--config",
+        s(&recipe),
+        "--out",
+        s(&dir.path().join("run")),
+        "--quiet",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("4x4 to a 6x6 grid"), "{err}");
+    assert!(
+        err.contains("head dropped: the checkpoint has 10 classes, the config 2"),
+        "{err}"
+    );
+
+    // An init checkpoint that does not fit the architecture names the tensor.
+    let bad = recipe.with_file_name("bad.toml");
+    let text = std::fs::read_to_string(&recipe)
+        .unwrap()
+        .replace("embed_dim = 64", "embed_dim = 32");
+    std::fs::write(&bad, text).unwrap();
+    let e = fails(&[
+        "train",
+        "--config",
+        s(&bad),
+        "--out",
+        s(&dir.path().join("run2")),
+    ]);
+    assert!(e.contains("expected") && e.contains("found"), "{e}");
+}
