@@ -19,6 +19,8 @@ pub struct Cli {
     command: Command,
 }
 
+// Parsed once per process: boxing the big variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// List the presets, or show one architecture in detail.
