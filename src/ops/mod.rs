@@ -9,8 +9,19 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::Result;
 
+mod cpu;
+
 /// LayerNorm over the last dimension: (x − mean) / sqrt(var + eps) · weight + bias.
+/// Fused kernel on the CPU in f32 (`ops::cpu`), composed candle ops elsewhere.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if cpu::eligible(x) && cpu::eligible(weight) && cpu::eligible(bias) {
+        return Ok(cpu::layer_norm(x, weight, bias, eps)?);
+    }
+    layer_norm_composed(x, weight, bias, eps)
+}
+
+/// [`layer_norm`] from candle ops: any device and dtype.
+fn layer_norm_composed(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let mean = x.mean_keepdim(D::Minus1)?; // (..., 1)
     let xc = x.broadcast_sub(&mean)?;
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?; // biased variance, as PyTorch
