@@ -52,7 +52,16 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Softmax over the last dimension, max-subtracted for stability.
+/// Fused kernel on the CPU in f32 (`ops::cpu`), composed candle ops elsewhere.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if cpu::eligible(x) {
+        return Ok(cpu::softmax_last_dim(x)?);
+    }
+    softmax_composed(x)
+}
+
+/// [`softmax_last_dim`] from candle ops: any device and dtype.
+fn softmax_composed(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     let sum = e.sum_keepdim(D::Minus1)?;

@@ -9,8 +9,10 @@
 //! partial sums in block order: results are bit-for-bit reproducible.
 
 mod layer_norm;
+mod softmax;
 
 pub(crate) use layer_norm::layer_norm;
+pub(crate) use softmax::softmax_last_dim;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, DType, Layout, Result, Storage, Tensor};
