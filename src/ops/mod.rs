@@ -47,7 +47,11 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
 }
 
 /// Exact (erf) GELU, as `nn.GELU()` in timm and `"gelu"` in HuggingFace.
+/// Fused kernel on the CPU in f32 (`ops::cpu`), candle's `gelu_erf` elsewhere.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    if cpu::eligible(x) {
+        return Ok(cpu::gelu(x)?);
+    }
     Ok(x.gelu_erf()?)
 }
 

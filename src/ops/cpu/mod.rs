@@ -8,9 +8,11 @@
 //! thread count, and reductions over rows (LayerNorm's dweight/dbias) add the per-block
 //! partial sums in block order: results are bit-for-bit reproducible.
 
+mod gelu;
 mod layer_norm;
 mod softmax;
 
+pub(crate) use gelu::gelu;
 pub(crate) use layer_norm::layer_norm;
 pub(crate) use softmax::softmax_last_dim;
 
