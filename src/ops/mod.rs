@@ -9,8 +9,19 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::Result;
 
+mod cpu;
+
 /// LayerNorm over the last dimension: (x − mean) / sqrt(var + eps) · weight + bias.
+/// Fused kernel on the CPU in f32 (`ops::cpu`), composed candle ops elsewhere.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if cpu::eligible(x) && cpu::eligible(weight) && cpu::eligible(bias) {
+        return Ok(cpu::layer_norm(x, weight, bias, eps)?);
+    }
+    layer_norm_composed(x, weight, bias, eps)
+}
+
+/// [`layer_norm`] from candle ops: any device and dtype.
+fn layer_norm_composed(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let mean = x.mean_keepdim(D::Minus1)?; // (..., 1)
     let xc = x.broadcast_sub(&mean)?;
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?; // biased variance, as PyTorch
@@ -36,12 +47,25 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
 }
 
 /// Exact (erf) GELU, as `nn.GELU()` in timm and `"gelu"` in HuggingFace.
+/// Fused kernel on the CPU in f32 (`ops::cpu`), candle's `gelu_erf` elsewhere.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    if cpu::eligible(x) {
+        return Ok(cpu::gelu(x)?);
+    }
     Ok(x.gelu_erf()?)
 }
 
 /// Softmax over the last dimension, max-subtracted for stability.
+/// Fused kernel on the CPU in f32 (`ops::cpu`), composed candle ops elsewhere.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if cpu::eligible(x) {
+        return Ok(cpu::softmax_last_dim(x)?);
+    }
+    softmax_composed(x)
+}
+
+/// [`softmax_last_dim`] from candle ops: any device and dtype.
+fn softmax_composed(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     let sum = e.sum_keepdim(D::Minus1)?;

@@ -1,0 +1,218 @@
+//! Fused CPU kernels behind [`crate::ops`]: candle custom ops over contiguous f32 data, each
+//! with its backward written by hand next to its forward. `ops` picks them for CPU f32
+//! tensors; every other device or dtype keeps the composed candle version.
+//!
+//! Row-wise kernels split their rows into fixed blocks of about [`BLOCK_ELEMS`] elements and
+//! run the blocks on rayon's global pool, the pool candle's matmul (gemm) already uses, so
+//! the two never compete for cores. Block boundaries depend only on the shape, never on the
+//! thread count, and reductions over rows (LayerNorm's dweight/dbias) add the per-block
+//! partial sums in block order: results are bit-for-bit reproducible.
+
+mod gelu;
+mod layer_norm;
+mod softmax;
+
+pub(crate) use gelu::gelu;
+pub(crate) use layer_norm::layer_norm;
+pub(crate) use softmax::softmax_last_dim;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, DType, Layout, Result, Storage, Tensor};
+use rayon::prelude::*;
+
+/// Elements per parallel task: enough work to amortise rayon's scheduling (~µs).
+const BLOCK_ELEMS: usize = 1 << 14;
+
+/// Whether `t` may take a fused path (CPU, f32). Contiguity is arranged by the caller.
+pub(crate) fn eligible(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
+}
+
+/// The f32 elements of `storage` under `layout`, which must be contiguous.
+fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = storage else {
+        bail!("fused op: expected f32, got {:?}", storage.dtype())
+    };
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&v[start..end]),
+        None => bail!("fused op: input is not contiguous"),
+    }
+}
+
+/// Runs `f` on the f32 data of CPU tensors, made contiguous first (a no-op when they
+/// are). The backward passes use it: they get tensors rather than storages, and gradients
+/// may arrive as broadcast views.
+fn with_f32<R, const N: usize>(ts: [&Tensor; N], f: impl FnOnce([&[f32]; N]) -> R) -> Result<R> {
+    let ts = ts.map(|t| t.contiguous());
+    let mut owned = Vec::with_capacity(N);
+    for t in ts {
+        owned.push(t?);
+    }
+    let guards: Vec<_> = owned.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(N);
+    for (storage, layout) in &guards {
+        match &**storage {
+            Storage::Cpu(cpu) => slices.push(f32_slice(cpu, layout)?),
+            _ => bail!("fused op: expected a CPU tensor"),
+        }
+    }
+    let slices: [&[f32]; N] = slices.try_into().expect("one slice per tensor");
+    Ok(f(slices))
+}
+
+/// Rows per block for rows of `width` elements.
+fn rows_per_block(width: usize) -> usize {
+    (BLOCK_ELEMS / width.max(1)).max(1)
+}
+
+/// Calls `f(first_row, out_block)` for consecutive blocks of whole rows of `out`, in
+/// parallel when there is more than one block.
+fn for_row_blocks<F>(out: &mut [f32], width: usize, f: F)
+where
+    F: Fn(usize, &mut [f32]) + Sync + Send,
+{
+    let rows = rows_per_block(width);
+    let chunk = rows * width.max(1);
+    if out.len() <= chunk {
+        f(0, out);
+    } else {
+        out.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(i, block)| f(i * rows, block));
+    }
+}
+
+/// As [`for_row_blocks`], collecting one value per block, in block order.
+fn map_row_blocks<F, R>(out: &mut [f32], width: usize, f: F) -> Vec<R>
+where
+    F: Fn(usize, &mut [f32]) -> R + Sync + Send,
+    R: Send,
+{
+    let rows = rows_per_block(width);
+    let chunk = rows * width.max(1);
+    if out.len() <= chunk {
+        vec![f(0, out)]
+    } else {
+        out.par_chunks_mut(chunk)
+            .enumerate()
+            .map(|(i, block)| f(i * rows, block))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    //! Shared helpers for the kernels' tests: random tensors and comparisons.
+    use candle_core::{DType, Device, Tensor, Var};
+    use rand::{RngExt, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    /// A seeded tensor of uniform values in [-scale, scale).
+    pub fn rand(shape: &[usize], scale: f32, seed: u64) -> Tensor {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale)
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// Max |a − b| / (1 + |b|) over all elements (both flattened to f64).
+    pub fn max_rel_diff(a: &Tensor, b: &Tensor) -> f64 {
+        assert_eq!(a.dims(), b.dims());
+        let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+        let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+        let (a, b) = (a.to_vec1::<f64>().unwrap(), b.to_vec1::<f64>().unwrap());
+        a.iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs() / (1.0 + y.abs()))
+            .fold(0.0, f64::max)
+    }
+
+    /// The fixed random weighting used as the upstream gradient: loss = Σ y ⊙ c.
+    pub fn cotangent(shape: &[usize], seed: u64) -> Tensor {
+        rand(shape, 1.0, seed ^ 0x5eed)
+    }
+
+    /// The value of f(inputs) and the gradients of Σ f(inputs) ⊙ c with respect to every
+    /// input, through candle's autograd (`backward()`).
+    pub fn value_and_grads(
+        f: impl Fn(&[Tensor]) -> Tensor,
+        inputs: &[Tensor],
+        c: &Tensor,
+    ) -> (Tensor, Vec<Tensor>) {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let y = f(&ts);
+        let loss = (&y * c.to_dtype(y.dtype()).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        let g = ts.iter().map(|t| grads.get(t).unwrap().clone()).collect();
+        (y, g)
+    }
+
+    /// Central differences of Σ f(inputs) ⊙ c in f64 (inputs promoted to f64, step 1e-6):
+    /// an oracle independent of any backward pass. Tiny shapes only (2 calls per element).
+    pub fn finite_diff(
+        f: impl Fn(&[Tensor]) -> Tensor,
+        inputs: &[Tensor],
+        c: &Tensor,
+    ) -> Vec<Tensor> {
+        let h = 1e-6;
+        let c = c.to_dtype(DType::F64).unwrap();
+        let base: Vec<Vec<f64>> = inputs
+            .iter()
+            .map(|t| {
+                t.to_dtype(DType::F64)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            })
+            .collect();
+        let loss = |vals: &[Vec<f64>]| -> f64 {
+            let ts: Vec<Tensor> = vals
+                .iter()
+                .zip(inputs)
+                .map(|(v, t)| Tensor::from_slice(v, t.dims(), &Device::Cpu).unwrap())
+                .collect();
+            (f(&ts) * &c)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        (0..inputs.len())
+            .map(|i| {
+                let grad: Vec<f64> = (0..base[i].len())
+                    .map(|k| {
+                        let mut v = base.clone();
+                        v[i][k] = base[i][k] + h;
+                        let up = loss(&v);
+                        v[i][k] = base[i][k] - h;
+                        (up - loss(&v)) / (2.0 * h)
+                    })
+                    .collect();
+                Tensor::from_vec(grad, inputs[i].dims(), &Device::Cpu).unwrap()
+            })
+            .collect()
+    }
+
+    /// Shapes with odd row counts and widths, including 1.
+    pub const SHAPES: &[&[usize]] = &[
+        &[1, 1],
+        &[1, 3],
+        &[7, 64],
+        &[33, 65],
+        &[2, 3, 5],
+        &[300, 64],  // several rayon blocks at width 64
+        &[1, 20000], // one row wider than a block
+    ];
+}
