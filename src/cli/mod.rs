@@ -1,7 +1,10 @@
 //! Argument definitions (clap) and dispatch to one module per subcommand.
 
+mod attention;
 mod convert;
 mod info;
+mod patches;
+mod pos_embed;
 mod predict;
 
 use std::path::PathBuf;
@@ -25,6 +28,12 @@ enum Command {
     Predict(predict::PredictArgs),
     /// Rewrite a checkpoint in timm or HuggingFace naming.
     Convert(convert::ConvertArgs),
+    /// Show how an image is cut into patches: the numbered patch grid and the token sheet.
+    Patches(patches::PatchesArgs),
+    /// Draw where a checkpoint looks in an image: CLS attention, rollout, all layers.
+    Attention(attention::AttentionArgs),
+    /// Draw the similarity of a checkpoint's position embeddings (ViT paper, figure 7).
+    PosEmbed(pos_embed::PosEmbedArgs),
 }
 
 /// Runs the parsed command.
@@ -33,6 +42,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Info(a) => info::run(a),
         Command::Predict(a) => predict::run(a),
         Command::Convert(a) => convert::run(a),
+        Command::Patches(a) => patches::run(a),
+        Command::Attention(a) => attention::run(a),
+        Command::PosEmbed(a) => pos_embed::run(a),
     }
 }
 
