@@ -2,7 +2,8 @@
 //!
 //! Layers, bottom up: [`ops`] (differentiable kernels), [`model`] (the network, configured
 //! by [`config`]), [`weights`] (checkpoints), [`data`] (datasets), [`predict`] (inference on
-//! image files), [`viz`] (pictures), [`explain`] (what the model sees). The `vit` binary only parses arguments and prints.
+//! image files), [`viz`] (pictures), [`explain`] (what the model sees). The `vit` binary
+//! only parses arguments and prints.
 
 pub mod atomic;
 pub mod config;
@@ -18,3 +19,4 @@ pub mod weights;
 pub use config::ViTConfig;
 pub use error::{Error, Result};
 pub use model::VisionTransformer;
+pub mod train;

@@ -2,10 +2,12 @@
 
 mod attention;
 mod convert;
+mod eval;
 mod info;
 mod patches;
 mod pos_embed;
 mod predict;
+mod train;
 
 use std::path::PathBuf;
 
@@ -28,6 +30,10 @@ enum Command {
     Predict(predict::PredictArgs),
     /// Rewrite a checkpoint in timm or HuggingFace naming.
     Convert(convert::ConvertArgs),
+    /// Train a ViT (the default recipe: Fashion-MNIST with vit_fmnist).
+    Train(train::TrainArgs),
+    /// Evaluate a checkpoint on a dataset's test split.
+    Eval(eval::EvalArgs),
     /// Show how an image is cut into patches: the numbered patch grid and the token sheet.
     Patches(patches::PatchesArgs),
     /// Draw where a checkpoint looks in an image: CLS attention, rollout, all layers.
@@ -42,6 +48,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Info(a) => info::run(a),
         Command::Predict(a) => predict::run(a),
         Command::Convert(a) => convert::run(a),
+        Command::Train(a) => train::run(a),
+        Command::Eval(a) => eval::run(a),
         Command::Patches(a) => patches::run(a),
         Command::Attention(a) => attention::run(a),
         Command::PosEmbed(a) => pos_embed::run(a),

@@ -39,3 +39,60 @@ pub fn assert_close(name: &str, got: &Tensor, want: &Tensor, tol: f32) {
         w[at]
     );
 }
+
+/// Writes a tiny 10-class Fashion-MNIST-shaped IDX dataset (28×28, raw or gzip) into `dir`:
+/// class c has stripes of period c % 5 + 2 pixels, vertical for c < 5 and horizontal
+/// otherwise, plus deterministic noise: every patch shows its class, so a small model
+/// learns it within a few epochs.
+pub fn write_idx_dataset(dir: &std::path::Path, train: usize, test: usize, gz: bool) {
+    use std::io::Write;
+    std::fs::create_dir_all(dir).unwrap();
+    let mut state = 12345u32;
+    let mut noise = move || {
+        state = state.wrapping_mul(1_103_515_245).wrapping_add(12345);
+        (state >> 24) as u8 / 4
+    };
+    for (prefix, n) in [("train", train), ("t10k", test)] {
+        let mut images = vec![0, 0, 8, 3, 0, 0, 0, 0, 0, 0, 0, 28, 0, 0, 0, 28];
+        images[4..8].copy_from_slice(&(n as u32).to_be_bytes());
+        let mut labels = vec![0, 0, 8, 1, 0, 0, 0, 0];
+        labels[4..8].copy_from_slice(&(n as u32).to_be_bytes());
+        for i in 0..n {
+            let c = (i * 7 + 3) % 10;
+            labels.push(c as u8);
+            let period = (c % 5 + 2) as f32;
+            for r in 0..28 {
+                for col in 0..28 {
+                    let t = if c < 5 { col } else { r } as f32;
+                    let v = 128.0 + 90.0 * (std::f32::consts::TAU * t / period).cos();
+                    images.push(v as u8 / 2 + noise() / 2 + 40);
+                }
+            }
+        }
+        for (name, bytes) in [
+            (format!("{prefix}-images-idx3-ubyte"), images),
+            (format!("{prefix}-labels-idx1-ubyte"), labels),
+        ] {
+            if gz {
+                let f = std::fs::File::create(dir.join(format!("{name}.gz"))).unwrap();
+                let mut e = flate2::write::GzEncoder::new(f, flate2::Compression::fast());
+                e.write_all(&bytes).unwrap();
+                e.finish().unwrap();
+            } else {
+                std::fs::write(dir.join(name), bytes).unwrap();
+            }
+        }
+    }
+}
+
+/// A recipe TOML for a tiny model on 28×28×1 images (patch 7, dim 16, one block);
+/// `extra` must set `epochs` and `val_size`.
+pub fn tiny_recipe(data_dir: &std::path::Path, extra: &str) -> String {
+    format!(
+        "dataset = \"fashion-mnist\"\ndata_dir = \"{}\"\nbatch_size = 16\n\
+         eval_batch_size = 100\nlr = 0.005\nwarmup_epochs = 0.3\n{extra}\n\
+         [model]\nimage_size = [28, 28]\npatch_size = 7\nin_channels = 1\nnum_classes = 10\n\
+         embed_dim = 16\ndepth = 1\nnum_heads = 2\nmlp_ratio = 2.0\n",
+        data_dir.display()
+    )
+}

@@ -1,0 +1,73 @@
+//! `vit eval`: accuracy, loss, per-class accuracy and confusion matrix of a checkpoint.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use vit::train::{confusion_picture, eval_checkpoint};
+
+use super::predict::Format;
+use super::ArchArgs;
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Checkpoint to evaluate.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    #[command(flatten)]
+    arch: ArchArgs,
+    /// fashion-mnist | mnist | cifar10 | cifar100 | folder:PATH (its test split).
+    #[arg(long, default_value = "fashion-mnist")]
+    dataset: String,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    #[arg(long, default_value_t = 500)]
+    batch_size: usize,
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
+    /// Folder for confusion.png (default: the checkpoint's folder).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+pub fn run(a: EvalArgs) -> anyhow::Result<()> {
+    let quiet = matches!(a.format, Format::Json);
+    let r = eval_checkpoint(
+        &a.checkpoint,
+        &a.arch.arch(),
+        &a.dataset,
+        a.data_dir.as_deref(),
+        a.batch_size,
+        quiet,
+    )?;
+    let out = a.out.clone().unwrap_or_else(|| {
+        a.checkpoint
+            .parent()
+            .map(|p| p.to_path_buf())
+            .unwrap_or_default()
+    });
+    std::fs::create_dir_all(&out)?;
+    let png = out.join("confusion.png");
+    vit::viz::save_png(&confusion_picture(&r, "Confusion matrix")?, &png)?;
+    match a.format {
+        Format::Json => println!("{}", serde_json::to_string(&r)?),
+        Format::Text => {
+            println!(
+                "{} images: accuracy {:.2}%, loss {:.4}",
+                r.images,
+                100.0 * r.accuracy,
+                r.loss
+            );
+            println!("\nper-class accuracy:");
+            for (i, acc) in r.per_class_accuracy.iter().enumerate() {
+                println!("  {i:>3} {:<24} {:>6.2}%", r.class_names[i], 100.0 * acc);
+            }
+            println!("\nconfusion matrix (rows: true class, columns: predicted):");
+            for row in &r.confusion {
+                let cells: Vec<String> = row.iter().map(|c| format!("{c:>5}")).collect();
+                println!("  {}", cells.join(""));
+            }
+            println!("\nwrote {}", png.display());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,284 @@
+//! AdamW with decoupled weight decay (PyTorch's update, term for term), global-norm
+//! gradient clipping, gradient accumulation, and the warmup + cosine learning-rate schedule.
+//! Moments and gradients live in flat f32 buffers, one per parameter, updated in place.
+
+use std::collections::HashMap;
+
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+
+use crate::{Error, Result};
+
+/// One trainable tensor with its optimizer state.
+struct Slot {
+    name: String,
+    var: Var,
+    decay: bool,
+    m: Vec<f32>,    // first moment
+    v: Vec<f32>,    // second moment
+    grad: Vec<f32>, // accumulated gradient of the current step
+}
+
+/// AdamW hyper-parameters.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+/// AdamW over a fixed, ordered list of parameters.
+pub struct AdamW {
+    cfg: AdamWConfig,
+    slots: Vec<Slot>,
+    /// Optimizer steps taken (PyTorch's `state['step']`).
+    pub step: u64,
+}
+
+/// Whether a parameter gets weight decay: matrices do; biases, norms, the position
+/// embedding and the class token do not (timm's `param_groups_weight_decay`).
+pub fn decays(name: &str, rank: usize) -> bool {
+    rank >= 2 && name != "pos_embed" && name != "cls_token"
+}
+
+impl AdamW {
+    /// `params` in a fixed order (the config's `param_shapes` order).
+    pub fn new(params: Vec<(String, Var)>, cfg: AdamWConfig) -> Self {
+        let slots = params
+            .into_iter()
+            .map(|(name, var)| {
+                let n = var.elem_count();
+                Slot {
+                    decay: decays(&name, var.rank()),
+                    name,
+                    var,
+                    m: vec![0.0; n],
+                    v: vec![0.0; n],
+                    grad: vec![0.0; n],
+                }
+            })
+            .collect();
+        AdamW {
+            cfg,
+            slots,
+            step: 0,
+        }
+    }
+
+    /// Adds this backward pass's gradients into the step's buffers. A parameter without
+    /// a gradient is an error: it would silently never train.
+    pub fn accumulate(&mut self, grads: &GradStore) -> Result<()> {
+        for s in &mut self.slots {
+            let g = grads.get(s.var.as_tensor()).ok_or_else(|| {
+                Error::Numeric(format!("parameter {} received no gradient", s.name))
+            })?;
+            let g = g.flatten_all()?.to_vec1::<f32>()?;
+            for (acc, x) in s.grad.iter_mut().zip(g) {
+                *acc += x;
+            }
+        }
+        Ok(())
+    }
+
+    /// L2 norm of all accumulated gradients together.
+    pub fn grad_norm(&self) -> f64 {
+        self.slots
+            .iter()
+            .flat_map(|s| s.grad.iter())
+            .map(|&g| (g as f64) * (g as f64))
+            .sum::<f64>()
+            .sqrt()
+    }
+
+    /// Clips (when `max_norm` is given, as `torch.nn.utils.clip_grad_norm_`), applies one
+    /// AdamW update with learning rate `lr`, and clears the gradients. Returns the
+    /// gradient norm before clipping.
+    pub fn step(&mut self, lr: f64, max_norm: Option<f64>) -> Result<f64> {
+        let norm = self.grad_norm();
+        let scale = match max_norm {
+            Some(max) => (max / (norm + 1e-6)).min(1.0) as f32,
+            None => 1.0,
+        };
+        self.step += 1;
+        let c = self.cfg;
+        let t = self.step as i32;
+        let bc1 = 1.0 - c.beta1.powi(t);
+        let bc2_sqrt = (1.0 - c.beta2.powi(t)).sqrt() as f32;
+        let step_size = (lr / bc1) as f32;
+        let (b1, b2, eps) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32);
+        for s in &mut self.slots {
+            let mut p = s.var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+            let decay = if s.decay {
+                (1.0 - lr * c.weight_decay) as f32
+            } else {
+                1.0
+            };
+            for i in 0..p.len() {
+                let g = s.grad[i] * scale;
+                // PyTorch: param.mul_(1 − lr·wd); exp_avg.lerp_(grad, 1 − β1);
+                // exp_avg_sq.mul_(β2).addcmul_(grad, grad, 1 − β2);
+                // denom = sqrt(exp_avg_sq)/sqrt(bc2) + eps; param −= lr/bc1 · exp_avg/denom.
+                p[i] *= decay;
+                s.m[i] += (1.0 - b1) * (g - s.m[i]);
+                s.v[i] = s.v[i] * b2 + (1.0 - b2) * g * g;
+                let denom = s.v[i].sqrt() / bc2_sqrt + eps;
+                p[i] -= step_size * s.m[i] / denom;
+                s.grad[i] = 0.0;
+            }
+            let t = Tensor::from_vec(p, s.var.shape(), s.var.device())?;
+            s.var.set(&t)?;
+        }
+        Ok(norm)
+    }
+
+    /// Clears accumulated gradients without stepping.
+    pub fn zero_grad(&mut self) {
+        for s in &mut self.slots {
+            s.grad.iter_mut().for_each(|g| *g = 0.0);
+        }
+    }
+
+    /// Moments and step count as tensors, for checkpoints (`adam.m.<name>`, ...).
+    pub fn state(&self) -> Result<HashMap<String, Tensor>> {
+        let dev = candle_core::Device::Cpu;
+        let mut out = HashMap::new();
+        for s in &self.slots {
+            let shape = s.var.shape().clone();
+            out.insert(
+                format!("adam.m.{}", s.name),
+                Tensor::from_slice(&s.m, shape.clone(), &dev)?,
+            );
+            out.insert(
+                format!("adam.v.{}", s.name),
+                Tensor::from_slice(&s.v, shape, &dev)?,
+            );
+        }
+        out.insert("adam.step".into(), Tensor::new(&[self.step as i64], &dev)?);
+        Ok(out)
+    }
+
+    /// Restores what [`state`](Self::state) saved.
+    pub fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        let get = |k: &str| {
+            state
+                .get(k)
+                .ok_or_else(|| Error::Invalid(format!("checkpoint has no optimizer state {k}")))
+        };
+        for s in &mut self.slots {
+            s.m = get(&format!("adam.m.{}", s.name))?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            s.v = get(&format!("adam.v.{}", s.name))?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            if s.m.len() != s.grad.len() || s.v.len() != s.grad.len() {
+                return Err(Error::Invalid(format!(
+                    "optimizer state of {} has the wrong size",
+                    s.name
+                )));
+            }
+        }
+        self.step = get("adam.step")?.to_vec1::<i64>()?[0] as u64;
+        Ok(())
+    }
+}
+
+/// Linear warmup from 0 to `peak` over `warmup` steps, then cosine decay to `min_lr`
+/// at `total` steps (evaluated per optimizer step).
+#[derive(Debug, Clone, Copy)]
+pub struct Schedule {
+    pub peak: f64,
+    pub min_lr: f64,
+    pub warmup: u64,
+    pub total: u64,
+}
+
+impl Schedule {
+    /// Learning rate of optimizer step `step` (0-based).
+    pub fn lr(&self, step: u64) -> f64 {
+        if step < self.warmup {
+            return self.peak * (step + 1) as f64 / self.warmup as f64;
+        }
+        let span = self.total.saturating_sub(self.warmup).max(1);
+        let t = ((step - self.warmup) as f64 / span as f64).min(1.0);
+        self.min_lr + 0.5 * (self.peak - self.min_lr) * (1.0 + (std::f64::consts::PI * t).cos())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn schedule_warms_up_then_decays_to_min() {
+        let s = Schedule {
+            peak: 1.0,
+            min_lr: 0.1,
+            warmup: 4,
+            total: 14,
+        };
+        assert_eq!(s.lr(0), 0.25);
+        assert_eq!(s.lr(3), 1.0);
+        assert!((s.lr(4) - 1.0).abs() < 1e-12);
+        assert!((s.lr(9) - 0.55).abs() < 1e-12);
+        assert!((s.lr(14) - 0.1).abs() < 1e-12);
+        assert!((s.lr(100) - 0.1).abs() < 1e-12);
+    }
+
+    #[test]
+    fn one_step_matches_hand_computed_adamw() {
+        let w = Var::from_tensor(&Tensor::new(&[[1.0f32, -2.0]], &Device::Cpu).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::new(&[0.5f32], &Device::Cpu).unwrap()).unwrap();
+        let cfg = AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
+        let mut opt = AdamW::new(vec![("w".into(), w.clone()), ("b".into(), b.clone())], cfg);
+        // loss = 3·w0 + w1 + 2·b → grads (3, 1) and 2.
+        let loss = ((w.as_tensor().sum_all().unwrap()
+            + (w.as_tensor().narrow(1, 0, 1).unwrap().sum_all().unwrap() * 2.0).unwrap())
+        .unwrap()
+            + (b.as_tensor().sum_all().unwrap() * 2.0).unwrap())
+        .unwrap();
+        opt.accumulate(&loss.backward().unwrap()).unwrap();
+        let norm = opt.step(0.01, None).unwrap();
+        assert!((norm - (9.0f64 + 1.0 + 4.0).sqrt()).abs() < 1e-6);
+        // First step: m̂/(√v̂+eps) = sign(g) (up to eps); decay only on the matrix.
+        let wv = w.as_tensor().to_vec2::<f32>().unwrap();
+        assert!(
+            (wv[0][0] - (1.0 * (1.0 - 0.001) - 0.01)).abs() < 1e-6,
+            "{wv:?}"
+        );
+        assert!((wv[0][1] - (-2.0 * (1.0 - 0.001) - 0.01)).abs() < 1e-6);
+        let bv = b.as_tensor().to_vec1::<f32>().unwrap();
+        assert!((bv[0] - (0.5 - 0.01)).abs() < 1e-6);
+        assert_eq!(opt.grad_norm(), 0.0);
+    }
+
+    #[test]
+    fn clipping_scales_to_max_norm() {
+        let w = Var::from_tensor(&Tensor::new(&[3.0f32, 4.0], &Device::Cpu).unwrap()).unwrap();
+        let cfg = AdamWConfig {
+            beta1: 0.0,
+            beta2: 0.0,
+            eps: 0.0,
+            weight_decay: 0.0,
+        };
+        let mut opt = AdamW::new(vec![("w".into(), w.clone())], cfg);
+        // loss = ½‖w‖² → grad = w = (3, 4), norm 5; clipped to norm 1 → (0.6, 0.8)
+        let loss = (w.as_tensor().sqr().unwrap().sum_all().unwrap() * 0.5).unwrap();
+        opt.accumulate(&loss.backward().unwrap()).unwrap();
+        let norm = opt.step(1.0, Some(1.0)).unwrap();
+        assert!((norm - 5.0).abs() < 1e-6);
+        // β = 0: update = lr · g/|g| elementwise = 1 per element regardless of clipping.
+        let v = w.as_tensor().to_vec1::<f32>().unwrap();
+        assert!(
+            (v[0] - 2.0).abs() < 1e-5 && (v[1] - 3.0).abs() < 1e-5,
+            "{v:?}"
+        );
+    }
+}

@@ -1,0 +1,118 @@
+//! Training progress on the terminal: one indicatif bar per epoch with loss, accuracy,
+//! learning rate and images/second; plain lines when stdout is not a terminal; or quiet.
+
+use std::io::IsTerminal;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::EpochMetrics;
+
+/// How progress is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProgressMode {
+    /// A live bar per epoch (stdout is a terminal).
+    Bar,
+    /// A plain line every tenth of an epoch.
+    Lines,
+    /// Nothing but warnings.
+    Quiet,
+}
+
+impl ProgressMode {
+    /// Bars on a terminal, plain lines otherwise, nothing when `quiet`.
+    pub fn auto(quiet: bool) -> Self {
+        if quiet {
+            ProgressMode::Quiet
+        } else if std::io::stdout().is_terminal() {
+            ProgressMode::Bar
+        } else {
+            ProgressMode::Lines
+        }
+    }
+}
+
+/// Receives the training loop's events and shows them.
+pub struct Progress {
+    mode: ProgressMode,
+    bar: Option<ProgressBar>,
+    epoch: usize,
+    epochs: usize,
+    total: u64,
+}
+
+impl Progress {
+    pub fn new(mode: ProgressMode) -> Self {
+        Progress {
+            mode,
+            bar: None,
+            epoch: 0,
+            epochs: 0,
+            total: 0,
+        }
+    }
+
+    pub fn is_quiet(&self) -> bool {
+        self.mode == ProgressMode::Quiet
+    }
+
+    /// A message that is always shown (warnings).
+    pub fn note(&self, msg: &str) {
+        match &self.bar {
+            Some(b) => b.println(msg),
+            None => eprintln!("{msg}"),
+        }
+    }
+
+    pub(super) fn start_epoch(&mut self, epoch: usize, epochs: usize, batches: u64, done: u64) {
+        self.epoch = epoch;
+        self.epochs = epochs;
+        self.total = batches;
+        if self.mode == ProgressMode::Bar {
+            let bar = ProgressBar::new(batches);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "epoch {prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed}<{eta})",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+            bar.set_prefix(format!("{epoch}/{epochs}"));
+            bar.set_position(done);
+            self.bar = Some(bar);
+        }
+    }
+
+    pub(super) fn step(&mut self, batch: u64, loss: f64, acc: f64, lr: f64, ips: f64) {
+        let msg = format!(
+            "loss {loss:.4} acc {:.2}% lr {lr:.2e} {ips:.0} img/s",
+            100.0 * acc
+        );
+        match self.mode {
+            ProgressMode::Bar => {
+                if let Some(b) = &self.bar {
+                    b.set_position(batch);
+                    b.set_message(msg);
+                }
+            }
+            ProgressMode::Lines => {
+                let tenth = (self.total / 10).max(1);
+                if batch % tenth == 0 {
+                    println!(
+                        "epoch {}/{} batch {batch}/{} {msg}",
+                        self.epoch, self.epochs, self.total
+                    );
+                }
+            }
+            ProgressMode::Quiet => {}
+        }
+    }
+
+    pub(super) fn end_epoch(&mut self, m: &EpochMetrics) {
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
+        }
+        if self.mode != ProgressMode::Quiet {
+            println!("{}", m.summary_line(self.epochs));
+        }
+    }
+}

@@ -1,0 +1,216 @@
+//! The training recipe: one flat serde struct (TOML), its defaults (the README quick
+//! start: Fashion-MNIST with `vit_fmnist`) and validation.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::ViTConfig;
+use crate::data::DatasetSpec;
+use crate::{Error, Result};
+
+/// Everything a training run needs. Every field has a CLI flag of the same name
+/// (`--batch-size` for `batch_size`) that overrides the recipe file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Recipe {
+    /// fashion-mnist | mnist | cifar10 | cifar100 | folder:PATH
+    pub dataset: String,
+    /// Folder holding the dataset files (else cache, system copy, download).
+    pub data_dir: Option<PathBuf>,
+    /// Model preset (see `vit info`); ignored when `model` is given.
+    pub preset: String,
+    /// A full model config instead of a preset.
+    pub model: Option<ViTConfig>,
+    /// Stochastic-depth rate overriding the model config's.
+    pub drop_path: Option<f64>,
+    pub epochs: usize,
+    /// Images per optimizer step (split into `accum_steps` micro-batches).
+    pub batch_size: usize,
+    /// Micro-batches whose gradients are summed before each optimizer step.
+    pub accum_steps: usize,
+    /// Peak learning rate after warmup.
+    pub lr: f64,
+    /// Learning rate at the end of the cosine decay.
+    pub min_lr: f64,
+    pub warmup_epochs: f64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub label_smoothing: f64,
+    /// Global gradient-norm clipping threshold (0 = off).
+    pub clip_grad: f64,
+    /// Random-crop padding in pixels (0 = off).
+    pub crop_pad: usize,
+    /// Random horizontal flips; default per dataset (off for digits).
+    pub hflip: Option<bool>,
+    /// Images held out of the training set for validation.
+    pub val_size: usize,
+    pub eval_batch_size: usize,
+    pub seed: u64,
+    /// Stop after this many optimizer steps (quick runs, tests).
+    pub max_steps: Option<u64>,
+    /// Also write `checkpoint-last` every this many optimizer steps (0 = each epoch only).
+    pub checkpoint_every: u64,
+    /// Start from these weights (fine-tuning; timm or HF naming, any resolution).
+    pub init: Option<PathBuf>,
+    /// Output folder (default `runs/<timestamp>`).
+    pub out: Option<PathBuf>,
+    /// "cpu" or "cuda" (needs the `cuda` feature).
+    pub device: String,
+}
+
+impl Default for Recipe {
+    /// The default recipe: Fashion-MNIST, `vit_fmnist`, AdamW with warmup + cosine.
+    fn default() -> Self {
+        Recipe {
+            dataset: "fashion-mnist".into(),
+            data_dir: None,
+            preset: "vit_fmnist".into(),
+            model: None,
+            drop_path: None,
+            epochs: 10,
+            batch_size: 128,
+            accum_steps: 1,
+            lr: 2e-3,
+            min_lr: 1e-5,
+            warmup_epochs: 1.0,
+            weight_decay: 0.05,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            label_smoothing: 0.1,
+            clip_grad: 1.0,
+            crop_pad: 2,
+            hflip: None,
+            val_size: 5000,
+            eval_batch_size: 500,
+            seed: 0,
+            max_steps: None,
+            checkpoint_every: 0,
+            init: None,
+            out: None,
+            device: "cpu".into(),
+        }
+    }
+}
+
+impl Recipe {
+    /// Reads a recipe TOML file; missing fields take the defaults.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let r: Recipe = toml::from_str(&text).map_err(|e| {
+            Error::format(path, e.to_string().lines().collect::<Vec<_>>().join(" "))
+        })?;
+        Ok(r)
+    }
+
+    /// The recipe saved in a run folder (for `--resume`).
+    pub fn of_run(dir: &Path) -> Result<Self> {
+        let path = dir.join(super::RECIPE);
+        if !path.exists() {
+            return Err(Error::Invalid(format!(
+                "{} is not a run folder: it has no {}",
+                dir.display(),
+                super::RECIPE
+            )));
+        }
+        Self::from_file(&path)
+    }
+
+    /// The model config this recipe trains.
+    pub fn model_config(&self) -> Result<ViTConfig> {
+        let mut c = match &self.model {
+            Some(c) => c.clone(),
+            None => ViTConfig::preset(&self.preset)?,
+        };
+        if let Some(d) = self.drop_path {
+            c.drop_path = d;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// The dataset named by `dataset`.
+    pub fn dataset_spec(&self) -> Result<DatasetSpec> {
+        self.dataset.parse()
+    }
+
+    /// Checks the numbers fit together.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        if self.epochs == 0 {
+            return bad("epochs must be at least 1".into());
+        }
+        if self.batch_size == 0 || self.accum_steps == 0 || self.eval_batch_size == 0 {
+            return bad("batch_size, accum_steps and eval_batch_size must be positive".into());
+        }
+        if self.batch_size % self.accum_steps != 0 {
+            return bad(format!(
+                "batch_size {} is not divisible by accum_steps {}",
+                self.batch_size, self.accum_steps
+            ));
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) || self.min_lr < 0.0 || self.min_lr > self.lr {
+            return bad(format!(
+                "need 0 <= min_lr <= lr and lr > 0, got lr {} and min_lr {}",
+                self.lr, self.min_lr
+            ));
+        }
+        if !(0.0..1.0).contains(&self.label_smoothing) {
+            return bad(format!(
+                "label_smoothing must be in [0, 1), got {}",
+                self.label_smoothing
+            ));
+        }
+        if self.weight_decay < 0.0 || self.clip_grad < 0.0 || self.warmup_epochs < 0.0 {
+            return bad("weight_decay, clip_grad and warmup_epochs must be >= 0".into());
+        }
+        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
+            return bad("beta1 and beta2 must be in [0, 1)".into());
+        }
+        self.model_config()?;
+        self.dataset_spec()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partial_toml_takes_defaults_and_rejects_unknown_fields() {
+        let r: Recipe = toml::from_str("epochs = 3\nlr = 0.001\n").unwrap();
+        assert_eq!(r.epochs, 3);
+        assert_eq!(r.preset, "vit_fmnist");
+        r.validate().unwrap();
+        assert!(toml::from_str::<Recipe>("epoch = 3\n").is_err());
+        let back: Recipe = toml::from_str(&toml::to_string(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
+    }
+
+    #[test]
+    fn inconsistent_recipes_are_rejected() {
+        let r = Recipe {
+            batch_size: 10,
+            accum_steps: 3,
+            ..Recipe::default()
+        };
+        assert!(r
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("not divisible"));
+        let r = Recipe {
+            dataset: "imagenet-22k".into(),
+            ..Recipe::default()
+        };
+        assert!(r
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("imagenet-22k"));
+    }
+}
