@@ -343,3 +343,157 @@ fn bad_training_input_fails_clearly() {
     let e = fails(&["train", "--resume", s(&dir.path().join("no-run"))]);
     assert!(e.contains("not a run folder"), "{e}");
 }
+
+/// A tiny recipe for 32×32×3 datasets (patch 8, dim 16, one block).
+fn rgb_recipe(dataset: &str, data_dir: Option<&Path>, classes: usize) -> String {
+    let dir = data_dir.map_or(String::new(), |d| {
+        format!("data_dir = \"{}\"\n", d.display())
+    });
+    format!(
+        "dataset = \"{dataset}\"\n{dir}batch_size = 8\nval_size = 8\nepochs = 2\nlr = 0.003\n\
+         [model]\nimage_size = [32, 32]\npatch_size = 8\nin_channels = 3\nnum_classes = {classes}\n\
+         embed_dim = 16\ndepth = 1\nnum_heads = 2\n"
+    )
+}
+
+#[test]
+fn cifar10_binary_folder_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("cifar-10-batches-bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let record = |i: usize| {
+        let c = (i % 10) as u8;
+        let mut r = vec![c];
+        r.extend((0..3072).map(|p| (p as u8).wrapping_mul(c + 1)));
+        r
+    };
+    for name in [
+        "data_batch_1",
+        "data_batch_2",
+        "data_batch_3",
+        "data_batch_4",
+        "data_batch_5",
+        "test_batch",
+    ] {
+        let bytes: Vec<u8> = (0..10).flat_map(record).collect();
+        std::fs::write(bin.join(format!("{name}.bin")), bytes).unwrap();
+    }
+    let recipe = dir.path().join("r.toml");
+    std::fs::write(&recipe, rgb_recipe("cifar10", Some(dir.path()), 10)).unwrap();
+    let out = ok(&[
+        "train",
+        "--config",
+        s(&recipe),
+        "--out",
+        s(&dir.path().join("run")),
+        "--quiet",
+    ]);
+    assert!(out.contains("on 10 images"), "{out}");
+    let m = metrics(&dir.path().join("run"));
+    assert_eq!(m.len(), 2);
+}
+
+#[test]
+fn image_folder_trains_and_names_classes() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("shapes");
+    for (split, n) in [("train", 12), ("test", 4)] {
+        for (c, class) in ["circle", "square"].iter().enumerate() {
+            let d = root.join(split).join(class);
+            std::fs::create_dir_all(&d).unwrap();
+            for i in 0..n {
+                let v = (60 + 120 * c + i) as u8;
+                image::RgbImage::from_pixel(32, 32, image::Rgb([v, 255 - v, v / 2]))
+                    .save(d.join(format!("{i}.png")))
+                    .unwrap();
+            }
+        }
+    }
+    let recipe = dir.path().join("r.toml");
+    std::fs::write(
+        &recipe,
+        rgb_recipe(&format!("folder:{}", root.display()), None, 2),
+    )
+    .unwrap();
+    let run = dir.path().join("run");
+    let out = ok(&["train", "--config", s(&recipe), "--out", s(&run), "--quiet"]);
+    assert!(out.contains("on 8 images"), "{out}");
+    let report = std::fs::read_to_string(run.join("report.md")).unwrap();
+    assert!(
+        report.contains("circle") && report.contains("square"),
+        "{report}"
+    );
+    // Wrong class count for the dataset: a clear error.
+    std::fs::write(
+        &recipe,
+        rgb_recipe(&format!("folder:{}", root.display()), None, 3),
+    )
+    .unwrap();
+    let e = fails(&["train", "--config", s(&recipe), "--out", s(&run)]);
+    assert!(
+        e.contains("2 classes") && e.contains("num_classes = 3"),
+        "{e}"
+    );
+}
+
+#[test]
+fn fine_tuning_from_a_timm_checkpoint_resamples_positions_and_replaces_the_head() {
+    // timm_tiny: 32×32, patch 8, 10 classes. Fine-tune at 48×48 on a 2-class folder.
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("two");
+    for (split, n) in [("train", 10), ("test", 4)] {
+        for (c, class) in ["a", "b"].iter().enumerate() {
+            let d = root.join(split).join(class);
+            std::fs::create_dir_all(&d).unwrap();
+            for i in 0..n {
+                let v = (50 + 150 * c + i) as u8;
+                image::RgbImage::from_pixel(48, 48, image::Rgb([v, v, v]))
+                    .save(d.join(format!("{i}.png")))
+                    .unwrap();
+            }
+        }
+    }
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/timm_tiny");
+    let recipe = dir.path().join("r.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "dataset = \"folder:{}\"\nbatch_size = 4\nval_size = 4\nepochs = 1\n\
+             init = \"{}\"\n[model]\nimage_size = [48, 48]\npatch_size = 8\nnum_classes = 2\n\
+             embed_dim = 64\ndepth = 2\nnum_heads = 4\n",
+            root.display(),
+            fixture.join("model.safetensors").display()
+        ),
+    )
+    .unwrap();
+    let out = vit(&[
+        "train",
+        "--config",
+        s(&recipe),
+        "--out",
+        s(&dir.path().join("run")),
+        "--quiet",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("4x4 to a 6x6 grid"), "{err}");
+    assert!(
+        err.contains("head dropped: the checkpoint has 10 classes, the config 2"),
+        "{err}"
+    );
+
+    // An init checkpoint that does not fit the architecture names the tensor.
+    let bad = recipe.with_file_name("bad.toml");
+    let text = std::fs::read_to_string(&recipe)
+        .unwrap()
+        .replace("embed_dim = 64", "embed_dim = 32");
+    std::fs::write(&bad, text).unwrap();
+    let e = fails(&[
+        "train",
+        "--config",
+        s(&bad),
+        "--out",
+        s(&dir.path().join("run2")),
+    ]);
+    assert!(e.contains("expected") && e.contains("found"), "{e}");
+}

@@ -31,7 +31,7 @@ enum Command {
     /// Rewrite a checkpoint in timm or HuggingFace naming.
     Convert(convert::ConvertArgs),
     /// Train a ViT (the default recipe: Fashion-MNIST with vit_fmnist).
-    Train(train::TrainArgs),
+    Train(Box<train::TrainArgs>),
     /// Evaluate a checkpoint on a dataset's test split.
     Eval(eval::EvalArgs),
     /// Show how an image is cut into patches: the numbered patch grid and the token sheet.
@@ -48,7 +48,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Info(a) => info::run(a),
         Command::Predict(a) => predict::run(a),
         Command::Convert(a) => convert::run(a),
-        Command::Train(a) => train::run(a),
+        Command::Train(a) => train::run(*a),
         Command::Eval(a) => eval::run(a),
         Command::Patches(a) => patches::run(a),
         Command::Attention(a) => attention::run(a),

@@ -114,17 +114,18 @@ impl AdamW {
             } else {
                 1.0
             };
-            for i in 0..p.len() {
-                let g = s.grad[i] * scale;
+            let state = s.m.iter_mut().zip(s.v.iter_mut()).zip(s.grad.iter_mut());
+            for (p, ((m, v), grad)) in p.iter_mut().zip(state) {
+                let g = *grad * scale;
                 // PyTorch: param.mul_(1 − lr·wd); exp_avg.lerp_(grad, 1 − β1);
                 // exp_avg_sq.mul_(β2).addcmul_(grad, grad, 1 − β2);
                 // denom = sqrt(exp_avg_sq)/sqrt(bc2) + eps; param −= lr/bc1 · exp_avg/denom.
-                p[i] *= decay;
-                s.m[i] += (1.0 - b1) * (g - s.m[i]);
-                s.v[i] = s.v[i] * b2 + (1.0 - b2) * g * g;
-                let denom = s.v[i].sqrt() / bc2_sqrt + eps;
-                p[i] -= step_size * s.m[i] / denom;
-                s.grad[i] = 0.0;
+                *p *= decay;
+                *m += (1.0 - b1) * (g - *m);
+                *v = *v * b2 + (1.0 - b2) * g * g;
+                let denom = v.sqrt() / bc2_sqrt + eps;
+                *p -= step_size * *m / denom;
+                *grad = 0.0;
             }
             let t = Tensor::from_vec(p, s.var.shape(), s.var.device())?;
             s.var.set(&t)?;

@@ -147,3 +147,45 @@ fn head_of_another_size_is_replaced_only_when_asked() {
     let (t, _) = ck.fit(&features, PosResample::Timm, None).unwrap();
     assert!(!t.contains_key("head.weight"));
 }
+
+#[test]
+fn hf_names_with_and_without_the_vit_prefix_map_to_timm() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny();
+    let timm: HashMap<String, Tensor> = init_params(&cfg, 1, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .collect();
+    let hf = to_hf_names(&timm).unwrap();
+    // HF's bare ViTModel has no "vit." prefix and no classifier, but a pooler.
+    let mut bare: HashMap<String, Tensor> = hf
+        .iter()
+        .filter(|(k, _)| k.starts_with("vit."))
+        .map(|(k, t)| (k.trim_start_matches("vit.").to_string(), t.clone()))
+        .collect();
+    bare.insert(
+        "pooler.dense.weight".into(),
+        Tensor::zeros((16, 16), DType::F32, &Device::Cpu).unwrap(),
+    );
+    let path = dir.path().join("bare.safetensors");
+    candle_core::safetensors::save(&bare, &path).unwrap();
+    let ck = Checkpoint::load(&path).unwrap();
+    assert_eq!(ck.naming, Naming::Hf);
+    assert_eq!(ck.ignored, vec!["pooler.dense.weight".to_string()]);
+    let features = ViTConfig {
+        num_classes: 0,
+        ..cfg
+    };
+    let (t, _) = ck.fit(&features, PosResample::Timm, None).unwrap();
+    let a = t["blocks.1.attn.qkv.weight"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let b = timm["blocks.1.attn.qkv.weight"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert_eq!(a, b);
+}
