@@ -2,12 +2,14 @@
 //!
 //! Layers, bottom up: [`ops`] (differentiable kernels), [`model`] (the network, configured
 //! by [`config`]), [`weights`] (checkpoints), [`data`] (datasets), [`predict`] (inference on
-//! image files), [`viz`] (pictures). The `vit` binary only parses arguments and prints.
+//! image files), [`viz`] (pictures), [`explain`] (what the model sees). The `vit` binary
+//! only parses arguments and prints.
 
 pub mod atomic;
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod explain;
 pub mod model;
 pub mod ops;
 pub mod predict;

@@ -1,8 +1,11 @@
 //! Argument definitions (clap) and dispatch to one module per subcommand.
 
+mod attention;
 mod convert;
 mod eval;
 mod info;
+mod patches;
+mod pos_embed;
 mod predict;
 mod train;
 
@@ -31,6 +34,12 @@ enum Command {
     Train(Box<train::TrainArgs>),
     /// Evaluate a checkpoint on a dataset's test split.
     Eval(eval::EvalArgs),
+    /// Show how an image is cut into patches: the numbered patch grid and the token sheet.
+    Patches(patches::PatchesArgs),
+    /// Draw where a checkpoint looks in an image: CLS attention, rollout, all layers.
+    Attention(attention::AttentionArgs),
+    /// Draw the similarity of a checkpoint's position embeddings (ViT paper, figure 7).
+    PosEmbed(pos_embed::PosEmbedArgs),
 }
 
 /// Runs the parsed command.
@@ -41,6 +50,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Convert(a) => convert::run(a),
         Command::Train(a) => train::run(*a),
         Command::Eval(a) => eval::run(a),
+        Command::Patches(a) => patches::run(a),
+        Command::Attention(a) => attention::run(a),
+        Command::PosEmbed(a) => pos_embed::run(a),
     }
 }
 
