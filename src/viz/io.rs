@@ -2,48 +2,11 @@
 //! little-endian float32). A reader never sees a half-written file: each file is written to
 //! a temporary name in the same directory, flushed to disk and renamed into place.
 
-use std::io::Write;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use image::RgbImage;
 
 use crate::{Error, Result};
-
-/// Writes `bytes` to `path` atomically: a temporary file next to it, fsync, rename.
-fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::Invalid(format!("{}: not a file path", path.display())))?;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let tmp = dir.join(format!(
-        ".{}.{}-{}.tmp",
-        name.to_string_lossy(),
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io(path, e));
-    }
-    // Make the rename itself durable where directories can be synced (Unix).
-    #[cfg(unix)]
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
-}
 
 /// Encodes `img` as PNG and writes it to `path` atomically.
 pub fn save_png(img: &RgbImage, path: impl AsRef<Path>) -> Result<()> {
@@ -54,7 +17,7 @@ pub fn save_png(img: &RgbImage, path: impl AsRef<Path>) -> Result<()> {
         image::ImageFormat::Png,
     )
     .map_err(|e| Error::Invalid(format!("{}: PNG encoding failed: {e}", path.display())))?;
-    atomic_write(path, &bytes)
+    crate::atomic::write_atomic(path, &bytes)
 }
 
 /// The `.npy` v1.0 header for a C-order little-endian float32 array of `shape`: magic,
@@ -108,7 +71,7 @@ pub fn write_npy(path: impl AsRef<Path>, shape: &[usize], data: &[f32]) -> Resul
     for v in data {
         bytes.extend_from_slice(&v.to_le_bytes());
     }
-    atomic_write(path, &bytes)
+    crate::atomic::write_atomic(path, &bytes)
 }
 
 #[cfg(test)]
