@@ -3,42 +3,8 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Command, Output};
-
 use candle_core::Tensor;
-use common::{assert_close, fixture, load};
-
-fn vit(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vit"))
-        .args(args)
-        .output()
-        .expect("vit runs")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = vit(args);
-    assert!(
-        out.status.success(),
-        "vit {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// Runs a command that must fail; returns its stderr, checked to be one clear line.
-fn fails(args: &[&str]) -> String {
-    let out = vit(args);
-    assert!(!out.status.success(), "vit {args:?} should fail");
-    let err = String::from_utf8(out.stderr).unwrap();
-    assert!(err.starts_with("error: "), "{err}");
-    assert!(!err.contains("panicked"), "{err}");
-    err
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
+use common::{assert_close, fails, fixture, load, ok, p};
 
 /// Logits of the first JSON line printed by `vit predict --format json --logits`.
 fn json_logits(stdout: &str) -> Tensor {

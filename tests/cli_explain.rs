@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::{fixture, load};
+use common::{fails, fixture, load, p};
 
 fn vit_in(dir: Option<&Path>, args: &[&str]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_vit"));
@@ -27,25 +27,6 @@ fn ok_in(dir: Option<&Path>, args: &[&str]) -> (String, String) {
 
 fn ok(args: &[&str]) -> (String, String) {
     ok_in(None, args)
-}
-
-/// Runs a command that must fail; returns its stderr, checked to be one clear line (the
-/// binary may add the error's causes, indented, below it).
-fn fails(args: &[&str]) -> String {
-    let out = vit_in(None, args);
-    assert!(!out.status.success(), "vit {args:?} should fail");
-    let err = String::from_utf8(out.stderr).unwrap();
-    assert!(err.starts_with("error: "), "{err}");
-    assert!(
-        err.lines().skip(1).all(|l| l.starts_with("  caused by: ")),
-        "{err}"
-    );
-    assert!(!err.contains("panicked"), "{err}");
-    err
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
 }
 
 /// The printed file list, checked to exist.

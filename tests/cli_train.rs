@@ -4,41 +4,9 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
-use common::{tiny_recipe, write_idx_dataset};
-
-fn vit(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vit"))
-        .args(args)
-        .output()
-        .expect("vit runs")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = vit(args);
-    assert!(
-        out.status.success(),
-        "vit {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn fails(args: &[&str]) -> String {
-    let out = vit(args);
-    assert!(!out.status.success(), "vit {args:?} should fail");
-    let err = String::from_utf8(out.stderr).unwrap();
-    assert!(
-        err.starts_with("error: ") && !err.contains("panicked"),
-        "{err}"
-    );
-    err
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use common::{fails, ok, p, tiny_recipe, vit, write_idx_dataset};
 
 fn metrics(run: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(run.join("metrics.jsonl"))
@@ -74,7 +42,7 @@ fn setup(extra: &str) -> (tempfile::TempDir, std::path::PathBuf) {
 fn training_lowers_the_loss_and_writes_the_run() {
     let (dir, recipe) = setup("epochs = 6\nval_size = 50\n");
     let run = dir.path().join("run");
-    let out = ok(&["train", "--config", s(&recipe), "--out", s(&run), "--quiet"]);
+    let out = ok(&["train", "--config", p(&recipe), "--out", p(&run), "--quiet"]);
     assert!(out.contains("test accuracy"), "{out}");
     let m = metrics(&run);
     assert_eq!(m.len(), 6);
@@ -115,15 +83,15 @@ fn training_lowers_the_loss_and_writes_the_run() {
     let json = ok(&[
         "eval",
         "--checkpoint",
-        s(&run.join("checkpoint-best.safetensors")),
+        p(&run.join("checkpoint-best.safetensors")),
         "--dataset",
         "fashion-mnist",
         "--data-dir",
-        s(&dir.path().join("data")),
+        p(&dir.path().join("data")),
         "--format",
         "json",
         "--out",
-        s(&dir.path().join("eval")),
+        p(&dir.path().join("eval")),
     ]);
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     let acc = v["accuracy"].as_f64().unwrap();
@@ -137,11 +105,11 @@ fn training_lowers_the_loss_and_writes_the_run() {
     let text = ok(&[
         "eval",
         "--checkpoint",
-        s(&run.join("checkpoint-best.safetensors")),
+        p(&run.join("checkpoint-best.safetensors")),
         "--data-dir",
-        s(&dir.path().join("data")),
+        p(&dir.path().join("data")),
         "--out",
-        s(&dir.path().join("eval")),
+        p(&dir.path().join("eval")),
     ]);
     assert!(
         text.contains("per-class accuracy") && text.contains("Ankle boot"),
@@ -155,9 +123,9 @@ fn training_lowers_the_loss_and_writes_the_run() {
         .unwrap();
     let pred = ok(&[
         "predict",
-        s(&img),
+        p(&img),
         "--weights",
-        s(&run.join("checkpoint-best.safetensors")),
+        p(&run.join("checkpoint-best.safetensors")),
     ]);
     assert!(pred.contains("1. "), "{pred}");
 }
@@ -169,9 +137,9 @@ fn stopped_and_resumed_run_equals_uninterrupted_run() {
     ok(&[
         "train",
         "--config",
-        s(&recipe),
+        p(&recipe),
         "--out",
-        s(&full),
+        p(&full),
         "--quiet",
     ]);
     // Stop after 5 optimizer steps (mid-epoch), then resume to the end.
@@ -179,9 +147,9 @@ fn stopped_and_resumed_run_equals_uninterrupted_run() {
     ok(&[
         "train",
         "--config",
-        s(&recipe),
+        p(&recipe),
         "--out",
-        s(&part),
+        p(&part),
         "--quiet",
         "--max-steps",
         "5",
@@ -190,7 +158,7 @@ fn stopped_and_resumed_run_equals_uninterrupted_run() {
     ok(&[
         "train",
         "--resume",
-        s(&part),
+        p(&part),
         "--quiet",
         "--max-steps",
         "1000000",
@@ -214,9 +182,9 @@ fn run_killed_with_sigkill_resumes_to_identical_weights() {
     ok(&[
         "train",
         "--config",
-        s(&recipe),
+        p(&recipe),
         "--out",
-        s(&full),
+        p(&full),
         "--quiet",
     ]);
     let killed = dir.path().join("killed");
@@ -224,9 +192,9 @@ fn run_killed_with_sigkill_resumes_to_identical_weights() {
         .args([
             "train",
             "--config",
-            s(&recipe),
+            p(&recipe),
             "--out",
-            s(&killed),
+            p(&killed),
             "--quiet",
         ])
         .spawn()
@@ -241,7 +209,7 @@ fn run_killed_with_sigkill_resumes_to_identical_weights() {
     child.wait().unwrap();
     assert!(last.exists());
     // Whatever instant the kill hit, the checkpoint is whole and the run resumes.
-    ok(&["train", "--resume", s(&killed), "--quiet"]);
+    ok(&["train", "--resume", p(&killed), "--quiet"]);
     assert_eq!(
         weights(&full.join("checkpoint-last.safetensors")),
         weights(&last)
@@ -267,9 +235,9 @@ fn raw_idx_files_train_too() {
     let out = ok(&[
         "train",
         "--config",
-        s(&recipe),
+        p(&recipe),
         "--out",
-        s(&dir.path().join("run")),
+        p(&dir.path().join("run")),
         "--quiet",
     ]);
     assert!(out.contains("on 50 images"), "{out}");
@@ -284,9 +252,9 @@ fn bad_training_input_fails_clearly() {
     let e = fails(&[
         "train",
         "--config",
-        s(&recipe),
+        p(&recipe),
         "--out",
-        s(&run),
+        p(&run),
         "--quiet",
         "--lr",
         "1e30",
@@ -304,11 +272,11 @@ fn bad_training_input_fails_clearly() {
     let e = fails(&[
         "train",
         "--config",
-        s(&recipe),
+        p(&recipe),
         "--data-dir",
-        s(&dir.path().join("nowhere")),
+        p(&dir.path().join("nowhere")),
         "--out",
-        s(&run),
+        p(&run),
         "--quiet",
     ]);
     assert!(e.contains("nowhere"), "{e}");
@@ -318,17 +286,17 @@ fn bad_training_input_fails_clearly() {
     let f = data.join("train-labels-idx1-ubyte.gz");
     let bytes = std::fs::read(&f).unwrap();
     std::fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();
-    let e = fails(&["train", "--config", s(&recipe), "--out", s(&run), "--quiet"]);
+    let e = fails(&["train", "--config", p(&recipe), "--out", p(&run), "--quiet"]);
     assert!(e.contains("train-labels-idx1-ubyte.gz"), "{e}");
 
     // Unknown recipe field, unknown dataset, unknown preset, inconsistent numbers.
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "epoch = 3\n").unwrap();
-    let e = fails(&["train", "--config", s(&bad)]);
+    let e = fails(&["train", "--config", p(&bad)]);
     assert!(e.contains("bad.toml") && e.contains("epoch"), "{e}");
-    let e = fails(&["train", "--dataset", "imagenet-22k", "--out", s(&run)]);
+    let e = fails(&["train", "--dataset", "imagenet-22k", "--out", p(&run)]);
     assert!(e.contains("imagenet-22k"), "{e}");
-    let e = fails(&["train", "--preset", "vit_nope", "--out", s(&run)]);
+    let e = fails(&["train", "--preset", "vit_nope", "--out", p(&run)]);
     assert!(e.contains("unknown preset 'vit_nope'"), "{e}");
     let e = fails(&[
         "train",
@@ -337,10 +305,10 @@ fn bad_training_input_fails_clearly() {
         "--accum-steps",
         "3",
         "--out",
-        s(&run),
+        p(&run),
     ]);
     assert!(e.contains("not divisible by accum_steps"), "{e}");
-    let e = fails(&["train", "--resume", s(&dir.path().join("no-run"))]);
+    let e = fails(&["train", "--resume", p(&dir.path().join("no-run"))]);
     assert!(e.contains("not a run folder"), "{e}");
 }
 
@@ -383,9 +351,9 @@ fn cifar10_binary_folder_trains() {
     let out = ok(&[
         "train",
         "--config",
-        s(&recipe),
+        p(&recipe),
         "--out",
-        s(&dir.path().join("run")),
+        p(&dir.path().join("run")),
         "--quiet",
     ]);
     assert!(out.contains("on 10 images"), "{out}");
@@ -416,7 +384,7 @@ fn image_folder_trains_and_names_classes() {
     )
     .unwrap();
     let run = dir.path().join("run");
-    let out = ok(&["train", "--config", s(&recipe), "--out", s(&run), "--quiet"]);
+    let out = ok(&["train", "--config", p(&recipe), "--out", p(&run), "--quiet"]);
     assert!(out.contains("on 8 images"), "{out}");
     let report = std::fs::read_to_string(run.join("report.md")).unwrap();
     assert!(
@@ -429,7 +397,7 @@ fn image_folder_trains_and_names_classes() {
         rgb_recipe(&format!("folder:{}", root.display()), None, 3),
     )
     .unwrap();
-    let e = fails(&["train", "--config", s(&recipe), "--out", s(&run)]);
+    let e = fails(&["train", "--config", p(&recipe), "--out", p(&run)]);
     assert!(
         e.contains("2 classes") && e.contains("num_classes = 3"),
         "{e}"
@@ -469,9 +437,9 @@ fn fine_tuning_from_a_timm_checkpoint_resamples_positions_and_replaces_the_head(
     let out = vit(&[
         "train",
         "--config",
-        s(&recipe),
+        p(&recipe),
         "--out",
-        s(&dir.path().join("run")),
+        p(&dir.path().join("run")),
         "--quiet",
     ]);
     let err = String::from_utf8_lossy(&out.stderr);
@@ -491,9 +459,9 @@ fn fine_tuning_from_a_timm_checkpoint_resamples_positions_and_replaces_the_head(
     let e = fails(&[
         "train",
         "--config",
-        s(&bad),
+        p(&bad),
         "--out",
-        s(&dir.path().join("run2")),
+        p(&dir.path().join("run2")),
     ]);
     assert!(e.contains("expected") && e.contains("found"), "{e}");
 }

@@ -96,3 +96,42 @@ pub fn tiny_recipe(data_dir: &std::path::Path, extra: &str) -> String {
         data_dir.display()
     )
 }
+
+/// Runs the `vit` binary with `args`.
+pub fn vit(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_vit"))
+        .args(args)
+        .output()
+        .expect("vit runs")
+}
+
+/// Runs a command that must succeed; returns its stdout.
+pub fn ok(args: &[&str]) -> String {
+    let out = vit(args);
+    assert!(
+        out.status.success(),
+        "vit {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs a command that must fail; returns its stderr, checked to be one clear line (the
+/// binary may add the error's causes, indented, below it) and no panic.
+pub fn fails(args: &[&str]) -> String {
+    let out = vit(args);
+    assert!(!out.status.success(), "vit {args:?} should fail");
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(
+        err.lines().skip(1).all(|l| l.starts_with("  caused by: ")),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+/// A path as a command-line argument.
+pub fn p(path: &std::path::Path) -> &str {
+    path.to_str().unwrap()
+}
