@@ -757,27 +757,9 @@ mod tests {
         fixture("predict/image_rgb.png")
     }
 
-    /// Shape and data of a `.npy` file as `viz::write_npy` writes it (v1.0, `<f4`, C order).
+    /// Shape and data of a `.npy` file, every header rule checked (`viz` test helper).
     fn read_npy(path: &Path) -> (Vec<usize>, Vec<f32>) {
-        let bytes = std::fs::read(path).unwrap();
-        assert_eq!(&bytes[..8], b"\x93NUMPY\x01\x00");
-        let total = 10 + u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
-        let dict = std::str::from_utf8(&bytes[10..total]).unwrap();
-        assert!(dict.contains("'descr': '<f4'") && dict.contains("'fortran_order': False"));
-        let start = dict.find("'shape': (").unwrap() + 10;
-        let inner = &dict[start..start + dict[start..].find(')').unwrap()];
-        let shape: Vec<usize> = inner
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(|s| s.parse().unwrap())
-            .collect();
-        let data: Vec<f32> = bytes[total..]
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        assert_eq!(data.len(), shape.iter().product::<usize>());
-        (shape, data)
+        crate::viz::io::read_npy(&std::fs::read(path).unwrap())
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {

@@ -74,37 +74,39 @@ pub fn write_npy(path: impl AsRef<Path>, shape: &[usize], data: &[f32]) -> Resul
     crate::atomic::write_atomic(path, &bytes)
 }
 
+/// Test helper shared by the crate's tests.
+#[cfg(test)]
+/// A minimal `.npy` v1.0 reader for `<f4` C-order arrays, checking every header rule.
+pub(crate) fn read_npy(bytes: &[u8]) -> (Vec<usize>, Vec<f32>) {
+    assert_eq!(&bytes[..6], b"\x93NUMPY", "magic");
+    assert_eq!(&bytes[6..8], &[1, 0], "version 1.0");
+    let hlen = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    let total = 10 + hlen;
+    assert_eq!(total % 64, 0, "header is padded to a multiple of 64");
+    let dict = std::str::from_utf8(&bytes[10..total]).unwrap();
+    assert!(dict.ends_with('\n'));
+    let dict = dict.trim_end();
+    assert!(dict.starts_with("{'descr': '<f4', 'fortran_order': False, 'shape': ("));
+    assert!(dict.ends_with("), }"));
+    let inner = &dict[dict.find("'shape': (").unwrap() + 10..dict.rfind(')').unwrap()];
+    let shape: Vec<usize> = inner
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().unwrap())
+        .collect();
+    let data: Vec<f32> = bytes[total..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(bytes[total..].len() % 4, 0);
+    assert_eq!(data.len(), shape.iter().product::<usize>());
+    (shape, data)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A minimal `.npy` v1.0 reader for `<f4` C-order arrays, checking every header rule.
-    fn read_npy(bytes: &[u8]) -> (Vec<usize>, Vec<f32>) {
-        assert_eq!(&bytes[..6], b"\x93NUMPY", "magic");
-        assert_eq!(&bytes[6..8], &[1, 0], "version 1.0");
-        let hlen = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
-        let total = 10 + hlen;
-        assert_eq!(total % 64, 0, "header is padded to a multiple of 64");
-        let dict = std::str::from_utf8(&bytes[10..total]).unwrap();
-        assert!(dict.ends_with('\n'));
-        let dict = dict.trim_end();
-        assert!(dict.starts_with("{'descr': '<f4', 'fortran_order': False, 'shape': ("));
-        assert!(dict.ends_with("), }"));
-        let inner = &dict[dict.find("'shape': (").unwrap() + 10..dict.rfind(')').unwrap()];
-        let shape: Vec<usize> = inner
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(|s| s.parse().unwrap())
-            .collect();
-        let data: Vec<f32> = bytes[total..]
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect();
-        assert_eq!(bytes[total..].len() % 4, 0);
-        assert_eq!(data.len(), shape.iter().product::<usize>());
-        (shape, data)
-    }
 
     #[test]
     fn npy_round_trip() {

@@ -11,7 +11,7 @@ mod canvas;
 mod color;
 mod grid;
 mod heatmap;
-mod io;
+pub(crate) mod io;
 mod overlay;
 mod patches;
 mod plot;
