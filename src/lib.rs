@@ -13,6 +13,7 @@ pub mod explain;
 pub mod model;
 pub mod ops;
 pub mod predict;
+pub mod runtime;
 pub mod viz;
 pub mod weights;
 

@@ -35,6 +35,11 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         ops::linear(x, &self.weight, self.bias.as_ref())
     }
+
+    /// `gelu(forward(x))`, fused where the device allows.
+    pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        ops::linear_gelu(x, &self.weight, self.bias.as_ref())
+    }
 }
 
 /// LayerNorm parameters over the last dimension.
@@ -123,28 +128,24 @@ impl Attention {
         rng: &mut Rng,
         capture: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let (b, t, d) = x.dims3()?;
+        let (_, _, d) = x.dims3()?;
         let (h, hd) = (self.num_heads, d / self.num_heads);
-        let qkv = self
-            .qkv
-            .forward(x)? // (B, T, 3·D)
-            .reshape((b, t, 3, h, hd))?
-            .permute((2, 0, 3, 1, 4))?; // (3, B, heads, T, hd)
         let scale = 1.0 / (hd as f64).sqrt();
-        let q = (qkv.get(0)?.contiguous()? * scale)?; // (B, heads, T, hd)
-        let k = qkv.get(1)?.contiguous()?;
-        let v = qkv.get(2)?.contiguous()?;
-        let scores = q.matmul(&k.t()?)?; // (B, heads, T, T)
-        let probs = ops::softmax_last_dim(&scores)?;
-        let captured = capture.then(|| probs.detach());
-        let probs = match rng.as_deref_mut() {
-            Some(r) => ops::dropout(&probs, self.attn_drop, r)?,
-            None => probs,
+        let qkv = self.qkv.forward(x)?; // (B, T, 3·D)
+        let drop_probs = rng.is_some() && self.attn_drop > 0.0;
+        let (out, captured) = if !capture && !drop_probs {
+            (ops::attention(&qkv, h, scale)?, None) // (B, T, D), fused where it can be
+        } else {
+            let (q, k, v) = ops::split_heads(&qkv, h)?; // each (B, heads, T, hd)
+            let scores = (q * scale)?.matmul(&k.t()?)?; // (B, heads, T, T)
+            let probs = ops::softmax_last_dim(&scores)?;
+            let captured = capture.then(|| probs.detach());
+            let probs = match rng.as_deref_mut() {
+                Some(r) => ops::dropout(&probs, self.attn_drop, r)?,
+                None => probs,
+            };
+            (ops::merge_heads(&probs.matmul(&v)?)?, captured) // (B, T, D)
         };
-        let out = probs
-            .matmul(&v)? // (B, heads, T, hd)
-            .transpose(1, 2)? // (B, T, heads, hd)
-            .reshape((b, t, d))?;
         let out = self.proj.forward(&out)?;
         let out = match rng.as_deref_mut() {
             Some(r) => ops::dropout(&out, self.proj_drop, r)?,
@@ -174,7 +175,7 @@ impl Mlp {
 
     /// (B, T, D) → (B, T, D).
     pub fn forward(&self, x: &Tensor, rng: &mut Rng) -> Result<Tensor> {
-        let h = ops::gelu(&self.fc1.forward(x)?)?; // (B, T, hidden)
+        let h = self.fc1.forward_gelu(x)?; // (B, T, hidden)
         let h = match rng.as_deref_mut() {
             Some(r) => ops::dropout(&h, self.drop, r)?,
             None => h,

@@ -30,20 +30,58 @@ fn layer_norm_composed(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> 
 }
 
 /// `x · weightᵀ + bias` for x of shape (..., in) and weight (out, in), as `nn.Linear`.
+/// Fused kernel (bias added while the output is in cache) on the CPU in f32 with a bias,
+/// composed candle ops otherwise.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
+    linear_act(x, weight, bias, cpu::Activation::Identity)
+}
+
+/// `gelu(x · weightᵀ + bias)`: [`linear`] then [`gelu`], fused on the CPU.
+pub fn linear_gelu(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    linear_act(x, weight, bias, cpu::Activation::Gelu)
+}
+
+fn linear_act(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    act: cpu::Activation,
+) -> Result<Tensor> {
+    let mut out_dims = x.dims().to_vec();
     let (out_dim, in_dim) = weight.dims2()?;
-    let rows = x.elem_count() / in_dim;
-    let y = x.reshape((rows, in_dim))?.matmul(&weight.t()?)?; // (rows, out)
+    let last = out_dims.last_mut().ok_or_else(|| {
+        crate::Error::Invalid("linear: input must have at least one dimension".into())
+    })?;
+    if *last != in_dim {
+        return Err(crate::Error::Invalid(format!(
+            "linear: input {:?} does not end in weight's input size {in_dim}",
+            x.dims()
+        )));
+    }
+    *last = out_dim;
+    let x2 = x.reshape((x.elem_count() / in_dim.max(1), in_dim))?; // (rows, in)
     let y = match bias {
+        Some(b) if cpu::eligible(x) && cpu::eligible(weight) && cpu::eligible(b) => {
+            cpu::linear(&x2, weight, b, act)?
+        }
+        _ => {
+            let y = linear_composed(&x2, weight, bias)?;
+            match act {
+                cpu::Activation::Identity => y,
+                cpu::Activation::Gelu => gelu(&y)?,
+            }
+        }
+    };
+    Ok(y.reshape(out_dims)?)
+}
+
+/// [`linear`] of a 2-D input from candle ops: any device and dtype.
+fn linear_composed(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let y = x.matmul(&weight.t()?)?; // (rows, out)
+    Ok(match bias {
         Some(b) => y.broadcast_add(b)?,
         None => y,
-    };
-    let mut out_dims = dims;
-    *out_dims
-        .last_mut()
-        .expect("linear input has at least one dim") = out_dim;
-    Ok(y.reshape(out_dims)?)
+    })
 }
 
 /// Exact (erf) GELU, as `nn.GELU()` in timm and `"gelu"` in HuggingFace.
@@ -70,6 +108,48 @@ fn softmax_composed(x: &Tensor) -> Result<Tensor> {
     let e = x.broadcast_sub(&max)?.exp()?;
     let sum = e.sum_keepdim(D::Minus1)?;
     Ok(e.broadcast_div(&sum)?)
+}
+
+/// Multi-head self-attention core from timm's fused projection: `qkv` (B, T, 3·D) holds
+/// q, k and v blocks of D columns, each split into `heads` heads of D/heads. Returns
+/// softmax(scale · q kᵀ) v per head, heads concatenated: (B, T, D).
+/// Fused kernel on the CPU in f32 (`ops::cpu`), composed candle ops elsewhere.
+pub fn attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    if cpu::eligible(qkv) {
+        return Ok(cpu::attention(qkv, heads, scale)?);
+    }
+    attention_composed(qkv, heads, scale)
+}
+
+/// [`attention`] from candle ops: any device and dtype.
+fn attention_composed(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    let (q, k, v) = split_heads(qkv, heads)?;
+    let probs = softmax_composed(&(q * scale)?.matmul(&k.t()?)?)?; // (B, heads, T, T)
+    merge_heads(&probs.matmul(&v)?)
+}
+
+/// (B, T, 3·D) → q, k, v, each (B, heads, T, D/heads) and contiguous.
+pub fn split_heads(qkv: &Tensor, heads: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, t, d3) = qkv.dims3()?;
+    if heads == 0 || d3 % (3 * heads) != 0 {
+        return Err(crate::Error::Invalid(format!(
+            "attention: qkv width {d3} does not split into 3 × {heads} heads"
+        )));
+    }
+    let qkv = qkv
+        .reshape((b, t, 3, heads, d3 / 3 / heads))?
+        .permute((2, 0, 3, 1, 4))?; // (3, B, heads, T, hd)
+    Ok((
+        qkv.get(0)?.contiguous()?,
+        qkv.get(1)?.contiguous()?,
+        qkv.get(2)?.contiguous()?,
+    ))
+}
+
+/// (B, heads, T, hd) → (B, T, heads·hd).
+pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let (b, h, t, hd) = x.dims4()?;
+    Ok(x.transpose(1, 2)?.reshape((b, t, h * hd))?)
 }
 
 /// Log-softmax over the last dimension.

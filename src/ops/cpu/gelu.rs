@@ -19,8 +19,14 @@ struct Gelu;
 
 /// Φ(x), the standard normal CDF.
 #[inline]
-fn cdf(x: f32) -> f32 {
+pub(super) fn cdf(x: f32) -> f32 {
     0.5 * (1.0 + libm::erff(x * FRAC_1_SQRT_2))
+}
+
+/// d/dx [x·Φ(x)] = Φ(x) + x·φ(x), φ(x) = exp(−x²/2)/√(2π).
+#[inline]
+pub(super) fn derivative(x: f32) -> f32 {
+    cdf(x) + x * INV_SQRT_2PI * (-0.5 * x * x).exp()
 }
 
 impl CustomOp1 for Gelu {
@@ -40,14 +46,13 @@ impl CustomOp1 for Gelu {
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
-    /// d/dx [x·Φ(x)] = Φ(x) + x·φ(x), φ(x) = exp(−x²/2)/√(2π); dx = g ⊙ that.
+    /// dx = g ⊙ GELU'(x).
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let dx = with_f32([x, g], |[x, g]| {
             let mut dx = vec![0f32; x.len()];
             for_row_blocks(&mut dx, 1, |i0, block| {
                 for ((dx, &x), &g) in block.iter_mut().zip(&x[i0..]).zip(&g[i0..]) {
-                    let pdf = INV_SQRT_2PI * (-0.5 * x * x).exp();
-                    *dx = g * (cdf(x) + x * pdf);
+                    *dx = g * derivative(x);
                 }
             });
             dx

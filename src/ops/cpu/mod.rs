@@ -8,12 +8,17 @@
 //! thread count, and reductions over rows (LayerNorm's dweight/dbias) add the per-block
 //! partial sums in block order: results are bit-for-bit reproducible.
 
+mod attention;
 mod gelu;
+mod gemm;
 mod layer_norm;
+mod linear;
 mod softmax;
 
+pub(crate) use attention::attention;
 pub(crate) use gelu::gelu;
 pub(crate) use layer_norm::layer_norm;
+pub(crate) use linear::{linear, Activation};
 pub(crate) use softmax::softmax_last_dim;
 
 use candle_core::backend::BackendStorage;

@@ -1,0 +1,259 @@
+//! Fused multi-head self-attention core: from the fused qkv projection (B, T, 3·D) straight
+//! to the heads' concatenated output (B, T, D), without materialising q, k, v per head.
+//!
+//! For each (batch, head) unit, with Q, K, V the head's (T, hd) slices read in place from
+//! qkv through strides:
+//!   S = scale · Q Kᵀ          (T, T)
+//!   P = softmax_rows(S)       kept for the backward pass (and only then)
+//!   O = P V                   written into the head's columns of the output
+//! Backward, for G = ∂L/∂O:
+//!   dP = G Vᵀ,  dV = Pᵀ G,  dS = P ⊙ (dP − rowsum(P ⊙ dP)),
+//!   dQ = scale · dS K,  dK = scale · dSᵀ Q   (written into dqkv's q, k, v columns)
+//! Units run in parallel on rayon's pool; each unit's products are single-threaded gemm
+//! calls over its own disjoint output columns, so results do not depend on thread count.
+
+use std::sync::Mutex;
+
+use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::gemm::{sgemm, MatRef};
+use super::{f32_slice, with_f32};
+
+/// Scaled dot-product self-attention of `heads` heads over a CPU f32 `qkv` (B, T, 3·D)
+/// laid out as timm's fused projection (q, k, v blocks of D, each split into heads).
+/// Returns (B, T, D).
+pub(crate) fn attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    let (_, _, d3) = qkv.dims3()?;
+    if heads == 0 || d3 % (3 * heads) != 0 {
+        bail!("attention: qkv width {d3} does not split into 3 × {heads} heads")
+    }
+    let op = Attention {
+        heads,
+        scale: scale as f32,
+        probs: Mutex::new(None),
+    };
+    qkv.contiguous()?.apply_op1(op)
+}
+
+struct Attention {
+    heads: usize,
+    scale: f32,
+    /// The softmax probabilities (B, heads, T, T) of the forward pass, for backward.
+    probs: Mutex<Option<Vec<f32>>>,
+}
+
+/// A raw pointer that may cross threads: each unit writes only its own columns.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// The pointer (a method, so closures capture the whole `Send` wrapper).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Geometry of one forward or backward call.
+#[derive(Clone, Copy)]
+struct Dims {
+    t: usize,
+    d: usize,
+    hd: usize,
+    heads: usize,
+}
+
+impl Dims {
+    /// The (T, hd) slice of part `which` (0 q, 1 k, 2 v) of head `h` in batch item `b` of
+    /// a (B, T, 3D) buffer starting at `base`.
+    fn part(&self, base: *const f32, b: usize, h: usize, which: usize) -> MatRef {
+        let off = b * self.t * 3 * self.d + which * self.d + h * self.hd;
+        MatRef::new(unsafe { base.add(off) }, 3 * self.d as isize, 1)
+    }
+}
+
+impl CustomOp1 for Attention {
+    fn name(&self) -> &'static str {
+        "vit-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let qkv = f32_slice(s, l)?;
+        let (b, t, d3) = l.shape().dims3()?;
+        let dims = Dims {
+            t,
+            d: d3 / 3,
+            hd: d3 / 3 / self.heads,
+            heads: self.heads,
+        };
+        let d = dims.d;
+        let mut out = vec![0f32; b * t * d];
+        let mut probs = vec![0f32; b * self.heads * t * t];
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        let qkv_ptr = qkv.as_ptr() as usize;
+        let scale = self.scale;
+        if t > 0 && dims.hd > 0 {
+            probs
+                .par_chunks_mut(t * t)
+                .enumerate()
+                .for_each(|(unit, p)| {
+                    let (bi, h) = (unit / dims.heads, unit % dims.heads);
+                    let base = qkv_ptr as *const f32;
+                    let (q, k, v) = (
+                        dims.part(base, bi, h, 0),
+                        dims.part(base, bi, h, 1),
+                        dims.part(base, bi, h, 2),
+                    );
+                    let pm = MatRef::new(p.as_ptr(), t as isize, 1);
+                    // S = scale · Q Kᵀ
+                    unsafe { sgemm(t, t, dims.hd, p.as_mut_ptr(), t, 1, q, k.t(), scale, false) };
+                    softmax_rows(p, t);
+                    // O = P V, into columns h·hd.. of the output rows.
+                    let o = unsafe { out_ptr.get().add(bi * t * d + h * dims.hd) };
+                    unsafe { sgemm(t, dims.hd, t, o, d, 1, pm, v, 1.0, false) };
+                });
+        }
+        *self.probs.lock().expect("attention probs lock") = Some(probs);
+        Ok((CpuStorage::F32(out), Shape::from((b, t, d))))
+    }
+
+    fn bwd(&self, qkv: &Tensor, _out: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let (b, t, d3) = qkv.dims3()?;
+        let dims = Dims {
+            t,
+            d: d3 / 3,
+            hd: d3 / 3 / self.heads,
+            heads: self.heads,
+        };
+        let probs = self.probs.lock().expect("attention probs lock").take();
+        let Some(probs) = probs else {
+            bail!("attention backward: forward probabilities are missing (backward run twice?)")
+        };
+        let scale = self.scale;
+        let mut dqkv = vec![0f32; b * t * d3];
+        let dq_ptr = SendPtr(dqkv.as_mut_ptr());
+        with_f32([qkv, g], |[qkv, g]| {
+            let (qkv_ptr, g_ptr) = (qkv.as_ptr() as usize, g.as_ptr() as usize);
+            let d = dims.d;
+            if t == 0 || dims.hd == 0 {
+                return;
+            }
+            probs.par_chunks(t * t).enumerate().for_each_init(
+                || vec![0f32; t * t],
+                |ds, (unit, p)| {
+                    let (bi, h) = (unit / dims.heads, unit % dims.heads);
+                    let base = qkv_ptr as *const f32;
+                    let (q, k, v) = (
+                        dims.part(base, bi, h, 0),
+                        dims.part(base, bi, h, 1),
+                        dims.part(base, bi, h, 2),
+                    );
+                    let go = MatRef::new(
+                        unsafe { (g_ptr as *const f32).add(bi * t * d + h * dims.hd) },
+                        d as isize,
+                        1,
+                    );
+                    let pm = MatRef::new(p.as_ptr(), t as isize, 1);
+                    let dbase = dq_ptr.get() as *const f32;
+                    let dst = |which| dims.part(dbase, bi, h, which).ptr as *mut f32;
+                    let ld = 3 * d;
+                    unsafe {
+                        // dP = G Vᵀ
+                        sgemm(t, t, dims.hd, ds.as_mut_ptr(), t, 1, go, v.t(), 1.0, false);
+                        // dV = Pᵀ G
+                        sgemm(t, dims.hd, t, dst(2), ld, 1, pm.t(), go, 1.0, false);
+                    }
+                    // dS = P ⊙ (dP − rowsum(P ⊙ dP)), scaled.
+                    for (pr, dr) in p.chunks_exact(t).zip(ds.chunks_exact_mut(t)) {
+                        let dot: f32 = pr.iter().zip(dr.iter()).map(|(p, d)| p * d).sum();
+                        for (dv, &pv) in dr.iter_mut().zip(pr) {
+                            *dv = pv * (*dv - dot) * scale;
+                        }
+                    }
+                    let dsm = MatRef::new(ds.as_ptr(), t as isize, 1);
+                    unsafe {
+                        // dQ = dS K,  dK = dSᵀ Q
+                        sgemm(t, dims.hd, t, dst(0), ld, 1, dsm, k, 1.0, false);
+                        sgemm(t, dims.hd, t, dst(1), ld, 1, dsm.t(), q, 1.0, false);
+                    }
+                },
+            );
+        })?;
+        Ok(Some(Tensor::from_vec(dqkv, (b, t, d3), qkv.device())?))
+    }
+}
+
+/// Softmax of each row of a (rows, t) buffer, in place, max-subtracted.
+fn softmax_rows(p: &mut [f32], t: usize) {
+    for row in p.chunks_exact_mut(t) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for x in row.iter_mut() {
+            *x = (*x - max).exp();
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|x| *x *= inv);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::*;
+    use crate::ops::attention_composed;
+    use candle_core::Tensor;
+
+    const HEADS: usize = 3;
+
+    fn fused(t: &[Tensor]) -> Tensor {
+        let hd = t[0].dim(2).unwrap() / 3 / HEADS;
+        super::attention(&t[0], HEADS, 1.0 / (hd as f64).sqrt()).unwrap()
+    }
+
+    fn composed(t: &[Tensor]) -> Tensor {
+        let hd = t[0].dim(2).unwrap() / 3 / HEADS;
+        attention_composed(&t[0], HEADS, 1.0 / (hd as f64).sqrt()).unwrap()
+    }
+
+    /// (B, T, head dim): odd token counts, one token, one batch item, wide heads.
+    const SHAPES: &[(usize, usize, usize)] =
+        &[(1, 1, 1), (2, 5, 2), (3, 17, 4), (2, 50, 16), (1, 7, 33)];
+
+    #[test]
+    fn matches_composed_values_and_gradients() {
+        for (i, &(b, t, hd)) in SHAPES.iter().enumerate() {
+            let shape = [b, t, 3 * HEADS * hd];
+            let inp = vec![rand(&shape, 2.0, i as u64)];
+            let c = cotangent(&[b, t, HEADS * hd], i as u64);
+            let (yf, gf) = value_and_grads(fused, &inp, &c);
+            let (yc, gc) = value_and_grads(composed, &inp, &c);
+            let inp64 = vec![inp[0].to_dtype(candle_core::DType::F64).unwrap()];
+            let (y64, g64) = value_and_grads(composed, &inp64, &c);
+            assert!(max_rel_diff(&yf, &yc) < 1e-5, "{shape:?} forward");
+            assert!(max_rel_diff(&yf, &y64) < 1e-5, "{shape:?} forward f64");
+            assert!(max_rel_diff(&gf[0], &gc[0]) < 1e-4, "{shape:?} grad");
+            assert!(max_rel_diff(&gf[0], &g64[0]) < 1e-4, "{shape:?} grad f64");
+        }
+    }
+
+    #[test]
+    fn gradients_match_central_differences() {
+        for (b, t, hd) in [(1, 1, 1), (2, 3, 2), (1, 4, 3)] {
+            let shape = [b, t, 3 * HEADS * hd];
+            let inp = vec![rand(&shape, 1.5, 11)];
+            let c = cotangent(&[b, t, HEADS * hd], 12);
+            let (_, analytic) = value_and_grads(fused, &inp, &c);
+            let numeric = finite_diff(composed, &inp, &c);
+            let e = max_rel_diff(&analytic[0], &numeric[0]);
+            assert!(e < 1e-4, "{shape:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn width_not_splitting_into_heads_is_an_error() {
+        let x = rand(&[1, 2, 10], 1.0, 1);
+        assert!(super::attention(&x, 3, 1.0).is_err());
+    }
+}

@@ -1,0 +1,334 @@
+//! Fused linear layer: y = act(x Wᵀ + b) for x (rows, in), W (out, in), b (out), with `act`
+//! the identity or exact GELU, applied to each block of rows while it is still in cache.
+//!
+//! Forward, per block of rows: fill with b, add x Wᵀ (gemm), apply GELU (keeping the
+//! pre-activation z for backward). Backward, for G = ∂L/∂y and Gz = G ⊙ act'(z):
+//!   dx = Gz W,   dW = Gzᵀ x,   db = Σ_rows Gz.
+//! dW and db sum over rows: each fixed chunk of rows makes a partial sum, and the partials
+//! are added in chunk order, so results never depend on the number of threads.
+
+use std::sync::Mutex;
+
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::gelu;
+use super::gemm::{sgemm, MatRef};
+use super::{f32_slice, with_f32};
+
+/// Rows per forward task: enough for an efficient gemm, small enough to stay in cache.
+const FWD_ROWS: usize = 128;
+/// At most this many row chunks in backward (each holds a partial dW of out × in).
+const MAX_BWD_CHUNKS: usize = 8;
+/// At least this many rows per backward chunk.
+const MIN_BWD_ROWS: usize = 256;
+
+/// The activation applied after the affine map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Activation {
+    Identity,
+    Gelu,
+}
+
+/// `act(x · weightᵀ + bias)` for CPU f32 tensors x (rows, in), weight (out, in), bias (out).
+pub(crate) fn linear(x: &Tensor, w: &Tensor, b: &Tensor, act: Activation) -> Result<Tensor> {
+    let (_, k) = x.dims2()?;
+    let (n, kw) = w.dims2()?;
+    if k != kw || b.dims1()? != n {
+        bail!(
+            "linear: input {:?}, weight {:?} and bias {:?} do not fit",
+            x.dims(),
+            w.dims(),
+            b.dims()
+        )
+    }
+    let op = Linear {
+        act,
+        pre: Mutex::new(None),
+    };
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, op)
+}
+
+struct Linear {
+    act: Activation,
+    /// The pre-activation z (rows, out), kept for the GELU backward.
+    pre: Mutex<Option<Vec<f32>>>,
+}
+
+/// A raw pointer that may cross threads: each task writes only its own rows.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// The pointer (a method, so closures capture the whole `Send` wrapper).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Row ranges of the backward chunks for `rows` rows: a function of the shape only.
+fn bwd_chunks(rows: usize) -> Vec<(usize, usize)> {
+    let n = rows.div_ceil(MIN_BWD_ROWS).clamp(1, MAX_BWD_CHUNKS);
+    let per = rows.div_ceil(n).max(1);
+    (0..rows)
+        .step_by(per)
+        .map(|r0| (r0, (r0 + per).min(rows)))
+        .collect()
+}
+
+impl CustomOp3 for Linear {
+    fn name(&self) -> &'static str {
+        match self.act {
+            Activation::Identity => "vit-linear",
+            Activation::Gelu => "vit-linear-gelu",
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, b) = (f32_slice(xs, xl)?, f32_slice(ws, wl)?, f32_slice(bs, bl)?);
+        let (rows, k) = xl.shape().dims2()?;
+        let n = b.len();
+        let mut y = vec![0f32; rows * n];
+        let mut pre = match self.act {
+            Activation::Gelu => vec![0f32; rows * n],
+            Activation::Identity => Vec::new(),
+        };
+        let wt = MatRef::new(w.as_ptr(), 1, k as isize); // Wᵀ (in, out)
+        let pre_ptr = SendPtr(pre.as_mut_ptr());
+        let act = self.act;
+        if n > 0 {
+            y.par_chunks_mut(FWD_ROWS * n)
+                .enumerate()
+                .for_each(|(i, yb)| {
+                    let r0 = i * FWD_ROWS;
+                    let m = yb.len() / n;
+                    for row in yb.chunks_exact_mut(n) {
+                        row.copy_from_slice(b);
+                    }
+                    let xb = MatRef::new(x[r0 * k..].as_ptr(), k as isize, 1);
+                    unsafe { sgemm(m, n, k, yb.as_mut_ptr(), n, 1, xb, wt, 1.0, true) };
+                    if act == Activation::Gelu {
+                        let zb = unsafe {
+                            std::slice::from_raw_parts_mut(pre_ptr.get().add(r0 * n), m * n)
+                        };
+                        zb.copy_from_slice(yb);
+                        for v in yb.iter_mut() {
+                            *v *= gelu::cdf(*v);
+                        }
+                    }
+                });
+        }
+        if self.act == Activation::Gelu {
+            *self.pre.lock().expect("linear pre-activation lock") = Some(pre);
+        }
+        Ok((CpuStorage::F32(y), Shape::from((rows, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (rows, k) = x.dims2()?;
+        let n = b.dims1()?;
+        let pre = match self.act {
+            Activation::Gelu => match self.pre.lock().expect("linear pre-activation lock").take() {
+                Some(p) => Some(p),
+                None => {
+                    bail!("linear backward: the pre-activation is missing (backward run twice?)")
+                }
+            },
+            Activation::Identity => None,
+        };
+        let chunks = bwd_chunks(rows);
+        let mut dx = vec![0f32; rows * k];
+        let dx_ptr = SendPtr(dx.as_mut_ptr());
+        let partials = with_f32([x, w, g], |[x, w, g]| {
+            chunks
+                .par_iter()
+                .map(|&(r0, r1)| {
+                    let m = r1 - r0;
+                    // Gz for these rows: G itself, or G ⊙ GELU'(z).
+                    let gz: std::borrow::Cow<[f32]> = match &pre {
+                        None => std::borrow::Cow::Borrowed(&g[r0 * n..r1 * n]),
+                        Some(z) => std::borrow::Cow::Owned(
+                            g[r0 * n..r1 * n]
+                                .iter()
+                                .zip(&z[r0 * n..r1 * n])
+                                .map(|(g, &z)| g * gelu::derivative(z))
+                                .collect(),
+                        ),
+                    };
+                    let mut db = vec![0f32; n];
+                    for row in gz.chunks_exact(n) {
+                        db.iter_mut().zip(row).for_each(|(d, g)| *d += g);
+                    }
+                    let gm = MatRef::new(gz.as_ptr(), n as isize, 1); // (m, out)
+                    let xm = MatRef::new(x[r0 * k..].as_ptr(), k as isize, 1); // (m, in)
+                    let wm = MatRef::new(w.as_ptr(), k as isize, 1); // (out, in)
+                    let mut dw = vec![0f32; n * k];
+                    unsafe {
+                        // dx rows = Gz W
+                        let dxb = dx_ptr.get().add(r0 * k);
+                        sgemm(m, k, n, dxb, k, 1, gm, wm, 1.0, false);
+                        // partial dW = Gzᵀ x
+                        sgemm(n, k, m, dw.as_mut_ptr(), k, 1, gm.t(), xm, 1.0, false);
+                    }
+                    (dw, db)
+                })
+                .collect::<Vec<_>>()
+        })?;
+        let mut parts = partials.into_iter();
+        let (mut dw, mut db) = parts
+            .next()
+            .unwrap_or_else(|| (vec![0f32; n * k], vec![0f32; n]));
+        for (pw, pb) in parts {
+            dw.iter_mut().zip(&pw).for_each(|(a, b)| *a += b);
+            db.iter_mut().zip(&pb).for_each(|(a, b)| *a += b);
+        }
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, (rows, k), dev)?),
+            Some(Tensor::from_vec(dw, (n, k), dev)?),
+            Some(Tensor::from_vec(db, n, dev)?),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::*;
+    use super::Activation;
+    use crate::ops::linear_composed;
+    use candle_core::Tensor;
+
+    fn fused(act: Activation) -> impl Fn(&[Tensor]) -> Tensor {
+        move |t| super::linear(&t[0], &t[1], &t[2], act).unwrap()
+    }
+
+    fn composed(act: Activation) -> impl Fn(&[Tensor]) -> Tensor {
+        move |t| {
+            let y = linear_composed(&t[0], &t[1], Some(&t[2])).unwrap();
+            match act {
+                Activation::Identity => y,
+                Activation::Gelu => y.gelu_erf().unwrap(),
+            }
+        }
+    }
+
+    /// (rows, in, out): one row, odd sizes, several forward blocks and backward chunks.
+    const SHAPES: &[(usize, usize, usize)] = &[
+        (1, 1, 1),
+        (3, 5, 7),
+        (129, 17, 9),
+        (1000, 64, 33),
+        (2500, 8, 3),
+    ];
+
+    #[test]
+    fn matches_composed_values_and_gradients() {
+        for act in [Activation::Identity, Activation::Gelu] {
+            for (i, &(r, k, n)) in SHAPES.iter().enumerate() {
+                let s = i as u64;
+                let inp = vec![
+                    rand(&[r, k], 2.0, s),
+                    rand(&[n, k], 0.5, s + 1),
+                    rand(&[n], 0.5, s + 2),
+                ];
+                let c = cotangent(&[r, n], s);
+                let (yf, gf) = value_and_grads(fused(act), &inp, &c);
+                let (yc, gc) = value_and_grads(composed(act), &inp, &c);
+                let inp64: Vec<Tensor> = inp
+                    .iter()
+                    .map(|t| t.to_dtype(candle_core::DType::F64).unwrap())
+                    .collect();
+                let (y64, g64) = value_and_grads(composed(act), &inp64, &c);
+                assert!(max_rel_diff(&yf, &yc) < 1e-5, "{act:?} {r}x{k}x{n} forward");
+                assert!(
+                    max_rel_diff(&yf, &y64) < 1e-5,
+                    "{act:?} {r}x{k}x{n} forward f64"
+                );
+                for j in 0..3 {
+                    // dW and db sum over up to 2500 rows: compare relative to their scale.
+                    let tol = 1e-4 * (1.0 + r as f64).sqrt();
+                    assert!(
+                        max_rel_diff(&gf[j], &gc[j]) < tol,
+                        "{act:?} {r}x{k}x{n} grad {j}"
+                    );
+                    assert!(
+                        max_rel_diff(&gf[j], &g64[j]) < tol,
+                        "{act:?} {r}x{k}x{n} grad {j} f64"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gradients_match_central_differences() {
+        for act in [Activation::Identity, Activation::Gelu] {
+            for (r, k, n) in [(1, 1, 1), (3, 4, 2), (5, 2, 3)] {
+                let inp = vec![
+                    rand(&[r, k], 1.5, 3),
+                    rand(&[n, k], 1.0, 4),
+                    rand(&[n], 1.0, 5),
+                ];
+                let c = cotangent(&[r, n], 6);
+                let (_, analytic) = value_and_grads(fused(act), &inp, &c);
+                let numeric = finite_diff(composed(act), &inp, &c);
+                for j in 0..3 {
+                    let e = max_rel_diff(&analytic[j], &numeric[j]);
+                    assert!(e < 1e-4, "{act:?} {r}x{k}x{n} input {j}: {e}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn backward_chunks_cover_rows_once() {
+        for rows in [0, 1, 255, 256, 257, 2048, 2049, 100_000] {
+            let c = super::bwd_chunks(rows);
+            assert!(c.len() <= super::MAX_BWD_CHUNKS);
+            let mut next = 0;
+            for (a, b) in c {
+                assert_eq!(a, next);
+                assert!(b > a);
+                next = b;
+            }
+            assert_eq!(next, rows);
+        }
+    }
+
+    #[test]
+    fn mismatched_shapes_are_an_error() {
+        let x = rand(&[2, 3], 1.0, 1);
+        assert!(super::linear(
+            &x,
+            &rand(&[4, 5], 1.0, 2),
+            &rand(&[4], 1.0, 3),
+            Activation::Identity
+        )
+        .is_err());
+        assert!(super::linear(
+            &x,
+            &rand(&[4, 3], 1.0, 2),
+            &rand(&[5], 1.0, 3),
+            Activation::Identity
+        )
+        .is_err());
+    }
+}
