@@ -18,7 +18,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::gemm::{sgemm, MatRef};
-use super::{f32_slice, with_f32};
+use super::{dot, exp, f32_slice, sum, with_f32};
 
 /// Scaled dot-product self-attention of `heads` heads over a CPU f32 `qkv` (B, T, 3·D)
 /// laid out as timm's fused projection (q, k, v blocks of D, each split into heads).
@@ -167,9 +167,9 @@ impl CustomOp1 for Attention {
                     }
                     // dS = P ⊙ (dP − rowsum(P ⊙ dP)), scaled.
                     for (pr, dr) in p.chunks_exact(t).zip(ds.chunks_exact_mut(t)) {
-                        let dot: f32 = pr.iter().zip(dr.iter()).map(|(p, d)| p * d).sum();
+                        let pd = dot(pr, dr);
                         for (dv, &pv) in dr.iter_mut().zip(pr) {
-                            *dv = pv * (*dv - dot) * scale;
+                            *dv = pv * (*dv - pd) * scale;
                         }
                     }
                     let dsm = MatRef::new(ds.as_ptr(), t as isize, 1);
@@ -189,12 +189,10 @@ impl CustomOp1 for Attention {
 fn softmax_rows(p: &mut [f32], t: usize) {
     for row in p.chunks_exact_mut(t) {
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
         for x in row.iter_mut() {
-            *x = (*x - max).exp();
-            sum += *x;
+            *x = exp(*x - max);
         }
-        let inv = 1.0 / sum;
+        let inv = 1.0 / sum(row);
         row.iter_mut().for_each(|x| *x *= inv);
     }
 }

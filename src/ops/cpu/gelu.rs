@@ -59,7 +59,7 @@ fn erf(x: f32) -> f32 {
 /// d/dx [x·Φ(x)] = Φ(x) + x·φ(x), φ(x) = exp(−x²/2)/√(2π).
 #[inline]
 pub(super) fn derivative(x: f32) -> f32 {
-    cdf(x) + x * INV_SQRT_2PI * (-0.5 * x * x).exp()
+    cdf(x) + x * INV_SQRT_2PI * super::exp(-0.5 * x * x)
 }
 
 impl CustomOp1 for Gelu {

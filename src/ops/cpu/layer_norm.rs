@@ -4,7 +4,9 @@
 
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::{f32_slice, for_row_blocks, map_row_blocks, rows_per_block, with_f32};
+use super::{
+    dot, f32_slice, for_row_blocks, lane_sum, map_row_blocks, rows_per_block, sum, with_f32,
+};
 
 /// `layer_norm(x, weight, bias)` for CPU f32 tensors; weight and bias have shape (D,) with
 /// D the last dimension of x.
@@ -24,8 +26,8 @@ struct LayerNorm {
 #[inline]
 fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
     let n = x.len() as f32;
-    let mean = x.iter().sum::<f32>() / n;
-    let var = x.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    let mean = sum(x) / n;
+    let var = lane_sum(x.len(), |i| (x[i] - mean) * (x[i] - mean)) / n;
     (mean, 1.0 / (var + eps).sqrt())
 }
 
@@ -98,16 +100,14 @@ impl CustomOp3 for LayerNorm {
                     let xr = &x[(row0 + i) * d..][..d];
                     let gr = &g[(row0 + i) * d..][..d];
                     let (mean, r) = row_stats(xr, eps);
-                    let (mut sum_h, mut sum_hx) = (0f32, 0f32);
                     for j in 0..d {
                         let xh = (xr[j] - mean) * r;
                         xhat[j] = xh;
-                        let h = gr[j] * w[j];
-                        sum_h += h;
-                        sum_hx += h * xh;
                         pw[j] += gr[j] * xh;
                         pb[j] += gr[j];
                     }
+                    let sum_h = dot(gr, w);
+                    let sum_hx = lane_sum(d, |j| gr[j] * w[j] * xhat[j]);
                     let (mean_h, mean_hx) = (sum_h / d as f32, sum_hx / d as f32);
                     for j in 0..d {
                         dxr[j] = r * (gr[j] * w[j] - mean_h - xhat[j] * mean_hx);

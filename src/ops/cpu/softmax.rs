@@ -4,7 +4,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
-use super::{f32_slice, for_row_blocks, with_f32};
+use super::{dot, exp, f32_slice, for_row_blocks, sum, with_f32};
 
 /// Softmax over the last dimension of a CPU f32 tensor.
 pub(crate) fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
@@ -27,12 +27,10 @@ impl CustomOp1 for Softmax {
                 for (i, yr) in block.chunks_exact_mut(d).enumerate() {
                     let xr = &x[(row0 + i) * d..][..d];
                     let max = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut sum = 0f32;
                     for (y, &x) in yr.iter_mut().zip(xr) {
-                        *y = (x - max).exp();
-                        sum += *y;
+                        *y = exp(x - max);
                     }
-                    let inv = 1.0 / sum;
+                    let inv = 1.0 / sum(yr);
                     yr.iter_mut().for_each(|y| *y *= inv);
                 }
             });
@@ -51,9 +49,9 @@ impl CustomOp1 for Softmax {
                     for (i, dxr) in block.chunks_exact_mut(d).enumerate() {
                         let yr = &y[(row0 + i) * d..][..d];
                         let gr = &g[(row0 + i) * d..][..d];
-                        let dot: f32 = yr.iter().zip(gr).map(|(y, g)| y * g).sum();
+                        let yg = dot(yr, gr);
                         for j in 0..d {
-                            dxr[j] = yr[j] * (gr[j] - dot);
+                            dxr[j] = yr[j] * (gr[j] - yg);
                         }
                     }
                 });
