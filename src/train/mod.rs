@@ -10,7 +10,7 @@ mod report;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
@@ -19,7 +19,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::config::{Preprocess, ViTConfig};
 use crate::data::{self, AugmentConfig, DataLoader, Dataset, LoaderConfig, Split, ValSize};
-use crate::model::init_params;
+use crate::model::{init_params, Rng};
 use crate::weights::{self, Checkpoint, PosResample, SaveMeta};
 use crate::{ops, Error, Result, VisionTransformer};
 
@@ -203,6 +203,53 @@ impl Trainable {
             .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
             .collect()
     }
+
+    /// An AdamW optimizer over all parameters, in `param_shapes` order.
+    pub fn adamw(&self, cfg: AdamWConfig) -> AdamW {
+        AdamW::new(self.params.clone(), cfg)
+    }
+}
+
+/// What [`forward_backward`] did with one micro-batch.
+pub struct MicroStep {
+    /// (B, classes), for accuracy.
+    pub logits: Tensor,
+    /// The label-smoothed cross-entropy; not finite means backward was skipped.
+    pub loss: f64,
+    /// Wall time of the forward pass and the loss.
+    pub forward: Duration,
+    /// Wall time of backward and of adding the gradients into the optimizer.
+    pub backward: Duration,
+}
+
+/// One micro-batch of training, up to the optimizer step: forward in training mode
+/// (dropout and drop-path drawn from `rng`), label-smoothed cross-entropy, backward of
+/// loss / `accum_steps`, gradients added into `opt` (then [`AdamW::step`] clips and
+/// updates). A loss that is not finite is returned before backward, nothing accumulated.
+pub fn forward_backward(
+    net: &Trainable,
+    opt: &mut AdamW,
+    x: &Tensor,
+    y: &Tensor,
+    label_smoothing: f64,
+    accum_steps: usize,
+    rng: &mut Rng,
+) -> Result<MicroStep> {
+    let start = Instant::now();
+    let logits = net.model.forward_t(x, rng)?;
+    let loss = ops::cross_entropy(&logits, y, label_smoothing)?;
+    let loss_value = loss.to_scalar::<f32>()? as f64;
+    let forward = start.elapsed();
+    if loss_value.is_finite() {
+        let grads = (loss / accum_steps as f64)?.backward()?;
+        opt.accumulate(&grads)?;
+    }
+    Ok(MicroStep {
+        logits,
+        loss: loss_value,
+        forward,
+        backward: start.elapsed() - forward,
+    })
 }
 
 /// Fresh or `init` weights for a new run.
@@ -312,15 +359,12 @@ pub fn train(
         }
     };
     let net = Trainable::new(&cfg, &tensors, &dev)?;
-    let mut opt = AdamW::new(
-        net.params.clone(),
-        AdamWConfig {
-            beta1: recipe.beta1,
-            beta2: recipe.beta2,
-            eps: recipe.eps,
-            weight_decay: recipe.weight_decay,
-        },
-    );
+    let mut opt = net.adamw(AdamWConfig {
+        beta1: recipe.beta1,
+        beta2: recipe.beta2,
+        eps: recipe.eps,
+        weight_decay: recipe.weight_decay,
+    });
     if let Some(state) = &opt_state {
         opt.load_state(state)?;
     }
@@ -393,9 +437,19 @@ pub fn train(
             let n = batch.labels.len();
             let y = Tensor::from_vec(batch.labels, n, &dev)?;
             let mut rng = step_rng(recipe.seed, pos.step, micro_idx);
-            let logits = net.model.forward_t(&x, &mut Some(&mut rng))?;
-            let loss = ops::cross_entropy(&logits, &y, recipe.label_smoothing)?;
-            let loss_value = loss.to_scalar::<f32>()? as f64;
+            let MicroStep {
+                logits,
+                loss: loss_value,
+                ..
+            } = forward_backward(
+                &net,
+                &mut opt,
+                &x,
+                &y,
+                recipe.label_smoothing,
+                recipe.accum_steps,
+                &mut Some(&mut rng),
+            )?;
             if !loss_value.is_finite() {
                 return Err(Error::Numeric(format!(
                     "loss became {loss_value} at epoch {} step {}; stopped. The last good \
@@ -405,8 +459,6 @@ pub fn train(
                     out.join(LAST).display()
                 )));
             }
-            let grads = (loss / recipe.accum_steps as f64)?.backward()?;
-            opt.accumulate(&grads)?;
             pos.loss_sum += loss_value * n as f64;
             pos.correct += eval::count_correct(&logits, &y)?;
             pos.seen += n as u64;
