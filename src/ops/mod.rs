@@ -11,6 +11,12 @@ use crate::Result;
 
 mod cpu;
 
+/// The matrix-multiply provider of the fused CPU kernels and the instruction set it uses on
+/// this machine, e.g. "gemm (pure Rust, AVX-512)" (for benchmark reports).
+pub fn matmul_provider() -> &'static str {
+    cpu::matmul_provider()
+}
+
 /// LayerNorm over the last dimension: (x − mean) / sqrt(var + eps) · weight + bias.
 /// Fused kernel on the CPU in f32 (`ops::cpu`), composed candle ops elsewhere.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {

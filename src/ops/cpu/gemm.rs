@@ -1,7 +1,8 @@
 //! The matrix-multiply provider of the fused kernels: one entry point, [`sgemm`], over
 //! strided f32 views. It is backed by the pure-Rust `gemm` crate (the one candle uses, with
 //! its AVX-512 path picked at run time), called single-threaded: the kernels parallelise
-//! across independent products themselves, so threads never nest.
+//! across independent products themselves, so threads never nest. [`provider`] names it
+//! for benchmark reports.
 
 /// A read-only strided view of an f32 matrix: element (i, j) is at `ptr + i·rs + j·cs`.
 #[derive(Clone, Copy, Debug)]
@@ -84,6 +85,22 @@ pub(crate) unsafe fn sgemm(
         false,
         gemm::Parallelism::None,
     );
+}
+
+/// The provider as benchmark reports name it, with the kernel family `gemm` picks on this
+/// CPU at run time: AVX-512 (compiled in through the `x86-v4` feature in Cargo.toml) where
+/// the CPU has avx512f, else AVX2/FMA where it has fma, else portable code.
+pub(crate) fn provider() -> &'static str {
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return "gemm (pure Rust, AVX-512)";
+        }
+        if std::arch::is_x86_feature_detected!("fma") {
+            return "gemm (pure Rust, AVX2/FMA)";
+        }
+    }
+    "gemm (pure Rust)"
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ mod softmax;
 
 pub(crate) use attention::attention;
 pub(crate) use gelu::gelu;
+pub(crate) use gemm::provider as matmul_provider;
 pub(crate) use layer_norm::layer_norm;
 pub(crate) use linear::{linear, Activation};
 pub(crate) use softmax::softmax_last_dim;
