@@ -2,10 +2,11 @@
 //!
 //! Layers, bottom up: [`ops`] (differentiable kernels), [`model`] (the network, configured
 //! by [`config`]), [`weights`] (checkpoints), [`data`] (datasets), [`predict`] (inference on
-//! image files), [`viz`] (pictures), [`explain`] (what the model sees). The `vit` binary
-//! only parses arguments and prints.
+//! image files), [`viz`] (pictures), [`explain`] (what the model sees), [`bench`] (timing).
+//! The `vit` binary only parses arguments and prints.
 
 pub mod atomic;
+pub mod bench;
 pub mod config;
 pub mod data;
 pub mod error;

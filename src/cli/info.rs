@@ -75,7 +75,7 @@ fn print_detail(name: &str, c: &ViTConfig) -> anyhow::Result<()> {
 }
 
 /// 5717416 → "5,717,416".
-fn thousands(n: usize) -> String {
+pub(super) fn thousands(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, ch) in s.chars().enumerate() {

@@ -1,6 +1,7 @@
 //! Argument definitions (clap) and dispatch to one module per subcommand.
 
 mod attention;
+mod bench;
 mod convert;
 mod eval;
 mod info;
@@ -40,6 +41,8 @@ enum Command {
     Attention(attention::AttentionArgs),
     /// Draw the similarity of a checkpoint's position embeddings (ViT paper, figure 7).
     PosEmbed(pos_embed::PosEmbedArgs),
+    /// Time a fixed workload (a training step or ViT-B/16 inference); see BENCHMARKS.md.
+    Bench(bench::BenchArgs),
 }
 
 /// Runs the parsed command.
@@ -53,6 +56,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Patches(a) => patches::run(a),
         Command::Attention(a) => attention::run(a),
         Command::PosEmbed(a) => pos_embed::run(a),
+        Command::Bench(a) => bench::run(a),
     }
 }
 

@@ -1,0 +1,410 @@
+//! `vit bench`: times two fixed workloads, the ones `bench/compare.sh` also runs in PyTorch.
+//! `train-fm` is one full training step as `train` takes it (forward, label-smoothed
+//! cross-entropy, backward, clipping, AdamW); `infer-b16` is a ViT-B/16 forward pass.
+//! Reports the median throughput over timed iterations, peak memory, threads and the
+//! matmul provider.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+
+use crate::config::ViTConfig;
+use crate::model::{init_model, init_params};
+use crate::train::{forward_backward, AdamW, AdamWConfig, Trainable};
+use crate::{Error, Result, VisionTransformer};
+
+/// The training step's hyper-parameters: the default recipe's peak learning rate, AdamW settings,
+/// label smoothing and clipping. `bench/torch_bench.py` uses the same.
+const LR: f64 = 2e-3;
+const ADAMW: AdamWConfig = AdamWConfig {
+    beta1: 0.9,
+    beta2: 0.999,
+    eps: 1e-8,
+    weight_decay: 0.05,
+};
+const LABEL_SMOOTHING: f64 = 0.1;
+const CLIP: f64 = 1.0;
+
+/// What is timed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workload {
+    /// One AdamW training step on 128 random 1×28×28 images: image 28, patch 4, 10
+    /// classes, width 192, depth 12, 3 heads, MLP 768 (DeiT-Ti widths).
+    TrainFm,
+    /// `vit_base_patch16_224` forward on 8 random 3×224×224 images, no gradient.
+    InferB16,
+}
+
+impl Workload {
+    pub const ALL: [Workload; 2] = [Workload::TrainFm, Workload::InferB16];
+
+    /// The name on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::TrainFm => "train-fm",
+            Workload::InferB16 => "infer-b16",
+        }
+    }
+
+    /// The architecture.
+    pub fn config(self) -> ViTConfig {
+        match self {
+            Workload::TrainFm => ViTConfig {
+                in_channels: 1,
+                num_classes: 10,
+                ..ViTConfig::timm(28, 4, 192, 12, 3)
+            },
+            Workload::InferB16 => {
+                ViTConfig::preset("vit_base_patch16_224").expect("a built-in preset")
+            }
+        }
+    }
+
+    /// Images per iteration.
+    pub fn batch(self) -> usize {
+        match self {
+            Workload::TrainFm => 128,
+            Workload::InferB16 => 8,
+        }
+    }
+
+    /// What one iteration does, in words.
+    pub fn description(self) -> String {
+        let c = self.config();
+        let what = match self {
+            Workload::TrainFm => "one AdamW training step",
+            Workload::InferB16 => "vit_base_patch16_224 forward, no gradient",
+        };
+        format!(
+            "{what}: batch {} of {}x{}x{}, width {}, depth {}, {} heads, MLP {}",
+            self.batch(),
+            c.in_channels,
+            c.image_size[0],
+            c.image_size[1],
+            c.embed_dim,
+            c.depth,
+            c.num_heads,
+            c.mlp_hidden_dim()
+        )
+    }
+
+    /// The phases [`BenchReport::phases`] lists, in order.
+    pub fn phases(self) -> &'static [&'static str] {
+        match self {
+            Workload::TrainFm => &["forward + loss", "backward", "optimizer (clip + AdamW)"],
+            Workload::InferB16 => &["forward"],
+        }
+    }
+}
+
+impl FromStr for Workload {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Workload::ALL
+            .into_iter()
+            .find(|w| w.name() == s)
+            .ok_or_else(|| Error::Unknown {
+                kind: "workload",
+                name: s.into(),
+                hint: " (known: train-fm, infer-b16)".into(),
+            })
+    }
+}
+
+/// How to run a benchmark.
+#[derive(Debug, Clone, Copy)]
+pub struct BenchOptions {
+    pub workload: Workload,
+    /// Timed iterations; at least 1.
+    pub iters: usize,
+    /// Untimed iterations before them (caches, allocator, thread pool).
+    pub warmup: usize,
+    /// Also report the median time of each phase.
+    pub profile: bool,
+}
+
+/// Median, minimum and maximum of a series.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Stats {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Stats {
+    /// `None` for an empty series. The median of an even count is the mean of the two
+    /// middle values.
+    pub fn of(xs: &[f64]) -> Option<Stats> {
+        let mut v = xs.to_vec();
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        let median = match n {
+            0 => return None,
+            _ if n % 2 == 1 => v[n / 2],
+            _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        };
+        Some(Stats {
+            median,
+            min: v[0],
+            max: v[n - 1],
+        })
+    }
+}
+
+/// The median time of one phase of an iteration.
+#[derive(Debug, Clone, Serialize)]
+pub struct PhaseTime {
+    pub name: &'static str,
+    pub median_ms: f64,
+}
+
+/// The result of a benchmark; serialised as the JSON `vit bench --format json` prints.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub workload: &'static str,
+    pub description: String,
+    /// Images per iteration.
+    pub batch: usize,
+    pub params: usize,
+    pub iters: usize,
+    pub warmup: usize,
+    /// Per timed iteration: batch / wall time.
+    pub images_per_second: Stats,
+    /// Per timed iteration: wall time in milliseconds.
+    pub step_ms: Stats,
+    /// Every timed iteration's wall time in milliseconds, in order.
+    pub iteration_ms: Vec<f64>,
+    /// Peak resident memory of the process (VmHWM); `None` where it cannot be read.
+    pub peak_rss_bytes: Option<u64>,
+    /// candle's (and rayon's) thread count.
+    pub threads: usize,
+    /// The matrix-multiply provider and the instruction set it uses here.
+    pub provider: &'static str,
+    /// With `profile`: each phase's median, in [`Workload::phases`] order.
+    pub phases: Option<Vec<PhaseTime>>,
+}
+
+/// Builds the workload's model and random batch, runs `warmup` then `iters` iterations
+/// and measures each.
+pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
+    if opts.iters == 0 {
+        return Err(Error::Invalid(
+            "bench needs at least 1 timed iteration (--iters)".into(),
+        ));
+    }
+    let w = opts.workload;
+    let mut runner = Runner::new(w, &Device::Cpu)?;
+    for _ in 0..opts.warmup {
+        runner.iteration()?;
+    }
+    let mut step_ms = Vec::with_capacity(opts.iters);
+    let mut phase_ms = vec![Vec::with_capacity(opts.iters); w.phases().len()];
+    for _ in 0..opts.iters {
+        let start = Instant::now();
+        let phases = runner.iteration()?;
+        step_ms.push(ms(start.elapsed()));
+        for (series, t) in phase_ms.iter_mut().zip(phases) {
+            series.push(ms(t));
+        }
+    }
+    let batch = w.batch() as f64;
+    let ips: Vec<f64> = step_ms.iter().map(|t| batch * 1e3 / t).collect();
+    let phases: Option<Vec<PhaseTime>> = opts.profile.then(|| {
+        w.phases()
+            .iter()
+            .zip(&phase_ms)
+            .map(|(&name, series)| PhaseTime {
+                name,
+                median_ms: Stats::of(series).map_or(0.0, |s| s.median),
+            })
+            .collect()
+    });
+    Ok(BenchReport {
+        workload: w.name(),
+        description: w.description(),
+        batch: w.batch(),
+        params: w.config().num_params(),
+        iters: opts.iters,
+        warmup: opts.warmup,
+        images_per_second: Stats::of(&ips).expect("iters >= 1"),
+        step_ms: Stats::of(&step_ms).expect("iters >= 1"),
+        iteration_ms: step_ms,
+        peak_rss_bytes: peak_rss_bytes(),
+        threads: candle_core::utils::get_num_threads(),
+        provider: crate::ops::matmul_provider(),
+        phases,
+    })
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// A workload ready to run: model (with optimizer) and one fixed random batch.
+enum Runner {
+    Train {
+        net: Trainable,
+        opt: AdamW,
+        x: Tensor,
+        y: Tensor,
+    },
+    Infer {
+        model: VisionTransformer,
+        x: Tensor,
+    },
+}
+
+impl Runner {
+    fn new(w: Workload, dev: &Device) -> Result<Self> {
+        let cfg = w.config();
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let b = w.batch();
+        let shape = (b, cfg.in_channels, cfg.image_size[0], cfg.image_size[1]);
+        let n = b * cfg.in_channels * cfg.image_size[0] * cfg.image_size[1];
+        let pixels: Vec<f32> = (0..n).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect();
+        let x = Tensor::from_vec(pixels, shape, dev)?; // (B, C, H, W) in [-1, 1)
+        Ok(match w {
+            Workload::TrainFm => {
+                let labels: Vec<u32> = (0..b)
+                    .map(|_| rng.random_range(0..cfg.num_classes as u32))
+                    .collect();
+                let params: HashMap<String, Tensor> =
+                    init_params(&cfg, 0, dev)?.into_iter().collect();
+                let net = Trainable::new(&cfg, &params, dev)?;
+                let opt = net.adamw(ADAMW);
+                Runner::Train {
+                    net,
+                    opt,
+                    x,
+                    y: Tensor::from_vec(labels, b, dev)?,
+                }
+            }
+            Workload::InferB16 => Runner::Infer {
+                // Plain tensors, not `Var`s: candle records no graph.
+                model: init_model(&cfg, 0, dev)?,
+                x,
+            },
+        })
+    }
+
+    /// One iteration; returns the wall time of each of the workload's phases.
+    fn iteration(&mut self) -> Result<Vec<Duration>> {
+        match self {
+            Runner::Train { net, opt, x, y } => {
+                // The same calls as one step of `train::train` with accum_steps = 1.
+                let m = forward_backward(net, opt, x, y, LABEL_SMOOTHING, 1, &mut None)?;
+                if !m.loss.is_finite() {
+                    return Err(Error::Numeric(format!("bench: loss became {}", m.loss)));
+                }
+                let start = Instant::now();
+                opt.step(LR, Some(CLIP))?;
+                Ok(vec![m.forward, m.backward, start.elapsed()])
+            }
+            Runner::Infer { model, x } => {
+                let start = Instant::now();
+                model.forward(x)?;
+                Ok(vec![start.elapsed()])
+            }
+        }
+    }
+}
+
+/// Peak resident memory of this process in bytes (Linux: VmHWM); `None` elsewhere.
+pub fn peak_rss_bytes() -> Option<u64> {
+    if cfg!(target_os = "linux") {
+        parse_vm_hwm(&std::fs::read_to_string("/proc/self/status").ok()?)
+    } else {
+        None
+    }
+}
+
+/// The `VmHWM:   1234 kB` line of a `/proc/<pid>/status` text, in bytes.
+pub fn parse_vm_hwm(status: &str) -> Option<u64> {
+    let rest = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?;
+    let mut words = rest.split_whitespace();
+    let value: u64 = words.next()?.parse().ok()?;
+    match words.next()? {
+        "kB" => value.checked_mul(1024),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_take_the_middle_of_odd_and_even_series() {
+        let s = Stats::of(&[5.0, 1.0, 3.0]).unwrap();
+        assert_eq!(
+            s,
+            Stats {
+                median: 3.0,
+                min: 1.0,
+                max: 5.0
+            }
+        );
+        let s = Stats::of(&[4.0, 1.0, 2.0, 10.0]).unwrap();
+        assert_eq!((s.median, s.min, s.max), (3.0, 1.0, 10.0));
+        assert_eq!(Stats::of(&[7.5]).unwrap().median, 7.5);
+        assert_eq!(Stats::of(&[]), None);
+    }
+
+    #[test]
+    fn vm_hwm_is_read_in_bytes() {
+        let status = "Name:\tvit\nVmPeak:\t  900 kB\nVmHWM:\t  123456 kB\nVmRSS:\t 1000 kB\n";
+        assert_eq!(parse_vm_hwm(status), Some(123_456 * 1024));
+        assert_eq!(parse_vm_hwm("Name:\tvit\n"), None);
+        assert_eq!(parse_vm_hwm("VmHWM:\tlots kB\n"), None);
+        assert_eq!(parse_vm_hwm("VmHWM:\t12 MB\n"), None);
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn this_process_has_a_peak_rss() {
+        assert!(peak_rss_bytes().unwrap() > 0);
+    }
+
+    #[test]
+    fn workloads_parse_by_name_and_match_the_issue() {
+        for w in Workload::ALL {
+            assert_eq!(w.name().parse::<Workload>().unwrap(), w);
+        }
+        let e = "train".parse::<Workload>().unwrap_err().to_string();
+        assert!(
+            e.contains("unknown workload 'train'") && e.contains("infer-b16"),
+            "{e}"
+        );
+
+        let c = Workload::TrainFm.config();
+        assert_eq!(
+            (c.image_size, c.patch_size, c.in_channels),
+            ([28, 28], 4, 1)
+        );
+        assert_eq!((c.embed_dim, c.depth, c.num_heads), (192, 12, 3));
+        assert_eq!(
+            (c.mlp_hidden_dim(), c.num_classes, c.num_tokens()),
+            (768, 10, 50)
+        );
+        assert!(c.qkv_bias && c.pool == crate::config::Pool::Cls);
+        assert_eq!(Workload::InferB16.config().num_params(), 86_567_656);
+    }
+
+    #[test]
+    fn zero_iterations_is_an_error() {
+        let e = run(&BenchOptions {
+            workload: Workload::TrainFm,
+            iters: 0,
+            warmup: 0,
+            profile: false,
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("--iters"), "{e}");
+    }
+}

@@ -1,0 +1,78 @@
+//! `vit bench`: times a fixed workload and prints the report as text or one JSON object.
+
+use clap::Args;
+use vit::bench::{BenchOptions, BenchReport};
+
+use super::info::thousands;
+use super::predict::Format;
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// train-fm (one AdamW step, batch 128 of 28x28x1, width 192, depth 12) or infer-b16
+    /// (ViT-B/16 forward, batch 8 of 224x224x3).
+    #[arg(long)]
+    workload: String,
+    /// Timed iterations.
+    #[arg(long, default_value_t = 10)]
+    iters: usize,
+    /// Untimed iterations before the timed ones.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Also show the median time of each phase (forward, backward, optimizer).
+    #[arg(long)]
+    profile: bool,
+    /// Output format (json: one object, for bench/compare.sh).
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
+}
+
+pub fn run(a: BenchArgs) -> anyhow::Result<()> {
+    let r = vit::bench::run(&BenchOptions {
+        workload: a.workload.parse()?,
+        iters: a.iters,
+        warmup: a.warmup,
+        profile: a.profile,
+    })?;
+    match a.format {
+        Format::Json => println!("{}", serde_json::to_string(&r)?),
+        Format::Text => print_text(&r),
+    }
+    Ok(())
+}
+
+fn print_text(r: &BenchReport) {
+    println!("{}: {}", r.workload, r.description);
+    println!(
+        "  {} parameters; {} timed iterations after {} warm-up",
+        thousands(r.params),
+        r.iters,
+        r.warmup
+    );
+    let (ips, ms) = (r.images_per_second, r.step_ms);
+    println!(
+        "  images/s     {:>9.1}  (min {:.1}, max {:.1})",
+        ips.median, ips.min, ips.max
+    );
+    println!(
+        "  step         {:>9.1} ms  (min {:.1}, max {:.1})",
+        ms.median, ms.min, ms.max
+    );
+    let rss = r.peak_rss_bytes.map_or("n/a".to_string(), |b| {
+        format!("{:.0} MiB", b as f64 / (1 << 20) as f64)
+    });
+    println!("  peak memory  {rss:>9}");
+    println!("  threads      {:>9}", r.threads);
+    println!("  matmul       {}", r.provider);
+    if let Some(phases) = &r.phases {
+        let total: f64 = phases.iter().map(|p| p.median_ms).sum();
+        println!("\n  {:<26} {:>10} {:>7}", "phase", "median ms", "share");
+        for p in phases {
+            println!(
+                "  {:<26} {:>10.1} {:>6.1}%",
+                p.name,
+                p.median_ms,
+                100.0 * p.median_ms / total.max(1e-12)
+            );
+        }
+    }
+}
