@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# Side by side: `vit bench` against PyTorch + timm eager (and ONNX Runtime for inference), both
+# workloads, alternating the runtimes for ROUNDS rounds, THREADS (2) threads each. Prints a markdown
+# table (medians over rounds) on stdout; progress goes to stderr.
+#
+#   bash bench/compare.sh                 # from anywhere; works in the repository root
+#   ROUNDS=5 ITERS=20 bash bench/compare.sh
+#
+# Environment: ROUNDS (3), ITERS (10), WARMUP (2), THREADS (2), VENV (.venv; created and filled
+# with torch (CPU), timm, onnxruntime and onnx where they are not importable), TORCH_INDEX (the
+# CPU wheel index tried first for torch), WORKLOADS ("train-fm infer-b16").
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROUNDS=${ROUNDS:-3}
+ITERS=${ITERS:-10}
+WARMUP=${WARMUP:-2}
+THREADS=${THREADS:-2}
+VENV=${VENV:-.venv}
+TORCH_INDEX=${TORCH_INDEX:-https://download.pytorch.org/whl/cpu}
+WORKLOADS=${WORKLOADS:-train-fm infer-b16}
+PY="$VENV/bin/python"
+
+say() { echo "compare.sh: $*" >&2; }
+
+# (a) Python side.
+if [ ! -x "$PY" ]; then
+    say "creating $VENV"
+    python3 -m venv "$VENV"
+fi
+if ! "$PY" -c 'import torch, timm' 2>/dev/null; then
+    say "installing torch (CPU) and timm into $VENV"
+    "$PY" -m pip install --quiet --index-url "$TORCH_INDEX" torch ||
+        "$PY" -m pip install --quiet torch
+    "$PY" -m pip install --quiet timm
+fi
+if ! "$PY" -c 'import onnxruntime, onnx' 2>/dev/null; then
+    say "installing onnxruntime and onnx into $VENV"
+    "$PY" -m pip install --quiet onnxruntime onnx ||
+        say "warning: could not install onnxruntime/onnx; the ORT column will be empty"
+fi
+
+# (b) Our side.
+say "cargo build --release"
+cargo build --release --quiet
+VIT=./target/release/vit
+
+# (c) Alternate the runtimes, round by round.
+OUT=$(mktemp -d)
+trap 'rm -rf "$OUT"' EXIT
+for w in $WORKLOADS; do
+    for r in $(seq 1 "$ROUNDS"); do
+        say "$w round $r/$ROUNDS: vit"
+        # RAYON_NUM_THREADS sizes the pool our kernels and gemm run on. CANDLE_NUM_THREADS is
+        # left alone: unset, `vit` gives candle's separate elementwise pool no spinning
+        # workers (src/runtime.rs); set to $THREADS it would compete with ours for the cores.
+        RAYON_NUM_THREADS=$THREADS \
+            "$VIT" bench --workload "$w" --iters "$ITERS" --warmup "$WARMUP" --profile \
+            --format json >"$OUT/ours-$w-$r.json"
+        if [ "$w" = infer-b16 ]; then
+            say "$w round $r/$ROUNDS: pytorch, then onnxruntime"
+        else
+            say "$w round $r/$ROUNDS: pytorch"
+        fi
+        OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS \
+            "$PY" bench/torch_bench.py --workload "$w" --iters "$ITERS" --warmup "$WARMUP" \
+            --threads "$THREADS" >"$OUT/torch-$w-$r.json"
+    done
+done
+
+# (d) The table.
+CPU=$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ *//' || true)
+"$PY" - "$OUT" "$ROUNDS" "$ITERS" "$WARMUP" "$THREADS" "${CPU:-unknown}" "$(nproc)" $WORKLOADS <<'EOF'
+import datetime, json, statistics, sys
+
+out, rounds, iters, warmup, threads, cpu, cores, *workloads = sys.argv[1:]
+load = lambda p: json.load(open(f"{out}/{p}"))
+med = lambda xs: statistics.median(xs) if xs else None
+mib = lambda b: "n/a" if b is None else f"{b / 2**20:.0f} MiB"
+num = lambda x: "n/a" if x is None else f"{x:.1f}"
+
+rows, phase_rows, notes, provider, torch_provider, ort_provider = [], [], [], "", "", ""
+for w in workloads:
+    ours = [load(f"ours-{w}-{r}.json") for r in range(1, int(rounds) + 1)]
+    pt = [load(f"torch-{w}-{r}.json") for r in range(1, int(rounds) + 1)]
+    ort = [p["onnxruntime"] for p in pt if p.get("onnxruntime")]
+    notes += sorted({p["onnxruntime_skipped"] for p in pt if p.get("onnxruntime_skipped")})
+    provider, torch_provider = ours[0]["provider"], pt[0]["provider"]
+    ort_provider = ort[0]["provider"] if ort else ort_provider
+    o = med([x["images_per_second"]["median"] for x in ours])
+    t = med([x["images_per_second"]["median"] for x in pt])
+    x = med([x["images_per_second"]["median"] for x in ort]) if w == "infer-b16" else None
+    rss = lambda rs: med([r["peak_rss_bytes"] for r in rs if r.get("peak_rss_bytes") is not None])
+    rows.append(
+        f"| {w} | {num(o)} | {num(t)} | {num(x) if w == 'infer-b16' else '—'} | "
+        f"{o / t:.2f} | {mib(rss(ours))} | {mib(rss(pt))} |"
+    )
+    phase = lambda rs, i: med([r["phases"][i]["median_ms"] for r in rs if r.get("phases")])
+    for i, p in enumerate(ours[0].get("phases") or []):
+        phase_rows.append(f"| {w} | {p['name']} | {num(phase(ours, i))} | {num(phase(pt, i))} |")
+
+now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+print(f"{now}; CPU: {cpu}; {cores} cores; {threads} threads per runtime")
+print(f"ours: vit bench, matmul {provider}")
+print(f"PyTorch: {torch_provider}")
+if ort_provider:
+    print(f"ORT: {ort_provider}")
+print(f"median over {rounds} rounds of each run's median of {iters} iterations (after {warmup} warm-up)")
+print()
+print("| workload | ours img/s | PyTorch img/s | ORT img/s | ours/PyTorch | peak RSS ours | peak RSS PyTorch |")
+print("|---|---|---|---|---|---|---|")
+print("\n".join(rows))
+if phase_rows:
+    print()
+    print("| workload | phase | ours ms | PyTorch ms |")
+    print("|---|---|---|---|")
+    print("\n".join(phase_rows))
+for n in notes:
+    print(f"\nONNX Runtime skipped: {n}")
+EOF
