@@ -18,7 +18,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::gemm::{sgemm, MatRef};
-use super::{dot, exp, f32_slice, sum, with_f32};
+use super::{dot, exp, f32_slice, sum, with_f32, SendPtr};
 
 /// Scaled dot-product self-attention of `heads` heads over a CPU f32 `qkv` (B, T, 3·D)
 /// laid out as timm's fused projection (q, k, v blocks of D, each split into heads).
@@ -43,19 +43,6 @@ struct Attention {
     probs: Mutex<Option<Vec<f32>>>,
 }
 
-/// A raw pointer that may cross threads: each unit writes only its own columns.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    /// The pointer (a method, so closures capture the whole `Send` wrapper).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// Geometry of one forward or backward call.
 #[derive(Clone, Copy)]
 struct Dims {
@@ -71,6 +58,15 @@ impl Dims {
     fn part(&self, base: *const f32, b: usize, h: usize, which: usize) -> MatRef {
         let off = b * self.t * 3 * self.d + which * self.d + h * self.hd;
         MatRef::new(unsafe { base.add(off) }, 3 * self.d as isize, 1)
+    }
+
+    /// Head `h`'s (q, k, v) slices of batch item `b` (see [`part`](Self::part)).
+    fn qkv(&self, base: *const f32, b: usize, h: usize) -> (MatRef, MatRef, MatRef) {
+        (
+            self.part(base, b, h, 0),
+            self.part(base, b, h, 1),
+            self.part(base, b, h, 2),
+        )
     }
 }
 
@@ -101,11 +97,7 @@ impl CustomOp1 for Attention {
                 .for_each(|(unit, p)| {
                     let (bi, h) = (unit / dims.heads, unit % dims.heads);
                     let base = qkv_ptr as *const f32;
-                    let (q, k, v) = (
-                        dims.part(base, bi, h, 0),
-                        dims.part(base, bi, h, 1),
-                        dims.part(base, bi, h, 2),
-                    );
+                    let (q, k, v) = dims.qkv(base, bi, h);
                     let pm = MatRef::new(p.as_ptr(), t as isize, 1);
                     // S = scale · Q Kᵀ
                     unsafe { sgemm(t, t, dims.hd, p.as_mut_ptr(), t, 1, q, k.t(), scale, false) };
@@ -145,11 +137,7 @@ impl CustomOp1 for Attention {
                 |ds, (unit, p)| {
                     let (bi, h) = (unit / dims.heads, unit % dims.heads);
                     let base = qkv_ptr as *const f32;
-                    let (q, k, v) = (
-                        dims.part(base, bi, h, 0),
-                        dims.part(base, bi, h, 1),
-                        dims.part(base, bi, h, 2),
-                    );
+                    let (q, k, v) = dims.qkv(base, bi, h);
                     let go = MatRef::new(
                         unsafe { (g_ptr as *const f32).add(bi * t * d + h * dims.hd) },
                         d as isize,

@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use super::gelu;
 use super::gemm::{sgemm, MatRef};
-use super::{f32_slice, with_f32};
+use super::{f32_slice, with_f32, SendPtr};
 
 /// Rows per forward task: enough for an efficient gemm, small enough to stay in cache.
 const FWD_ROWS: usize = 128;
@@ -54,19 +54,6 @@ struct Linear {
     act: Activation,
     /// The pre-activation z (rows, out), kept for the GELU backward.
     pre: Mutex<Option<Vec<f32>>>,
-}
-
-/// A raw pointer that may cross threads: each task writes only its own rows.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    /// The pointer (a method, so closures capture the whole `Send` wrapper).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// Row ranges of the backward chunks for `rows` rows: a function of the shape only.

@@ -26,6 +26,21 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, DType, Layout, Result, Storage, Tensor};
 use rayon::prelude::*;
 
+/// A raw pointer to an output buffer that may cross threads: each parallel task writes only
+/// its own disjoint part of the buffer.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: tasks sharing a SendPtr write disjoint elements while the buffer outlives them.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// The pointer (a method, so closures capture the whole `Send` wrapper).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// Elements per parallel task: enough work to amortise rayon's scheduling (~µs).
 const BLOCK_ELEMS: usize = 1 << 14;
 
