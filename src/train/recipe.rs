@@ -70,7 +70,7 @@ impl Default for Recipe {
             preset: "vit_fmnist".into(),
             model: None,
             drop_path: None,
-            epochs: 14,
+            epochs: 16,
             batch_size: 64,
             accum_steps: 1,
             lr: 2e-3,
