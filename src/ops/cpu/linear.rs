@@ -44,6 +44,8 @@ pub(crate) fn linear(x: &Tensor, w: &Tensor, b: &Tensor, act: Activation) -> Res
     }
     let op = Linear {
         act,
+        // Only a pass that backward will see needs the pre-activation (inference skips it).
+        keep_pre: act == Activation::Gelu && (x.track_op() || w.track_op() || b.track_op()),
         pre: Mutex::new(None),
     };
     x.contiguous()?
@@ -52,6 +54,8 @@ pub(crate) fn linear(x: &Tensor, w: &Tensor, b: &Tensor, act: Activation) -> Res
 
 struct Linear {
     act: Activation,
+    /// Whether forward keeps the pre-activation (GELU with gradients tracked).
+    keep_pre: bool,
     /// The pre-activation z (rows, out), kept for the GELU backward.
     pre: Mutex<Option<Vec<f32>>>,
 }
@@ -87,13 +91,14 @@ impl CustomOp3 for Linear {
         let (rows, k) = xl.shape().dims2()?;
         let n = b.len();
         let mut y = vec![0f32; rows * n];
-        let mut pre = match self.act {
-            Activation::Gelu => vec![0f32; rows * n],
-            Activation::Identity => Vec::new(),
+        let mut pre = if self.keep_pre {
+            vec![0f32; rows * n]
+        } else {
+            Vec::new()
         };
         let wt = MatRef::new(w.as_ptr(), 1, k as isize); // Wᵀ (in, out)
         let pre_ptr = SendPtr(pre.as_mut_ptr());
-        let act = self.act;
+        let (act, keep_pre) = (self.act, self.keep_pre);
         if n > 0 {
             y.par_chunks_mut(FWD_ROWS * n)
                 .enumerate()
@@ -105,18 +110,20 @@ impl CustomOp3 for Linear {
                     }
                     let xb = MatRef::new(x[r0 * k..].as_ptr(), k as isize, 1);
                     unsafe { sgemm(m, n, k, yb.as_mut_ptr(), n, 1, xb, wt, 1.0, true) };
-                    if act == Activation::Gelu {
+                    if keep_pre {
                         let zb = unsafe {
                             std::slice::from_raw_parts_mut(pre_ptr.get().add(r0 * n), m * n)
                         };
                         zb.copy_from_slice(yb);
+                    }
+                    if act == Activation::Gelu {
                         for v in yb.iter_mut() {
                             *v *= gelu::cdf(*v);
                         }
                     }
                 });
         }
-        if self.act == Activation::Gelu {
+        if self.keep_pre {
             *self.pre.lock().expect("linear pre-activation lock") = Some(pre);
         }
         Ok((CpuStorage::F32(y), Shape::from((rows, n))))
@@ -282,6 +289,21 @@ mod tests {
                     assert!(e < 1e-4, "{act:?} {r}x{k}x{n} input {j}: {e}");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn untracked_forward_matches_composed() {
+        // Plain tensors (no gradient tracking): the pre-activation is not kept.
+        let inp = [
+            rand(&[130, 9], 2.0, 7),
+            rand(&[5, 9], 0.5, 8),
+            rand(&[5], 0.5, 9),
+        ];
+        for act in [Activation::Identity, Activation::Gelu] {
+            assert!(!inp[0].track_op());
+            let e = max_rel_diff(&fused(act)(&inp), &composed(act)(&inp));
+            assert!(e < 1e-5, "{act:?}: {e}");
         }
     }
 
