@@ -18,7 +18,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::gemm::{sgemm, MatRef};
-use super::{dot, exp, f32_slice, sum, with_f32, SendPtr};
+use super::{dot, exp, f32_slice, max, simd, sum, with_f32, SendPtr};
 
 /// Scaled dot-product self-attention of `heads` heads over a CPU f32 `qkv` (B, T, 3·D)
 /// laid out as timm's fused projection (q, k, v blocks of D, each split into heads).
@@ -101,7 +101,7 @@ impl CustomOp1 for Attention {
                     let pm = MatRef::new(p.as_ptr(), t as isize, 1);
                     // S = scale · Q Kᵀ
                     unsafe { sgemm(t, t, dims.hd, p.as_mut_ptr(), t, 1, q, k.t(), scale, false) };
-                    softmax_rows(p, t);
+                    simd!(softmax_rows(p, t));
                     // O = P V, into columns h·hd.. of the output rows.
                     let o = unsafe { out_ptr.get().add(bi * t * d + h * dims.hd) };
                     unsafe { sgemm(t, dims.hd, t, o, d, 1, pm, v, 1.0, false) };
@@ -153,13 +153,7 @@ impl CustomOp1 for Attention {
                         // dV = Pᵀ G
                         sgemm(t, dims.hd, t, dst(2), ld, 1, pm.t(), go, 1.0, false);
                     }
-                    // dS = P ⊙ (dP − rowsum(P ⊙ dP)), scaled.
-                    for (pr, dr) in p.chunks_exact(t).zip(ds.chunks_exact_mut(t)) {
-                        let pd = dot(pr, dr);
-                        for (dv, &pv) in dr.iter_mut().zip(pr) {
-                            *dv = pv * (*dv - pd) * scale;
-                        }
-                    }
+                    simd!(softmax_grad_rows(p, ds, t, scale));
                     let dsm = MatRef::new(ds.as_ptr(), t as isize, 1);
                     unsafe {
                         // dQ = dS K,  dK = dSᵀ Q
@@ -174,14 +168,27 @@ impl CustomOp1 for Attention {
 }
 
 /// Softmax of each row of a (rows, t) buffer, in place, max-subtracted.
+#[inline(always)]
 fn softmax_rows(p: &mut [f32], t: usize) {
     for row in p.chunks_exact_mut(t) {
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let row_max = max(row);
         for x in row.iter_mut() {
-            *x = exp(*x - max);
+            *x = exp(*x - row_max);
         }
         let inv = 1.0 / sum(row);
         row.iter_mut().for_each(|x| *x *= inv);
+    }
+}
+
+/// The softmax backward of each row, in place: dS = P ⊙ (dP − rowsum(P ⊙ dP)), scaled,
+/// for probabilities `p` and their gradient `ds` (= dP on entry), both (rows, t).
+#[inline(always)]
+fn softmax_grad_rows(p: &[f32], ds: &mut [f32], t: usize, scale: f32) {
+    for (pr, dr) in p.chunks_exact(t).zip(ds.chunks_exact_mut(t)) {
+        let pd = dot(pr, dr);
+        for (dv, &pv) in dr.iter_mut().zip(pr) {
+            *dv = pv * (*dv - pd) * scale;
+        }
     }
 }
 

@@ -19,7 +19,7 @@ pub(crate) fn gelu(x: &Tensor) -> Result<Tensor> {
 struct Gelu;
 
 /// Φ(x), the standard normal CDF.
-#[inline]
+#[inline(always)]
 pub(super) fn cdf(x: f32) -> f32 {
     0.5 * (1.0 + erf(x * FRAC_1_SQRT_2))
 }
@@ -57,7 +57,7 @@ fn erf(x: f32) -> f32 {
 }
 
 /// d/dx [x·Φ(x)] = Φ(x) + x·φ(x), φ(x) = exp(−x²/2)/√(2π).
-#[inline]
+#[inline(always)]
 pub(super) fn derivative(x: f32) -> f32 {
     cdf(x) + x * INV_SQRT_2PI * super::exp(-0.5 * x * x)
 }
@@ -71,11 +71,16 @@ impl CustomOp1 for Gelu {
         let x = f32_slice(s, l)?;
         let mut y = vec![0f32; x.len()];
         // Elementwise: treat the data as rows of one element each, in blocks.
-        for_row_blocks(&mut y, 1, |i0, block| {
-            for (y, &x) in block.iter_mut().zip(&x[i0..]) {
-                *y = x * cdf(x);
-            }
-        });
+        for_row_blocks(
+            &mut y,
+            1,
+            #[inline(always)]
+            |i0, block| {
+                for (y, &x) in block.iter_mut().zip(&x[i0..]) {
+                    *y = x * cdf(x);
+                }
+            },
+        );
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -83,11 +88,16 @@ impl CustomOp1 for Gelu {
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let dx = with_f32([x, g], |[x, g]| {
             let mut dx = vec![0f32; x.len()];
-            for_row_blocks(&mut dx, 1, |i0, block| {
-                for ((dx, &x), &g) in block.iter_mut().zip(&x[i0..]).zip(&g[i0..]) {
-                    *dx = g * derivative(x);
-                }
-            });
+            for_row_blocks(
+                &mut dx,
+                1,
+                #[inline(always)]
+                |i0, block| {
+                    for ((dx, &x), &g) in block.iter_mut().zip(&x[i0..]).zip(&g[i0..]) {
+                        *dx = g * derivative(x);
+                    }
+                },
+            );
             dx
         })?;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))

@@ -23,7 +23,7 @@ struct LayerNorm {
 
 /// Mean μ and r = 1/sqrt(σ² + ε) of one row, σ² the biased variance (as PyTorch). Two
 /// sweeps (mean, then the centred sum of squares) rather than Σx² − μ²: no cancellation.
-#[inline]
+#[inline(always)]
 fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
     let n = x.len() as f32;
     let mean = sum(x) / n;
@@ -56,15 +56,20 @@ impl CustomOp3 for LayerNorm {
         }
         let mut y = vec![0f32; x.len()];
         if d > 0 {
-            for_row_blocks(&mut y, d, |row0, block| {
-                for (i, yr) in block.chunks_exact_mut(d).enumerate() {
-                    let xr = &x[(row0 + i) * d..][..d];
-                    let (mean, r) = row_stats(xr, self.eps);
-                    for j in 0..d {
-                        yr[j] = (xr[j] - mean) * r * w[j] + b[j];
+            for_row_blocks(
+                &mut y,
+                d,
+                #[inline(always)]
+                |row0, block| {
+                    for (i, yr) in block.chunks_exact_mut(d).enumerate() {
+                        let xr = &x[(row0 + i) * d..][..d];
+                        let (mean, r) = row_stats(xr, self.eps);
+                        for j in 0..d {
+                            yr[j] = (xr[j] - mean) * r * w[j] + b[j];
+                        }
                     }
-                }
-            });
+                },
+            );
         }
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -93,28 +98,33 @@ impl CustomOp3 for LayerNorm {
                 return (dx, dw, db);
             }
             // Per block of rows: write dx, return that block's partial dw and db.
-            let partials = map_row_blocks(&mut dx, d, |row0, block| {
-                let (mut pw, mut pb) = (vec![0f32; d], vec![0f32; d]);
-                let mut xhat = vec![0f32; d];
-                for (i, dxr) in block.chunks_exact_mut(d).enumerate() {
-                    let xr = &x[(row0 + i) * d..][..d];
-                    let gr = &g[(row0 + i) * d..][..d];
-                    let (mean, r) = row_stats(xr, eps);
-                    for j in 0..d {
-                        let xh = (xr[j] - mean) * r;
-                        xhat[j] = xh;
-                        pw[j] += gr[j] * xh;
-                        pb[j] += gr[j];
+            let partials = map_row_blocks(
+                &mut dx,
+                d,
+                #[inline(always)]
+                |row0, block| {
+                    let (mut pw, mut pb) = (vec![0f32; d], vec![0f32; d]);
+                    let mut xhat = vec![0f32; d];
+                    for (i, dxr) in block.chunks_exact_mut(d).enumerate() {
+                        let xr = &x[(row0 + i) * d..][..d];
+                        let gr = &g[(row0 + i) * d..][..d];
+                        let (mean, r) = row_stats(xr, eps);
+                        for j in 0..d {
+                            let xh = (xr[j] - mean) * r;
+                            xhat[j] = xh;
+                            pw[j] += gr[j] * xh;
+                            pb[j] += gr[j];
+                        }
+                        let sum_h = dot(gr, w);
+                        let sum_hx = lane_sum(d, |j| gr[j] * w[j] * xhat[j]);
+                        let (mean_h, mean_hx) = (sum_h / d as f32, sum_hx / d as f32);
+                        for j in 0..d {
+                            dxr[j] = r * (gr[j] * w[j] - mean_h - xhat[j] * mean_hx);
+                        }
                     }
-                    let sum_h = dot(gr, w);
-                    let sum_hx = lane_sum(d, |j| gr[j] * w[j] * xhat[j]);
-                    let (mean_h, mean_hx) = (sum_h / d as f32, sum_hx / d as f32);
-                    for j in 0..d {
-                        dxr[j] = r * (gr[j] * w[j] - mean_h - xhat[j] * mean_hx);
-                    }
-                }
-                (pw, pb)
-            });
+                    (pw, pb)
+                },
+            );
             debug_assert_eq!(
                 partials.len(),
                 x.len().div_ceil(rows_per_block(d) * d).max(1)

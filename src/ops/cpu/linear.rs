@@ -7,6 +7,7 @@
 //! dW and db sum over rows: each fixed chunk of rows makes a partial sum, and the partials
 //! are added in chunk order, so results never depend on the number of threads.
 
+use std::borrow::Cow;
 use std::sync::Mutex;
 
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
@@ -14,7 +15,7 @@ use rayon::prelude::*;
 
 use super::gelu;
 use super::gemm::{sgemm, MatRef};
-use super::{f32_slice, with_f32, SendPtr};
+use super::{f32_slice, simd, with_f32, SendPtr};
 
 /// Rows per forward task: enough for an efficient gemm, small enough to stay in cache.
 const FWD_ROWS: usize = 128;
@@ -96,7 +97,6 @@ impl CustomOp3 for Linear {
         } else {
             Vec::new()
         };
-        let wt = MatRef::new(w.as_ptr(), 1, k as isize); // Wᵀ (in, out)
         let pre_ptr = SendPtr(pre.as_mut_ptr());
         let (act, keep_pre) = (self.act, self.keep_pre);
         if n > 0 {
@@ -104,23 +104,12 @@ impl CustomOp3 for Linear {
                 .enumerate()
                 .for_each(|(i, yb)| {
                     let r0 = i * FWD_ROWS;
-                    let m = yb.len() / n;
-                    for row in yb.chunks_exact_mut(n) {
-                        row.copy_from_slice(b);
-                    }
-                    let xb = MatRef::new(x[r0 * k..].as_ptr(), k as isize, 1);
-                    unsafe { sgemm(m, n, k, yb.as_mut_ptr(), n, 1, xb, wt, 1.0, true) };
-                    if keep_pre {
-                        let zb = unsafe {
-                            std::slice::from_raw_parts_mut(pre_ptr.get().add(r0 * n), m * n)
-                        };
-                        zb.copy_from_slice(yb);
-                    }
-                    if act == Activation::Gelu {
-                        for v in yb.iter_mut() {
-                            *v *= gelu::cdf(*v);
-                        }
-                    }
+                    let xb = &x[r0 * k..];
+                    // SAFETY: block i owns rows r0.. of the pre-activation buffer.
+                    let zb = keep_pre.then(|| unsafe {
+                        std::slice::from_raw_parts_mut(pre_ptr.get().add(r0 * n), yb.len())
+                    });
+                    simd!(fwd_block(xb, w, b, act, yb, zb));
                 });
         }
         if self.keep_pre {
@@ -155,34 +144,11 @@ impl CustomOp3 for Linear {
             chunks
                 .par_iter()
                 .map(|&(r0, r1)| {
-                    let m = r1 - r0;
-                    // Gz for these rows: G itself, or G ⊙ GELU'(z).
-                    let gz: std::borrow::Cow<[f32]> = match &pre {
-                        None => std::borrow::Cow::Borrowed(&g[r0 * n..r1 * n]),
-                        Some(z) => std::borrow::Cow::Owned(
-                            g[r0 * n..r1 * n]
-                                .iter()
-                                .zip(&z[r0 * n..r1 * n])
-                                .map(|(g, &z)| g * gelu::derivative(z))
-                                .collect(),
-                        ),
-                    };
-                    let mut db = vec![0f32; n];
-                    for row in gz.chunks_exact(n) {
-                        db.iter_mut().zip(row).for_each(|(d, g)| *d += g);
-                    }
-                    let gm = MatRef::new(gz.as_ptr(), n as isize, 1); // (m, out)
-                    let xm = MatRef::new(x[r0 * k..].as_ptr(), k as isize, 1); // (m, in)
-                    let wm = MatRef::new(w.as_ptr(), k as isize, 1); // (out, in)
-                    let mut dw = vec![0f32; n * k];
-                    unsafe {
-                        // dx rows = Gz W
-                        let dxb = dx_ptr.get().add(r0 * k);
-                        sgemm(m, k, n, dxb, k, 1, gm, wm, 1.0, false);
-                        // partial dW = Gzᵀ x
-                        sgemm(n, k, m, dw.as_mut_ptr(), k, 1, gm.t(), xm, 1.0, false);
-                    }
-                    (dw, db)
+                    let z = pre.as_deref().map(|z| &z[r0 * n..r1 * n]);
+                    // SAFETY: chunk (r0, r1) owns rows r0..r1 of dx.
+                    let dxb = unsafe { dx_ptr.get().add(r0 * k) };
+                    let (xb, gb) = (&x[r0 * k..r1 * k], &g[r0 * n..r1 * n]);
+                    simd!(bwd_chunk(xb, w, gb, z, (n, k), dxb))
                 })
                 .collect::<Vec<_>>()
         })?;
@@ -201,6 +167,76 @@ impl CustomOp3 for Linear {
             Some(Tensor::from_vec(db, n, dev)?),
         ))
     }
+}
+
+/// Forward of one block of m rows, x (m, in), W (out, in), b (out): y = act(x Wᵀ + b) into
+/// `yb` (m, out), keeping the pre-activation in `zb` when given.
+#[inline(always)]
+fn fwd_block(
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    act: Activation,
+    yb: &mut [f32],
+    zb: Option<&mut [f32]>,
+) {
+    let n = b.len();
+    let (m, k) = (yb.len() / n, w.len() / n);
+    for row in yb.chunks_exact_mut(n) {
+        row.copy_from_slice(b);
+    }
+    let xm = MatRef::new(x.as_ptr(), k as isize, 1); // (m, in)
+    let wt = MatRef::new(w.as_ptr(), 1, k as isize); // Wᵀ (in, out)
+                                                     // SAFETY: x has m rows of k, yb m rows of n, W n rows of k.
+    unsafe { sgemm(m, n, k, yb.as_mut_ptr(), n, 1, xm, wt, 1.0, true) };
+    if let Some(zb) = zb {
+        zb.copy_from_slice(yb);
+    }
+    if act == Activation::Gelu {
+        for v in yb.iter_mut() {
+            *v *= gelu::cdf(*v);
+        }
+    }
+}
+
+/// Backward of one chunk of m rows, x (m, in), G (m, out), with the pre-activation z (m, out)
+/// when the activation is GELU: writes dx = Gz W to the m rows of `dx` and returns this
+/// chunk's partial dW = Gzᵀ x and db = Σ_rows Gz.
+#[inline(always)]
+fn bwd_chunk(
+    x: &[f32],
+    w: &[f32],
+    g: &[f32],
+    z: Option<&[f32]>,
+    (n, k): (usize, usize),
+    dx: *mut f32,
+) -> (Vec<f32>, Vec<f32>) {
+    let m = g.len() / n;
+    // Gz: G itself, or G ⊙ GELU'(z).
+    let gz: Cow<[f32]> = match z {
+        None => Cow::Borrowed(g),
+        Some(z) => {
+            let mut gz = vec![0f32; g.len()];
+            for ((o, &g), &z) in gz.iter_mut().zip(g).zip(z) {
+                *o = g * gelu::derivative(z);
+            }
+            Cow::Owned(gz)
+        }
+    };
+    let mut db = vec![0f32; n];
+    for row in gz.chunks_exact(n) {
+        db.iter_mut().zip(row).for_each(|(d, g)| *d += g);
+    }
+    let gm = MatRef::new(gz.as_ptr(), n as isize, 1); // (m, out)
+    let xm = MatRef::new(x.as_ptr(), k as isize, 1); // (m, in)
+    let wm = MatRef::new(w.as_ptr(), k as isize, 1); // (out, in)
+    let mut dw = vec![0f32; n * k];
+    // SAFETY: the views match the slices' shapes; dx has m rows of k.
+    unsafe {
+        sgemm(m, k, n, dx, k, 1, gm, wm, 1.0, false); // dx = Gz W
+        sgemm(n, k, m, dw.as_mut_ptr(), k, 1, gm.t(), xm, 1.0, false); // dW = Gzᵀ x
+    }
+    (dw, db)
 }
 
 #[cfg(test)]

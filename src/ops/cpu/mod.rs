@@ -103,14 +103,33 @@ fn lane_sum(n: usize, f: impl Fn(usize) -> f32) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// max x (−∞ for an empty slice), with [`LANES`] interleaved partial maxima so it
+/// vectorises (a single running `f32::max` does not).
+#[inline(always)]
+pub(super) fn max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut blocks = x.chunks_exact(LANES);
+    for b in &mut blocks {
+        for (a, &v) in acc.iter_mut().zip(b) {
+            *a = a.max(v);
+        }
+    }
+    let tail = blocks
+        .remainder()
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    acc.iter().copied().fold(tail, f32::max)
+}
+
 /// Σ x.
-#[inline]
+#[inline(always)]
 pub(super) fn sum(x: &[f32]) -> f32 {
     lane_sum(x.len(), |i| x[i])
 }
 
 /// Σ a ⊙ b (over the shorter length).
-#[inline]
+#[inline(always)]
 pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
@@ -154,13 +173,93 @@ pub(super) fn exp(x: f32) -> f32 {
     }
 }
 
+/// Runs `f` compiled for the widest vector registers this CPU has (AVX-512, else AVX2,
+/// else the portable SSE2 build), chosen at run time. The kernels' loops are plain scalar
+/// Rust that the compiler vectorises; inlined into [`avx512`] or [`avx2`] they get 16 or 8
+/// lanes instead of SSE2's 4, with no build flag needed. Every version does the same
+/// operations in the same order (Rust never fuses a multiply and an add on its own, and
+/// row sums have fixed lanes), so results are identical bit for bit on every CPU (tested).
+#[inline(always)]
+pub(super) fn dispatch<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    match simd_level() {
+        // SAFETY: the CPU has every feature these functions enable (checked at run time).
+        SimdLevel::Avx512 => return unsafe { avx512(f) },
+        SimdLevel::Avx2 => return unsafe { avx2(f) },
+        SimdLevel::Baseline => {}
+    }
+    f()
+}
+
+/// `simd!(expr)`: evaluates `expr` (typically a call to an `#[inline(always)]` kernel)
+/// through [`dispatch`], so its loops are compiled for each instruction set.
+macro_rules! simd {
+    ($e:expr) => {
+        $crate::ops::cpu::dispatch(
+            #[inline(always)]
+            || $e,
+        )
+    };
+}
+pub(super) use simd;
+
+/// The vector instruction sets [`dispatch`] can compile for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SimdLevel {
+    Avx512,
+    Avx2,
+    Baseline,
+}
+
+/// The level [`dispatch`] uses on this CPU (`VIT_SIMD=baseline|avx2` lowers it, for comparison).
+pub(crate) fn simd_level() -> SimdLevel {
+    static LEVEL: std::sync::OnceLock<SimdLevel> = std::sync::OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        let cap = std::env::var("VIT_SIMD").ok();
+        let allow = |name: &str| match cap.as_deref() {
+            Some("baseline") => false,
+            Some("avx2") => name == "avx2",
+            _ => true,
+        };
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            let avx2 = has!("avx2") && has!("fma") && has!("bmi1") && has!("bmi2");
+            let avx512 = avx2 && has!("avx512f") && has!("avx512vl") && has!("avx512bw");
+            if avx512 && has!("avx512dq") && allow("avx512") {
+                return SimdLevel::Avx512;
+            }
+            if avx2 && allow("avx2") {
+                return SimdLevel::Avx2;
+            }
+        }
+        let _ = allow;
+        SimdLevel::Baseline
+    })
+}
+
+/// `f` compiled with AVX-512 (what [`dispatch`] inlines the kernels' loops into).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,bmi1,bmi2")]
+unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+/// `f` compiled with AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,bmi1,bmi2")]
+unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
 /// Rows per block for rows of `width` elements.
 fn rows_per_block(width: usize) -> usize {
     (BLOCK_ELEMS / width.max(1)).max(1)
 }
 
 /// Calls `f(first_row, out_block)` for consecutive blocks of whole rows of `out`, in
-/// parallel when there is more than one block.
+/// parallel when there is more than one block, through [`simd!`] (so pass `f` as an
+/// `#[inline(always)]` closure for its loops to be compiled for each instruction set).
 fn for_row_blocks<F>(out: &mut [f32], width: usize, f: F)
 where
     F: Fn(usize, &mut [f32]) + Sync + Send,
@@ -168,11 +267,11 @@ where
     let rows = rows_per_block(width);
     let chunk = rows * width.max(1);
     if out.len() <= chunk {
-        f(0, out);
+        simd!(f(0, out));
     } else {
         out.par_chunks_mut(chunk)
             .enumerate()
-            .for_each(|(i, block)| f(i * rows, block));
+            .for_each(|(i, block)| simd!(f(i * rows, block)));
     }
 }
 
@@ -185,11 +284,11 @@ where
     let rows = rows_per_block(width);
     let chunk = rows * width.max(1);
     if out.len() <= chunk {
-        vec![f(0, out)]
+        vec![simd!(f(0, out))]
     } else {
         out.par_chunks_mut(chunk)
             .enumerate()
-            .map(|(i, block)| f(i * rows, block))
+            .map(|(i, block)| simd!(f(i * rows, block)))
             .collect()
     }
 }
@@ -221,6 +320,64 @@ mod tests {
             assert_eq!(super::sum(&x), x.iter().sum::<f32>());
             let d: f32 = x.iter().zip(&y).map(|(a, b)| a * b).sum();
             assert_eq!(super::dot(&x, &y), d);
+        }
+    }
+
+    #[test]
+    fn lane_max_matches_a_plain_fold() {
+        for n in [0usize, 1, 7, 8, 9, 64, 65, 1000] {
+            let x: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1013) as f32 - 500.0).collect();
+            let want = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(super::max(&x), want, "{n}");
+        }
+        assert_eq!(super::max(&[f32::NAN, 1.0]), 1.0); // as f32::max: NaN is ignored
+    }
+
+    /// The kernels' building blocks, as the kernels use them, over values covering their
+    /// ranges; the bit patterns of the results.
+    #[inline(always)]
+    fn building_blocks(xs: &[f32]) -> Vec<u32> {
+        let mut out = Vec::new();
+        for chunk in xs.chunks(37) {
+            out.push(super::sum(chunk).to_bits());
+            out.push(super::dot(chunk, xs).to_bits());
+            out.push(super::max(chunk).to_bits());
+        }
+        for &x in xs {
+            out.push(super::exp(x).to_bits());
+            out.push(super::gelu::cdf(x).to_bits());
+            out.push(super::gelu::derivative(x).to_bits());
+        }
+        out
+    }
+
+    #[test]
+    fn every_instruction_set_gives_the_same_bits() {
+        let xs: Vec<f32> = (0..4099).map(|i| (i as f32 - 2049.0) * 0.0131).collect();
+        let portable = building_blocks(&xs);
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx2") && has!("fma") && has!("bmi1") && has!("bmi2") {
+                // SAFETY: the features were just detected.
+                let v = unsafe {
+                    super::avx2(
+                        #[inline(always)]
+                        || building_blocks(&xs),
+                    )
+                };
+                assert!(v == portable, "AVX2 results differ");
+            }
+            if super::simd_level() == super::SimdLevel::Avx512 {
+                // SAFETY: simd_level checked the features.
+                let v = unsafe {
+                    super::avx512(
+                        #[inline(always)]
+                        || building_blocks(&xs),
+                    )
+                };
+                assert!(v == portable, "AVX-512 results differ");
+            }
         }
     }
 }

@@ -4,7 +4,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
-use super::{dot, exp, f32_slice, for_row_blocks, sum, with_f32};
+use super::{dot, exp, f32_slice, for_row_blocks, max, sum, with_f32};
 
 /// Softmax over the last dimension of a CPU f32 tensor.
 pub(crate) fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
@@ -23,17 +23,22 @@ impl CustomOp1 for Softmax {
         let d = *l.dims().last().unwrap_or(&1);
         let mut y = vec![0f32; x.len()];
         if d > 0 {
-            for_row_blocks(&mut y, d, |row0, block| {
-                for (i, yr) in block.chunks_exact_mut(d).enumerate() {
-                    let xr = &x[(row0 + i) * d..][..d];
-                    let max = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    for (y, &x) in yr.iter_mut().zip(xr) {
-                        *y = exp(x - max);
+            for_row_blocks(
+                &mut y,
+                d,
+                #[inline(always)]
+                |row0, block| {
+                    for (i, yr) in block.chunks_exact_mut(d).enumerate() {
+                        let xr = &x[(row0 + i) * d..][..d];
+                        let max = max(xr);
+                        for (y, &x) in yr.iter_mut().zip(xr) {
+                            *y = exp(x - max);
+                        }
+                        let inv = 1.0 / sum(yr);
+                        yr.iter_mut().for_each(|y| *y *= inv);
                     }
-                    let inv = 1.0 / sum(yr);
-                    yr.iter_mut().for_each(|y| *y *= inv);
-                }
-            });
+                },
+            );
         }
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
@@ -45,16 +50,21 @@ impl CustomOp1 for Softmax {
         let dx = with_f32([y, g], |[y, g]| {
             let mut dx = vec![0f32; y.len()];
             if d > 0 {
-                for_row_blocks(&mut dx, d, |row0, block| {
-                    for (i, dxr) in block.chunks_exact_mut(d).enumerate() {
-                        let yr = &y[(row0 + i) * d..][..d];
-                        let gr = &g[(row0 + i) * d..][..d];
-                        let yg = dot(yr, gr);
-                        for j in 0..d {
-                            dxr[j] = yr[j] * (gr[j] - yg);
+                for_row_blocks(
+                    &mut dx,
+                    d,
+                    #[inline(always)]
+                    |row0, block| {
+                        for (i, dxr) in block.chunks_exact_mut(d).enumerate() {
+                            let yr = &y[(row0 + i) * d..][..d];
+                            let gr = &g[(row0 + i) * d..][..d];
+                            let yg = dot(yr, gr);
+                            for j in 0..d {
+                                dxr[j] = yr[j] * (gr[j] - yg);
+                            }
                         }
-                    }
-                });
+                    },
+                );
             }
             dx
         })?;
