@@ -51,7 +51,7 @@ pub fn evaluate(
         let n = batch.labels.len();
         let x = Tensor::from_vec(batch.images, batch.shape.to_vec(), dev)?;
         let y = Tensor::from_vec(batch.labels.clone(), n, dev)?;
-        let logits = model.forward(&x)?;
+        let logits = super::forward_sharded(model, &x)?;
         loss_sum += ops::cross_entropy(&logits, &y, 0.0)?.to_scalar::<f32>()? as f64 * n as f64;
         let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
         for (t, p) in batch.labels.iter().zip(pred) {

@@ -16,10 +16,11 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 
 use crate::config::{Preprocess, ViTConfig};
 use crate::data::{self, AugmentConfig, DataLoader, Dataset, LoaderConfig, Split, ValSize};
-use crate::model::{init_params, Rng};
+use crate::model::init_params;
 use crate::weights::{self, Checkpoint, PosResample, SaveMeta};
 use crate::{ops, Error, Result, VisionTransformer};
 
@@ -222,10 +223,52 @@ pub struct MicroStep {
     pub backward: Duration,
 }
 
+/// The randomness of one shard of a micro-batch: `rngs(shard)` gives shard `shard` its
+/// dropout / drop-path stream (`None`: no randomness, as in the benchmark).
+pub type ShardRngs<'a> = &'a (dyn Fn(usize) -> Option<ChaCha8Rng> + Sync);
+
+/// Fewest samples in a shard: smaller micro-batches run whole.
+const MIN_SHARD: usize = 8;
+
+/// How many shards of consecutive samples a micro-batch of `batch` is split into: two on
+/// the CPU (run side by side, one per core of a 2-core machine, each shard's kernels still
+/// free to use more), one elsewhere. A function of the batch only, never of the thread
+/// count, so a run's numbers do not depend on the machine it runs on.
+pub fn shard_count(dev: &Device, batch: usize) -> usize {
+    if dev.is_cpu() && batch >= 2 * MIN_SHARD {
+        2
+    } else {
+        1
+    }
+}
+
+/// The (start, end) sample ranges of the [`shard_count`] shards of a batch of `n`.
+fn shard_bounds(dev: &Device, n: usize) -> Vec<(usize, usize)> {
+    let shards = shard_count(dev, n);
+    (0..shards)
+        .map(|i| (i * n / shards, (i + 1) * n / shards))
+        .collect()
+}
+
+/// Logits of `model` for the batch `x` (inference), its shards run side by side.
+pub fn forward_sharded(model: &VisionTransformer, x: &Tensor) -> Result<Tensor> {
+    let logits: Vec<Tensor> = shard_bounds(x.device(), x.dim(0)?)
+        .par_iter()
+        .map(|&(s0, s1)| model.forward(&x.narrow(0, s0, s1 - s0)?))
+        .collect::<Result<_>>()?;
+    Ok(Tensor::cat(&logits, 0)?)
+}
+
 /// One micro-batch of training, up to the optimizer step: forward in training mode
-/// (dropout and drop-path drawn from `rng`), label-smoothed cross-entropy, backward of
+/// (dropout and drop-path drawn from `rngs`), label-smoothed cross-entropy, backward of
 /// loss / `accum_steps`, gradients added into `opt` (then [`AdamW::step`] clips and
 /// updates). A loss that is not finite is returned before backward, nothing accumulated.
+///
+/// The micro-batch is split into [`shard_count`] shards run in parallel: each shard's
+/// forward and backward is a chain of mostly small, serial candle operations, and two
+/// chains side by side keep both cores busy where one would leave a core waiting. The
+/// loss is the samples-weighted mean of the shards' losses, so the gradient is that of
+/// the whole micro-batch; the shards' gradients are added in shard order (deterministic).
 pub fn forward_backward(
     net: &Trainable,
     opt: &mut AdamW,
@@ -233,22 +276,46 @@ pub fn forward_backward(
     y: &Tensor,
     label_smoothing: f64,
     accum_steps: usize,
-    rng: &mut Rng,
+    rngs: ShardRngs,
 ) -> Result<MicroStep> {
     let start = Instant::now();
-    let logits = net.model.forward_t(x, rng)?;
-    let loss = ops::cross_entropy(&logits, y, label_smoothing)?;
-    let loss_value = loss.to_scalar::<f32>()? as f64;
-    let forward = start.elapsed();
-    if loss_value.is_finite() {
-        let grads = (loss / accum_steps as f64)?.backward()?;
-        opt.accumulate(&grads)?;
+    let n = x.dim(0)?;
+    let bounds = shard_bounds(x.device(), n);
+    // (logits, loss) of each shard, in shard order.
+    let forward: Vec<(Tensor, Tensor)> = bounds
+        .par_iter()
+        .enumerate()
+        .map(|(i, &(s0, s1))| -> Result<(Tensor, Tensor)> {
+            let mut rng = rngs(i);
+            let logits = net
+                .model
+                .forward_t(&x.narrow(0, s0, s1 - s0)?, &mut rng.as_mut())?;
+            let loss = ops::cross_entropy(&logits, &y.narrow(0, s0, s1 - s0)?, label_smoothing)?;
+            Ok((logits, loss))
+        })
+        .collect::<Result<_>>()?;
+    let weight = |i: usize| (bounds[i].1 - bounds[i].0) as f64 / n as f64;
+    let mut loss_value = 0f64;
+    for (i, (_, loss)) in forward.iter().enumerate() {
+        loss_value += weight(i) * loss.to_scalar::<f32>()? as f64;
     }
+    let forward_time = start.elapsed();
+    if loss_value.is_finite() {
+        let grads: Vec<_> = forward
+            .par_iter()
+            .enumerate()
+            .map(|(i, (_, loss))| (loss * (weight(i) / accum_steps as f64))?.backward())
+            .collect::<std::result::Result<_, _>>()?;
+        for g in &grads {
+            opt.accumulate(g)?;
+        }
+    }
+    let logits: Vec<Tensor> = forward.into_iter().map(|(l, _)| l).collect();
     Ok(MicroStep {
-        logits,
+        logits: Tensor::cat(&logits, 0)?,
         loss: loss_value,
-        forward,
-        backward: start.elapsed() - forward,
+        forward: forward_time,
+        backward: start.elapsed() - forward_time,
     })
 }
 
@@ -271,10 +338,11 @@ fn initial_weights(
 }
 
 /// Per-step randomness (dropout, drop-path): a ChaCha stream derived from (seed, step,
-/// micro-batch), so a resumed run draws exactly what an uninterrupted one would.
-fn step_rng(seed: u64, step: u64, micro: u64) -> ChaCha8Rng {
+/// micro-batch, shard), so a resumed run draws exactly what an uninterrupted one would.
+fn step_rng(seed: u64, step: u64, micro: u64, shard: usize) -> ChaCha8Rng {
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_d20b_0000_0000);
-    rng.set_stream(step.wrapping_mul(1 << 16).wrapping_add(micro));
+    let micro_shard = micro.wrapping_mul(16).wrapping_add(shard as u64);
+    rng.set_stream(step.wrapping_mul(1 << 20).wrapping_add(micro_shard));
     rng
 }
 
@@ -436,7 +504,8 @@ pub fn train(
             let x = Tensor::from_vec(batch.images, batch.shape.to_vec(), &dev)?;
             let n = batch.labels.len();
             let y = Tensor::from_vec(batch.labels, n, &dev)?;
-            let mut rng = step_rng(recipe.seed, pos.step, micro_idx);
+            let step = pos.step;
+            let rngs = move |shard| Some(step_rng(recipe.seed, step, micro_idx, shard));
             let MicroStep {
                 logits,
                 loss: loss_value,
@@ -448,7 +517,7 @@ pub fn train(
                 &y,
                 recipe.label_smoothing,
                 recipe.accum_steps,
-                &mut Some(&mut rng),
+                &rngs,
             )?;
             if !loss_value.is_finite() {
                 return Err(Error::Numeric(format!(

@@ -81,6 +81,13 @@ impl AdamW {
         Ok(())
     }
 
+    /// The accumulated gradient of parameter `name`.
+    #[cfg(test)]
+    pub(crate) fn grad(&self, name: &str) -> Option<&[f32]> {
+        let slot = self.slots.iter().find(|s| s.name == name)?;
+        Some(&slot.grad)
+    }
+
     /// L2 norm of all accumulated gradients together.
     pub fn grad_norm(&self) -> f64 {
         self.slots

@@ -136,6 +136,51 @@ fn two_clipped_adamw_steps_match_pytorch() {
 }
 
 #[test]
+fn sharded_micro_batch_gives_the_whole_batch_gradient() {
+    let g = golden();
+    let n = 19; // two shards of 9 and 10
+    assert_eq!(shard_bounds(&Device::Cpu, n), vec![(0, 9), (9, 19)]);
+    let pixels = (0..n * 256).map(|i| (i as f32 * 0.37).sin()).collect();
+    let x = Tensor::from_vec(pixels, (n, 1, 16, 16), &Device::Cpu).unwrap();
+    let y = Tensor::from_vec((0..n as u32).map(|i| i % 3).collect(), n, &Device::Cpu).unwrap();
+    let cfg = AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.05,
+    };
+    // Sharded, accumulated over two micro-batches (accum_steps 2), twice: deterministic.
+    let sharded = || {
+        let mut opt = AdamW::new(g.net.params.clone(), cfg);
+        let mut losses = vec![];
+        for _ in 0..2 {
+            let m = forward_backward(&g.net, &mut opt, &x, &y, 0.1, 2, &|_| None).unwrap();
+            assert_eq!(m.logits.dims(), &[n, g.cfg.num_classes]);
+            losses.push(m.loss);
+        }
+        (opt, losses)
+    };
+    let (a, losses) = sharded();
+    let (b, _) = sharded();
+    // The whole batch in one piece.
+    let logits = g.net.model.forward_t(&x, &mut None).unwrap();
+    let loss = ops::cross_entropy(&logits, &y, 0.1).unwrap();
+    let whole = loss.backward().unwrap();
+    let want_loss = loss.to_scalar::<f32>().unwrap() as f64;
+    for l in losses {
+        assert!((l - want_loss).abs() < 1e-6, "{l} vs {want_loss}");
+    }
+    for (name, var) in &g.net.params {
+        let got = a.grad(name).unwrap();
+        assert_eq!(got, b.grad(name).unwrap(), "{name}: not deterministic");
+        let got = Tensor::from_slice(got, var.shape(), &Device::Cpu).unwrap();
+        let want = whole.get(var.as_tensor()).unwrap();
+        let err = rel_err(&got, want);
+        assert!(err <= 1e-5, "{name}: relative error {err:e}");
+    }
+}
+
+#[test]
 fn no_decay_for_biases_norms_positions_and_class_token() {
     assert!(decays("blocks.0.attn.qkv.weight", 2));
     assert!(decays("patch_embed.proj.weight", 4));
@@ -150,13 +195,14 @@ fn no_decay_for_biases_norms_positions_and_class_token() {
 }
 
 #[test]
-fn step_rng_depends_only_on_seed_step_and_micro_batch() {
+fn step_rng_depends_only_on_seed_step_micro_batch_and_shard() {
     use rand::RngExt;
-    let a: u64 = step_rng(1, 5, 0).random();
-    assert_eq!(a, step_rng(1, 5, 0).random::<u64>());
-    assert_ne!(a, step_rng(1, 6, 0).random::<u64>());
-    assert_ne!(a, step_rng(1, 5, 1).random::<u64>());
-    assert_ne!(a, step_rng(2, 5, 0).random::<u64>());
+    let a: u64 = step_rng(1, 5, 0, 0).random();
+    assert_eq!(a, step_rng(1, 5, 0, 0).random::<u64>());
+    assert_ne!(a, step_rng(1, 6, 0, 0).random::<u64>());
+    assert_ne!(a, step_rng(1, 5, 1, 0).random::<u64>());
+    assert_ne!(a, step_rng(1, 5, 0, 1).random::<u64>());
+    assert_ne!(a, step_rng(2, 5, 0, 0).random::<u64>());
 }
 
 #[test]
