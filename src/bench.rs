@@ -185,7 +185,9 @@ pub struct BenchReport {
     /// candle's (and rayon's) thread count.
     pub threads: usize,
     /// The matrix-multiply provider and the instruction set it uses here.
-    pub provider: &'static str,
+    pub provider: String,
+    /// The instruction set of the fused kernels' own loops.
+    pub kernels: &'static str,
     /// With `profile`: each phase's median, in [`Workload::phases`] order.
     pub phases: Option<Vec<PhaseTime>>,
 }
@@ -238,6 +240,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         peak_rss_bytes: peak_rss_bytes(),
         threads: candle_core::utils::get_num_threads(),
         provider: crate::ops::matmul_provider(),
+        kernels: crate::ops::kernel_isa(),
         phases,
     })
 }

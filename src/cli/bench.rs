@@ -63,6 +63,7 @@ fn print_text(r: &BenchReport) {
     println!("  peak memory  {rss:>9}");
     println!("  threads      {:>9}", r.threads);
     println!("  matmul       {}", r.provider);
+    println!("  kernels      {}", r.kernels);
     if let Some(phases) = &r.phases {
         let total: f64 = phases.iter().map(|p| p.median_ms).sum();
         println!("\n  {:<26} {:>10} {:>7}", "phase", "median ms", "share");

@@ -12,9 +12,20 @@ use crate::Result;
 mod cpu;
 
 /// The matrix-multiply provider of the fused CPU kernels and the instruction set it uses on
-/// this machine, e.g. "gemm (pure Rust, AVX-512)" (for benchmark reports).
-pub fn matmul_provider() -> &'static str {
+/// this machine, e.g. "gemm (pure Rust, AVX-512)" or the system BLAS loaded at run time
+/// (for benchmark reports; `VIT_BLAS` chooses, see `ops/cpu/gemm.rs`).
+pub fn matmul_provider() -> String {
     cpu::matmul_provider()
+}
+
+/// The instruction set the fused CPU kernels' own loops run with here: "AVX-512", "AVX2"
+/// or "baseline" (chosen at run time; `VIT_SIMD=baseline|avx2` lowers it).
+pub fn kernel_isa() -> &'static str {
+    match cpu::simd_level() {
+        cpu::SimdLevel::Avx512 => "AVX-512",
+        cpu::SimdLevel::Avx2 => "AVX2",
+        cpu::SimdLevel::Baseline => "baseline",
+    }
 }
 
 /// LayerNorm over the last dimension: (x − mean) / sqrt(var + eps) · weight + bias.

@@ -1,8 +1,14 @@
 //! The matrix-multiply provider of the fused kernels: one entry point, [`sgemm`], over
-//! strided f32 views. It is backed by the pure-Rust `gemm` crate (the one candle uses, with
-//! its AVX-512 path picked at run time), called single-threaded: the kernels parallelise
-//! across independent products themselves, so threads never nest. [`provider`] names it
-//! for benchmark reports.
+//! strided f32 views, always called single-threaded (the kernels parallelise across
+//! independent products themselves, so threads never nest). Two implementations:
+//!
+//! - a system BLAS loaded at run time where one is installed ([`blas`]: MKL, OpenBLAS or
+//!   BLIS through `dlopen`, nothing needed at build time), used for the views it accepts;
+//! - the pure-Rust `gemm` crate (the one candle uses, its AVX-512 kernels compiled in),
+//!   for everything else and wherever no BLAS is found.
+//!
+//! `VIT_BLAS=none` keeps to the pure-Rust provider; `VIT_BLAS=<library>` names the one to
+//! load. [`provider`] names what runs, for benchmark reports.
 
 /// A read-only strided view of an f32 matrix: element (i, j) is at `ptr + i·rs + j·cs`.
 #[derive(Clone, Copy, Debug)]
@@ -64,6 +70,28 @@ pub(crate) unsafe fn sgemm(
         }
         return;
     }
+    if let Some(b) = blas() {
+        if b.try_sgemm(m, n, k, dst, dst_rs, dst_cs, lhs, rhs, scale, accumulate) {
+            return;
+        }
+    }
+    rust_sgemm(m, n, k, dst, dst_rs, dst_cs, lhs, rhs, scale, accumulate);
+}
+
+/// [`sgemm`] by the pure-Rust `gemm` crate (any strides; m, n, k ≥ 1).
+#[allow(clippy::too_many_arguments)]
+unsafe fn rust_sgemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    dst_cs: usize,
+    lhs: MatRef,
+    rhs: MatRef,
+    scale: f32,
+    accumulate: bool,
+) {
     gemm::gemm(
         m,
         n,
@@ -87,10 +115,186 @@ pub(crate) unsafe fn sgemm(
     );
 }
 
-/// The provider as benchmark reports name it, with the kernel family `gemm` picks on this
-/// CPU at run time: AVX-512 (compiled in through the `x86-v4` feature in Cargo.toml) where
-/// the CPU has avx512f, else AVX2/FMA where it has fma, else portable code.
-pub(crate) fn provider() -> &'static str {
+/// A system BLAS's `cblas_sgemm`, loaded at run time.
+pub(crate) struct Blas {
+    /// The library and, where it tells, its version and kernel family.
+    name: String,
+    sgemm: CblasSgemm,
+}
+
+type CblasSgemm = unsafe extern "C" fn(
+    layout: i32,
+    trans_a: i32,
+    trans_b: i32,
+    m: i32,
+    n: i32,
+    k: i32,
+    alpha: f32,
+    a: *const f32,
+    lda: i32,
+    b: *const f32,
+    ldb: i32,
+    beta: f32,
+    c: *mut f32,
+    ldc: i32,
+);
+
+const CBLAS_ROW_MAJOR: i32 = 101;
+const CBLAS_NO_TRANS: i32 = 111;
+const CBLAS_TRANS: i32 = 112;
+
+/// Libraries tried in order when `VIT_BLAS` does not name one: MKL, OpenBLAS, BLIS.
+const BLAS_LIBRARIES: [&str; 6] = [
+    "libmkl_rt.so.2",
+    "libmkl_rt.so",
+    "libopenblas.so.0",
+    "libopenblas.so",
+    "libblis.so.4",
+    "libblis.so",
+];
+
+/// The system BLAS in use, if any (looked for once).
+pub(crate) fn blas() -> Option<&'static Blas> {
+    static BLAS: std::sync::OnceLock<Option<Blas>> = std::sync::OnceLock::new();
+    BLAS.get_or_init(|| match std::env::var("VIT_BLAS").ok().as_deref() {
+        Some("none") | Some("gemm") => None,
+        Some(lib) if !lib.is_empty() => Blas::load(lib),
+        _ => BLAS_LIBRARIES.iter().find_map(|lib| Blas::load(lib)),
+    })
+    .as_ref()
+}
+
+impl Blas {
+    /// Opens `lib` and finds `cblas_sgemm`; sets the library to one thread (it runs inside
+    /// our parallel blocks). `None` if the library or the symbol is missing.
+    #[cfg(unix)]
+    fn load(lib: &str) -> Option<Blas> {
+        use std::ffi::{CStr, CString};
+        let path = CString::new(lib).ok()?;
+        // SAFETY: dlopen/dlsym with valid C strings; the handle is never closed, so the
+        // symbols stay valid for the life of the process. Each symbol is cast to the type
+        // its library documents.
+        unsafe {
+            let handle = libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL);
+            if handle.is_null() {
+                return None;
+            }
+            let sym = |name: &CStr| libc::dlsym(handle, name.as_ptr());
+            let sgemm = sym(c"cblas_sgemm");
+            if sgemm.is_null() {
+                return None;
+            }
+            let set_threads_i32 = [c"openblas_set_num_threads", c"MKL_Set_Num_Threads"];
+            for name in set_threads_i32 {
+                let f = sym(name);
+                if !f.is_null() {
+                    std::mem::transmute::<*mut libc::c_void, unsafe extern "C" fn(i32)>(f)(1);
+                }
+            }
+            let f = sym(c"bli_thread_set_num_threads");
+            if !f.is_null() {
+                std::mem::transmute::<*mut libc::c_void, unsafe extern "C" fn(i64)>(f)(1);
+            }
+            let mut name = lib.to_string();
+            let config = sym(c"openblas_get_config");
+            if !config.is_null() {
+                let get = std::mem::transmute::<
+                    *mut libc::c_void,
+                    unsafe extern "C" fn() -> *const libc::c_char,
+                >(config);
+                name = format!("{lib}: {}", CStr::from_ptr(get()).to_string_lossy().trim());
+            }
+            Some(Blas {
+                name,
+                sgemm: std::mem::transmute::<*mut libc::c_void, CblasSgemm>(sgemm),
+            })
+        }
+    }
+
+    #[cfg(not(unix))]
+    fn load(_lib: &str) -> Option<Blas> {
+        None
+    }
+
+    /// [`sgemm`] through the BLAS when the views are ones it accepts (row-major output,
+    /// each operand row-major or transposed with a valid leading dimension, sizes within
+    /// i32); returns false, doing nothing, otherwise.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn try_sgemm(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        dst: *mut f32,
+        dst_rs: usize,
+        dst_cs: usize,
+        lhs: MatRef,
+        rhs: MatRef,
+        scale: f32,
+        accumulate: bool,
+    ) -> bool {
+        let fits = |v: usize| i32::try_from(v).ok();
+        let (Some(mi), Some(ni), Some(ki), Some(ldc)) = (fits(m), fits(n), fits(k), fits(dst_rs))
+        else {
+            return false;
+        };
+        if dst_cs != 1 || dst_rs < n {
+            return false;
+        }
+        let (Some((ta, lda)), Some((tb, ldb))) = (cblas_view(lhs, m, k), cblas_view(rhs, k, n))
+        else {
+            return false;
+        };
+        let beta = if accumulate { 1.0 } else { 0.0 };
+        (self.sgemm)(
+            CBLAS_ROW_MAJOR,
+            ta,
+            tb,
+            mi,
+            ni,
+            ki,
+            scale,
+            lhs.ptr,
+            lda,
+            rhs.ptr,
+            ldb,
+            beta,
+            dst,
+            ldc,
+        );
+        true
+    }
+}
+
+/// How a row-major CBLAS call reads the (rows, cols) view `v`: (transpose flag, leading
+/// dimension), or `None` when neither stride is 1 or the other is too small.
+fn cblas_view(v: MatRef, rows: usize, cols: usize) -> Option<(i32, i32)> {
+    let ld = |s: isize, min: usize| {
+        (s >= min.max(1) as isize)
+            .then(|| i32::try_from(s).ok())
+            .flatten()
+    };
+    if v.cs == 1 && (rows == 1 || ld(v.rs, cols).is_some()) {
+        Some((CBLAS_NO_TRANS, ld(v.rs, cols).unwrap_or(cols.max(1) as i32)))
+    } else if v.rs == 1 && (cols == 1 || ld(v.cs, rows).is_some()) {
+        Some((CBLAS_TRANS, ld(v.cs, rows).unwrap_or(rows.max(1) as i32)))
+    } else {
+        None
+    }
+}
+
+/// The provider as benchmark reports name it: the system BLAS if one was loaded, else
+/// `gemm` with the kernel family it picks on this CPU at run time: AVX-512 (compiled in
+/// through the `x86-v4` feature in Cargo.toml) where the CPU has avx512f, else AVX2/FMA
+/// where it has fma, else portable code.
+pub(crate) fn provider() -> String {
+    if let Some(b) = blas() {
+        return format!("{} (system BLAS; gemm for other strides)", b.name);
+    }
+    rust_provider().to_string()
+}
+
+fn rust_provider() -> &'static str {
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
@@ -126,18 +330,21 @@ mod tests {
         out
     }
 
-    #[test]
-    fn strided_products_match_the_triple_loop() {
+    /// An `sgemm` implementation under test.
+    type Impl<'a> = &'a dyn Fn(usize, usize, usize, *mut f32, usize, MatRef, MatRef, f32, bool);
+
+    /// `sgemm` against the triple loop on strided views: lhs read transposed from a wider
+    /// buffer, rhs row-major with a row stride > n, plain and accumulating.
+    fn check_against_triple_loop(f: Impl) {
         let data: Vec<f32> = (0..8000)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
             .collect();
         for &(m, n, k) in &[(1, 1, 1), (3, 5, 7), (17, 33, 9), (50, 16, 50), (64, 1, 65)] {
-            // lhs read transposed from a wider buffer, rhs with a row stride > n.
             let a = MatRef::new(data.as_ptr(), 1, (m + 2) as isize); // column-major (m, k)
             let b = MatRef::new(data[7..].as_ptr(), (n + 3) as isize, 1);
             let want = reference(m, n, k, a, b, 0.5);
             let mut got = vec![1f32; m * n];
-            unsafe { sgemm(m, n, k, got.as_mut_ptr(), n, 1, a, b, 0.5, false) };
+            f(m, n, k, got.as_mut_ptr(), n, a, b, 0.5, false);
             for (g, w) in got.iter().zip(&want) {
                 assert!(
                     (g - w).abs() < 1e-4 * (1.0 + w.abs()),
@@ -145,11 +352,80 @@ mod tests {
                 );
             }
             // Accumulating adds onto what is there.
-            unsafe { sgemm(m, n, k, got.as_mut_ptr(), n, 1, a, b, 0.5, true) };
+            f(m, n, k, got.as_mut_ptr(), n, a, b, 0.5, true);
             for (g, w) in got.iter().zip(&want) {
                 assert!((g - 2.0 * w).abs() < 2e-4 * (1.0 + w.abs()));
             }
         }
+    }
+
+    #[test]
+    fn strided_products_match_the_triple_loop() {
+        // The provider in use (the system BLAS where one is installed).
+        check_against_triple_loop(&|m, n, k, d, ld, a, b, s, acc| unsafe {
+            sgemm(m, n, k, d, ld, 1, a, b, s, acc)
+        });
+        // The pure-Rust provider itself.
+        check_against_triple_loop(&|m, n, k, d, ld, a, b, s, acc| unsafe {
+            rust_sgemm(m, n, k, d, ld, 1, a, b, s, acc)
+        });
+    }
+
+    #[test]
+    fn system_blas_matches_the_triple_loop_where_installed() {
+        let Some(blas) = blas() else {
+            eprintln!("no system BLAS found (CI installs OpenBLAS); skipped");
+            return;
+        };
+        check_against_triple_loop(&|m, n, k, d, ld, a, b, s, acc| unsafe {
+            assert!(
+                blas.try_sgemm(m, n, k, d, ld, 1, a, b, s, acc),
+                "{m}x{n}x{k} declined"
+            );
+        });
+        // Views CBLAS cannot express are declined, leaving the output alone.
+        let data = [1f32; 64];
+        let strided = MatRef::new(data.as_ptr(), 4, 2); // neither stride 1
+        let plain = MatRef::new(data.as_ptr(), 2, 1);
+        let mut out = [7f32; 4];
+        assert!(!unsafe {
+            blas.try_sgemm(2, 2, 2, out.as_mut_ptr(), 2, 1, strided, plain, 1.0, false)
+        });
+        assert!(!unsafe {
+            blas.try_sgemm(2, 2, 2, out.as_mut_ptr(), 1, 2, plain, plain, 1.0, false)
+        });
+        assert_eq!(out, [7.0; 4]);
+        assert!(provider().contains("system BLAS"), "{}", provider());
+    }
+
+    #[test]
+    fn cblas_views() {
+        let p = std::ptr::null();
+        // Row-major (3, 4) with row stride 4 or wider; its transpose; 1-row and 1-column views.
+        assert_eq!(
+            cblas_view(MatRef::new(p, 4, 1), 3, 4),
+            Some((CBLAS_NO_TRANS, 4))
+        );
+        assert_eq!(
+            cblas_view(MatRef::new(p, 9, 1), 3, 4),
+            Some((CBLAS_NO_TRANS, 9))
+        );
+        assert_eq!(
+            cblas_view(MatRef::new(p, 1, 5), 3, 4),
+            Some((CBLAS_TRANS, 5))
+        );
+        assert_eq!(
+            cblas_view(MatRef::new(p, 0, 1), 1, 4),
+            Some((CBLAS_NO_TRANS, 4))
+        );
+        assert_eq!(
+            cblas_view(MatRef::new(p, 1, 0), 3, 1),
+            Some((CBLAS_TRANS, 3))
+        );
+        // Overlapping rows, no unit stride, negative strides: not for CBLAS.
+        assert_eq!(cblas_view(MatRef::new(p, 2, 1), 3, 4), None);
+        assert_eq!(cblas_view(MatRef::new(p, 8, 2), 3, 4), None);
+        assert_eq!(cblas_view(MatRef::new(p, -4, 1), 3, 4), None);
     }
 
     #[test]
