@@ -70,7 +70,7 @@ impl Default for Recipe {
             preset: "vit_fmnist".into(),
             model: None,
             drop_path: None,
-            epochs: 16,
+            epochs: 24,
             batch_size: 64,
             accum_steps: 1,
             lr: 2e-3,
