@@ -181,6 +181,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_recipes_shipped_in_the_repository_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let r = Recipe::from_file(&path).unwrap();
+                r.validate().unwrap();
+                r.model_config().unwrap();
+                n += 1;
+            }
+        }
+        assert!(n >= 1, "no recipe in {}", dir.display());
+    }
+
+    #[test]
     fn partial_toml_takes_defaults_and_rejects_unknown_fields() {
         let r: Recipe = toml::from_str("epochs = 3\nlr = 0.001\n").unwrap();
         assert_eq!(r.epochs, 3);

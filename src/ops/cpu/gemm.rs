@@ -414,32 +414,22 @@ mod tests {
 
     #[test]
     fn cblas_views() {
-        let p = std::ptr::null();
-        // Row-major (3, 4) with row stride 4 or wider; its transpose; 1-row and 1-column views.
-        assert_eq!(
-            cblas_view(MatRef::new(p, 4, 1), 3, 4),
-            Some((CBLAS_NO_TRANS, 4))
-        );
-        assert_eq!(
-            cblas_view(MatRef::new(p, 9, 1), 3, 4),
-            Some((CBLAS_NO_TRANS, 9))
-        );
-        assert_eq!(
-            cblas_view(MatRef::new(p, 1, 5), 3, 4),
-            Some((CBLAS_TRANS, 5))
-        );
-        assert_eq!(
-            cblas_view(MatRef::new(p, 0, 1), 1, 4),
-            Some((CBLAS_NO_TRANS, 4))
-        );
-        assert_eq!(
-            cblas_view(MatRef::new(p, 1, 0), 3, 1),
-            Some((CBLAS_TRANS, 3))
-        );
-        // Overlapping rows, no unit stride, negative strides: not for CBLAS.
-        assert_eq!(cblas_view(MatRef::new(p, 2, 1), 3, 4), None);
-        assert_eq!(cblas_view(MatRef::new(p, 8, 2), 3, 4), None);
-        assert_eq!(cblas_view(MatRef::new(p, -4, 1), 3, 4), None);
+        let (n, t) = (Some(CBLAS_NO_TRANS), Some(CBLAS_TRANS));
+        // (row stride, column stride, rows, cols) → (transpose flag, leading dimension).
+        let cases = [
+            ((4, 1, 3, 4), n.zip(Some(4))), // row-major (3, 4)
+            ((9, 1, 3, 4), n.zip(Some(9))), // wider rows
+            ((1, 5, 3, 4), t.zip(Some(5))), // column-major: a transpose
+            ((0, 1, 1, 4), n.zip(Some(4))), // one row
+            ((1, 0, 3, 1), t.zip(Some(3))), // one column
+            ((2, 1, 3, 4), None),           // overlapping rows
+            ((8, 2, 3, 4), None),           // no unit stride
+            ((-4, 1, 3, 4), None),          // negative stride
+        ];
+        for ((rs, cs, rows, cols), want) in cases {
+            let v = MatRef::new(std::ptr::null(), rs, cs);
+            assert_eq!(cblas_view(v, rows, cols), want, "{rs} {cs} {rows} {cols}");
+        }
     }
 
     #[test]
