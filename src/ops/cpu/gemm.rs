@@ -171,8 +171,20 @@ pub(crate) fn blas() -> Option<&'static Blas> {
 fn blas_from(choice: Option<&str>) -> Option<Blas> {
     match choice {
         None | Some("") | Some("none") | Some("gemm") => None,
-        Some("auto") => BLAS_LIBRARIES.iter().find_map(|lib| Blas::load(lib)),
-        Some(lib) => Blas::load(lib),
+        Some("auto") => {
+            let found = BLAS_LIBRARIES.iter().find_map(|lib| Blas::load(lib));
+            if found.is_none() {
+                tracing::warn!("VIT_BLAS=auto: no MKL, OpenBLAS or BLIS found; using gemm");
+            }
+            found
+        }
+        Some(lib) => {
+            let found = Blas::load(lib);
+            if found.is_none() {
+                tracing::warn!("VIT_BLAS={lib}: no cblas_sgemm could be loaded; using gemm");
+            }
+            found
+        }
     }
 }
 
@@ -303,7 +315,13 @@ pub(crate) fn provider() -> String {
     if let Some(b) = blas() {
         return format!("{} (system BLAS; gemm for other strides)", b.name);
     }
-    rust_provider().to_string()
+    match std::env::var("VIT_BLAS").ok().as_deref() {
+        None | Some("") | Some("none") | Some("gemm") => rust_provider().to_string(),
+        Some(lib) => format!(
+            "{} (VIT_BLAS={lib}: no BLAS could be loaded)",
+            rust_provider()
+        ),
+    }
 }
 
 fn rust_provider() -> &'static str {
