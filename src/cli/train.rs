@@ -50,6 +50,9 @@ pub struct TrainArgs {
     /// Random horizontal flips (default per dataset).
     #[arg(long)]
     hflip: Option<bool>,
+    /// Probability of erasing a random rectangle with noise (timm's --reprob; 0 = off).
+    #[arg(long, alias = "reprob")]
+    random_erase: Option<f64>,
     /// Training images held out for validation.
     #[arg(long)]
     val_size: Option<usize>,
@@ -103,6 +106,7 @@ impl TrainArgs {
             label_smoothing,
             clip_grad,
             crop_pad,
+            random_erase,
             val_size,
             seed
         );

@@ -37,6 +37,11 @@ pub(crate) fn below<R: Rng>(rng: &mut R, n: u64) -> u64 {
     (m >> 64) as u64
 }
 
+/// A uniform `f64` in `[0, 1)` with 53 random bits.
+pub(crate) fn uniform<R: Rng>(rng: &mut R) -> f64 {
+    (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+}
+
 /// A fair coin.
 pub(crate) fn coin<R: Rng>(rng: &mut R) -> bool {
     rng.next_u32() >> 31 == 1

@@ -163,6 +163,7 @@ pub fn load_data(recipe: &Recipe, cfg: &ViTConfig, quiet: bool) -> Result<Data> 
     if let Some(f) = recipe.hflip {
         augment.hflip = f;
     }
+    augment.erase_prob = recipe.random_erase;
     Ok(Data {
         train,
         val,

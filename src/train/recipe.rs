@@ -45,6 +45,8 @@ pub struct Recipe {
     pub crop_pad: usize,
     /// Random horizontal flips; default per dataset (off for digits).
     pub hflip: Option<bool>,
+    /// Probability of erasing a random rectangle with noise (timm `--reprob`; 0 = off).
+    pub random_erase: f64,
     /// Images held out of the training set for validation.
     pub val_size: usize,
     pub eval_batch_size: usize,
@@ -84,6 +86,7 @@ impl Default for Recipe {
             clip_grad: 1.0,
             crop_pad: 1,
             hflip: None,
+            random_erase: 0.0,
             val_size: 5000,
             eval_batch_size: 500,
             seed: 0,
@@ -158,6 +161,12 @@ impl Recipe {
                 self.lr, self.min_lr
             ));
         }
+        if !(0.0..=1.0).contains(&self.random_erase) {
+            return Err(Error::Config(format!(
+                "random_erase must be a probability in [0, 1], got {}",
+                self.random_erase
+            )));
+        }
         if !(0.0..1.0).contains(&self.label_smoothing) {
             return bad(format!(
                 "label_smoothing must be in [0, 1), got {}",
@@ -228,5 +237,14 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("imagenet-22k"));
+        let r = Recipe {
+            random_erase: 1.25,
+            ..Recipe::default()
+        };
+        assert!(r
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("random_erase"));
     }
 }
