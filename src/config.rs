@@ -246,7 +246,7 @@ impl ViTConfig {
         if self.embed_dim == 0 || self.num_heads == 0 || self.depth == 0 {
             return bad("embed_dim, num_heads and depth must be positive".into());
         }
-        if self.embed_dim % self.num_heads != 0 {
+        if !self.embed_dim.is_multiple_of(self.num_heads) {
             return bad(format!(
                 "embed_dim {} is not divisible by num_heads {}",
                 self.embed_dim, self.num_heads
@@ -258,7 +258,7 @@ impl ViTConfig {
         if self.pool == Pool::Cls && !self.class_token {
             return bad("pool = \"cls\" needs class_token = true".into());
         }
-        if self.pos_embed == PosEmbed::Sincos2d && self.embed_dim % 4 != 0 {
+        if self.pos_embed == PosEmbed::Sincos2d && !self.embed_dim.is_multiple_of(4) {
             return bad(format!(
                 "pos_embed = \"sincos2d\" needs embed_dim divisible by 4, got {}",
                 self.embed_dim

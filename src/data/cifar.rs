@@ -130,7 +130,7 @@ pub fn parse_records(bytes: &[u8], path: &Path, kind: CifarKind) -> Result<(Vec<
     if bytes.is_empty() {
         return Err(Error::format(path, "empty file, expected CIFAR records"));
     }
-    if bytes.len() % rec != 0 {
+    if !bytes.len().is_multiple_of(rec) {
         return Err(Error::format(
             path,
             format!(

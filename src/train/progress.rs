@@ -96,7 +96,7 @@ impl Progress {
             }
             ProgressMode::Lines => {
                 let tenth = (self.total / 10).max(1);
-                if batch % tenth == 0 {
+                if batch.is_multiple_of(tenth) {
                     println!(
                         "epoch {}/{} batch {batch}/{} {msg}",
                         self.epoch, self.epochs, self.total

@@ -149,7 +149,7 @@ impl Recipe {
         if self.batch_size == 0 || self.accum_steps == 0 || self.eval_batch_size == 0 {
             return bad("batch_size, accum_steps and eval_batch_size must be positive".into());
         }
-        if self.batch_size % self.accum_steps != 0 {
+        if !self.batch_size.is_multiple_of(self.accum_steps) {
             return bad(format!(
                 "batch_size {} is not divisible by accum_steps {}",
                 self.batch_size, self.accum_steps

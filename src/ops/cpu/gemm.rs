@@ -1,20 +1,27 @@
 //! The matrix-multiply provider of the fused kernels: one entry point, [`sgemm`], over
 //! strided f32 views, always called single-threaded (the kernels parallelise across
-//! independent products themselves, so threads never nest). Two implementations:
+//! independent products themselves, so threads never nest). Three implementations:
 //!
-//! - the pure-Rust `gemm` crate (the one candle uses, its AVX-512 kernels compiled in), the
-//!   default;
+//! - our own packed AVX-512 kernel ([`super::sgemm`]), the default on CPUs with avx512f, for
+//!   large products (m·n·k ≥ [`OWN_MIN_MNK`], n and k ≥ [`OWN_MIN`]: the layers of
+//!   ViT-B/16 and up); the pure-Rust `gemm` crate for the smaller ones (attention's
+//!   per-head products, the small models' layers), where it is faster. The choice is by shape and CPU only, never by timing or `VIT_SIMD`, so a
+//!   given product always rounds the same way. `VIT_GEMM=rust` uses the `gemm` crate for
+//!   everything, for comparison;
+//! - the `gemm` crate (the one candle uses, its AVX-512 kernels compiled in), the default
+//!   elsewhere;
 //! - a system BLAS loaded at run time on request ([`blas`]: MKL, OpenBLAS or BLIS through
-//!   `dlopen`, nothing needed at build time), used for the views it accepts, `gemm` for
+//!   `dlopen`, nothing needed at build time), used for the views it accepts, the above for
 //!   the rest. `VIT_BLAS=auto` takes the first of MKL, OpenBLAS, BLIS that is installed;
-//!   `VIT_BLAS=<library>` names one.
+//!   `VIT_BLAS=<library>` names one. It takes precedence over `VIT_GEMM`.
 //!
-//! Why opt-in: which is faster depends on the library build, its kernel choice and the
-//! shapes. On the 2-core AMD EPYC of BENCHMARKS.md, Debian's OpenBLAS 0.3.21 with its
-//! AVX-512 kernels beats `gemm` at ViT-B/16 inference (9.1 against 6.6 images/s) but loses
-//! at training the small models (the products are small); with the AVX2 kernels it picks by
-//! itself there, it loses everywhere. An automatic choice by timing would make results
-//! depend on timing noise, so the choice is the user's. [`provider`] names what runs.
+//! Why the BLAS is opt-in: which is faster depends on the library build, its kernel choice
+//! and the shapes. On the 2-core AMD EPYC of BENCHMARKS.md, Debian's OpenBLAS 0.3.21 with
+//! its AVX-512 kernels beats `gemm` at ViT-B/16 inference (9.1 against 6.6 images/s) but
+//! loses at training the small models (the products are small); with the AVX2 kernels it
+//! picks by itself there, it loses everywhere. An automatic choice by timing would make
+//! results depend on timing noise, so the choice is the user's. [`provider`] names what
+//! runs.
 
 /// A read-only strided view of an f32 matrix: element (i, j) is at `ptr + i·rs + j·cs`.
 #[derive(Clone, Copy, Debug)]
@@ -81,12 +88,98 @@ pub(crate) unsafe fn sgemm(
             return;
         }
     }
+    #[cfg(target_arch = "x86_64")]
+    if own_shape(m, n, k) {
+        // SAFETY: own_kernel() checked avx512f; the views are the caller's.
+        unsafe { super::sgemm::sgemm(m, n, k, dst, dst_rs, dst_cs, lhs, rhs, scale, accumulate) };
+        return;
+    }
     rust_sgemm(m, n, k, dst, dst_rs, dst_cs, lhs, rhs, scale, accumulate);
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use super::sgemm::{sgemm_packed, PackedB};
+
+/// Stand-in for our kernel's packed right-hand side where it is not compiled: never built
+/// ([`own_kernel_for`] is always false there).
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) enum PackedB {}
+
+#[cfg(not(target_arch = "x86_64"))]
+impl PackedB {
+    pub(crate) unsafe fn new(_k: usize, _n: usize, _rhs: MatRef) -> PackedB {
+        unreachable!("no packed sgemm on this architecture")
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn sgemm_packed(
+    _m: usize,
+    _dst: *mut f32,
+    _dst_rs: usize,
+    _dst_cs: usize,
+    _lhs: MatRef,
+    b: &PackedB,
+    _scale: f32,
+    _accumulate: bool,
+) {
+    match *b {}
+}
+
+/// The smallest n and k our own kernel takes.
+const OWN_MIN: usize = 128;
+/// The smallest m·n·k our own kernel takes: the layers of ViT-B/16 and up (128-row blocks:
+/// 75–302 M), not those of the small models (TRAIN-FM's are ≤ 59 M). Smaller products go
+/// to the `gemm` crate, which is faster there: n = 64 (attention's per-head products):
+/// 200–220 against 140–170 GFLOP/s on one Zen 5 core; TRAIN-FM's layers tie in isolation
+/// (ours 190–220, the crate 165–222) but a whole TRAIN-FM step took 5–10% longer with ours.
+/// Where the crate falls off, ViT-B/16's fc2 (k = 3072), ours runs at 150–160 against
+/// 75–80. See `super::sgemm`.
+const OWN_MIN_MNK: usize = 1 << 26;
+
+/// Whether [`sgemm`] runs a product of this shape on our own AVX-512 kernel (no system BLAS
+/// loaded, the CPU has avx512f, `VIT_GEMM` allows it, and the shape is large enough): a
+/// function of the CPU, the shape and the environment only. The linear layer asks it to
+/// decide whether to pack its weight once for all its row blocks
+/// ([`super::sgemm::PackedB`]).
+pub(crate) fn own_kernel_for(m: usize, n: usize, k: usize) -> bool {
+    blas().is_none() && own_shape(m, n, k)
+}
+
+/// Whether our own kernel runs a product of this shape that the system BLAS (if any)
+/// declined.
+fn own_shape(m: usize, n: usize, k: usize) -> bool {
+    own_kernel()
+        && n >= OWN_MIN
+        && k >= OWN_MIN
+        && m.saturating_mul(n).saturating_mul(k) >= OWN_MIN_MNK
+}
+
+/// Whether [`sgemm`] uses our own AVX-512 kernel: the CPU has avx512f and `VIT_GEMM` does
+/// not ask for the `gemm` crate (looked up once; independent of `VIT_SIMD`).
+#[cfg(target_arch = "x86_64")]
+fn own_kernel() -> bool {
+    static OWN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OWN.get_or_init(|| {
+        let choice = std::env::var("VIT_GEMM").ok();
+        match choice.as_deref() {
+            Some("rust") | Some("gemm") => return false,
+            None | Some("") | Some("vit") | Some("auto") => {}
+            Some(other) => tracing::warn!("VIT_GEMM={other}: unknown (rust or vit); using vit"),
+        }
+        std::arch::is_x86_feature_detected!("avx512f")
+    })
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn own_kernel() -> bool {
+    false
 }
 
 /// [`sgemm`] by the pure-Rust `gemm` crate (any strides; m, n, k ≥ 1).
 #[allow(clippy::too_many_arguments)]
-unsafe fn rust_sgemm(
+pub(super) unsafe fn rust_sgemm(
     m: usize,
     n: usize,
     k: usize,
@@ -307,20 +400,34 @@ fn cblas_view(v: MatRef, rows: usize, cols: usize) -> Option<(i32, i32)> {
     }
 }
 
-/// The provider as benchmark reports name it: the system BLAS if one was loaded, else
+/// The provider as benchmark reports name it: the system BLAS if one was loaded, else our
+/// own AVX-512 kernel where it runs (with the `gemm` crate for small products), else
 /// `gemm` with the kernel family it picks on this CPU at run time: AVX-512 (compiled in
 /// through the `x86-v4` feature in Cargo.toml) where the CPU has avx512f, else AVX2/FMA
 /// where it has fma, else portable code.
 pub(crate) fn provider() -> String {
     if let Some(b) = blas() {
-        return format!("{} (system BLAS; gemm for other strides)", b.name);
+        return format!(
+            "{} (system BLAS; {} for other strides)",
+            b.name,
+            base_provider()
+        );
     }
     match std::env::var("VIT_BLAS").ok().as_deref() {
-        None | Some("") | Some("none") | Some("gemm") => rust_provider().to_string(),
+        None | Some("") | Some("none") | Some("gemm") => base_provider(),
         Some(lib) => format!(
             "{} (VIT_BLAS={lib}: no BLAS could be loaded)",
-            rust_provider()
+            base_provider()
         ),
+    }
+}
+
+/// What runs without a system BLAS.
+fn base_provider() -> String {
+    if own_kernel() {
+        "vit AVX-512 sgemm (gemm crate below 2^26 m·n·k or n, k < 128)".to_string()
+    } else {
+        rust_provider().to_string()
     }
 }
 

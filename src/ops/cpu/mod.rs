@@ -13,6 +13,8 @@ mod gelu;
 mod gemm;
 mod layer_norm;
 mod linear;
+#[cfg(target_arch = "x86_64")]
+mod sgemm;
 mod softmax;
 
 pub(crate) use attention::attention;
