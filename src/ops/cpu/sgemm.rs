@@ -899,42 +899,16 @@ mod tests {
         // Several row, column and depth blocks (mc = 144, nc = 960, kc = 768), kept small
         // enough for the triple loop: the linear layer (x Wᵀ), its weight gradient
         // (Gᵀ x) and attention's P V into a wider output.
-        check(
-            &mut rng,
-            (197, 130, 1000),
-            Layout::Rows(0),
-            Layout::Cols(0),
-            (0, 1),
-            1.0,
-            true,
-        );
-        check(
-            &mut rng,
-            (300, 50, 520),
-            Layout::Cols(0),
-            Layout::Rows(0),
-            (0, 1),
-            1.0,
-            false,
-        );
-        check(
-            &mut rng,
-            (197, 64, 197),
-            Layout::Rows(0),
-            Layout::Rows(100),
-            (700, 1),
-            1.0,
-            false,
-        );
-        check(
-            &mut rng,
-            (20, 3100, 30),
-            Layout::Rows(0),
-            Layout::Cols(0),
-            (0, 1),
-            0.125,
-            true,
-        );
+        #[rustfmt::skip]
+        let cases = [
+            ((197, 130, 1000), Layout::Rows(0), Layout::Cols(0), (0, 1), 1.0, true),
+            ((300, 50, 520), Layout::Cols(0), Layout::Rows(0), (0, 1), 1.0, false),
+            ((197, 64, 197), Layout::Rows(0), Layout::Rows(100), (700, 1), 1.0, false),
+            ((20, 3100, 30), Layout::Rows(0), Layout::Cols(0), (0, 1), 0.125, true),
+        ];
+        for (shape, a, b, dst, scale, acc) in cases {
+            check(&mut rng, shape, a, b, dst, scale, acc);
+        }
     }
 
     #[test]
