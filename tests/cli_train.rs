@@ -308,6 +308,9 @@ fn bad_training_input_fails_clearly() {
         p(&run),
     ]);
     assert!(e.contains("not divisible by accum_steps"), "{e}");
+    // timm's spelling of the random-erasing probability, out of range.
+    let e = fails(&["train", "--reprob", "1.5", "--out", p(&run)]);
+    assert!(e.contains("random_erase") && e.contains("1.5"), "{e}");
     let e = fails(&["train", "--resume", p(&dir.path().join("no-run"))]);
     assert!(e.contains("not a run folder"), "{e}");
 }
