@@ -224,16 +224,20 @@ impl Block {
             NormPlacement::Pre => {
                 // x = x + attn(norm1(x)); x = x + mlp(norm2(x))
                 let (a, probs) = self.attn.forward(&self.norm1.forward(x)?, rng, capture)?;
-                let x = (x + self.residual(a, rng)?)?;
+                let x = ops::add(x, &self.residual(a, rng)?)?;
                 let m = self.mlp.forward(&self.norm2.forward(&x)?, rng)?;
-                Ok(((&x + self.residual(m, rng)?)?, probs))
+                Ok((ops::add(&x, &self.residual(m, rng)?)?, probs))
             }
             NormPlacement::Post => {
                 // x = norm1(x + attn(x)); x = norm2(x + mlp(x))
                 let (a, probs) = self.attn.forward(x, rng, capture)?;
-                let x = self.norm1.forward(&(x + self.residual(a, rng)?)?)?;
+                let x = self.norm1.forward(&ops::add(x, &self.residual(a, rng)?)?)?;
                 let m = self.mlp.forward(&x, rng)?;
-                Ok((self.norm2.forward(&(&x + self.residual(m, rng)?)?)?, probs))
+                Ok((
+                    self.norm2
+                        .forward(&ops::add(&x, &self.residual(m, rng)?)?)?,
+                    probs,
+                ))
             }
         }
     }

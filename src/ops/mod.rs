@@ -1,5 +1,5 @@
 //! The differentiable building blocks the model is made of, behind one interface:
-//! LayerNorm, linear, GELU, softmax, attention, cross-entropy and dropout.
+//! LayerNorm, linear, GELU, softmax, attention, residual add, cross-entropy and dropout.
 //! Each is composed of candle ops that record gradients (candle-nn's fused
 //! `softmax_last_dim`, `layer_norm` and `sdpa` do not), so every parameter trains.
 
@@ -108,6 +108,15 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
         return Ok(cpu::gelu(x)?);
     }
     Ok(x.gelu_erf()?)
+}
+
+/// `a + b` for tensors of one shape (the residual connections).
+/// Parallel kernel on the CPU in f32 (`ops::cpu`), candle's add elsewhere.
+pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if cpu::eligible(a) && cpu::eligible(b) && a.dims() == b.dims() {
+        return Ok(cpu::add(a, b)?);
+    }
+    Ok((a + b)?)
 }
 
 /// Softmax over the last dimension, max-subtracted for stability.

@@ -18,7 +18,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::gemm::{sgemm, MatRef};
-use super::{dot, exp, f32_slice, max, simd, sum, with_f32, SendPtr};
+use super::{dot, exp, f32_slice, max, new_blocks, simd, sum, with_f32, SendPtr, BLOCK_ELEMS};
 
 /// Scaled dot-product self-attention of `heads` heads over a CPU f32 `qkv` (B, T, 3·D)
 /// laid out as timm's fused projection (q, k, v blocks of D, each split into heads).
@@ -31,6 +31,8 @@ pub(crate) fn attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor
     let op = Attention {
         heads,
         scale: scale as f32,
+        // Only a pass that backward will see needs the probabilities (inference skips them).
+        keep_probs: qkv.track_op(),
         probs: Mutex::new(None),
     };
     qkv.contiguous()?.apply_op1(op)
@@ -39,6 +41,8 @@ pub(crate) fn attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor
 struct Attention {
     heads: usize,
     scale: f32,
+    /// Whether forward keeps the probabilities (gradients tracked).
+    keep_probs: bool,
     /// The softmax probabilities (B, heads, T, T) of the forward pass, for backward.
     probs: Mutex<Option<Vec<f32>>>,
 }
@@ -85,29 +89,35 @@ impl CustomOp1 for Attention {
             heads: self.heads,
         };
         let d = dims.d;
-        let mut out = vec![0f32; b * t * d];
-        let mut probs = vec![0f32; b * self.heads * t * t];
+        // Zeroed by the pool; each unit then writes its head's columns.
+        let mut out = new_blocks(b * t * d, BLOCK_ELEMS, |_, _| {});
         let out_ptr = SendPtr(out.as_mut_ptr());
         let qkv_ptr = qkv.as_ptr() as usize;
         let scale = self.scale;
+        // One (batch item, head) unit: S = scale · Q Kᵀ, P = softmax(S) in `p` (T, T), then
+        // O = P V into columns h·hd.. of the output rows.
+        let unit = |unit: usize, p: &mut [f32]| {
+            let (bi, h) = (unit / dims.heads, unit % dims.heads);
+            let base = qkv_ptr as *const f32;
+            let (q, k, v) = dims.qkv(base, bi, h);
+            let pm = MatRef::new(p.as_ptr(), t as isize, 1);
+            unsafe { sgemm(t, t, dims.hd, p.as_mut_ptr(), t, 1, q, k.t(), scale, false) };
+            simd!(softmax_rows(p, t));
+            let o = unsafe { out_ptr.get().add(bi * t * d + h * dims.hd) };
+            unsafe { sgemm(t, dims.hd, t, o, d, 1, pm, v, 1.0, false) };
+        };
+        let units = b * self.heads;
         if t > 0 && dims.hd > 0 {
-            probs
-                .par_chunks_mut(t * t)
-                .enumerate()
-                .for_each(|(unit, p)| {
-                    let (bi, h) = (unit / dims.heads, unit % dims.heads);
-                    let base = qkv_ptr as *const f32;
-                    let (q, k, v) = dims.qkv(base, bi, h);
-                    let pm = MatRef::new(p.as_ptr(), t as isize, 1);
-                    // S = scale · Q Kᵀ
-                    unsafe { sgemm(t, t, dims.hd, p.as_mut_ptr(), t, 1, q, k.t(), scale, false) };
-                    simd!(softmax_rows(p, t));
-                    // O = P V, into columns h·hd.. of the output rows.
-                    let o = unsafe { out_ptr.get().add(bi * t * d + h * dims.hd) };
-                    unsafe { sgemm(t, dims.hd, t, o, d, 1, pm, v, 1.0, false) };
-                });
+            if self.keep_probs {
+                let probs = new_blocks(units * t * t, t * t, unit);
+                *self.probs.lock().expect("attention probs lock") = Some(probs);
+            } else {
+                // Inference: one (T, T) scratch per thread instead of all the probabilities.
+                (0..units)
+                    .into_par_iter()
+                    .for_each_init(|| vec![0f32; t * t], |p, i| unit(i, p));
+            }
         }
-        *self.probs.lock().expect("attention probs lock") = Some(probs);
         Ok((CpuStorage::F32(out), Shape::from((b, t, d))))
     }
 
@@ -241,6 +251,18 @@ mod tests {
             let numeric = finite_diff(composed, &inp, &c);
             let e = max_rel_diff(&analytic[0], &numeric[0]);
             assert!(e < 1e-4, "{shape:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn inference_pass_equals_the_training_pass() {
+        // Without gradients the probabilities live in per-thread scratch, not one buffer.
+        for (i, &(b, t, hd)) in SHAPES.iter().enumerate() {
+            let x = rand(&[b, t, 3 * HEADS * hd], 2.0, 40 + i as u64);
+            let c = cotangent(&[b, t, HEADS * hd], i as u64);
+            let (tracked, _) = value_and_grads(fused, std::slice::from_ref(&x), &c);
+            assert!(!x.track_op());
+            assert_eq!(flat(&fused(&[x])), flat(&tracked), "{b} {t} {hd}");
         }
     }
 

@@ -6,7 +6,7 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use std::f32::consts::FRAC_1_SQRT_2;
 
-use super::{f32_slice, for_row_blocks, with_f32};
+use super::{f32_slice, new_row_blocks, with_f32};
 
 /// 1/√(2π), the standard normal density at 0.
 const INV_SQRT_2PI: f32 = 0.398_942_3;
@@ -69,10 +69,9 @@ impl CustomOp1 for Gelu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l)?;
-        let mut y = vec![0f32; x.len()];
         // Elementwise: treat the data as rows of one element each, in blocks.
-        for_row_blocks(
-            &mut y,
+        let y = new_row_blocks(
+            x.len(),
             1,
             #[inline(always)]
             |i0, block| {
@@ -87,9 +86,8 @@ impl CustomOp1 for Gelu {
     /// dx = g ⊙ GELU'(x).
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let dx = with_f32([x, g], |[x, g]| {
-            let mut dx = vec![0f32; x.len()];
-            for_row_blocks(
-                &mut dx,
+            new_row_blocks(
+                x.len(),
                 1,
                 #[inline(always)]
                 |i0, block| {
@@ -97,8 +95,7 @@ impl CustomOp1 for Gelu {
                         *dx = g * derivative(x);
                     }
                 },
-            );
-            dx
+            )
         })?;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }

@@ -5,7 +5,7 @@
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::{
-    dot, f32_slice, for_row_blocks, lane_sum, map_row_blocks, rows_per_block, sum, with_f32,
+    dot, f32_slice, lane_sum, map_row_blocks, new_row_blocks, rows_per_block, sum, with_f32,
 };
 
 /// `layer_norm(x, weight, bias)` for CPU f32 tensors; weight and bias have shape (D,) with
@@ -54,23 +54,20 @@ impl CustomOp3 for LayerNorm {
                 b.len()
             )
         }
-        let mut y = vec![0f32; x.len()];
-        if d > 0 {
-            for_row_blocks(
-                &mut y,
-                d,
-                #[inline(always)]
-                |row0, block| {
-                    for (i, yr) in block.chunks_exact_mut(d).enumerate() {
-                        let xr = &x[(row0 + i) * d..][..d];
-                        let (mean, r) = row_stats(xr, self.eps);
-                        for j in 0..d {
-                            yr[j] = (xr[j] - mean) * r * w[j] + b[j];
-                        }
+        let y = new_row_blocks(
+            x.len(),
+            d,
+            #[inline(always)]
+            |row0, block| {
+                for (i, yr) in block.chunks_exact_mut(d).enumerate() {
+                    let xr = &x[(row0 + i) * d..][..d];
+                    let (mean, r) = row_stats(xr, self.eps);
+                    for j in 0..d {
+                        yr[j] = (xr[j] - mean) * r * w[j] + b[j];
                     }
-                },
-            );
-        }
+                }
+            },
+        );
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use super::gelu;
 use super::gemm::{own_kernel_for, sgemm, sgemm_packed, MatRef, PackedB};
-use super::{f32_slice, simd, with_f32, SendPtr};
+use super::{f32_slice, new_blocks, simd, with_f32, SendPtr};
 
 /// Rows per forward task: enough for an efficient gemm, small enough to stay in cache. Also
 /// where the weight is packed once for all tasks (our own kernel): 396 and 792 measured the
@@ -94,9 +94,9 @@ impl CustomOp3 for Linear {
         let (x, w, b) = (f32_slice(xs, xl)?, f32_slice(ws, wl)?, f32_slice(bs, bl)?);
         let (rows, k) = xl.shape().dims2()?;
         let n = b.len();
-        let mut y = vec![0f32; rows * n];
+        // The pre-activation buffer, zeroed by the pool (each forward block then fills its rows).
         let mut pre = if self.keep_pre {
-            vec![0f32; rows * n]
+            new_blocks(rows * n, FWD_ROWS * n.max(1), |_, _| {})
         } else {
             Vec::new()
         };
@@ -111,19 +111,19 @@ impl CustomOp3 for Linear {
             unsafe { PackedB::new(k, n, wt) }
         });
         let packed = packed.as_ref();
-        if n > 0 {
-            y.par_chunks_mut(FWD_ROWS * n)
-                .enumerate()
-                .for_each(|(i, yb)| {
-                    let r0 = i * FWD_ROWS;
-                    let xb = &x[r0 * k..];
-                    // SAFETY: block i owns rows r0.. of the pre-activation buffer.
-                    let zb = keep_pre.then(|| unsafe {
-                        std::slice::from_raw_parts_mut(pre_ptr.get().add(r0 * n), yb.len())
-                    });
-                    simd!(fwd_block(xb, w, b, packed, act, yb, zb));
+        let y = if n > 0 {
+            new_blocks(rows * n, FWD_ROWS * n, |i, yb| {
+                let r0 = i * FWD_ROWS;
+                let xb = &x[r0 * k..];
+                // SAFETY: block i owns rows r0.. of the pre-activation buffer.
+                let zb = keep_pre.then(|| unsafe {
+                    std::slice::from_raw_parts_mut(pre_ptr.get().add(r0 * n), yb.len())
                 });
-        }
+                simd!(fwd_block(xb, w, b, packed, act, yb, zb));
+            })
+        } else {
+            Vec::new()
+        };
         if self.keep_pre {
             *self.pre.lock().expect("linear pre-activation lock") = Some(pre);
         }

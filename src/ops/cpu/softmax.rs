@@ -4,7 +4,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
-use super::{dot, exp, f32_slice, for_row_blocks, max, sum, with_f32};
+use super::{dot, exp, f32_slice, max, new_row_blocks, sum, with_f32};
 
 /// Softmax over the last dimension of a CPU f32 tensor.
 pub(crate) fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
@@ -21,25 +21,22 @@ impl CustomOp1 for Softmax {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l)?;
         let d = *l.dims().last().unwrap_or(&1);
-        let mut y = vec![0f32; x.len()];
-        if d > 0 {
-            for_row_blocks(
-                &mut y,
-                d,
-                #[inline(always)]
-                |row0, block| {
-                    for (i, yr) in block.chunks_exact_mut(d).enumerate() {
-                        let xr = &x[(row0 + i) * d..][..d];
-                        let max = max(xr);
-                        for (y, &x) in yr.iter_mut().zip(xr) {
-                            *y = exp(x - max);
-                        }
-                        let inv = 1.0 / sum(yr);
-                        yr.iter_mut().for_each(|y| *y *= inv);
+        let y = new_row_blocks(
+            x.len(),
+            d,
+            #[inline(always)]
+            |row0, block| {
+                for (i, yr) in block.chunks_exact_mut(d).enumerate() {
+                    let xr = &x[(row0 + i) * d..][..d];
+                    let max = max(xr);
+                    for (y, &x) in yr.iter_mut().zip(xr) {
+                        *y = exp(x - max);
                     }
-                },
-            );
-        }
+                    let inv = 1.0 / sum(yr);
+                    yr.iter_mut().for_each(|y| *y *= inv);
+                }
+            },
+        );
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -48,25 +45,21 @@ impl CustomOp1 for Softmax {
     fn bwd(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let d = x.dims().last().copied().unwrap_or(1);
         let dx = with_f32([y, g], |[y, g]| {
-            let mut dx = vec![0f32; y.len()];
-            if d > 0 {
-                for_row_blocks(
-                    &mut dx,
-                    d,
-                    #[inline(always)]
-                    |row0, block| {
-                        for (i, dxr) in block.chunks_exact_mut(d).enumerate() {
-                            let yr = &y[(row0 + i) * d..][..d];
-                            let gr = &g[(row0 + i) * d..][..d];
-                            let yg = dot(yr, gr);
-                            for j in 0..d {
-                                dxr[j] = yr[j] * (gr[j] - yg);
-                            }
+            new_row_blocks(
+                y.len(),
+                d,
+                #[inline(always)]
+                |row0, block| {
+                    for (i, dxr) in block.chunks_exact_mut(d).enumerate() {
+                        let yr = &y[(row0 + i) * d..][..d];
+                        let gr = &g[(row0 + i) * d..][..d];
+                        let yg = dot(yr, gr);
+                        for j in 0..d {
+                            dxr[j] = yr[j] * (gr[j] - yg);
                         }
-                    },
-                );
-            }
-            dx
+                    }
+                },
+            )
         })?;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
