@@ -98,7 +98,7 @@ pub(crate) unsafe fn sgemm(
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use super::sgemm::{sgemm_packed, PackedB};
+pub(crate) use super::sgemm::{sgemm_packed, Epilogue, PackedB};
 
 /// Stand-in for our kernel's packed right-hand side where it is not compiled: never built
 /// ([`own_kernel_for`] is always false there).
@@ -123,8 +123,21 @@ pub(crate) unsafe fn sgemm_packed(
     b: &PackedB,
     _scale: f32,
     _accumulate: bool,
+    _epi: Epilogue,
 ) {
     match *b {}
+}
+
+/// Stand-in for our kernel's epilogue where it is not compiled.
+#[cfg(not(target_arch = "x86_64"))]
+#[derive(Clone, Copy)]
+pub(crate) struct Epilogue;
+
+#[cfg(not(target_arch = "x86_64"))]
+impl Epilogue {
+    pub(crate) fn new(_bias: Option<&[f32]>, _gelu: bool) -> Epilogue {
+        Epilogue
+    }
 }
 
 /// The smallest n and k our own kernel takes.

@@ -27,7 +27,7 @@ struct LayerNorm {
 fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
     let n = x.len() as f32;
     let mean = sum(x) / n;
-    let var = lane_sum(x.len(), |i| (x[i] - mean) * (x[i] - mean)) / n;
+    let var = lane_sum(x, |v| (v - mean) * (v - mean)) / n;
     (mean, 1.0 / (var + eps).sqrt())
 }
 
@@ -59,11 +59,12 @@ impl CustomOp3 for LayerNorm {
             d,
             #[inline(always)]
             |row0, block| {
+                let (w, b) = (&w[..d], &b[..d]);
                 for (i, yr) in block.chunks_exact_mut(d).enumerate() {
                     let xr = &x[(row0 + i) * d..][..d];
                     let (mean, r) = row_stats(xr, self.eps);
-                    for j in 0..d {
-                        yr[j] = (xr[j] - mean) * r * w[j] + b[j];
+                    for (((y, &x), &w), &b) in yr.iter_mut().zip(xr).zip(w).zip(b) {
+                        *y = (x - mean) * r * w + b;
                     }
                 }
             },
@@ -101,22 +102,25 @@ impl CustomOp3 for LayerNorm {
                 #[inline(always)]
                 |row0, block| {
                     let (mut pw, mut pb) = (vec![0f32; d], vec![0f32; d]);
-                    let mut xhat = vec![0f32; d];
+                    // x̂ and h = g ⊙ w of the current row.
+                    let (mut xhat, mut h) = (vec![0f32; d], vec![0f32; d]);
+                    let w = &w[..d];
                     for (i, dxr) in block.chunks_exact_mut(d).enumerate() {
                         let xr = &x[(row0 + i) * d..][..d];
                         let gr = &g[(row0 + i) * d..][..d];
                         let (mean, r) = row_stats(xr, eps);
-                        for j in 0..d {
-                            let xh = (xr[j] - mean) * r;
-                            xhat[j] = xh;
-                            pw[j] += gr[j] * xh;
-                            pb[j] += gr[j];
+                        let terms = xhat.iter_mut().zip(&mut h).zip(&mut pw).zip(&mut pb);
+                        for ((((xh, h), pw), pb), ((&x, &g), &w)) in
+                            terms.zip(xr.iter().zip(gr).zip(w))
+                        {
+                            *xh = (x - mean) * r;
+                            *h = g * w;
+                            *pw += g * *xh;
+                            *pb += g;
                         }
-                        let sum_h = dot(gr, w);
-                        let sum_hx = lane_sum(d, |j| gr[j] * w[j] * xhat[j]);
-                        let (mean_h, mean_hx) = (sum_h / d as f32, sum_hx / d as f32);
-                        for j in 0..d {
-                            dxr[j] = r * (gr[j] * w[j] - mean_h - xhat[j] * mean_hx);
+                        let (mean_h, mean_hx) = (sum(&h) / d as f32, dot(&h, &xhat) / d as f32);
+                        for ((dx, &h), &xh) in dxr.iter_mut().zip(&h).zip(&xhat) {
+                            *dx = r * (h - mean_h - xh * mean_hx);
                         }
                     }
                     (pw, pb)
@@ -128,10 +132,8 @@ impl CustomOp3 for LayerNorm {
             );
             // Add the blocks' partial sums in block order: deterministic.
             for (pw, pb) in partials {
-                for j in 0..d {
-                    dw[j] += pw[j];
-                    db[j] += pb[j];
-                }
+                dw.iter_mut().zip(&pw).for_each(|(a, b)| *a += b);
+                db.iter_mut().zip(&pb).for_each(|(a, b)| *a += b);
             }
             (dx, dw, db)
         })?;

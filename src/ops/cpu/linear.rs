@@ -2,7 +2,8 @@
 //! the identity or exact GELU, applied to each block of rows while it is still in cache.
 //!
 //! Forward, per block of rows: fill with b, add x Wᵀ (gemm), apply GELU (keeping the
-//! pre-activation z for backward). Backward, for G = ∂L/∂y and Gz = G ⊙ act'(z):
+//! pre-activation z for backward); on our own kernel the bias and GELU are its epilogue,
+//! applied to each tile as it is written. Backward, for G = ∂L/∂y and Gz = G ⊙ act'(z):
 //!   dx = Gz W,   dW = Gzᵀ x,   db = Σ_rows Gz.
 //! dW and db sum over rows: each fixed chunk of rows makes a partial sum, and the partials
 //! are added in chunk order, so results never depend on the number of threads.
@@ -14,8 +15,8 @@ use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::gelu;
-use super::gemm::{own_kernel_for, sgemm, sgemm_packed, MatRef, PackedB};
-use super::{f32_slice, new_blocks, simd, with_f32, SendPtr};
+use super::gemm::{own_kernel_for, sgemm, sgemm_packed, Epilogue, MatRef, PackedB};
+use super::{f32_slice, new_blocks, new_blocks_uninit, simd, with_f32, SendPtr};
 
 /// Rows per forward task: enough for an efficient gemm, small enough to stay in cache. Also
 /// where the weight is packed once for all tasks (our own kernel): 396 and 792 measured the
@@ -112,15 +113,17 @@ impl CustomOp3 for Linear {
         });
         let packed = packed.as_ref();
         let y = if n > 0 {
-            new_blocks(rows * n, FWD_ROWS * n, |i, yb| {
-                let r0 = i * FWD_ROWS;
-                let xb = &x[r0 * k..];
-                // SAFETY: block i owns rows r0.. of the pre-activation buffer.
-                let zb = keep_pre.then(|| unsafe {
-                    std::slice::from_raw_parts_mut(pre_ptr.get().add(r0 * n), yb.len())
-                });
-                simd!(fwd_block(xb, w, b, packed, act, yb, zb));
-            })
+            // SAFETY: fwd_block writes every float of its block before reading it.
+            unsafe {
+                new_blocks_uninit(rows * n, FWD_ROWS * n, |i, yb, len| {
+                    let r0 = i * FWD_ROWS;
+                    let xb = &x[r0 * k..];
+                    // SAFETY: block i owns rows r0.. of the pre-activation buffer.
+                    let zb = keep_pre
+                        .then(|| std::slice::from_raw_parts_mut(pre_ptr.get().add(r0 * n), len));
+                    simd!(fwd_block(xb, w, b, packed, act, (yb, len), zb));
+                })
+            }
         } else {
             Vec::new()
         };
@@ -182,36 +185,52 @@ impl CustomOp3 for Linear {
 }
 
 /// Forward of one block of m rows, x (m, in), W (out, in), b (out): y = act(x Wᵀ + b) into
-/// `yb` (m, out), keeping the pre-activation in `zb` when given. `packed` is Wᵀ packed for
-/// our own kernel, when the caller packed it.
+/// the `len` = m · out floats at `yb`, which start uninitialised, keeping the pre-activation
+/// in `zb` when given. `packed` is Wᵀ packed for our own kernel, when the caller packed it:
+/// the kernel then adds the bias (and applies GELU, unless the pre-activation is kept) to
+/// each tile as it writes it. Otherwise y is filled with the bias and the product added.
+///
+/// # Safety
+/// `yb` must be valid for writes of `len` floats (a whole number of rows of out).
 #[inline(always)]
-fn fwd_block(
+unsafe fn fwd_block(
     x: &[f32],
     w: &[f32],
     b: &[f32],
     packed: Option<&PackedB>,
     act: Activation,
-    yb: &mut [f32],
+    (yb, len): (*mut f32, usize),
     zb: Option<&mut [f32]>,
 ) {
     let n = b.len();
-    let (m, k) = (yb.len() / n, w.len() / n);
-    for row in yb.chunks_exact_mut(n) {
-        row.copy_from_slice(b);
-    }
+    let (m, k) = (len / n, w.len() / n);
     let xm = MatRef::new(x.as_ptr(), k as isize, 1); // (m, in)
-    let wt = MatRef::new(w.as_ptr(), 1, k as isize); // Wᵀ (in, out)
-    match packed {
-        // SAFETY: x has m rows of k, yb m rows of n; the packed Wᵀ is (k, n), and exists
-        // only where our kernel runs (avx512f).
-        Some(p) => unsafe { sgemm_packed(m, yb.as_mut_ptr(), n, 1, xm, p, 1.0, true) },
-        // SAFETY: x has m rows of k, yb m rows of n, W n rows of k.
-        None => unsafe { sgemm(m, n, k, yb.as_mut_ptr(), n, 1, xm, wt, 1.0, true) },
-    }
+    let gelu_pending = match packed {
+        Some(p) => {
+            let in_kernel = act == Activation::Gelu && zb.is_none();
+            let epi = Epilogue::new(Some(b), in_kernel);
+            // SAFETY: x has m rows of k, yb m rows of n (written, not read); the packed Wᵀ
+            // is (k, n), and exists only where our kernel runs (avx512f).
+            unsafe { sgemm_packed(m, yb, n, 1, xm, p, 1.0, false, epi) };
+            act == Activation::Gelu && !in_kernel
+        }
+        None => {
+            for i in 0..m {
+                // SAFETY: row i of yb, n floats.
+                unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), yb.add(i * n), n) };
+            }
+            let wt = MatRef::new(w.as_ptr(), 1, k as isize); // Wᵀ (in, out)
+                                                             // SAFETY: x has m rows of k, yb m rows of n (initialised above), W n rows of k.
+            unsafe { sgemm(m, n, k, yb, n, 1, xm, wt, 1.0, true) };
+            act == Activation::Gelu
+        }
+    };
+    // SAFETY: every float of yb is written by now.
+    let yb = unsafe { std::slice::from_raw_parts_mut(yb, len) };
     if let Some(zb) = zb {
         zb.copy_from_slice(yb);
     }
-    if act == Activation::Gelu {
+    if gelu_pending {
         for v in yb.iter_mut() {
             *v *= gelu::cdf(*v);
         }

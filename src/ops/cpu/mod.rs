@@ -85,26 +85,36 @@ fn with_f32<R, const N: usize>(ts: [&Tensor; N], f: impl FnOnce([&[f32]; N]) -> 
     Ok(f(slices))
 }
 
-/// Lanes of the row reductions below: eight independent partial sums, which the compiler
-/// keeps in one vector register (a single running f32 sum is a serial chain it may not
-/// reorder). The order of additions is fixed, so results stay deterministic.
-const LANES: usize = 8;
+/// Lanes of the row reductions below: sixteen independent partial sums, which the compiler
+/// keeps in vector registers (a single running f32 sum is a serial chain it may not
+/// reorder). The order of additions is fixed, so results stay deterministic and the same on
+/// every instruction set. The loops run over `as_chunks` arrays: no bounds checks, which
+/// would stop the compiler vectorising them.
+const LANES: usize = 16;
 
-/// Σ f(i) for i in 0..n, with [`LANES`] interleaved partial sums.
+/// Σ f(a_i, b_i) over the shorter length, with [`LANES`] interleaved partial sums.
 #[inline(always)]
-fn lane_sum(n: usize, f: impl Fn(usize) -> f32) -> f32 {
+fn lane_sum2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+    let n = a.len().min(b.len());
+    let (ac, at) = a[..n].as_chunks::<LANES>();
+    let (bc, bt) = b[..n].as_chunks::<LANES>();
     let mut acc = [0f32; LANES];
-    let full = n / LANES * LANES;
-    for i0 in (0..full).step_by(LANES) {
-        for (l, a) in acc.iter_mut().enumerate() {
-            *a += f(i0 + l);
+    for (ca, cb) in ac.iter().zip(bc) {
+        for l in 0..LANES {
+            acc[l] += f(ca[l], cb[l]);
         }
     }
     let mut tail = 0f32;
-    for i in full..n {
-        tail += f(i);
+    for (&x, &y) in at.iter().zip(bt) {
+        tail += f(x, y);
     }
     acc.iter().sum::<f32>() + tail
+}
+
+/// Σ f(x_i), with [`LANES`] interleaved partial sums.
+#[inline(always)]
+fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    lane_sum2(x, x, |v, _| f(v))
 }
 
 /// max x (−∞ for an empty slice), with [`LANES`] interleaved partial maxima so it
@@ -112,32 +122,26 @@ fn lane_sum(n: usize, f: impl Fn(usize) -> f32) -> f32 {
 #[inline(always)]
 pub(super) fn max(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
-    let mut blocks = x.chunks_exact(LANES);
-    for b in &mut blocks {
-        for (a, &v) in acc.iter_mut().zip(b) {
-            *a = a.max(v);
+    let (blocks, tail) = x.as_chunks::<LANES>();
+    for b in blocks {
+        for l in 0..LANES {
+            acc[l] = acc[l].max(b[l]);
         }
     }
-    let tail = blocks
-        .remainder()
-        .iter()
-        .copied()
-        .fold(f32::NEG_INFINITY, f32::max);
+    let tail = tail.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     acc.iter().copied().fold(tail, f32::max)
 }
 
 /// Σ x.
 #[inline(always)]
 pub(super) fn sum(x: &[f32]) -> f32 {
-    lane_sum(x.len(), |i| x[i])
+    lane_sum(x, |v| v)
 }
 
 /// Σ a ⊙ b (over the shorter length).
 #[inline(always)]
 pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    lane_sum(n, |i| a[i] * b[i])
+    lane_sum2(a, b, |a, b| a * b)
 }
 
 /// e^x in f32, branch-free so loops over it vectorise (the C library's `expf` is an opaque
@@ -270,16 +274,31 @@ fn new_blocks<F>(len: usize, chunk: usize, f: F) -> Vec<f32>
 where
     F: Fn(usize, &mut [f32]) + Sync + Send,
 {
+    // SAFETY: every block is zeroed before anything else touches it.
+    unsafe {
+        new_blocks_uninit(len, chunk, |i, ptr, n| {
+            std::ptr::write_bytes(ptr, 0, n);
+            f(i, std::slice::from_raw_parts_mut(ptr, n))
+        })
+    }
+}
+
+/// As [`new_blocks`] without the zeroing: `f(block_index, ptr, n)` gets the block's `n`
+/// floats uninitialised, for a writer that fills all of them without reading them first
+/// (our matrix multiply without `accumulate`).
+///
+/// # Safety
+/// `f` must write every float of its block and read none before writing it.
+unsafe fn new_blocks_uninit<F>(len: usize, chunk: usize, f: F) -> Vec<f32>
+where
+    F: Fn(usize, *mut f32, usize) + Sync + Send,
+{
     use std::mem::MaybeUninit;
     let mut buf: Vec<MaybeUninit<f32>> = Vec::with_capacity(len);
     // SAFETY: MaybeUninit elements need no initialisation.
     unsafe { buf.set_len(len) };
     let run = |i: usize, block: &mut [MaybeUninit<f32>]| {
-        block.fill(MaybeUninit::new(0.0));
-        // SAFETY: every element of the block was just written; MaybeUninit<f32> has f32's layout.
-        f(i, unsafe {
-            &mut *(block as *mut [MaybeUninit<f32>] as *mut [f32])
-        })
+        f(i, block.as_mut_ptr().cast::<f32>(), block.len())
     };
     let chunk = chunk.max(1);
     if len <= chunk {
@@ -290,8 +309,8 @@ where
             .for_each(|(i, block)| run(i, block));
     }
     let mut buf = std::mem::ManuallyDrop::new(buf);
-    // SAFETY: every element was initialised above; the pointer, length and capacity come
-    // from a Vec of a type with f32's size and alignment.
+    // SAFETY: `f` initialised every element (the caller's contract); the pointer, length
+    // and capacity come from a Vec of a type with f32's size and alignment.
     unsafe { Vec::from_raw_parts(buf.as_mut_ptr().cast::<f32>(), buf.len(), buf.capacity()) }
 }
 

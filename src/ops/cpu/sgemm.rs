@@ -253,7 +253,19 @@ unsafe fn macro_block(
             let mcb = mc.min(m - ic);
             pack_a(mcb, kcb, lhs.at(ic, 0), a_pack);
             let c = c.add(ic * c_rs);
-            tiles(mcb, ncb, kcb, a_pack, b_pack, c, c_rs, c_cs, scale, acc);
+            tiles(
+                mcb,
+                ncb,
+                kcb,
+                a_pack,
+                b_pack,
+                c,
+                c_rs,
+                c_cs,
+                scale,
+                acc,
+                Epilogue::NONE,
+            );
         }
     }
 }
@@ -277,22 +289,77 @@ unsafe fn tiles(
     c_cs: usize,
     scale: f32,
     acc: bool,
+    epi: Epilogue,
 ) {
     // SAFETY: every panel and tile below lies inside the blocks the caller vouches for.
     unsafe {
         for jr in (0..ncb).step_by(NR) {
             let nr = NR.min(ncb - jr);
             let b_panel = b_pack.add(jr * kcb);
+            let epi = epi.at(jr);
             for ir in (0..mcb).step_by(MR) {
                 let mr = MR.min(mcb - ir);
                 let a_panel = a_pack.add(ir * kcb);
                 let c = c.add(ir * c_rs + jr * c_cs);
                 if c_cs == 1 {
-                    kernel(kcb, a_panel, b_panel, c, c_rs, mr, nr, scale, acc);
+                    kernel(kcb, a_panel, b_panel, c, c_rs, mr, nr, scale, acc, epi);
                 } else {
-                    kernel_strided(kcb, a_panel, b_panel, c, c_rs, c_cs, mr, nr, scale, acc);
+                    kernel_strided(
+                        kcb, a_panel, b_panel, c, c_rs, c_cs, mr, nr, scale, acc, epi,
+                    );
                 }
             }
+        }
+    }
+}
+
+/// What the micro-kernel applies to the tiles it writes: a bias per column added to the
+/// product, then exact GELU (the fused linear layer's bias and activation, done while the
+/// tile is in registers or L1 rather than in passes over the whole output).
+#[derive(Clone, Copy)]
+pub(crate) struct Epilogue {
+    /// The bias of the tile's first column (null: none).
+    bias: *const f32,
+    gelu: bool,
+}
+
+impl Epilogue {
+    /// Nothing: dst is the scaled product (plus dst with `accumulate`).
+    pub(crate) const NONE: Epilogue = Epilogue {
+        bias: std::ptr::null(),
+        gelu: false,
+    };
+
+    /// `bias` (one value per column of dst) added, then GELU when `gelu`.
+    pub(crate) fn new(bias: Option<&[f32]>, gelu: bool) -> Epilogue {
+        Epilogue {
+            bias: bias.map_or(std::ptr::null(), |b| b.as_ptr()),
+            gelu,
+        }
+    }
+
+    /// The epilogue of the tiles starting at column `j` (relative to this one's).
+    ///
+    /// # Safety
+    /// Column j must lie inside the bias, if any.
+    unsafe fn at(self, j: usize) -> Epilogue {
+        Epilogue {
+            // SAFETY: the caller's contract.
+            bias: if self.bias.is_null() {
+                self.bias
+            } else {
+                unsafe { self.bias.add(j) }
+            },
+            gelu: self.gelu,
+        }
+    }
+
+    /// This epilogue for one depth block of a product: the bias goes with the first block
+    /// (it is added once), GELU with the last (it applies to the finished sum).
+    fn for_depth_block(self, first: bool, last: bool) -> Epilogue {
+        Epilogue {
+            bias: if first { self.bias } else { std::ptr::null() },
+            gelu: self.gelu && last,
         }
     }
 }
@@ -326,7 +393,12 @@ impl PackedB {
         debug_assert!(k > 0 && n > 0);
         let kc = split(k, BLOCKING.kc, 1);
         let nc = split(n, BLOCKING.nc, NR);
-        let mut buf = vec![Line([0.0; 16]); (n.next_multiple_of(NR) * k).div_ceil(16)];
+        // Not zeroed first (a serial pass over the whole weight): the panels below tile the
+        // buffer and pack_b writes every float of its panel, padding included.
+        let lines = (n.next_multiple_of(NR) * k).div_ceil(16);
+        let mut buf: Vec<std::mem::MaybeUninit<Line>> = Vec::with_capacity(lines);
+        // SAFETY: MaybeUninit elements need no initialisation.
+        unsafe { buf.set_len(lines) };
         // One task per NR-wide panel of each block: (float offset, depth block, first column).
         let mut panels = Vec::new();
         for jc in (0..n).step_by(nc) {
@@ -338,6 +410,13 @@ impl PackedB {
                 }
             }
         }
+        debug_assert_eq!(
+            panels
+                .iter()
+                .map(|&(_, pc, _)| kc.min(k - pc) * NR)
+                .sum::<usize>(),
+            lines * 16
+        );
         let out = super::SendPtr(buf.as_mut_ptr() as *mut f32);
         panels.par_iter().for_each(|&(off, pc, j0)| {
             let kcb = kc.min(k - pc);
@@ -346,13 +425,20 @@ impl PackedB {
             // this task alone. avx512f is the caller's.
             unsafe { pack_b(kcb, NR.min(n - j0), rhs.at(pc, j0), out.get().add(off)) };
         });
+        let mut buf = std::mem::ManuallyDrop::new(buf);
+        // SAFETY: the panels wrote every float (above); MaybeUninit<Line> has Line's layout.
+        let buf =
+            unsafe { Vec::from_raw_parts(buf.as_mut_ptr().cast::<Line>(), lines, buf.capacity()) };
         PackedB { k, n, kc, nc, buf }
     }
 }
 
-/// [`sgemm`] with the right-hand side packed beforehand: `dst (m, n) = scale · lhs (m, k) ·
-/// B`, or `dst += …` with `accumulate`, for the (k, n) of `b`. Rounds exactly as [`sgemm`]
-/// (same depth blocks, same micro-kernel).
+/// [`sgemm`] with the right-hand side packed beforehand, and an epilogue:
+/// `dst (m, n) = act(scale · lhs (m, k) · B + bias [+ dst with accumulate])` for the (k, n)
+/// of `b`, with the bias and activation of `epi`. Without an epilogue it rounds exactly as
+/// [`sgemm`] (same depth blocks, same micro-kernel), and with a bias exactly as `sgemm`
+/// accumulating onto a dst filled with the bias. Without `accumulate`, dst is only written:
+/// it may start uninitialised.
 ///
 /// # Safety
 /// The CPU must have avx512f; m ≥ 1; `lhs` and `dst` must cover their matrices inside live
@@ -367,6 +453,7 @@ pub(crate) unsafe fn sgemm_packed(
     b: &PackedB,
     scale: f32,
     accumulate: bool,
+    epi: Epilogue,
 ) {
     debug_assert!(m > 0);
     let (n, k, kc, nc) = (b.n, b.k, b.kc, b.nc);
@@ -384,6 +471,7 @@ pub(crate) unsafe fn sgemm_packed(
         for pc in (0..k).step_by(kc) {
             let kcb = kc.min(k - pc);
             let acc = accumulate || pc > 0;
+            let epi = epi.for_depth_block(pc == 0, pc + kcb == k);
             for ic in (0..m).step_by(mc) {
                 let mcb = mc.min(m - ic);
                 pack_a(mcb, kcb, lhs.at(ic, pc), a_pack);
@@ -391,7 +479,10 @@ pub(crate) unsafe fn sgemm_packed(
                     let ncb = nc.min(n - jc);
                     let b_pack = base.add(jc * k + ncb.next_multiple_of(NR) * pc);
                     let c = dst.add(ic * dst_rs + jc * dst_cs);
-                    tiles(mcb, ncb, kcb, a_pack, b_pack, c, dst_rs, dst_cs, scale, acc);
+                    let epi = epi.at(jc);
+                    tiles(
+                        mcb, ncb, kcb, a_pack, b_pack, c, dst_rs, dst_cs, scale, acc, epi,
+                    );
                 }
             }
         }
@@ -423,11 +514,12 @@ fn mask(lanes: usize) -> __mmask16 {
 
 /// The micro-kernel: the mr × nr corner (mr ≤ MR, nr ≤ NR) of
 /// `scale · A panel (MR × kc) · B panel (kc × NR)` stored to `c` (row stride `c_rs`,
-/// column stride 1), or added to it with `accumulate`.
+/// column stride 1), or added to it with `accumulate`, then the epilogue: + bias (as
+/// `fmadd(acc, scale, bias)` without `accumulate`), then GELU over the stored tile.
 ///
 /// # Safety
 /// avx512f; `a` holds kc·MR floats, `b` kc·NR floats and is 64-byte aligned; `c` covers
-/// the mr × nr corner.
+/// the mr × nr corner; the epilogue's bias, if any, holds nr floats.
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn kernel(
@@ -440,6 +532,7 @@ unsafe fn kernel(
     nr: usize,
     scale: f32,
     accumulate: bool,
+    epi: Epilogue,
 ) {
     let mut acc = [[_mm512_setzero_ps(); NV]; MR];
     // SAFETY: reads stay inside the panels (kc steps of MR and NR floats), B's aligned.
@@ -476,14 +569,35 @@ unsafe fn kernel(
                 }
                 let mk = mask(cols);
                 let p = ci.add(16 * v);
-                let y = if accumulate {
-                    _mm512_fmadd_ps(x, sv, _mm512_maskz_loadu_ps(mk, p))
-                } else {
-                    _mm512_mul_ps(x, sv)
+                let bias =
+                    (!epi.bias.is_null()).then(|| _mm512_maskz_loadu_ps(mk, epi.bias.add(16 * v)));
+                let y = match (accumulate, bias) {
+                    (true, None) => _mm512_fmadd_ps(x, sv, _mm512_maskz_loadu_ps(mk, p)),
+                    (true, Some(b)) => {
+                        _mm512_add_ps(_mm512_fmadd_ps(x, sv, _mm512_maskz_loadu_ps(mk, p)), b)
+                    }
+                    (false, Some(b)) => _mm512_fmadd_ps(x, sv, b),
+                    (false, None) => _mm512_mul_ps(x, sv),
                 };
                 _mm512_mask_storeu_ps(p, mk, y);
             }
         }
+    }
+    if epi.gelu {
+        for i in 0..mr {
+            // SAFETY: row i of the tile, nr floats, all just stored.
+            let row = unsafe { std::slice::from_raw_parts_mut(c.add(i * c_rs), nr) };
+            gelu_in_place(row);
+        }
+    }
+}
+
+/// x ↦ x·Φ(x) over `row`, as the GELU kernel computes it (the same operations, so the
+/// same bits).
+#[inline(always)]
+fn gelu_in_place(row: &mut [f32]) {
+    for v in row {
+        *v *= super::gelu::cdf(*v);
     }
 }
 
@@ -504,6 +618,7 @@ unsafe fn kernel_strided(
     nr: usize,
     scale: f32,
     accumulate: bool,
+    epi: Epilogue,
 ) {
     let mut tile = [[[0f32; 16]; NV]; MR];
     // SAFETY: the tile is MR × NR with row stride NR; the corner stays inside c's view.
@@ -518,11 +633,31 @@ unsafe fn kernel_strided(
             nr,
             scale,
             false,
+            Epilogue {
+                bias: if accumulate {
+                    std::ptr::null()
+                } else {
+                    epi.bias
+                },
+                gelu: false,
+            },
         );
-        for (i, row) in tile.iter().enumerate().take(mr) {
-            for (j, &t) in row.as_flattened().iter().enumerate().take(nr) {
+        for (i, row) in tile.iter_mut().enumerate().take(mr) {
+            let row = &mut row.as_flattened_mut()[..nr];
+            for (j, t) in row.iter_mut().enumerate() {
                 let p = c.add(i * c_rs + j * c_cs);
-                *p = if accumulate { *p + t } else { t };
+                if accumulate {
+                    *t += *p;
+                    if !epi.bias.is_null() {
+                        *t += *epi.bias.add(j);
+                    }
+                }
+            }
+            if epi.gelu {
+                gelu_in_place(row);
+            }
+            for (j, &t) in row.iter().enumerate() {
+                *c.add(i * c_rs + j * c_cs) = t;
             }
         }
     }
@@ -990,7 +1125,17 @@ mod tests {
                             scale,
                             acc,
                         );
-                        sgemm_packed(m, got.as_mut_ptr(), dst_rs, dst_cs, am, &packed, scale, acc);
+                        sgemm_packed(
+                            m,
+                            got.as_mut_ptr(),
+                            dst_rs,
+                            dst_cs,
+                            am,
+                            &packed,
+                            scale,
+                            acc,
+                            Epilogue::NONE,
+                        );
                     }
                     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                         assert_eq!(
@@ -1008,7 +1153,17 @@ mod tests {
                         sc.spawn(move || {
                             // SAFETY: as above, each thread its own dst.
                             unsafe {
-                                sgemm_packed(m, out.as_mut_ptr(), n, 1, am, packed, 1.0, false)
+                                sgemm_packed(
+                                    m,
+                                    out.as_mut_ptr(),
+                                    n,
+                                    1,
+                                    am,
+                                    packed,
+                                    1.0,
+                                    false,
+                                    Epilogue::NONE,
+                                )
                             }
                         });
                     }
@@ -1021,6 +1176,63 @@ mod tests {
                         .iter()
                         .zip(&want)
                         .all(|(g, w)| g.to_bits() == w.to_bits()));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn epilogue_equals_bias_fill_then_product_then_gelu() {
+        if !supported() {
+            return;
+        }
+        let mut rng = Rng(0xe91);
+        // The linear layer's old order, bit for bit: dst filled with the bias, the product
+        // accumulated onto it, then GELU over the result. k crossing kc puts the bias in the
+        // first depth block and GELU after the last; n crossing nc offsets the bias.
+        for &(m, n, k) in &[(1, 1, 1), (13, 33, 769), (30, 1001, 1600), (145, 97, 200)] {
+            let (x, w, bias) = (rng.vec(m * k), rng.vec(n * k), rng.vec(n));
+            let xm = MatRef::new(x.as_ptr(), k as isize, 1);
+            let wt = MatRef::new(w.as_ptr(), 1, k as isize);
+            // SAFETY: W holds n rows of k; avx512f checked.
+            let packed = unsafe { PackedB::new(k, n, wt) };
+            for gelu in [false, true] {
+                let mut want: Vec<f32> = (0..m).flat_map(|_| bias.iter().copied()).collect();
+                let mut got = vec![f32::NAN; m * n]; // written, never read
+                let epi = Epilogue::new(Some(&bias), gelu);
+                // SAFETY: x holds m rows of k, want and got m rows of n.
+                unsafe {
+                    sgemm(m, n, k, want.as_mut_ptr(), n, 1, xm, wt, 1.0, true);
+                    sgemm_packed(m, got.as_mut_ptr(), n, 1, xm, &packed, 1.0, false, epi);
+                }
+                if gelu {
+                    gelu_in_place(&mut want);
+                }
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(g.to_bits(), w.to_bits(), "{m}x{n}x{k} gelu {gelu}: {i}");
+                }
+                // A strided dst takes the tile path; the same values up to rounding.
+                let mut strided = vec![f32::NAN; 2 * m * n];
+                // SAFETY: strided covers m rows of 2n at column stride 2.
+                unsafe {
+                    sgemm_packed(
+                        m,
+                        strided.as_mut_ptr(),
+                        2 * n,
+                        2,
+                        xm,
+                        &packed,
+                        1.0,
+                        false,
+                        epi,
+                    )
+                };
+                for (i, w) in want.iter().enumerate() {
+                    let g = strided[2 * i];
+                    assert!(
+                        (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                        "{m}x{n}x{k}: {g} {w}"
+                    );
                 }
             }
         }
@@ -1042,7 +1254,19 @@ mod tests {
         let mut got = vec![0f32; m * n];
         let xm = MatRef::new(x.as_ptr(), k as isize, 1);
         // SAFETY: x holds m rows of k, got m rows of n.
-        unsafe { sgemm_packed(m, got.as_mut_ptr(), n, 1, xm, &packed, 1.0, false) };
+        unsafe {
+            sgemm_packed(
+                m,
+                got.as_mut_ptr(),
+                n,
+                1,
+                xm,
+                &packed,
+                1.0,
+                false,
+                Epilogue::NONE,
+            )
+        };
         for i in 0..m {
             for j in 0..n {
                 let (mut s, mut sa) = (0f64, 0f64);
@@ -1163,7 +1387,7 @@ mod tests {
             // SAFETY: as above.
             let packed = gflops(&case, &|m, n, k, c, ld, a, b, acc| unsafe {
                 let p = cell.get_or_init(|| PackedB::new(k, n, b));
-                sgemm_packed(m, c, ld, 1, a, p, 1.0, acc)
+                sgemm_packed(m, c, ld, 1, a, p, 1.0, acc, Epilogue::NONE)
             });
             // SAFETY: as above.
             let theirs = gflops(&case, &|m, n, k, c, ld, a, b, acc| unsafe {
