@@ -14,11 +14,13 @@ use crate::Result;
 /// Training-time randomness for dropout and stochastic depth; `None` is evaluation mode.
 pub type Rng<'a> = Option<&'a mut ChaCha8Rng>;
 
-/// A linear layer's parameters, applied with [`ops::linear`].
+/// A linear layer's parameters, applied with [`ops::linear_cached`].
 #[derive(Debug, Clone)]
 pub struct Linear {
     pub weight: Tensor, // (out, in)
     pub bias: Option<Tensor>,
+    /// The CPU kernels' packed copy of an inference weight (see [`ops::WeightCache`]).
+    pub packed: ops::WeightCache,
 }
 
 impl Linear {
@@ -29,16 +31,20 @@ impl Linear {
         } else {
             None
         };
-        Ok(Linear { weight, bias })
+        Ok(Linear {
+            weight,
+            bias,
+            packed: ops::WeightCache::default(),
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::linear(x, &self.weight, self.bias.as_ref())
+        ops::linear_cached(x, &self.weight, self.bias.as_ref(), false, &self.packed)
     }
 
     /// `gelu(forward(x))`, fused where the device allows.
     pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
-        ops::linear_gelu(x, &self.weight, self.bias.as_ref())
+        ops::linear_cached(x, &self.weight, self.bias.as_ref(), true, &self.packed)
     }
 }
 

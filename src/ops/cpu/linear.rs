@@ -9,9 +9,9 @@
 //! are added in chunk order, so results never depend on the number of threads.
 
 use std::borrow::Cow;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, TensorId};
 use rayon::prelude::*;
 
 use super::gelu;
@@ -35,8 +35,22 @@ pub(crate) enum Activation {
     Gelu,
 }
 
+/// A weight packed for our own kernel, kept between calls (see [`linear`]): the tensor it
+/// was packed from and its packing.
+pub(crate) type PackedWeight = Mutex<Option<(TensorId, Arc<PackedB>)>>;
+
 /// `act(x · weightᵀ + bias)` for CPU f32 tensors x (rows, in), weight (out, in), bias (out).
-pub(crate) fn linear(x: &Tensor, w: &Tensor, b: &Tensor, act: Activation) -> Result<Tensor> {
+///
+/// With `cache`, a weight that tracks no gradient (inference: it cannot change between
+/// calls) is packed for our own kernel once and kept there for the next calls with the same
+/// tensor; without it, or for a trained weight, each call packs it anew.
+pub(crate) fn linear(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    act: Activation,
+    cache: Option<&PackedWeight>,
+) -> Result<Tensor> {
     let (_, k) = x.dims2()?;
     let (n, kw) = w.dims2()?;
     if k != kw || b.dims1()? != n {
@@ -47,14 +61,34 @@ pub(crate) fn linear(x: &Tensor, w: &Tensor, b: &Tensor, act: Activation) -> Res
             b.dims()
         )
     }
+    let w = w.contiguous()?;
+    let rows = x.elem_count() / k.max(1);
+    let packed = match cache {
+        Some(cache) if !w.track_op() && own_kernel_for(rows.min(FWD_ROWS), n, k) => {
+            let mut slot = cache.lock().expect("packed weight lock");
+            match &*slot {
+                Some((id, p)) if *id == w.id() => Some(p.clone()),
+                _ => {
+                    let p = Arc::new(with_f32([&w], |[w]| {
+                        // SAFETY: own_kernel_for checked avx512f (and n, k ≥ 1); W holds n
+                        // rows of k, read as Wᵀ (in, out).
+                        unsafe { PackedB::new(k, n, MatRef::new(w.as_ptr(), 1, k as isize)) }
+                    })?);
+                    *slot = Some((w.id(), p.clone()));
+                    Some(p)
+                }
+            }
+        }
+        _ => None,
+    };
     let op = Linear {
         act,
         // Only a pass that backward will see needs the pre-activation (inference skips it).
         keep_pre: act == Activation::Gelu && (x.track_op() || w.track_op() || b.track_op()),
         pre: Mutex::new(None),
+        packed,
     };
-    x.contiguous()?
-        .apply_op3(&w.contiguous()?, &b.contiguous()?, op)
+    x.contiguous()?.apply_op3(&w, &b.contiguous()?, op)
 }
 
 struct Linear {
@@ -63,6 +97,8 @@ struct Linear {
     keep_pre: bool,
     /// The pre-activation z (rows, out), kept for the GELU backward.
     pre: Mutex<Option<Vec<f32>>>,
+    /// Wᵀ already packed for our own kernel (a cached inference weight).
+    packed: Option<Arc<PackedB>>,
 }
 
 /// Row ranges of the backward chunks for `rows` rows: a function of the shape only.
@@ -105,13 +141,15 @@ impl CustomOp3 for Linear {
         let (act, keep_pre) = (self.act, self.keep_pre);
         // Where our own kernel runs the blocks' products (a function of the CPU, the shape
         // and VIT_GEMM), Wᵀ is packed once here for all of them instead of once per block.
-        let packed = (n > 0 && k > 0 && own_kernel_for(rows.min(FWD_ROWS), n, k)).then(|| {
+        let fresh =
+            self.packed.is_none() && n > 0 && k > 0 && own_kernel_for(rows.min(FWD_ROWS), n, k);
+        let packed = fresh.then(|| {
             // Wᵀ (in, out).
             let wt = MatRef::new(w.as_ptr(), 1, k as isize);
             // SAFETY: own_kernel_for checked avx512f; W holds n rows of k, unmodified here.
             unsafe { PackedB::new(k, n, wt) }
         });
-        let packed = packed.as_ref();
+        let packed = packed.as_ref().or(self.packed.as_deref());
         let y = if n > 0 {
             // SAFETY: fwd_block writes every float of its block before reading it.
             unsafe {
@@ -285,7 +323,7 @@ mod tests {
     use candle_core::Tensor;
 
     fn fused(act: Activation) -> impl Fn(&[Tensor]) -> Tensor {
-        move |t| super::linear(&t[0], &t[1], &t[2], act).unwrap()
+        move |t| super::linear(&t[0], &t[1], &t[2], act, None).unwrap()
     }
 
     fn composed(act: Activation) -> impl Fn(&[Tensor]) -> Tensor {
@@ -371,6 +409,36 @@ mod tests {
         }
     }
 
+    #[test]
+    fn cached_weight_is_used_only_for_its_own_untracked_tensor() {
+        use candle_core::Var;
+        let (r, k, n) = (150, 512, 1024); // 128 · 512 · 1024 = 2^26: our kernel's size
+        let x = rand(&[r, k], 1.0, 31);
+        let (w1, w2, b) = (
+            rand(&[n, k], 0.05, 32),
+            rand(&[n, k], 0.05, 33),
+            rand(&[n], 0.5, 34),
+        );
+        let cache = super::PackedWeight::default();
+        let cached = |w: &Tensor| super::linear(&x, w, &b, Activation::Gelu, Some(&cache)).unwrap();
+        let plain = |w: &Tensor| super::linear(&x, w, &b, Activation::Gelu, None).unwrap();
+        let id = |c: &super::PackedWeight| c.lock().unwrap().as_ref().map(|(id, _)| *id);
+        // Same bits as packing on every call, and again from the cache.
+        assert_eq!(flat(&cached(&w1)), flat(&plain(&w1)));
+        assert_eq!(id(&cache), is_avx512f().then(|| w1.id()));
+        assert_eq!(flat(&cached(&w1)), flat(&plain(&w1)));
+        // Another tensor in the same cache: packed anew, never the old weight's results.
+        assert_eq!(flat(&cached(&w2)), flat(&plain(&w2)));
+        assert_eq!(id(&cache), is_avx512f().then(|| w2.id()));
+        // A trained weight (a Var) changes between calls: never cached, and it still learns.
+        let v = Var::from_tensor(&w1).unwrap();
+        let y = cached(v.as_tensor());
+        assert_eq!(flat(&y), flat(&plain(&w1)));
+        assert_eq!(id(&cache), is_avx512f().then(|| w2.id()));
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(v.as_tensor()).is_some());
+    }
+
     /// Whether the CPU has avx512f and nothing steers away from our kernel.
     fn is_avx512f() -> bool {
         #[cfg(target_arch = "x86_64")]
@@ -440,14 +508,16 @@ mod tests {
             &x,
             &rand(&[4, 5], 1.0, 2),
             &rand(&[4], 1.0, 3),
-            Activation::Identity
+            Activation::Identity,
+            None
         )
         .is_err());
         assert!(super::linear(
             &x,
             &rand(&[4, 3], 1.0, 2),
             &rand(&[5], 1.0, 3),
-            Activation::Identity
+            Activation::Identity,
+            None
         )
         .is_err());
     }

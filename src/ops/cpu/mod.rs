@@ -23,7 +23,7 @@ pub(crate) use attention::attention;
 pub(crate) use gelu::gelu;
 pub(crate) use gemm::provider as matmul_provider;
 pub(crate) use layer_norm::layer_norm;
-pub(crate) use linear::{linear, Activation};
+pub(crate) use linear::{linear, Activation, PackedWeight};
 pub(crate) use softmax::softmax_last_dim;
 
 use candle_core::backend::BackendStorage;
