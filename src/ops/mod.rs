@@ -220,7 +220,16 @@ pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// Mean cross-entropy of `logits` (B, K) against class indices `targets` (B,) u32,
 /// with label smoothing ε as PyTorch's `CrossEntropyLoss(label_smoothing=ε)`:
 /// loss = (1 − ε)·NLL + ε·mean_k(−log p_k).
+/// Fused kernel on the CPU in f32 (`ops::cpu`), composed candle ops elsewhere.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor, smoothing: f64) -> Result<Tensor> {
+    if cpu::eligible(logits) {
+        return Ok(cpu::cross_entropy(logits, targets, smoothing)?);
+    }
+    cross_entropy_composed(logits, targets, smoothing)
+}
+
+/// [`cross_entropy`] from candle ops: any device and dtype.
+fn cross_entropy_composed(logits: &Tensor, targets: &Tensor, smoothing: f64) -> Result<Tensor> {
     let logp = log_softmax_last_dim(logits)?; // (B, K)
     let nll = logp.gather(&targets.unsqueeze(1)?, 1)?.neg()?.mean_all()?;
     if smoothing == 0.0 {

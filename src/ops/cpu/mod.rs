@@ -10,6 +10,7 @@
 
 mod add;
 mod attention;
+mod cross_entropy;
 mod gelu;
 mod gemm;
 mod layer_norm;
@@ -20,6 +21,7 @@ mod softmax;
 
 pub(crate) use add::add;
 pub(crate) use attention::attention;
+pub(crate) use cross_entropy::cross_entropy;
 pub(crate) use gelu::gelu;
 pub(crate) use gemm::provider as matmul_provider;
 pub(crate) use layer_norm::layer_norm;
