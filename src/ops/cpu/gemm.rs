@@ -98,7 +98,11 @@ pub(crate) unsafe fn sgemm(
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use super::sgemm::{sgemm_packed, Epilogue, PackedB};
+pub(crate) use super::sgemm::{sgemm_packed, Epilogue, PackedB, MR};
+
+/// Rows of our kernel's micro-tile (where it is not compiled, nothing is tiled by it).
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) const MR: usize = 1;
 
 /// Stand-in for our kernel's packed right-hand side where it is not compiled: never built
 /// ([`own_kernel_for`] is always false there).

@@ -295,18 +295,42 @@ unsafe fn new_blocks_uninit<F>(len: usize, chunk: usize, f: F) -> Vec<f32>
 where
     F: Fn(usize, *mut f32, usize) + Sync + Send,
 {
+    let chunk = chunk.max(1);
+    let bounds: Vec<usize> = (0..len).step_by(chunk).chain([len]).collect();
+    // SAFETY: the caller's contract, passed on.
+    unsafe { new_ranges_uninit(&bounds, f) }
+}
+
+/// As [`new_blocks_uninit`] over blocks of any sizes: block i is `bounds[i]..bounds[i + 1]`
+/// of a new buffer of `bounds.last()` floats (`bounds` starts at 0 and never decreases).
+///
+/// # Safety
+/// As [`new_blocks_uninit`].
+unsafe fn new_ranges_uninit<F>(bounds: &[usize], f: F) -> Vec<f32>
+where
+    F: Fn(usize, *mut f32, usize) + Sync + Send,
+{
     use std::mem::MaybeUninit;
+    let len = bounds.last().copied().unwrap_or(0);
+    debug_assert!(bounds.first().is_none_or(|&b| b == 0));
     let mut buf: Vec<MaybeUninit<f32>> = Vec::with_capacity(len);
     // SAFETY: MaybeUninit elements need no initialisation.
     unsafe { buf.set_len(len) };
+    let mut blocks = Vec::with_capacity(bounds.len());
+    let mut rest = &mut buf[..];
+    for w in bounds.windows(2) {
+        let (block, tail) = rest.split_at_mut(w[1] - w[0]);
+        blocks.push(block);
+        rest = tail;
+    }
     let run = |i: usize, block: &mut [MaybeUninit<f32>]| {
         f(i, block.as_mut_ptr().cast::<f32>(), block.len())
     };
-    let chunk = chunk.max(1);
-    if len <= chunk {
-        run(0, &mut buf);
+    if blocks.len() <= 1 {
+        blocks.into_iter().for_each(|b| run(0, b));
     } else {
-        buf.par_chunks_mut(chunk)
+        blocks
+            .into_par_iter()
             .enumerate()
             .for_each(|(i, block)| run(i, block));
     }

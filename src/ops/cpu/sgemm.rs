@@ -97,7 +97,7 @@ use std::cell::Cell;
 use super::gemm::MatRef;
 
 /// Rows of the micro-tile.
-pub(super) const MR: usize = 12;
+pub(crate) const MR: usize = 12;
 /// Vectors of 16 lanes per micro-tile row.
 const NV: usize = 2;
 /// Columns of the micro-tile.
