@@ -526,7 +526,11 @@ mod tests {
                     if own {
                         let inner = &b[1..tasks];
                         assert!(inner.iter().all(|r| r % MR == 0), "{b:?}");
-                        assert!(tasks == 1 || tasks % threads == 0 || tasks == rows.div_ceil(MR));
+                        assert!(
+                            tasks == 1
+                                || tasks.is_multiple_of(threads)
+                                || tasks == rows.div_ceil(MR)
+                        );
                         let sizes: Vec<usize> = b.windows(2).map(|w| w[1] - w[0]).collect();
                         let big = sizes.iter().max().unwrap();
                         assert!(*big <= FWD_ROWS + MR, "{rows}: {sizes:?}");
