@@ -101,22 +101,29 @@ impl CustomOp1 for Attention {
             let base = qkv_ptr as *const f32;
             let (q, k, v) = dims.qkv(base, bi, h);
             let pm = MatRef::new(p.as_ptr(), t as isize, 1);
+            // SAFETY (both products): the head's q, k, v views lie inside qkv, `p` holds T × T,
+            // and this unit alone writes columns h·hd.. of batch item bi's output rows.
+            // S = scale · Q Kᵀ
             unsafe { sgemm(t, t, dims.hd, p.as_mut_ptr(), t, 1, q, k.t(), scale, false) };
             simd!(softmax_rows(p, t));
+            // O = P V
             let o = unsafe { out_ptr.get().add(bi * t * d + h * dims.hd) };
             unsafe { sgemm(t, dims.hd, t, o, d, 1, pm, v, 1.0, false) };
         };
         let units = b * self.heads;
-        if t > 0 && dims.hd > 0 {
-            if self.keep_probs {
-                let probs = new_blocks(units * t * t, t * t, unit);
-                *self.probs.lock().expect("attention probs lock") = Some(probs);
+        let work = t > 0 && dims.hd > 0;
+        if self.keep_probs {
+            let probs = if work {
+                new_blocks(units * t * t, t * t, unit)
             } else {
-                // Inference: one (T, T) scratch per thread instead of all the probabilities.
-                (0..units)
-                    .into_par_iter()
-                    .for_each_init(|| vec![0f32; t * t], |p, i| unit(i, p));
-            }
+                Vec::new()
+            };
+            *self.probs.lock().expect("attention probs lock") = Some(probs);
+        } else if work {
+            // Inference: one (T, T) scratch per thread instead of all the probabilities.
+            (0..units)
+                .into_par_iter()
+                .for_each_init(|| vec![0f32; t * t], |p, i| unit(i, p));
         }
         Ok((CpuStorage::F32(out), Shape::from((b, t, d))))
     }
@@ -264,6 +271,13 @@ mod tests {
             assert!(!x.track_op());
             assert_eq!(flat(&fused(&[x])), flat(&tracked), "{b} {t} {hd}");
         }
+    }
+
+    #[test]
+    fn no_tokens_trains_to_an_empty_gradient() {
+        let shape = [2, 0, 3 * HEADS * 2];
+        let (y, g) = value_and_grads(fused, &[rand(&shape, 1.0, 1)], &cotangent(&[2, 0, 6], 2));
+        assert_eq!((y.dims(), g[0].dims()), (&[2, 0, 6][..], &shape[..]));
     }
 
     #[test]

@@ -56,6 +56,14 @@ fn erf(x: f32) -> f32 {
     x * p / q
 }
 
+/// x ↦ x·Φ(x) over `row`, in place (the fused linear layer's activation).
+#[inline(always)]
+pub(super) fn gelu_in_place(row: &mut [f32]) {
+    for v in row {
+        *v *= cdf(*v);
+    }
+}
+
 /// d/dx [x·Φ(x)] = Φ(x) + x·φ(x), φ(x) = exp(−x²/2)/√(2π).
 #[inline(always)]
 pub(super) fn derivative(x: f32) -> f32 {

@@ -44,6 +44,21 @@ fn fwd_bounds(rows: usize, own: bool, threads: usize) -> Vec<usize> {
         .collect()
 }
 
+/// Whether the forward of `rows` rows runs on our own kernel, with Wᵀ packed once for all
+/// its row blocks: a function of the CPU, the shape and `VIT_GEMM`.
+fn packs_weight(rows: usize, n: usize, k: usize) -> bool {
+    n > 0 && k > 0 && own_kernel_for(rows.min(FWD_ROWS), n, k)
+}
+
+/// Wᵀ (in, out) of W (out = n, in = k) packed for our own kernel.
+///
+/// # Safety
+/// [`packs_weight`] must hold for the shape (it checks avx512f); `w` holds n rows of k.
+unsafe fn pack_weight(w: &[f32], n: usize, k: usize) -> PackedB {
+    // SAFETY: the caller's contract; Wᵀ is W read with swapped strides.
+    unsafe { PackedB::new(k, n, MatRef::new(w.as_ptr(), 1, k as isize)) }
+}
+
 /// At most this many row chunks in backward (each holds a partial dW of out × in).
 const MAX_BWD_CHUNKS: usize = 8;
 /// At least this many rows per backward chunk.
@@ -85,16 +100,13 @@ pub(crate) fn linear(
     let w = w.contiguous()?;
     let rows = x.elem_count() / k.max(1);
     let packed = match cache {
-        Some(cache) if !w.track_op() && own_kernel_for(rows.min(FWD_ROWS), n, k) => {
+        Some(cache) if !w.track_op() && packs_weight(rows, n, k) => {
             let mut slot = cache.lock().expect("packed weight lock");
             match &*slot {
                 Some((id, p)) if *id == w.id() => Some(p.clone()),
                 _ => {
-                    let p = Arc::new(with_f32([&w], |[w]| {
-                        // SAFETY: own_kernel_for checked avx512f (and n, k ≥ 1); W holds n
-                        // rows of k, read as Wᵀ (in, out).
-                        unsafe { PackedB::new(k, n, MatRef::new(w.as_ptr(), 1, k as isize)) }
-                    })?);
+                    // SAFETY: packs_weight holds; W holds n rows of k.
+                    let p = Arc::new(with_f32([&w], |[w]| unsafe { pack_weight(w, n, k) })?);
                     *slot = Some((w.id(), p.clone()));
                     Some(p)
                 }
@@ -160,17 +172,12 @@ impl CustomOp3 for Linear {
         };
         let pre_ptr = SendPtr(pre.as_mut_ptr());
         let (act, keep_pre) = (self.act, self.keep_pre);
-        // Where our own kernel runs the blocks' products (a function of the CPU, the shape
-        // and VIT_GEMM), Wᵀ is packed once here for all of them instead of once per block.
-        let fresh =
-            self.packed.is_none() && n > 0 && k > 0 && own_kernel_for(rows.min(FWD_ROWS), n, k);
-        let packed = fresh.then(|| {
-            // Wᵀ (in, out).
-            let wt = MatRef::new(w.as_ptr(), 1, k as isize);
-            // SAFETY: own_kernel_for checked avx512f; W holds n rows of k, unmodified here.
-            unsafe { PackedB::new(k, n, wt) }
-        });
-        let packed = packed.as_ref().or(self.packed.as_deref());
+        // Where our own kernel runs the blocks' products, Wᵀ is packed once here for all of
+        // them instead of once per block (unless the caller's cache already holds it).
+        let fresh = (self.packed.is_none() && packs_weight(rows, n, k))
+            // SAFETY: packs_weight holds; W holds n rows of k, unmodified here.
+            .then(|| unsafe { pack_weight(w, n, k) });
+        let packed = fresh.as_ref().or(self.packed.as_deref());
         let bounds = fwd_bounds(rows, packed.is_some(), rayon::current_num_threads());
         let y = if n > 0 {
             let elems: Vec<usize> = bounds.iter().map(|r| r * n).collect();
@@ -280,8 +287,9 @@ unsafe fn fwd_block(
                 // SAFETY: row i of yb, n floats.
                 unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), yb.add(i * n), n) };
             }
-            let wt = MatRef::new(w.as_ptr(), 1, k as isize); // Wᵀ (in, out)
-                                                             // SAFETY: x has m rows of k, yb m rows of n (initialised above), W n rows of k.
+            // Wᵀ (in, out).
+            let wt = MatRef::new(w.as_ptr(), 1, k as isize);
+            // SAFETY: x has m rows of k, yb m rows of n (initialised above), W n rows of k.
             unsafe { sgemm(m, n, k, yb, n, 1, xm, wt, 1.0, true) };
             act == Activation::Gelu
         }
@@ -292,9 +300,7 @@ unsafe fn fwd_block(
         zb.copy_from_slice(yb);
     }
     if gelu_pending {
-        for v in yb.iter_mut() {
-            *v *= gelu::cdf(*v);
-        }
+        gelu::gelu_in_place(yb);
     }
 }
 

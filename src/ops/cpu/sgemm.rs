@@ -94,6 +94,7 @@
 use std::arch::x86_64::*;
 use std::cell::Cell;
 
+use super::gelu::gelu_in_place;
 use super::gemm::MatRef;
 
 /// Rows of the micro-tile.
@@ -434,8 +435,9 @@ impl PackedB {
 }
 
 /// [`sgemm`] with the right-hand side packed beforehand, and an epilogue:
-/// `dst (m, n) = act(scale · lhs (m, k) · B + bias [+ dst with accumulate])` for the (k, n)
-/// of `b`, with the bias and activation of `epi`. Without an epilogue it rounds exactly as
+/// `dst (m, n) = act(scale · lhs (m, k) · B + bias)`, or `dst = act(dst + scale · lhs · B)`
+/// with `accumulate` (no bias then), for the (k, n) of `b`, with the bias and activation of
+/// `epi`. Without an epilogue it rounds exactly as
 /// [`sgemm`] (same depth blocks, same micro-kernel), and with a bias exactly as `sgemm`
 /// accumulating onto a dst filled with the bias. Without `accumulate`, dst is only written:
 /// it may start uninitialised.
@@ -456,6 +458,10 @@ pub(crate) unsafe fn sgemm_packed(
     epi: Epilogue,
 ) {
     debug_assert!(m > 0);
+    debug_assert!(
+        !accumulate || epi.bias.is_null(),
+        "a bias only without accumulate"
+    );
     let (n, k, kc, nc) = (b.n, b.k, b.kc, b.nc);
     let mc = split(m, BLOCKING.mc, MR);
     let (mut a_buf, b_buf) = PACK.take();
@@ -515,7 +521,7 @@ fn mask(lanes: usize) -> __mmask16 {
 /// The micro-kernel: the mr × nr corner (mr ≤ MR, nr ≤ NR) of
 /// `scale · A panel (MR × kc) · B panel (kc × NR)` stored to `c` (row stride `c_rs`,
 /// column stride 1), or added to it with `accumulate`, then the epilogue: + bias (as
-/// `fmadd(acc, scale, bias)` without `accumulate`), then GELU over the stored tile.
+/// `fmadd(acc, scale, bias)`; only without `accumulate`), then GELU over the stored tile.
 ///
 /// # Safety
 /// avx512f; `a` holds kc·MR floats, `b` kc·NR floats and is 64-byte aligned; `c` covers
@@ -571,11 +577,9 @@ unsafe fn kernel(
                 let p = ci.add(16 * v);
                 let bias =
                     (!epi.bias.is_null()).then(|| _mm512_maskz_loadu_ps(mk, epi.bias.add(16 * v)));
+                // The bias comes only without `accumulate` (see sgemm_packed).
                 let y = match (accumulate, bias) {
-                    (true, None) => _mm512_fmadd_ps(x, sv, _mm512_maskz_loadu_ps(mk, p)),
-                    (true, Some(b)) => {
-                        _mm512_add_ps(_mm512_fmadd_ps(x, sv, _mm512_maskz_loadu_ps(mk, p)), b)
-                    }
+                    (true, _) => _mm512_fmadd_ps(x, sv, _mm512_maskz_loadu_ps(mk, p)),
                     (false, Some(b)) => _mm512_fmadd_ps(x, sv, b),
                     (false, None) => _mm512_mul_ps(x, sv),
                 };
@@ -589,15 +593,6 @@ unsafe fn kernel(
             let row = unsafe { std::slice::from_raw_parts_mut(c.add(i * c_rs), nr) };
             gelu_in_place(row);
         }
-    }
-}
-
-/// x ↦ x·Φ(x) over `row`, as the GELU kernel computes it (the same operations, so the
-/// same bits).
-#[inline(always)]
-fn gelu_in_place(row: &mut [f32]) {
-    for v in row {
-        *v *= super::gelu::cdf(*v);
     }
 }
 
@@ -633,24 +628,13 @@ unsafe fn kernel_strided(
             nr,
             scale,
             false,
-            Epilogue {
-                bias: if accumulate {
-                    std::ptr::null()
-                } else {
-                    epi.bias
-                },
-                gelu: false,
-            },
+            Epilogue { gelu: false, ..epi },
         );
         for (i, row) in tile.iter_mut().enumerate().take(mr) {
             let row = &mut row.as_flattened_mut()[..nr];
-            for (j, t) in row.iter_mut().enumerate() {
-                let p = c.add(i * c_rs + j * c_cs);
-                if accumulate {
-                    *t += *p;
-                    if !epi.bias.is_null() {
-                        *t += *epi.bias.add(j);
-                    }
+            if accumulate {
+                for (j, t) in row.iter_mut().enumerate() {
+                    *t += *c.add(i * c_rs + j * c_cs);
                 }
             }
             if epi.gelu {
