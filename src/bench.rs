@@ -13,10 +13,9 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use crate::config::ViTConfig;
-use crate::model::{init_model, init_params};
+use crate::models::{Architecture, Classifier, ModelConfig, ViTConfig};
 use crate::train::{forward_backward, AdamW, AdamWConfig, Trainable};
-use crate::{Error, Result, VisionTransformer};
+use crate::{Error, Result};
 
 /// The training step's hyper-parameters: the default recipe's peak learning rate, AdamW settings,
 /// label smoothing and clipping. `bench/torch_bench.py` uses the same.
@@ -52,16 +51,20 @@ impl Workload {
     }
 
     /// The architecture.
-    pub fn config(self) -> ViTConfig {
+    pub fn config(self) -> ModelConfig {
+        ModelConfig::Vit(self.vit_config())
+    }
+
+    /// Both workloads are ViTs.
+    fn vit_config(self) -> ViTConfig {
         match self {
             Workload::TrainFm => ViTConfig {
                 in_channels: 1,
                 num_classes: 10,
                 ..ViTConfig::timm(28, 4, 192, 12, 3)
             },
-            Workload::InferB16 => {
-                ViTConfig::preset("vit_base_patch16_224").expect("a built-in preset")
-            }
+            // timm vit_base_patch16_224.
+            Workload::InferB16 => ViTConfig::timm(224, 16, 768, 12, 12),
         }
     }
 
@@ -75,7 +78,7 @@ impl Workload {
 
     /// What one iteration does, in words.
     pub fn description(self) -> String {
-        let c = self.config();
+        let c = self.vit_config();
         let what = match self {
             Workload::TrainFm => "one AdamW training step",
             Workload::InferB16 => "vit_base_patch16_224 forward, no gradient",
@@ -258,7 +261,7 @@ enum Runner {
         y: Tensor,
     },
     Infer {
-        model: VisionTransformer,
+        model: Box<dyn Classifier>,
         x: Tensor,
     },
 }
@@ -268,17 +271,18 @@ impl Runner {
         let cfg = w.config();
         let mut rng = ChaCha8Rng::seed_from_u64(0);
         let b = w.batch();
-        let shape = (b, cfg.in_channels, cfg.image_size[0], cfg.image_size[1]);
-        let n = b * cfg.in_channels * cfg.image_size[0] * cfg.image_size[1];
+        let ([ih, iw], ch) = (cfg.image_size(), cfg.in_channels());
+        let shape = (b, ch, ih, iw);
+        let n = b * ch * ih * iw;
         let pixels: Vec<f32> = (0..n).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect();
         let x = Tensor::from_vec(pixels, shape, dev)?; // (B, C, H, W) in [-1, 1)
         Ok(match w {
             Workload::TrainFm => {
                 let labels: Vec<u32> = (0..b)
-                    .map(|_| rng.random_range(0..cfg.num_classes as u32))
+                    .map(|_| rng.random_range(0..cfg.num_classes() as u32))
                     .collect();
                 let params: HashMap<String, Tensor> =
-                    init_params(&cfg, 0, dev)?.into_iter().collect();
+                    cfg.init_params(0, dev)?.into_iter().collect();
                 let net = Trainable::new(&cfg, &params, dev)?;
                 let opt = net.adamw(ADAMW);
                 Runner::Train {
@@ -290,7 +294,7 @@ impl Runner {
             }
             Workload::InferB16 => Runner::Infer {
                 // Plain tensors, not `Var`s: candle records no graph.
-                model: init_model(&cfg, 0, dev)?,
+                model: cfg.init_model(0, dev)?,
                 x,
             },
         })
@@ -385,7 +389,7 @@ mod tests {
             "{e}"
         );
 
-        let c = Workload::TrainFm.config();
+        let c = Workload::TrainFm.vit_config();
         assert_eq!(
             (c.image_size, c.patch_size, c.in_channels),
             ([28, 28], 4, 1)
@@ -395,7 +399,7 @@ mod tests {
             (c.mlp_hidden_dim(), c.num_classes, c.num_tokens()),
             (768, 10, 50)
         );
-        assert!(c.qkv_bias && c.pool == crate::config::Pool::Cls);
+        assert!(c.qkv_bias && c.pool == crate::models::vit::Pool::Cls);
         assert_eq!(Workload::InferB16.config().num_params(), 86_567_656);
     }
 

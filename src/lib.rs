@@ -1,24 +1,23 @@
 //! Vision Transformers in Rust: build, train, fine-tune, evaluate, explain and run ViTs.
 //!
-//! Layers, bottom up: [`ops`] (differentiable kernels), [`model`] (the network, configured
-//! by [`config`]), [`weights`] (checkpoints), [`data`] (datasets), [`predict`] (inference on
-//! image files), [`viz`] (pictures), [`explain`] (what the model sees), [`bench`] (timing).
+//! Layers, bottom up: [`ops`] (differentiable kernels), [`models`] (the architectures, their
+//! configs and presets), [`weights`] (checkpoints), [`data`] (datasets), [`predict`]
+//! (checkpoint to model, inference on image files), [`train`], [`viz`] (pictures),
+//! [`explain`] (what the model sees), [`bench`] (timing).
 //! The `vit` binary only parses arguments and prints.
 
 pub mod atomic;
 pub mod bench;
-pub mod config;
 pub mod data;
 pub mod error;
 pub mod explain;
-pub mod model;
+pub mod models;
 pub mod ops;
 pub mod predict;
 pub mod runtime;
+pub mod train;
 pub mod viz;
 pub mod weights;
 
-pub use config::ViTConfig;
 pub use error::{Error, Result};
-pub use model::VisionTransformer;
-pub mod train;
+pub use models::{Architecture, Classifier, ModelConfig, ViTConfig, VisionTransformer};

@@ -9,9 +9,9 @@ use fast_image_resize::{images::Image, FilterType, PixelType, ResizeAlg, ResizeO
 use image::DynamicImage;
 use serde::Serialize;
 
-use crate::config::{Preprocess, ViTConfig};
-use crate::weights::{Arch, Checkpoint, PosResample};
-use crate::{Error, Result, VisionTransformer};
+use crate::models::{Architecture, Classifier, ModelConfig, Preprocess};
+use crate::weights::{self, Arch, FitOptions, Fitted, PosResample};
+use crate::{Error, Result};
 
 /// The 1000 ImageNet-1k class names in index order (timm's `ImageNetInfo`).
 pub const IMAGENET_CLASSES: &str = include_str!("imagenet_classes.txt");
@@ -31,8 +31,8 @@ pub struct LoadOptions {
 /// A model ready to run on images, with how to prepare them and what its classes are called.
 #[derive(Debug)]
 pub struct Predictor {
-    pub model: VisionTransformer,
-    pub config: ViTConfig,
+    pub model: Box<dyn Classifier>,
+    pub config: ModelConfig,
     pub preprocess: Preprocess,
     pub class_names: Vec<String>,
     /// Things the user should know (resampled position embedding, ignored tensors).
@@ -43,9 +43,18 @@ impl Predictor {
     /// Loads `weights` and resolves config, preprocessing and class names: explicit options
     /// first, then the checkpoint's metadata, then the ViT defaults of timm and HF.
     pub fn load(weights: &Path, opts: &LoadOptions) -> Result<Self> {
-        let ck = Checkpoint::load(weights)?;
-        let config = ck.resolve_config(&opts.arch, opts.img_size)?;
-        let (tensors, mut warnings) = ck.fit(&config, opts.pos_resample, None)?;
+        let fit = FitOptions {
+            img_size: opts.img_size,
+            resample: opts.pos_resample,
+            new_head: None,
+        };
+        let (model, loaded) = load_model(weights, &opts.arch, fit, &Device::Cpu)?;
+        let Fitted {
+            checkpoint: ck,
+            config,
+            mut warnings,
+            ..
+        } = loaded;
         if !ck.ignored.is_empty() {
             warnings.push(format!(
                 "ignored tensors not used by the model: {}",
@@ -55,7 +64,7 @@ impl Predictor {
         let mut preprocess = ck
             .preprocess
             .clone()
-            .unwrap_or_else(|| Preprocess::vit_default(config.in_channels));
+            .unwrap_or_else(|| config.default_preprocess());
         if let Some(c) = opts.crop_pct {
             preprocess.crop_pct = c;
         }
@@ -65,14 +74,13 @@ impl Predictor {
         if let Some(s) = &opts.std {
             preprocess.std = s.clone();
         }
-        preprocess.validate(config.in_channels)?;
+        preprocess.validate(config.in_channels())?;
+        let k = config.num_classes();
         let class_names = match &ck.class_names {
-            Some(n) if n.len() == config.num_classes => n.clone(),
-            _ if config.num_classes == 1000 => IMAGENET_CLASSES.lines().map(String::from).collect(),
-            _ => (0..config.num_classes).map(|i| i.to_string()).collect(),
+            Some(n) if n.len() == k => n.clone(),
+            _ if k == 1000 => IMAGENET_CLASSES.lines().map(String::from).collect(),
+            _ => (0..k).map(|i| i.to_string()).collect(),
         };
-        let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
-        let model = VisionTransformer::new(&config, vb)?;
         Ok(Predictor {
             model,
             config,
@@ -90,7 +98,7 @@ impl Predictor {
 
     /// Top-k classes and logits for one image file.
     pub fn predict(&self, path: &Path, top_k: usize) -> Result<Prediction> {
-        if self.config.num_classes == 0 {
+        if self.config.num_classes() == 0 {
             return Err(Error::Invalid(
                 "the model has no classification head (num_classes = 0)".into(),
             ));
@@ -103,6 +111,27 @@ impl Predictor {
             logits,
         })
     }
+}
+
+/// Checkpoint → config → fit → model ([`weights::load_fitted`], then the network on `dev`):
+/// the one path from a weights file to a runnable model, used by predict, eval, explain
+/// and training's final test. The tensors are plain (no gradient).
+pub fn load_model(
+    path: &Path,
+    arch: &Arch,
+    opts: FitOptions,
+    dev: &Device,
+) -> Result<(Box<dyn Classifier>, Fitted)> {
+    let fitted = weights::load_fitted(path, arch, opts)?;
+    let tensors = fitted
+        .tensors
+        .iter()
+        .map(|(k, t)| Ok((k.clone(), t.to_device(dev)?)))
+        .collect::<Result<_>>()?;
+    let model = fitted
+        .config
+        .build(VarBuilder::from_tensors(tensors, DType::F32, dev))?;
+    Ok((model, fitted))
 }
 
 /// One image's result.
@@ -155,8 +184,8 @@ pub fn load_image(path: &Path) -> Result<DynamicImage> {
 /// to the input size in HF's "exact" mode), center crop to the input size, scale to [0, 1],
 /// normalise with mean and std. An image already of the target size with crop_pct 1 is
 /// not resampled at all.
-pub fn eval_transform(img: &DynamicImage, cfg: &ViTConfig, p: &Preprocess) -> Result<Tensor> {
-    let c = cfg.in_channels;
+pub fn eval_transform(img: &DynamicImage, cfg: &ModelConfig, p: &Preprocess) -> Result<Tensor> {
+    let c = cfg.in_channels();
     let (pixels, w, h) = match c {
         1 => {
             let g = img.to_luma8();
@@ -174,7 +203,7 @@ pub fn eval_transform(img: &DynamicImage, cfg: &ViTConfig, p: &Preprocess) -> Re
             )))
         }
     };
-    let [th, tw] = cfg.image_size;
+    let [th, tw] = cfg.image_size();
     // Size after resizing, before the crop.
     let (rh, rw) = if p.resize == "exact" {
         (th, tw)
@@ -283,10 +312,10 @@ mod tests {
         let img = DynamicImage::ImageLuma8(
             image::GrayImage::from_raw(2, 2, vec![0, 51, 102, 255]).unwrap(),
         );
-        let cfg = ViTConfig {
+        let cfg = ModelConfig::Vit(crate::ViTConfig {
             in_channels: 1,
-            ..ViTConfig::timm(2, 1, 4, 1, 1)
-        };
+            ..crate::ViTConfig::timm(2, 1, 4, 1, 1)
+        });
         let p = Preprocess::vit_default(1);
         let t = eval_transform(&img, &cfg, &p).unwrap();
         let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();

@@ -7,15 +7,15 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use common::{assert_close, fixture, load};
 use vit::weights::{resample_pos_embed, Checkpoint, PosResample};
-use vit::{ViTConfig, VisionTransformer};
+use vit::{Architecture, Classifier, ModelConfig};
 
-fn model_from(dir: &str, cfg_file: &str) -> (ViTConfig, VisionTransformer) {
-    let cfg = ViTConfig::from_file(&fixture(&format!("{dir}/{cfg_file}"))).unwrap();
+fn model_from(dir: &str, cfg_file: &str) -> (ModelConfig, Box<dyn Classifier>) {
+    let cfg = ModelConfig::from_file(&fixture(&format!("{dir}/{cfg_file}"))).unwrap();
     let ck = Checkpoint::load(&fixture(&format!("{dir}/model.safetensors"))).unwrap();
     let (tensors, warnings) = ck.fit(&cfg, PosResample::Timm, None).unwrap();
     assert!(warnings.is_empty(), "{warnings:?}");
     let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
-    (cfg.clone(), VisionTransformer::new(&cfg, vb).unwrap())
+    (cfg.clone(), cfg.build(vb).unwrap())
 }
 
 fn check_outputs(dir: &str, cfg_file: &str) {
@@ -29,7 +29,8 @@ fn check_outputs(dir: &str, cfg_file: &str) {
         &want["features"],
         1e-4,
     );
-    let (logits, attn) = m.forward_with_attention(x, &[0, 1]).unwrap();
+    let taken = m.forward_intermediates(x, &[0, 1]).unwrap();
+    let (logits, attn) = (taken.logits, taken.attention);
     assert_close("logits (capture)", &logits, &want["logits"], 1e-4);
     assert_close("attn0", &attn[0], &want["attn0"], 1e-4);
     assert_close("attn1", &attn[1], &want["attn1"], 1e-4);
@@ -53,7 +54,7 @@ fn hf_checkpoint_matches_transformers() {
 #[test]
 fn hf_config_json_gives_the_architecture() {
     let ck = Checkpoint::load(&fixture("hf_tiny/model.safetensors")).unwrap();
-    let ours = ViTConfig::from_file(&fixture("hf_tiny/ours_config.json")).unwrap();
+    let ours = ModelConfig::from_file(&fixture("hf_tiny/ours_config.json")).unwrap();
     assert_eq!(ck.config.as_ref().unwrap(), &ours);
     assert_eq!(ck.class_names.as_ref().unwrap()[0], "airplane");
     let p = ck.preprocess.unwrap();
@@ -78,17 +79,15 @@ fn position_embedding_resampling_matches_timm_and_hf() {
 #[test]
 fn checkpoint_at_another_resolution_matches_timm() {
     // timm loads the 32-px checkpoint into a 48-px model through resample_abs_pos_embed.
-    let mut cfg = ViTConfig::from_file(&fixture("timm_tiny/config.json")).unwrap();
-    cfg.image_size = [48, 48];
+    let mut cfg = ModelConfig::from_file(&fixture("timm_tiny/config.json")).unwrap();
+    cfg.set_image_size([48, 48]);
     let ck = Checkpoint::load(&fixture("timm_tiny/model.safetensors")).unwrap();
     let (tensors, warnings) = ck.fit(&cfg, PosResample::Timm, None).unwrap();
     assert_eq!(warnings.len(), 1, "{warnings:?}");
     assert!(warnings[0].contains("4x4 to a 6x6"), "{warnings:?}");
-    let m = VisionTransformer::new(
-        &cfg,
-        VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu),
-    )
-    .unwrap();
+    let m = cfg
+        .build(VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu))
+        .unwrap();
     let want = load("timm_tiny/expected.safetensors");
     assert_close(
         "logits_48",

@@ -3,8 +3,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use vit::config::PRESETS;
-use vit::ViTConfig;
+use vit::models::{presets, Architecture, ModelConfig};
 
 #[derive(Debug, Args)]
 pub struct InfoArgs {
@@ -17,8 +16,8 @@ pub struct InfoArgs {
 
 pub fn run(a: InfoArgs) -> anyhow::Result<()> {
     let cfg = match (&a.preset, &a.config) {
-        (Some(name), _) => ViTConfig::preset(name)?,
-        (_, Some(path)) => ViTConfig::from_file(path)?,
+        (Some(name), _) => ModelConfig::preset(name)?,
+        (_, Some(path)) => ModelConfig::from_file(path)?,
         _ => {
             print_table();
             return Ok(());
@@ -36,27 +35,33 @@ fn print_table() {
         "{:<24} {:>14} {:>9} {:>7} {:>11}",
         "preset", "params", "GFLOPs", "tokens", "resolution"
     );
-    for name in PRESETS {
-        let c = ViTConfig::preset(name).expect("presets are valid");
+    for (name, c) in presets() {
+        let [h, w] = c.image_size();
         println!(
             "{:<24} {:>14} {:>9.2} {:>7} {:>11}",
             name,
             thousands(c.num_params()),
             c.flops() as f64 / 1e9,
-            c.num_tokens(),
-            format!("{}x{}x{}", c.image_size[0], c.image_size[1], c.in_channels)
+            tokens(&c),
+            format!("{h}x{w}x{}", c.in_channels())
         );
     }
     println!("\nGFLOPs: forward pass of one image, a multiply-add counted as 2 (timm lists GMACs = half).");
 }
 
-fn print_detail(name: &str, c: &ViTConfig) -> anyhow::Result<()> {
+/// The token count of a patch-token model, "-" for others.
+fn tokens(c: &ModelConfig) -> String {
+    c.tokens()
+        .map_or("-".into(), |t| (t.prefix + t.grid.0 * t.grid.1).to_string())
+}
+
+fn print_detail(name: &str, c: &ModelConfig) -> anyhow::Result<()> {
     println!("{name}");
     println!(
         "  parameters {}   GFLOPs/image {:.3}   tokens {}\n",
         thousands(c.num_params()),
         c.flops() as f64 / 1e9,
-        c.num_tokens()
+        tokens(c)
     );
     println!("config:");
     for line in toml::to_string(c)?.lines() {

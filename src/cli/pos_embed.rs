@@ -32,7 +32,7 @@ pub fn run(a: PosEmbedArgs) -> anyhow::Result<()> {
     for w in &p.warnings {
         eprintln!("warning: {w}");
     }
-    let r = vit::explain::pos_embed(&p.model, &a.out, a.save_raw)?;
+    let r = vit::explain::pos_embed(p.model.as_ref(), &a.out, a.save_raw)?;
     super::attention::print_explained(&r);
     Ok(())
 }

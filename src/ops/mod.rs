@@ -53,11 +53,6 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
     linear_act(x, weight, bias, cpu::Activation::Identity, None)
 }
 
-/// `gelu(x · weightᵀ + bias)`: [`linear`] then [`gelu`], fused on the CPU.
-pub fn linear_gelu(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    linear_act(x, weight, bias, cpu::Activation::Gelu, None)
-}
-
 /// A linear layer's weight as the CPU kernels' matrix multiply lays it out, kept between
 /// calls: with it, [`linear_cached`] repacks an inference weight (one that tracks no
 /// gradient, so cannot change) only when it is a different tensor than last time, instead
@@ -72,7 +67,8 @@ impl std::fmt::Debug for WeightCache {
     }
 }
 
-/// [`linear`], or [`linear_gelu`] with `gelu`, keeping the packed weight in `cache`.
+/// [`linear`], followed by [`gelu`] when `gelu` is set (fused on the CPU), keeping the
+/// packed weight in `cache`.
 pub fn linear_cached(
     x: &Tensor,
     weight: &Tensor,

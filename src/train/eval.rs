@@ -5,7 +5,13 @@ use candle_core::{Device, Tensor, D};
 use serde::Serialize;
 
 use crate::data::{AugmentConfig, DataLoader, Dataset, LoaderConfig};
-use crate::{ops, Result, VisionTransformer};
+use std::path::Path;
+
+use crate::data::{self, Split};
+use crate::models::{Architecture, Classifier};
+use crate::predict::load_model;
+use crate::weights::{self, FitOptions};
+use crate::{ops, Error, Result};
 
 /// Results of [`evaluate`].
 #[derive(Debug, Clone, Serialize)]
@@ -34,7 +40,7 @@ pub fn count_correct(logits: &Tensor, y: &Tensor) -> Result<u64> {
 /// Evaluates `model` on every image of `data`, normalised as `augment` says (its random
 /// parts are turned off).
 pub fn evaluate(
-    model: &VisionTransformer,
+    model: &dyn Classifier,
     data: &Dataset,
     batch_size: usize,
     augment: &AugmentConfig,
@@ -80,4 +86,46 @@ pub fn evaluate(
         confusion,
         class_names: data.class_names.clone(),
     })
+}
+
+/// Evaluates a checkpoint on a dataset's test split (`vit eval`): the architecture comes
+/// from `arch` or the checkpoint, normalisation from the checkpoint's preprocessing
+/// (else the dataset's statistics).
+pub fn eval_checkpoint(
+    path: &Path,
+    arch: &weights::Arch,
+    dataset: &str,
+    data_dir: Option<&Path>,
+    batch_size: usize,
+    quiet: bool,
+) -> Result<EvalResult> {
+    let (model, fitted) = load_model(path, arch, FitOptions::default(), &Device::Cpu)?;
+    let (ck, cfg) = (fitted.checkpoint, fitted.config);
+    let spec: data::DatasetSpec = dataset.parse()?;
+    let opts = data::LoadOptions {
+        quiet,
+        image_size: Some((cfg.image_size()[0], cfg.image_size()[1])),
+        channels: Some(cfg.in_channels()),
+        ..Default::default()
+    };
+    let test = data::load(&spec, Split::Test, data_dir, &opts)?;
+    if test.num_classes() != cfg.num_classes() {
+        return Err(Error::Config(format!(
+            "dataset {dataset} has {} classes but the checkpoint's model has {}",
+            test.num_classes(),
+            cfg.num_classes()
+        )));
+    }
+    let augment = match &ck.preprocess {
+        Some(p) => AugmentConfig::normalize_only(p.mean.clone(), p.std.clone()),
+        None => AugmentConfig::for_spec(&spec, cfg.in_channels(), 0).deterministic(),
+    };
+    augment.validate(cfg.in_channels())?;
+    evaluate(
+        model.as_ref(),
+        &test,
+        batch_size.max(1),
+        &augment,
+        &Device::Cpu,
+    )
 }

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::ViTConfig;
 use crate::data::DatasetSpec;
+use crate::models::{Architecture, ModelConfig};
 use crate::{Error, Result};
 
 /// Everything a training run needs. Every field has a CLI flag of the same name
@@ -21,7 +21,7 @@ pub struct Recipe {
     /// Model preset (see `vit info`); ignored when `model` is given.
     pub preset: String,
     /// A full model config instead of a preset.
-    pub model: Option<ViTConfig>,
+    pub model: Option<ModelConfig>,
     /// Stochastic-depth rate overriding the model config's.
     pub drop_path: Option<f64>,
     pub epochs: usize,
@@ -123,13 +123,13 @@ impl Recipe {
     }
 
     /// The model config this recipe trains.
-    pub fn model_config(&self) -> Result<ViTConfig> {
+    pub fn model_config(&self) -> Result<ModelConfig> {
         let mut c = match &self.model {
             Some(c) => c.clone(),
-            None => ViTConfig::preset(&self.preset)?,
+            None => ModelConfig::preset(&self.preset)?,
         };
         if let Some(d) = self.drop_path {
-            c.drop_path = d;
+            c.set_drop_path(d);
         }
         c.validate()?;
         Ok(c)

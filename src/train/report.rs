@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{EvalResult, Recipe};
 use crate::atomic::write_atomic;
-use crate::config::ViTConfig;
+use crate::models::ModelConfig;
 use crate::viz::{self, HeatmapOpts};
 use crate::{Error, Result};
 
@@ -140,7 +140,7 @@ pub fn confusion_picture(eval: &EvalResult, title: &str) -> Result<image::RgbIma
 pub(super) fn write_report(
     out: &Path,
     recipe: &Recipe,
-    cfg: &ViTConfig,
+    cfg: &ModelConfig,
     history: &[EpochMetrics],
     test: &EvalResult,
     class_names: &[String],

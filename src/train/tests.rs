@@ -4,7 +4,13 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+use candle_core::{DType, Device, Tensor};
+
+use super::step::{forward_backward, shard_bounds, step_rng, Trainable};
 use super::*;
+use crate::models::{Architecture, Mode, ModelConfig};
+use crate::ops;
+use crate::weights::{Checkpoint, PosResample};
 
 fn fixture(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -13,7 +19,7 @@ fn fixture(rel: &str) -> PathBuf {
 }
 
 struct Golden {
-    cfg: ViTConfig,
+    cfg: ModelConfig,
     net: Trainable,
     want: HashMap<String, Tensor>,
     x: Tensor,
@@ -21,7 +27,7 @@ struct Golden {
 }
 
 fn golden() -> Golden {
-    let cfg = ViTConfig::from_file(&fixture("config.json")).unwrap();
+    let cfg = ModelConfig::from_file(&fixture("config.json")).unwrap();
     let ck = Checkpoint::load(&fixture("model.safetensors")).unwrap();
     let (tensors, _) = ck.fit(&cfg, PosResample::Timm, None).unwrap();
     let net = Trainable::new(&cfg, &tensors, &Device::Cpu).unwrap();
@@ -61,7 +67,7 @@ fn rel_err(got: &Tensor, want: &Tensor) -> f32 {
 #[test]
 fn every_gradient_matches_pytorch() {
     let g = golden();
-    let logits = g.net.model.forward_t(&g.x, &mut None).unwrap();
+    let logits = g.net.model.forward_t(&g.x, &mut Mode::Eval).unwrap();
     let loss = ops::cross_entropy(&logits, &g.y, 0.1).unwrap();
     let want_loss = g.want["loss"].to_vec1::<f32>().unwrap()[0];
     assert!((loss.to_scalar::<f32>().unwrap() - want_loss).abs() < 1e-5);
@@ -88,7 +94,7 @@ fn two_clipped_adamw_steps_match_pytorch() {
     );
     let mut norms = vec![];
     for _ in 0..2 {
-        let logits = g.net.model.forward_t(&g.x, &mut None).unwrap();
+        let logits = g.net.model.forward_t(&g.x, &mut Mode::Eval).unwrap();
         let loss = ops::cross_entropy(&logits, &g.y, 0.1).unwrap();
         opt.accumulate(&loss.backward().unwrap()).unwrap();
         norms.push(opt.step(1e-3, Some(1.0)).unwrap());
@@ -98,7 +104,7 @@ fn two_clipped_adamw_steps_match_pytorch() {
         (norms[0] - want_norm).abs() / want_norm < 1e-4,
         "{norms:?} vs {want_norm}"
     );
-    let d = g.cfg.embed_dim;
+    let d = g.cfg.as_vit().unwrap().embed_dim;
     for (name, var) in &g.net.params {
         let (mut got, mut want) = (
             var.as_tensor().clone(),
@@ -155,7 +161,7 @@ fn sharded_micro_batch_gives_the_whole_batch_gradient() {
         let mut losses = vec![];
         for _ in 0..2 {
             let m = forward_backward(&g.net, &mut opt, &x, &y, 0.1, 2, &|_| None).unwrap();
-            assert_eq!(m.logits.dims(), &[n, g.cfg.num_classes]);
+            assert_eq!(m.logits.dims(), &[n, g.cfg.num_classes()]);
             losses.push(m.loss);
         }
         (opt, losses)
@@ -163,7 +169,7 @@ fn sharded_micro_batch_gives_the_whole_batch_gradient() {
     let (a, losses) = sharded();
     let (b, _) = sharded();
     // The whole batch in one piece.
-    let logits = g.net.model.forward_t(&x, &mut None).unwrap();
+    let logits = g.net.model.forward_t(&x, &mut Mode::Eval).unwrap();
     let loss = ops::cross_entropy(&logits, &y, 0.1).unwrap();
     let whole = loss.backward().unwrap();
     let want_loss = loss.to_scalar::<f32>().unwrap() as f64;

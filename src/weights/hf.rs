@@ -9,7 +9,8 @@ use candle_core::Tensor;
 use serde_json::{json, Value};
 
 use super::Checkpoint;
-use crate::config::{Preprocess, ViTConfig};
+use crate::models::vit::NormPlacement;
+use crate::models::{ModelConfig, Preprocess, ViTConfig};
 use crate::{Error, Result};
 
 /// True for names of HF's ViT (`vit.embeddings...`, `encoder.layer...`, `classifier...`).
@@ -151,8 +152,8 @@ pub(super) fn read_sidecars(ck: &mut Checkpoint) -> Result<()> {
     let cfg_path = dir.join("config.json");
     if cfg_path.exists() {
         let v = read_json(&cfg_path)?;
-        let (cfg, names) = config_from_hf(&v, &cfg_path, ck.head_classes())?;
-        ck.config = Some(cfg);
+        let (cfg, names) = config_from_hf(&v, &cfg_path, ck.head_classes("head"))?;
+        ck.config = Some(ModelConfig::Vit(cfg));
         ck.class_names = names;
     }
     let pre_path = dir.join("preprocessor_config.json");
@@ -265,7 +266,7 @@ fn preprocess_from_hf(v: &Value, path: &Path) -> Result<Preprocess> {
 
 /// HF `config.json` text for a model saved with [`to_hf_names`].
 pub fn hf_config_json(cfg: &ViTConfig, class_names: Option<&[String]>) -> Result<String> {
-    if cfg.fc_norm || !cfg.class_token || cfg.norm != crate::config::NormPlacement::Pre {
+    if cfg.fc_norm || !cfg.class_token || cfg.norm != NormPlacement::Pre {
         return Err(Error::Invalid(
             "HuggingFace's ViT has only pre-norm, class-token models without fc_norm".into(),
         ));

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use safetensors::SafeTensors;
 
-use crate::config::{PosEmbed, Preprocess, ViTConfig};
+use crate::models::{Architecture, ModelConfig, Preprocess};
 use crate::{Error, Result};
 
 pub use hf::{hf_config_json, hf_preprocessor_json, to_hf_names};
@@ -45,7 +45,7 @@ pub struct Checkpoint {
     /// Tensors that are neither (e.g. HF's pooler), ignored.
     pub ignored: Vec<String>,
     /// The architecture, when the checkpoint carries it (our metadata or HF `config.json`).
-    pub config: Option<ViTConfig>,
+    pub config: Option<ModelConfig>,
     /// Evaluation preprocessing (our metadata or HF `preprocessor_config.json`).
     pub preprocess: Option<Preprocess>,
     /// Class names (our metadata or HF `id2label`).
@@ -64,6 +64,8 @@ pub enum Arch {
     Preset(String),
     /// A config file, used as written.
     File(PathBuf),
+    /// This config, used as it is (a training run's own).
+    Config(ModelConfig),
 }
 
 /// How to resample a position embedding to a new grid.
@@ -143,7 +145,8 @@ impl Checkpoint {
             msg: format!("metadata '{key}' is not valid: {e}"),
         };
         if let Some(s) = self.metadata.get(META_CONFIG) {
-            let cfg: ViTConfig = serde_json::from_str(s).map_err(|e| parse_err(META_CONFIG, e))?;
+            let cfg: ModelConfig =
+                serde_json::from_str(s).map_err(|e| parse_err(META_CONFIG, e))?;
             self.config = Some(cfg);
         }
         if let Some(s) = self.metadata.get(META_PREPROCESS) {
@@ -160,13 +163,14 @@ impl Checkpoint {
 
     /// The config to run this checkpoint with: a config file as written, a preset with the
     /// checkpoint's class count, or the checkpoint's own; `img_size` overrides the input size.
-    pub fn resolve_config(&self, arch: &Arch, img_size: Option<usize>) -> Result<ViTConfig> {
+    pub fn resolve_config(&self, arch: &Arch, img_size: Option<usize>) -> Result<ModelConfig> {
         let mut config = match arch {
-            Arch::File(p) => ViTConfig::from_file(p)?,
+            Arch::File(p) => ModelConfig::from_file(p)?,
+            Arch::Config(c) => c.clone(),
             Arch::Preset(name) => {
-                let mut c = ViTConfig::preset(name)?;
-                if let Some(k) = self.head_classes() {
-                    c.num_classes = k;
+                let mut c = ModelConfig::preset(name)?;
+                if let Some(k) = self.head_classes(c.head_name()) {
+                    c.set_num_classes(k);
                 }
                 c
             }
@@ -177,15 +181,17 @@ impl Checkpoint {
             })?,
         };
         if let Some(s) = img_size {
-            config.image_size = [s, s];
+            config.set_image_size([s, s]);
         }
         config.validate()?;
         Ok(config)
     }
 
-    /// Number of classes of the checkpoint's head, if it has one.
-    pub fn head_classes(&self) -> Option<usize> {
-        self.tensors.get("head.weight").and_then(|w| w.dim(0).ok())
+    /// Number of classes of the checkpoint's head (`{head}.weight`), if it has one.
+    pub fn head_classes(&self, head: &str) -> Option<usize> {
+        self.tensors
+            .get(&format!("{head}.weight"))
+            .and_then(|w| w.dim(0).ok())
     }
 
     /// Fits the checkpoint's tensors to `cfg`: resamples the position embedding to the
@@ -194,7 +200,7 @@ impl Checkpoint {
     /// tensor is present with the expected shape. Returns the tensors and the warnings.
     pub fn fit(
         &self,
-        cfg: &ViTConfig,
+        cfg: &ModelConfig,
         resample: PosResample,
         new_head: Option<(Tensor, Tensor)>,
     ) -> Result<(HashMap<String, Tensor>, Vec<String>)> {
@@ -205,57 +211,63 @@ impl Checkpoint {
             msg,
         };
 
+        let expected = cfg.param_shapes();
+        let shape_of = |name: &str| expected.iter().find(|(n, _)| n == name).map(|(_, s)| s);
+
         // Position embedding of another grid: resample the patch part.
-        if cfg.pos_embed == PosEmbed::Learned {
-            if let Some(pos) = tensors.get("pos_embed") {
-                let want = cfg.num_tokens();
-                if pos.rank() == 3 && pos.dim(1)? != want && pos.dim(2)? == cfg.embed_dim {
-                    let prefix = cfg.num_prefix_tokens();
-                    let old_grid = self.grid_of(pos.dim(1)? - prefix)?;
-                    let resampled =
-                        resample_pos_embed(pos, prefix, old_grid, cfg.grid(), resample)?;
-                    warnings.push(format!(
-                        "position embedding resampled from a {}x{} to a {}x{} grid ({})",
-                        old_grid.0,
-                        old_grid.1,
-                        cfg.grid().0,
-                        cfg.grid().1,
-                        match resample {
-                            PosResample::Timm => "bicubic, antialias: timm",
-                            PosResample::Hf => "bicubic: HuggingFace",
-                        }
-                    ));
-                    tensors.insert("pos_embed".into(), resampled);
-                }
+        if let (Some(tokens), Some(want), Some(pos)) = (
+            cfg.tokens(),
+            shape_of("pos_embed"),
+            tensors.get("pos_embed"),
+        ) {
+            if pos.rank() == 3 && pos.dim(1)? != want[1] && pos.dim(2)? == want[2] {
+                let prefix = tokens.prefix;
+                let old_grid = self.grid_of(pos.dim(1)? - prefix)?;
+                let resampled = resample_pos_embed(pos, prefix, old_grid, tokens.grid, resample)?;
+                warnings.push(format!(
+                    "position embedding resampled from a {}x{} to a {}x{} grid ({})",
+                    old_grid.0,
+                    old_grid.1,
+                    tokens.grid.0,
+                    tokens.grid.1,
+                    match resample {
+                        PosResample::Timm => "bicubic, antialias: timm",
+                        PosResample::Hf => "bicubic: HuggingFace",
+                    }
+                ));
+                tensors.insert("pos_embed".into(), resampled);
             }
         }
 
         // Head of another class count.
-        if let (Some(found), true) = (self.head_classes(), cfg.num_classes > 0) {
-            if found != cfg.num_classes {
+        let (head_w, head_b) = (
+            format!("{}.weight", cfg.head_name()),
+            format!("{}.bias", cfg.head_name()),
+        );
+        let num_classes = cfg.num_classes();
+        if let (Some(found), true) = (self.head_classes(cfg.head_name()), num_classes > 0) {
+            if found != num_classes {
                 let Some((w, b)) = new_head else {
                     return Err(err(format!(
-                        "its head has {found} classes but the config asks for {}",
-                        cfg.num_classes
+                        "its head has {found} classes but the config asks for {num_classes}"
                     )));
                 };
                 warnings.push(format!(
-                    "head dropped: the checkpoint has {found} classes, the config {}; \
-                     a new head is initialised",
-                    cfg.num_classes
+                    "head dropped: the checkpoint has {found} classes, the config {num_classes}; \
+                     a new head is initialised"
                 ));
-                tensors.insert("head.weight".into(), w);
-                tensors.insert("head.bias".into(), b);
+                tensors.insert(head_w.clone(), w);
+                tensors.insert(head_b.clone(), b);
             }
-        } else if cfg.num_classes > 0 && !tensors.contains_key("head.weight") {
+        } else if num_classes > 0 && !tensors.contains_key(&head_w) {
             if let Some((w, b)) = new_head {
                 warnings.push("the checkpoint has no head; a new head is initialised".into());
-                tensors.insert("head.weight".into(), w);
-                tensors.insert("head.bias".into(), b);
+                tensors.insert(head_w.clone(), w);
+                tensors.insert(head_b.clone(), b);
             }
         }
-        if cfg.num_classes == 0 {
-            for k in ["head.weight", "head.bias"] {
+        if num_classes == 0 {
+            for k in [&head_w, &head_b] {
                 if tensors.remove(k).is_some() {
                     warnings.push(format!("{k} ignored: the config has no head"));
                 }
@@ -263,7 +275,6 @@ impl Checkpoint {
         }
 
         // Every expected tensor present with its shape; nothing unexpected.
-        let expected = cfg.param_shapes();
         let mut missing = Vec::new();
         for (name, shape) in &expected {
             match tensors.get(name) {
@@ -304,9 +315,9 @@ impl Checkpoint {
     /// The patch grid of a position embedding with `n` patch positions: from the
     /// checkpoint's own config when it has one, else square.
     fn grid_of(&self, n: usize) -> Result<(usize, usize)> {
-        if let Some(c) = &self.config {
-            if c.num_patches() == n {
-                return Ok(c.grid());
+        if let Some(t) = self.config.as_ref().and_then(|c| c.tokens()) {
+            if t.grid.0 * t.grid.1 == n {
+                return Ok(t.grid);
             }
         }
         let side = (n as f64).sqrt().round() as usize;
@@ -321,6 +332,43 @@ impl Checkpoint {
             ),
         })
     }
+}
+
+/// Options of [`load_fitted`].
+#[derive(Debug, Clone, Default)]
+pub struct FitOptions {
+    /// Square input size overriding the config's (the position embedding is resampled).
+    pub img_size: Option<usize>,
+    pub resample: PosResample,
+    /// Fresh head tensors (weight, bias) for a head of another class count (fine-tuning).
+    pub new_head: Option<(Tensor, Tensor)>,
+}
+
+/// A checkpoint fitted to the config it runs with.
+#[derive(Debug)]
+pub struct Fitted {
+    /// The checkpoint as read (metadata, training state, ignored tensors).
+    pub checkpoint: Checkpoint,
+    pub config: ModelConfig,
+    /// Model parameters in timm naming, fitting `config` exactly.
+    pub tensors: HashMap<String, Tensor>,
+    /// Things the user should know (resampled position embedding, replaced head).
+    pub warnings: Vec<String>,
+}
+
+/// Checkpoint → config → fit: reads `path`, resolves its architecture from `arch` and fits
+/// its tensors to it ([`Checkpoint::fit`]). The one way every command turns a weights file
+/// into the tensors of a model.
+pub fn load_fitted(path: &Path, arch: &Arch, opts: FitOptions) -> Result<Fitted> {
+    let checkpoint = Checkpoint::load(path)?;
+    let config = checkpoint.resolve_config(arch, opts.img_size)?;
+    let (tensors, warnings) = checkpoint.fit(&config, opts.resample, opts.new_head)?;
+    Ok(Fitted {
+        checkpoint,
+        config,
+        tensors,
+        warnings,
+    })
 }
 
 /// Shortens a long list of names for a one-line message.
@@ -383,7 +431,7 @@ pub fn resample_pos_embed(
 /// What a checkpoint says about itself, written into the safetensors metadata.
 #[derive(Debug, Clone, Default)]
 pub struct SaveMeta<'a> {
-    pub config: Option<&'a ViTConfig>,
+    pub config: Option<&'a ModelConfig>,
     pub preprocess: Option<&'a Preprocess>,
     pub class_names: Option<&'a [String]>,
     /// Further string metadata (training-run facts).
@@ -444,13 +492,16 @@ pub fn convert(
     to: Target,
     arch: &Arch,
 ) -> Result<(Vec<PathBuf>, Vec<String>)> {
-    let ck = Checkpoint::load(input)?;
-    let cfg = ck.resolve_config(arch, None)?;
-    let (tensors, warnings) = ck.fit(&cfg, PosResample::Timm, None)?;
+    let Fitted {
+        checkpoint: ck,
+        config: cfg,
+        tensors,
+        warnings,
+    } = load_fitted(input, arch, FitOptions::default())?;
     let pre = ck
         .preprocess
         .clone()
-        .unwrap_or_else(|| Preprocess::vit_default(cfg.in_channels));
+        .unwrap_or_else(|| cfg.default_preprocess());
     let names = ck.class_names.as_deref();
     let mut written = vec![output.to_path_buf()];
     match to {
@@ -464,13 +515,19 @@ pub fn convert(
             save(output, &tensors, &HashMap::new(), &meta)?;
         }
         Target::Hf => {
-            let config_json = hf_config_json(&cfg, names)?;
+            let vit = cfg.as_vit().ok_or_else(|| {
+                Error::Invalid(format!(
+                    "HuggingFace's ViT naming has no {} models; convert to timm",
+                    cfg.arch()
+                ))
+            })?;
+            let config_json = hf_config_json(vit, names)?;
             let hf = to_hf_names(&tensors)?;
             save(output, &hf, &HashMap::new(), &SaveMeta::default())?;
             let dir = output.parent().unwrap_or(Path::new("."));
             for (name, text) in [
                 ("config.json", config_json),
-                ("preprocessor_config.json", hf_preprocessor_json(&cfg, &pre)),
+                ("preprocessor_config.json", hf_preprocessor_json(vit, &pre)),
             ] {
                 let p = dir.join(name);
                 crate::atomic::write_atomic(&p, text.as_bytes())?;

@@ -1,5 +1,11 @@
 use super::*;
-use crate::model::init_params;
+use crate::models::vit::init_params;
+use crate::models::{ModelConfig, Preprocess, ViTConfig};
+
+/// The tagged config of a ViT, as `fit` and `save` take it.
+fn vit(c: &ViTConfig) -> ModelConfig {
+    ModelConfig::Vit(c.clone())
+}
 
 fn tiny() -> ViTConfig {
     ViTConfig {
@@ -16,8 +22,9 @@ fn saved(dir: &Path, cfg: &ViTConfig) -> PathBuf {
     let path = dir.join("m.safetensors");
     let pre = Preprocess::vit_default(3);
     let names: Vec<String> = (0..4).map(|i| format!("c{i}")).collect();
+    let cfg = vit(cfg);
     let meta = SaveMeta {
-        config: Some(cfg),
+        config: Some(&cfg),
         preprocess: Some(&pre),
         class_names: Some(&names),
         extra: vec![],
@@ -37,7 +44,7 @@ fn save_load_round_trips_bit_for_bit_with_metadata() {
     let path = saved(dir.path(), &cfg);
     let ck = Checkpoint::load(&path).unwrap();
     assert_eq!(ck.naming, Naming::Timm);
-    assert_eq!(ck.config.as_ref(), Some(&cfg));
+    assert_eq!(ck.config.as_ref(), Some(&vit(&cfg)));
     assert_eq!(ck.class_names.as_ref().unwrap()[3], "c3");
     assert_eq!(ck.train_state["step"].to_vec1::<i64>().unwrap(), vec![7]);
     let orig = init_params(&cfg, 0, &Device::Cpu).unwrap();
@@ -50,7 +57,7 @@ fn save_load_round_trips_bit_for_bit_with_metadata() {
             .unwrap();
         assert_eq!(a, b, "{name}");
     }
-    let (fitted, warnings) = ck.fit(&cfg, PosResample::Timm, None).unwrap();
+    let (fitted, warnings) = ck.fit(&vit(&cfg), PosResample::Timm, None).unwrap();
     assert!(warnings.is_empty());
     assert_eq!(fitted.len(), cfg.param_shapes().len());
 }
@@ -90,7 +97,7 @@ fn fit_names_the_mismatching_tensor() {
         ..cfg.clone()
     };
     let e = ck
-        .fit(&wider, PosResample::Timm, None)
+        .fit(&vit(&wider), PosResample::Timm, None)
         .unwrap_err()
         .to_string();
     assert!(
@@ -102,7 +109,7 @@ fn fit_names_the_mismatching_tensor() {
         ..cfg.clone()
     };
     let e = ck
-        .fit(&deeper, PosResample::Timm, None)
+        .fit(&vit(&deeper), PosResample::Timm, None)
         .unwrap_err()
         .to_string();
     assert!(e.contains("missing tensors: blocks.2."), "{e}");
@@ -111,7 +118,7 @@ fn fit_names_the_mismatching_tensor() {
         ..cfg.clone()
     };
     let e = ck
-        .fit(&shallower, PosResample::Timm, None)
+        .fit(&vit(&shallower), PosResample::Timm, None)
         .unwrap_err()
         .to_string();
     assert!(e.contains("unexpected tensors: blocks.1."), "{e}");
@@ -126,7 +133,7 @@ fn head_of_another_size_is_replaced_only_when_asked() {
         ..tiny()
     };
     let e = ck
-        .fit(&ten, PosResample::Timm, None)
+        .fit(&vit(&ten), PosResample::Timm, None)
         .unwrap_err()
         .to_string();
     assert!(
@@ -137,14 +144,14 @@ fn head_of_another_size_is_replaced_only_when_asked() {
         Tensor::zeros((10, 16), DType::F32, &Device::Cpu).unwrap(),
         Tensor::zeros(10, DType::F32, &Device::Cpu).unwrap(),
     );
-    let (t, w) = ck.fit(&ten, PosResample::Timm, Some(head)).unwrap();
+    let (t, w) = ck.fit(&vit(&ten), PosResample::Timm, Some(head)).unwrap();
     assert_eq!(t["head.weight"].dims(), &[10, 16]);
     assert!(w[0].contains("head dropped"), "{w:?}");
     let features = ViTConfig {
         num_classes: 0,
         ..tiny()
     };
-    let (t, _) = ck.fit(&features, PosResample::Timm, None).unwrap();
+    let (t, _) = ck.fit(&vit(&features), PosResample::Timm, None).unwrap();
     assert!(!t.contains_key("head.weight"));
 }
 
@@ -176,7 +183,7 @@ fn hf_names_with_and_without_the_vit_prefix_map_to_timm() {
         num_classes: 0,
         ..cfg
     };
-    let (t, _) = ck.fit(&features, PosResample::Timm, None).unwrap();
+    let (t, _) = ck.fit(&vit(&features), PosResample::Timm, None).unwrap();
     let a = t["blocks.1.attn.qkv.weight"]
         .flatten_all()
         .unwrap()

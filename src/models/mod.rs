@@ -1,0 +1,318 @@
+//! The model family. Each architecture is one file (`vit.rs`, ...) built from the shared
+//! layers in `layers.rs`; its config implements [`Architecture`] (what the tool knows of it
+//! without building it) and its network implements [`Classifier`] (what the tool runs).
+//! [`ModelConfig`] is the tagged union of all configs (`arch = "vit"`), and the registry
+//! below maps preset names to configs. The rest of the tool uses only these two traits.
+//!
+//! Adding an architecture: a file here with its config (`Architecture`), its network
+//! (`Classifier`) and its `PRESETS` table, then one line in each of the three registry
+//! places marked `registry:` below.
+
+pub mod layers;
+mod preprocess;
+pub mod vit;
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::{Error, Result};
+
+pub use layers::Mode;
+pub use preprocess::Preprocess;
+pub use vit::{ViTConfig, VisionTransformer};
+
+/// How a model's tokens lie on the image, for models that cut it into patches: what
+/// attention maps, position-embedding pictures and position-embedding resampling need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tokens {
+    /// Tokens in front of the patches (class, distillation).
+    pub prefix: usize,
+    /// Patch grid (rows, columns).
+    pub grid: (usize, usize),
+    /// Side of a patch in pixels.
+    pub patch_size: usize,
+    /// Whether the model has a learned `pos_embed` of shape (1, prefix + rows·cols, D).
+    pub learned_pos_embed: bool,
+}
+
+/// What every architecture's config tells the tool without building the network.
+pub trait Architecture {
+    /// Checks that the numbers fit together; errors name the fields.
+    fn validate(&self) -> Result<()>;
+    /// Input size [height, width] in pixels.
+    fn image_size(&self) -> [usize; 2];
+    fn set_image_size(&mut self, size: [usize; 2]);
+    fn in_channels(&self) -> usize;
+    /// Classes of the head; 0 means no head (the model returns pooled features).
+    fn num_classes(&self) -> usize;
+    fn set_num_classes(&mut self, k: usize);
+    /// Stochastic-depth rate (of the deepest block).
+    fn set_drop_path(&mut self, rate: f64);
+    /// Every parameter with its shape, in timm naming and timm's state-dict order. The one
+    /// place that knows which tensors a config implies.
+    fn param_shapes(&self) -> Vec<(String, Vec<usize>)>;
+    /// The classifier head's parameter prefix (`head` as timm's ViT: `head.weight`, `head.bias`).
+    fn head_name(&self) -> &'static str {
+        "head"
+    }
+    /// The token layout, for models made of patch tokens.
+    fn tokens(&self) -> Option<Tokens> {
+        None
+    }
+    /// Blocks that [`Classifier::forward_intermediates`] indexes.
+    fn depth(&self) -> usize;
+    /// Heads of every block's global self-attention over all tokens, for models that have
+    /// one (what attention maps and rollout draw).
+    fn attention_heads(&self) -> Option<usize> {
+        None
+    }
+    /// Forward-pass floating-point operations for one image (a multiply-add counts 2).
+    fn flops(&self) -> u64;
+    /// How one image's shape changes through the network: (stage, shape without batch).
+    fn shape_flow(&self) -> Vec<(String, Vec<usize>)>;
+    /// The evaluation preprocessing when a checkpoint does not say.
+    fn default_preprocess(&self) -> Preprocess;
+    /// Fresh parameters as timm initialises them, drawn from a portable seeded generator.
+    fn init_params(&self, seed: u64, dev: &Device) -> Result<Vec<(String, Tensor)>>;
+    /// Builds the network from tensors in timm naming.
+    fn build(&self, vb: VarBuilder) -> Result<Box<dyn Classifier>>;
+}
+
+/// What [`Classifier::forward_intermediates`] returns.
+#[derive(Debug, Clone)]
+pub struct Intermediates {
+    /// (B, classes), or pooled features without a head.
+    pub logits: Tensor,
+    /// The output of each requested block, in the order asked.
+    pub blocks: Vec<Tensor>,
+    /// The attention probabilities (B, heads, T, T) of each requested block, in the order
+    /// asked; empty for models without attention.
+    pub attention: Vec<Tensor>,
+}
+
+/// A network that classifies images, as the tool runs it. Forward passes follow timm:
+/// `forward_features` (image → features), `forward_head` (features → logits), `forward`
+/// (both); the `_t` forms take the [`Mode`] (training draws dropout from its stream).
+pub trait Classifier: Send + Sync + std::fmt::Debug {
+    /// The architecture this network was built from.
+    fn config(&self) -> ModelConfig;
+    fn forward_features_t(&self, x: &Tensor, mode: &mut Mode) -> Result<Tensor>;
+    fn forward_head_t(&self, feats: &Tensor, mode: &mut Mode) -> Result<Tensor>;
+    /// Evaluation forward that also returns what the blocks listed in `indices` (0-based)
+    /// computed (timm's `forward_intermediates`, DINOv2's `get_intermediate_layers`).
+    fn forward_intermediates(&self, x: &Tensor, indices: &[usize]) -> Result<Intermediates>;
+    /// The position embedding (1, T, D) added to the tokens, for models that have one.
+    fn pos_embed(&self) -> Option<&Tensor> {
+        None
+    }
+
+    /// Images (B, C, H, W) → logits (B, classes), in `mode`.
+    fn forward_t(&self, x: &Tensor, mode: &mut Mode) -> Result<Tensor> {
+        let feats = self.forward_features_t(x, mode)?;
+        self.forward_head_t(&feats, mode)
+    }
+    /// Images (B, C, H, W) → logits (B, classes), in evaluation mode.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_t(x, &mut Mode::Eval)
+    }
+    fn forward_features(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_features_t(x, &mut Mode::Eval)
+    }
+    fn forward_head(&self, feats: &Tensor) -> Result<Tensor> {
+        self.forward_head_t(feats, &mut Mode::Eval)
+    }
+}
+
+/// Any architecture's config, tagged by `arch` in TOML and JSON (`arch = "vit"`). A config
+/// without the tag is a ViT: recipes and checkpoints written before the tag load unchanged.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "arch", rename_all = "snake_case", remote = "Self")]
+pub enum ModelConfig {
+    // registry: one variant per architecture.
+    Vit(ViTConfig),
+}
+
+/// `match` over the variants of [`ModelConfig`], binding the inner config to `$c`.
+macro_rules! each_arch {
+    ($self:expr, $c:ident => $body:expr) => {
+        match $self {
+            // registry: one arm per architecture.
+            ModelConfig::Vit($c) => $body,
+        }
+    };
+}
+
+/// A named preset of an architecture's config `C`: its name and how to make it.
+pub type Preset<C> = (&'static str, fn() -> C);
+
+/// Every preset of every architecture, in the order `vit info` lists them.
+pub fn presets() -> impl Iterator<Item = (&'static str, ModelConfig)> {
+    // registry: one table per architecture.
+    let vit = vit::PRESETS
+        .iter()
+        .map(|(n, f)| (*n, ModelConfig::Vit(f())));
+    vit
+}
+
+impl Serialize for ModelConfig {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        ModelConfig::serialize(self, s)
+    }
+}
+
+impl<'de> Deserialize<'de> for ModelConfig {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let mut v = serde_json::Value::deserialize(d)?;
+        if let Some(fields) = v.as_object_mut() {
+            fields.entry("arch").or_insert_with(|| "vit".into());
+        }
+        ModelConfig::deserialize(v).map_err(serde::de::Error::custom)
+    }
+}
+
+impl ModelConfig {
+    /// A named preset (see [`presets`]); an unknown name lists the known ones.
+    pub fn preset(name: &str) -> Result<Self> {
+        presets()
+            .find(|(n, _)| *n == name)
+            .map(|(_, c)| c)
+            .ok_or_else(|| Error::Unknown {
+                kind: "preset",
+                name: name.to_string(),
+                hint: format!(
+                    " (known: {})",
+                    presets().map(|(n, _)| n).collect::<Vec<_>>().join(", ")
+                ),
+            })
+    }
+
+    /// Reads a config from a `.toml` or `.json` file and validates it.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let is_json = path.extension().is_some_and(|e| e == "json");
+        let cfg: ModelConfig = if is_json {
+            serde_json::from_str(&text).map_err(|e| Error::format(path, e.to_string()))?
+        } else {
+            toml::from_str(&text).map_err(|e| Error::format(path, one_line(&e.to_string())))?
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The architecture's name as in the `arch` tag.
+    pub fn arch(&self) -> &'static str {
+        match self {
+            ModelConfig::Vit(_) => "vit",
+        }
+    }
+
+    /// The ViT config, for what only a plain ViT has (HuggingFace's naming).
+    pub fn as_vit(&self) -> Option<&ViTConfig> {
+        match self {
+            ModelConfig::Vit(c) => Some(c),
+        }
+    }
+
+    /// Total number of parameters.
+    pub fn num_params(&self) -> usize {
+        self.param_shapes()
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum()
+    }
+
+    /// Parameter counts per top-level module in state-dict order; a numbered sequence
+    /// (`blocks.3`, `layer1.0`) counts per element.
+    pub fn param_groups(&self) -> Vec<(String, usize)> {
+        let mut groups: Vec<(String, usize)> = Vec::new();
+        for (name, shape) in self.param_shapes() {
+            let parts: Vec<&str> = name.split('.').collect();
+            let key = match parts.get(1) {
+                Some(i) if i.parse::<usize>().is_ok() => format!("{}.{i}", parts[0]),
+                _ => parts[0].to_string(),
+            };
+            let n: usize = shape.iter().product();
+            match groups.last_mut() {
+                Some((k, c)) if *k == key => *c += n,
+                _ => groups.push((key, n)),
+            }
+        }
+        groups
+    }
+
+    /// Fresh parameters ([`Architecture::init_params`]) as a network.
+    pub fn init_model(&self, seed: u64, dev: &Device) -> Result<Box<dyn Classifier>> {
+        let params = self.init_params(seed, dev)?.into_iter().collect();
+        self.build(VarBuilder::from_tensors(
+            params,
+            candle_core::DType::F32,
+            dev,
+        ))
+    }
+}
+
+impl Architecture for ModelConfig {
+    fn validate(&self) -> Result<()> {
+        each_arch!(self, c => c.validate())
+    }
+    fn image_size(&self) -> [usize; 2] {
+        each_arch!(self, c => c.image_size())
+    }
+    fn set_image_size(&mut self, size: [usize; 2]) {
+        each_arch!(self, c => c.set_image_size(size))
+    }
+    fn in_channels(&self) -> usize {
+        each_arch!(self, c => c.in_channels())
+    }
+    fn num_classes(&self) -> usize {
+        each_arch!(self, c => Architecture::num_classes(c))
+    }
+    fn set_num_classes(&mut self, k: usize) {
+        each_arch!(self, c => c.set_num_classes(k))
+    }
+    fn set_drop_path(&mut self, rate: f64) {
+        each_arch!(self, c => c.set_drop_path(rate))
+    }
+    fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        each_arch!(self, c => Architecture::param_shapes(c))
+    }
+    fn head_name(&self) -> &'static str {
+        each_arch!(self, c => c.head_name())
+    }
+    fn tokens(&self) -> Option<Tokens> {
+        each_arch!(self, c => c.tokens())
+    }
+    fn depth(&self) -> usize {
+        each_arch!(self, c => c.depth())
+    }
+    fn attention_heads(&self) -> Option<usize> {
+        each_arch!(self, c => c.attention_heads())
+    }
+    fn flops(&self) -> u64 {
+        each_arch!(self, c => Architecture::flops(c))
+    }
+    fn shape_flow(&self) -> Vec<(String, Vec<usize>)> {
+        each_arch!(self, c => Architecture::shape_flow(c))
+    }
+    fn default_preprocess(&self) -> Preprocess {
+        each_arch!(self, c => c.default_preprocess())
+    }
+    fn init_params(&self, seed: u64, dev: &Device) -> Result<Vec<(String, Tensor)>> {
+        each_arch!(self, c => c.init_params(seed, dev))
+    }
+    fn build(&self, vb: VarBuilder) -> Result<Box<dyn Classifier>> {
+        each_arch!(self, c => c.build(vb))
+    }
+}
+
+/// Keeps the first line of a multi-line parser message.
+fn one_line(s: &str) -> String {
+    s.split('\n')
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}

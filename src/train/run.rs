@@ -1,0 +1,371 @@
+//! A training run, epoch by epoch: the data, the model and optimizer (fresh, from `--init`,
+//! or resumed), the loop over batches with its schedule, per-epoch validation and
+//! checkpoints, and the final test and report.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+
+use super::eval::{count_correct, evaluate};
+use super::run_dir::{self, default_out_dir, Position, BEST, LAST, METRICS, RECIPE};
+use super::step::{forward_backward, step_rng, MicroStep, Trainable};
+use super::{report, AdamW, AdamWConfig, EpochMetrics, Progress, Recipe, RunSummary, Schedule};
+use crate::data::{self, AugmentConfig, DataLoader, Dataset, LoaderConfig, Split, ValSize};
+use crate::models::{Architecture, ModelConfig, Preprocess};
+use crate::predict::load_model;
+use crate::weights::{self, Arch, FitOptions, SaveMeta};
+use crate::{Error, Result};
+
+/// The device named by a recipe.
+pub fn device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::new_cuda(0)?),
+        other => Err(Error::Unknown {
+            kind: "device",
+            name: other.into(),
+            hint: " (known: cpu, cuda)".into(),
+        }),
+    }
+}
+
+/// The datasets of a run: training, validation (held out of training) and test.
+pub struct Data {
+    pub train: Dataset,
+    pub val: Dataset,
+    pub test: Dataset,
+    pub augment: AugmentConfig,
+}
+
+/// Loads the recipe's dataset at the model's input size and channel count.
+pub fn load_data(recipe: &Recipe, cfg: &ModelConfig, quiet: bool) -> Result<Data> {
+    let spec = recipe.dataset_spec()?;
+    let opts = data::LoadOptions {
+        quiet,
+        image_size: Some((cfg.image_size()[0], cfg.image_size()[1])),
+        channels: Some(cfg.in_channels()),
+        ..Default::default()
+    };
+    let full = data::load(&spec, Split::Train, recipe.data_dir.as_deref(), &opts)?;
+    let test = data::load(&spec, Split::Test, recipe.data_dir.as_deref(), &opts)?;
+    if full.num_classes() != cfg.num_classes() {
+        return Err(Error::Config(format!(
+            "dataset {} has {} classes but the model has num_classes = {}",
+            recipe.dataset,
+            full.num_classes(),
+            cfg.num_classes()
+        )));
+    }
+    let (train, val) = if recipe.val_size == 0 {
+        (
+            full,
+            Dataset::new(
+                vec![],
+                vec![],
+                test.channels,
+                test.height,
+                test.width,
+                test.class_names.clone(),
+            )?,
+        )
+    } else {
+        data::split_validation(&full, ValSize::Count(recipe.val_size), recipe.seed)?
+    };
+    let mut augment = AugmentConfig::for_spec(&spec, cfg.in_channels(), recipe.crop_pad);
+    if let Some(f) = recipe.hflip {
+        augment.hflip = f;
+    }
+    augment.erase_prob = recipe.random_erase;
+    Ok(Data {
+        train,
+        val,
+        test,
+        augment,
+    })
+}
+
+/// Fresh or `init` weights for a new run (`init` fitted to the run's config, its head
+/// replaced by a fresh one when the class count differs).
+fn initial_weights(
+    recipe: &Recipe,
+    cfg: &ModelConfig,
+    dev: &Device,
+) -> Result<(HashMap<String, Tensor>, Vec<String>)> {
+    let fresh: HashMap<String, Tensor> = cfg.init_params(recipe.seed, dev)?.into_iter().collect();
+    let Some(path) = &recipe.init else {
+        return Ok((fresh, vec![]));
+    };
+    let head = cfg.head_name();
+    let new_head = match (
+        fresh.get(&format!("{head}.weight")),
+        fresh.get(&format!("{head}.bias")),
+    ) {
+        (Some(w), Some(b)) => Some((w.clone(), b.clone())),
+        _ => None,
+    };
+    let fitted = weights::load_fitted(
+        path,
+        &Arch::Config(cfg.clone()),
+        FitOptions {
+            new_head,
+            ..FitOptions::default()
+        },
+    )?;
+    Ok((fitted.tensors, fitted.warnings))
+}
+
+/// Trains as the recipe says, writing checkpoints, metrics and a report into its output
+/// folder. With `resume`, continues the run in that folder exactly where its last
+/// checkpoint left off; pass the folder's saved recipe ([`Recipe::of_run`]), changed only
+/// where a change is meant (more epochs or steps).
+pub fn train(
+    recipe: &Recipe,
+    resume: Option<&Path>,
+    progress: &mut Progress,
+) -> Result<RunSummary> {
+    let out = match resume {
+        Some(dir) => dir.to_path_buf(),
+        None => recipe.out.clone().unwrap_or_else(default_out_dir),
+    };
+    let recipe = recipe.clone();
+    recipe.validate()?;
+    let cfg = recipe.model_config()?;
+    let dev = device(&recipe.device)?;
+    std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+
+    let data = load_data(&recipe, &cfg, progress.is_quiet())?;
+    if data.train.len() < recipe.batch_size {
+        return Err(Error::Config(format!(
+            "the training set has {} images, fewer than one batch of {}",
+            data.train.len(),
+            recipe.batch_size
+        )));
+    }
+    let class_names = data.train.class_names.clone();
+    let preprocess = Preprocess {
+        mean: data.augment.mean.clone(),
+        std: data.augment.std.clone(),
+        crop_pct: 1.0,
+        interpolation: "bicubic".into(),
+        resize: "shorter".into(),
+    };
+
+    // Model, optimizer and position: fresh, or from the last checkpoint.
+    let (tensors, mut pos, opt_state) = match resume {
+        Some(dir) => {
+            let r = run_dir::resume_state(dir, &cfg)?;
+            (r.tensors, r.position, Some(r.state))
+        }
+        None => {
+            let (t, warnings) = initial_weights(&recipe, &cfg, &dev)?;
+            for w in warnings {
+                progress.note(&format!("warning: {w}"));
+            }
+            (t, Position::default(), None)
+        }
+    };
+    let net = Trainable::new(&cfg, &tensors, &dev)?;
+    let mut opt = net.adamw(AdamWConfig {
+        beta1: recipe.beta1,
+        beta2: recipe.beta2,
+        eps: recipe.eps,
+        weight_decay: recipe.weight_decay,
+    });
+    if let Some(state) = &opt_state {
+        opt.load_state(state)?;
+    }
+    let mut history = report::read_metrics(&out.join(METRICS), pos.epoch)?;
+
+    // The resolved recipe travels with the run.
+    let saved = Recipe {
+        out: Some(out.clone()),
+        ..recipe.clone()
+    };
+    let text = toml::to_string(&saved).map_err(|e| Error::Invalid(e.to_string()))?;
+    crate::atomic::write_atomic(&out.join(RECIPE), text.as_bytes())?;
+
+    let micro = recipe.batch_size / recipe.accum_steps;
+    let loader = DataLoader::new(
+        data.train.clone(),
+        LoaderConfig {
+            batch_size: micro,
+            shuffle: true,
+            drop_last: true,
+            seed: recipe.seed,
+            augment: data.augment.clone(),
+        },
+    )?;
+    let steps_per_epoch = (loader.num_batches() / recipe.accum_steps) as u64;
+    if steps_per_epoch == 0 {
+        return Err(Error::Config("an epoch has no full optimizer step".into()));
+    }
+    let batches_per_epoch = steps_per_epoch * recipe.accum_steps as u64;
+    let schedule = Schedule {
+        peak: recipe.lr,
+        min_lr: recipe.min_lr,
+        warmup: (recipe.warmup_epochs * steps_per_epoch as f64).round() as u64,
+        total: recipe.epochs as u64 * steps_per_epoch,
+    };
+    let clip = (recipe.clip_grad > 0.0).then_some(recipe.clip_grad);
+    let meta = SaveMeta {
+        config: Some(&cfg),
+        preprocess: Some(&preprocess),
+        class_names: Some(&class_names),
+        extra: vec![("vit.recipe".to_string(), text.clone())],
+    };
+    let save = |path: &Path, net: &Trainable, opt: &AdamW, pos: Position| {
+        run_dir::save_checkpoint(path, net, opt, pos, &meta)
+    };
+
+    let run_start = Instant::now();
+    let mut stopped = false;
+    while pos.epoch < recipe.epochs as u64 && !stopped {
+        if recipe.max_steps.is_some_and(|m| pos.step >= m) {
+            break;
+        }
+        let epoch_start = Instant::now() - std::time::Duration::from_secs_f64(pos.seconds);
+        progress.start_epoch(
+            pos.epoch as usize + 1,
+            recipe.epochs,
+            batches_per_epoch,
+            pos.batch,
+        );
+        let batches = loader.epoch_from(pos.epoch, pos.batch as usize)?;
+        for batch in batches {
+            if batch.batch_index as u64 >= batches_per_epoch {
+                break;
+            }
+            let micro_idx = batch.batch_index as u64 % recipe.accum_steps as u64;
+            let x = Tensor::from_vec(batch.images, batch.shape.to_vec(), &dev)?;
+            let n = batch.labels.len();
+            let y = Tensor::from_vec(batch.labels, n, &dev)?;
+            let step = pos.step;
+            let rngs = move |shard| Some(step_rng(recipe.seed, step, micro_idx, shard));
+            let MicroStep {
+                logits,
+                loss: loss_value,
+                ..
+            } = forward_backward(
+                &net,
+                &mut opt,
+                &x,
+                &y,
+                recipe.label_smoothing,
+                recipe.accum_steps,
+                &rngs,
+            )?;
+            if !loss_value.is_finite() {
+                return Err(Error::Numeric(format!(
+                    "loss became {loss_value} at epoch {} step {}; stopped. The last good \
+                     checkpoint is {}",
+                    pos.epoch + 1,
+                    pos.step,
+                    out.join(LAST).display()
+                )));
+            }
+            pos.loss_sum += loss_value * n as f64;
+            pos.correct += count_correct(&logits, &y)?;
+            pos.seen += n as u64;
+            pos.batch += 1;
+            let lr = schedule.lr(pos.step);
+            if micro_idx + 1 == recipe.accum_steps as u64 {
+                opt.step(lr, clip)?;
+                pos.step += 1;
+            }
+            pos.seconds = epoch_start.elapsed().as_secs_f64();
+            progress.step(
+                pos.batch,
+                pos.loss_sum / pos.seen as f64,
+                pos.correct as f64 / pos.seen as f64,
+                lr,
+                pos.seen as f64 / pos.seconds.max(1e-9),
+            );
+            let at_limit = recipe.max_steps.is_some_and(|m| pos.step >= m);
+            if micro_idx + 1 == recipe.accum_steps as u64
+                && recipe.checkpoint_every > 0
+                && pos.step % recipe.checkpoint_every == 0
+                && !at_limit
+            {
+                save(&out.join(LAST), &net, &opt, pos)?;
+            }
+            if at_limit {
+                stopped = true;
+                break;
+            }
+        }
+
+        // End of epoch (or of a --max-steps run): validate, record, checkpoint.
+        let val = if data.val.is_empty() {
+            None
+        } else {
+            Some(evaluate(
+                net.model.as_ref(),
+                &data.val,
+                recipe.eval_batch_size,
+                &data.augment,
+                &dev,
+            )?)
+        };
+        let m = EpochMetrics {
+            epoch: pos.epoch as usize + 1,
+            step: pos.step,
+            train_loss: pos.loss_sum / pos.seen.max(1) as f64,
+            train_acc: pos.correct as f64 / pos.seen.max(1) as f64,
+            val_loss: val.as_ref().map(|v| v.loss),
+            val_acc: val.as_ref().map(|v| v.accuracy),
+            lr: schedule.lr(pos.step.saturating_sub(1)),
+            seconds: pos.seconds,
+            images_per_second: pos.seen as f64 / pos.seconds.max(1e-9),
+        };
+        progress.end_epoch(&m);
+        history.push(m.clone());
+        report::write_metrics(&out.join(METRICS), &history)?;
+        let acc = m.val_acc.unwrap_or(m.train_acc);
+        let is_best = acc > pos.best_val_acc || pos.epoch == 0;
+        if is_best {
+            pos.best_val_acc = acc;
+        }
+        if !stopped {
+            pos = Position {
+                epoch: pos.epoch + 1,
+                batch: 0,
+                loss_sum: 0.0,
+                correct: 0,
+                seen: 0,
+                seconds: 0.0,
+                ..pos
+            };
+        }
+        // A --max-steps run that ends mid-epoch keeps its exact position for a resume.
+        save(&out.join(LAST), &net, &opt, pos)?;
+        if is_best {
+            save(&out.join(BEST), &net, &opt, pos)?;
+        }
+    }
+
+    // Final report on the test set, with the best checkpoint's weights.
+    let (best_model, _) = load_model(
+        &out.join(BEST),
+        &Arch::Config(cfg.clone()),
+        FitOptions::default(),
+        &dev,
+    )?;
+    let test = evaluate(
+        best_model.as_ref(),
+        &data.test,
+        recipe.eval_batch_size,
+        &data.augment,
+        &dev,
+    )?;
+    let files = report::write_report(&out, &saved, &cfg, &history, &test, &class_names)?;
+    Ok(RunSummary {
+        out,
+        epochs: history,
+        test,
+        best_val_acc: pos.best_val_acc,
+        seconds: run_start.elapsed().as_secs_f64(),
+        files,
+    })
+}

@@ -1,0 +1,172 @@
+//! One training step on a micro-batch: the model as trainable variables, the forward and
+//! backward of its shards side by side, and the per-step random streams. Knows nothing of
+//! files, epochs or schedules.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+
+use super::{AdamW, AdamWConfig};
+use crate::models::{Architecture, Classifier, Mode, ModelConfig};
+use crate::{ops, Error, Result};
+
+/// A model whose parameters are trainable `Var`s, in `param_shapes` order.
+pub struct Trainable {
+    pub model: Box<dyn Classifier>,
+    pub params: Vec<(String, Var)>,
+}
+
+impl Trainable {
+    /// Builds the model from tensors (timm naming) as trainable variables.
+    pub fn new(cfg: &ModelConfig, tensors: &HashMap<String, Tensor>, dev: &Device) -> Result<Self> {
+        let varmap = VarMap::new();
+        let mut params = Vec::new();
+        {
+            let mut data = varmap.data().lock().expect("varmap lock");
+            for (name, _) in cfg.param_shapes() {
+                let t = tensors.get(&name).ok_or_else(|| {
+                    Error::Invalid(format!("no initial value for parameter {name}"))
+                })?;
+                let var = Var::from_tensor(&t.to_device(dev)?.to_dtype(DType::F32)?)?;
+                data.insert(name.clone(), var.clone());
+                params.push((name, var));
+            }
+        }
+        let model = cfg.build(VarBuilder::from_varmap(&varmap, DType::F32, dev))?;
+        Ok(Trainable { model, params })
+    }
+
+    /// Current weights by name.
+    pub fn tensors(&self) -> HashMap<String, Tensor> {
+        self.params
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect()
+    }
+
+    /// An AdamW optimizer over all parameters, in `param_shapes` order.
+    pub fn adamw(&self, cfg: AdamWConfig) -> AdamW {
+        AdamW::new(self.params.clone(), cfg)
+    }
+}
+
+/// What [`forward_backward`] did with one micro-batch.
+pub struct MicroStep {
+    /// (B, classes), for accuracy.
+    pub logits: Tensor,
+    /// The label-smoothed cross-entropy; not finite means backward was skipped.
+    pub loss: f64,
+    /// Wall time of the forward pass and the loss.
+    pub forward: Duration,
+    /// Wall time of backward and of adding the gradients into the optimizer.
+    pub backward: Duration,
+}
+
+/// The randomness of one shard of a micro-batch: `rngs(shard)` gives shard `shard` its
+/// dropout / drop-path stream (`None`: no randomness, as in the benchmark).
+pub type ShardRngs<'a> = &'a (dyn Fn(usize) -> Option<ChaCha8Rng> + Sync);
+
+/// Fewest samples in a shard: smaller micro-batches run whole.
+const MIN_SHARD: usize = 8;
+
+/// How many shards of consecutive samples a micro-batch of `batch` is split into: two on
+/// the CPU (run side by side, one per core of a 2-core machine, each shard's kernels still
+/// free to use more), one elsewhere. A function of the batch only, never of the thread
+/// count, so a run's numbers do not depend on the machine it runs on.
+pub fn shard_count(dev: &Device, batch: usize) -> usize {
+    if dev.is_cpu() && batch >= 2 * MIN_SHARD {
+        2
+    } else {
+        1
+    }
+}
+
+/// The (start, end) sample ranges of the [`shard_count`] shards of a batch of `n`.
+pub(super) fn shard_bounds(dev: &Device, n: usize) -> Vec<(usize, usize)> {
+    let shards = shard_count(dev, n);
+    (0..shards)
+        .map(|i| (i * n / shards, (i + 1) * n / shards))
+        .collect()
+}
+
+/// Logits of `model` for the batch `x` (inference), its shards run side by side.
+pub fn forward_sharded(model: &dyn Classifier, x: &Tensor) -> Result<Tensor> {
+    let logits: Vec<Tensor> = shard_bounds(x.device(), x.dim(0)?)
+        .par_iter()
+        .map(|&(s0, s1)| model.forward(&x.narrow(0, s0, s1 - s0)?))
+        .collect::<Result<_>>()?;
+    Ok(Tensor::cat(&logits, 0)?)
+}
+
+/// One micro-batch of training, up to the optimizer step: forward in training mode
+/// (dropout and drop-path drawn from `rngs`), label-smoothed cross-entropy, backward of
+/// loss / `accum_steps`, gradients added into `opt` (then [`AdamW::step`] clips and
+/// updates). A loss that is not finite is returned before backward, nothing accumulated.
+///
+/// The micro-batch is split into [`shard_count`] shards run in parallel: each shard's
+/// forward and backward is a chain of mostly small, serial candle operations, and two
+/// chains side by side keep both cores busy where one would leave a core waiting. The
+/// loss is the samples-weighted mean of the shards' losses, so the gradient is that of
+/// the whole micro-batch; the shards' gradients are added in shard order (deterministic).
+pub fn forward_backward(
+    net: &Trainable,
+    opt: &mut AdamW,
+    x: &Tensor,
+    y: &Tensor,
+    label_smoothing: f64,
+    accum_steps: usize,
+    rngs: ShardRngs,
+) -> Result<MicroStep> {
+    let start = Instant::now();
+    let n = x.dim(0)?;
+    let bounds = shard_bounds(x.device(), n);
+    // (logits, loss) of each shard, in shard order.
+    let forward: Vec<(Tensor, Tensor)> = bounds
+        .par_iter()
+        .enumerate()
+        .map(|(i, &(s0, s1))| -> Result<(Tensor, Tensor)> {
+            let mut rng = rngs(i);
+            let mut mode = Mode::from_rng(rng.as_mut());
+            let logits = net.model.forward_t(&x.narrow(0, s0, s1 - s0)?, &mut mode)?;
+            let loss = ops::cross_entropy(&logits, &y.narrow(0, s0, s1 - s0)?, label_smoothing)?;
+            Ok((logits, loss))
+        })
+        .collect::<Result<_>>()?;
+    let weight = |i: usize| (bounds[i].1 - bounds[i].0) as f64 / n as f64;
+    let mut loss_value = 0f64;
+    for (i, (_, loss)) in forward.iter().enumerate() {
+        loss_value += weight(i) * loss.to_scalar::<f32>()? as f64;
+    }
+    let forward_time = start.elapsed();
+    if loss_value.is_finite() {
+        let grads: Vec<_> = forward
+            .par_iter()
+            .enumerate()
+            .map(|(i, (_, loss))| (loss * (weight(i) / accum_steps as f64))?.backward())
+            .collect::<std::result::Result<_, _>>()?;
+        for g in &grads {
+            opt.accumulate(g)?;
+        }
+    }
+    let logits: Vec<Tensor> = forward.into_iter().map(|(l, _)| l).collect();
+    Ok(MicroStep {
+        logits: Tensor::cat(&logits, 0)?,
+        loss: loss_value,
+        forward: forward_time,
+        backward: start.elapsed() - forward_time,
+    })
+}
+
+/// Per-step randomness (dropout, drop-path): a ChaCha stream derived from (seed, step,
+/// micro-batch, shard), so a resumed run draws exactly what an uninterrupted one would.
+pub(super) fn step_rng(seed: u64, step: u64, micro: u64, shard: usize) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_d20b_0000_0000);
+    let micro_shard = micro.wrapping_mul(16).wrapping_add(shard as u64);
+    rng.set_stream(step.wrapping_mul(1 << 20).wrapping_add(micro_shard));
+    rng
+}
