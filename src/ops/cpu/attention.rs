@@ -17,7 +17,8 @@ use std::sync::Mutex;
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::gemm::{sgemm, MatRef};
+use super::gemm::sgemm;
+use super::matrix::MatRef;
 use super::{dot, exp, f32_slice, max, new_blocks, simd, sum, with_f32, SendPtr, BLOCK_ELEMS};
 
 /// Scaled dot-product self-attention of `heads` heads over a CPU f32 `qkv` (B, T, 3·D)

@@ -23,33 +23,7 @@
 //! results depend on timing noise, so the choice is the user's. [`provider`] names what
 //! runs.
 
-/// A read-only strided view of an f32 matrix: element (i, j) is at `ptr + i·rs + j·cs`.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct MatRef {
-    pub ptr: *const f32,
-    pub rs: isize,
-    pub cs: isize,
-}
-
-// SAFETY: a MatRef is a read-only view; the kernels that share one across threads keep
-// the viewed buffer alive and unmodified for the duration of the parallel section.
-unsafe impl Send for MatRef {}
-unsafe impl Sync for MatRef {}
-
-impl MatRef {
-    pub fn new(ptr: *const f32, rs: isize, cs: isize) -> Self {
-        MatRef { ptr, rs, cs }
-    }
-
-    /// The transpose (a view, no copy).
-    pub fn t(self) -> Self {
-        MatRef {
-            ptr: self.ptr,
-            rs: self.cs,
-            cs: self.rs,
-        }
-    }
-}
+use super::matrix::MatRef;
 
 /// `dst (m, n) = scale · lhs (m, k) · rhs (k, n)`, or `dst += …` with `accumulate`.
 /// `dst` has row stride `dst_rs` and column stride `dst_cs`.

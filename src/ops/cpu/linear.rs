@@ -15,7 +15,8 @@ use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, Te
 use rayon::prelude::*;
 
 use super::gelu;
-use super::gemm::{own_kernel_for, sgemm, sgemm_packed, Epilogue, MatRef, PackedB, MR};
+use super::gemm::{own_kernel_for, sgemm, sgemm_packed, Epilogue, PackedB, MR};
+use super::matrix::MatRef;
 use super::{f32_slice, new_blocks, new_ranges_uninit, simd, with_f32, SendPtr};
 
 /// Rows per forward task: enough for an efficient gemm, small enough to stay in cache. Also

@@ -15,6 +15,7 @@ mod gelu;
 mod gemm;
 mod layer_norm;
 mod linear;
+mod matrix;
 #[cfg(target_arch = "x86_64")]
 mod sgemm;
 mod softmax;

@@ -95,7 +95,7 @@ use std::arch::x86_64::*;
 use std::cell::Cell;
 
 use super::gelu::gelu_in_place;
-use super::gemm::MatRef;
+use super::matrix::MatRef;
 
 /// Rows of the micro-tile.
 pub(crate) const MR: usize = 12;
@@ -494,18 +494,6 @@ pub(crate) unsafe fn sgemm_packed(
         }
     }
     PACK.set((a_buf, b_buf));
-}
-
-impl MatRef {
-    /// The view starting at element (i, j).
-    ///
-    /// # Safety
-    /// (i, j) must lie inside the viewed matrix.
-    unsafe fn at(self, i: usize, j: usize) -> MatRef {
-        // SAFETY: the caller's contract.
-        let ptr = unsafe { self.ptr.offset(i as isize * self.rs + j as isize * self.cs) };
-        MatRef::new(ptr, self.rs, self.cs)
-    }
 }
 
 /// The mask of the first `lanes` (≤ 16) lanes.
