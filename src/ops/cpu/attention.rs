@@ -18,8 +18,11 @@ use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::gemm::sgemm;
+use super::math::{dot, exp, max, sum};
 use super::matrix::MatRef;
-use super::{dot, exp, f32_slice, max, new_blocks, simd, sum, with_f32, SendPtr, BLOCK_ELEMS};
+use super::par::{new_blocks, SendPtr, BLOCK_ELEMS};
+use super::simd::simd;
+use super::storage::{f32_slice, with_f32};
 
 /// Scaled dot-product self-attention of `heads` heads over a CPU f32 `qkv` (B, T, 3·D)
 /// laid out as timm's fused projection (q, k, v blocks of D, each split into heads).

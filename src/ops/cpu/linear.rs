@@ -17,7 +17,9 @@ use rayon::prelude::*;
 use super::gelu;
 use super::gemm::{own_kernel_for, sgemm, sgemm_packed, Epilogue, PackedB, MR};
 use super::matrix::MatRef;
-use super::{f32_slice, new_blocks, new_ranges_uninit, simd, with_f32, SendPtr};
+use super::par::{new_blocks, new_ranges_uninit, SendPtr};
+use super::simd::simd;
+use super::storage::{f32_slice, with_f32};
 
 /// Rows per forward task: enough for an efficient gemm, small enough to stay in cache. Also
 /// where the weight is packed once for all tasks (our own kernel): 396 and 792 measured the

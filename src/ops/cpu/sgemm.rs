@@ -88,7 +88,7 @@
 //! this kernel for large products only (m·n·k ≥ 2^26, n, k ≥ 128), the `gemm` crate below.
 
 // The AVX-512 intrinsics are stable since Rust 1.89, as is the `avx512f` target feature
-// that `super::dispatch` already enables: the crate needs 1.89 whatever Cargo.toml's
+// that `super::simd::dispatch` already enables: the crate needs 1.89 whatever Cargo.toml's
 // `rust-version` says.
 
 use std::arch::x86_64::*;
@@ -418,7 +418,7 @@ impl PackedB {
                 .sum::<usize>(),
             lines * 16
         );
-        let out = super::SendPtr(buf.as_mut_ptr() as *mut f32);
+        let out = super::par::SendPtr(buf.as_mut_ptr() as *mut f32);
         panels.par_iter().for_each(|&(off, pc, j0)| {
             let kcb = kc.min(k - pc);
             // SAFETY: panel (pc, j0) is inside rhs; its kcb · NR floats at `off` lie inside
