@@ -24,6 +24,7 @@
 //! runs.
 
 use super::matrix::MatRef;
+use super::settings::{settings, BlasChoice};
 
 /// `dst (m, n) = scale · lhs (m, k) · rhs (k, n)`, or `dst += …` with `accumulate`.
 /// `dst` has row stride `dst_rs` and column stride `dst_cs`.
@@ -152,14 +153,9 @@ fn own_shape(m: usize, n: usize, k: usize) -> bool {
 #[cfg(target_arch = "x86_64")]
 fn own_kernel() -> bool {
     static OWN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    use super::settings::GemmChoice;
     *OWN.get_or_init(|| {
-        let choice = std::env::var("VIT_GEMM").ok();
-        match choice.as_deref() {
-            Some("rust") | Some("gemm") => return false,
-            None | Some("") | Some("vit") | Some("auto") => {}
-            Some(other) => tracing::warn!("VIT_GEMM={other}: unknown (rust or vit); using vit"),
-        }
-        std::arch::is_x86_feature_detected!("avx512f")
+        settings().gemm == GemmChoice::Vit && std::arch::is_x86_feature_detected!("avx512f")
     })
 }
 
@@ -246,23 +242,22 @@ const BLAS_LIBRARIES: [&str; 6] = [
 /// The system BLAS in use, if `VIT_BLAS` asks for one and it loads (looked for once).
 pub(crate) fn blas() -> Option<&'static Blas> {
     static BLAS: std::sync::OnceLock<Option<Blas>> = std::sync::OnceLock::new();
-    BLAS.get_or_init(|| blas_from(std::env::var("VIT_BLAS").ok().as_deref()))
-        .as_ref()
+    BLAS.get_or_init(|| blas_from(&settings().blas)).as_ref()
 }
 
-/// The BLAS a `VIT_BLAS` value selects: unset, empty, `none` or `gemm` → none; `auto` → the
-/// first of [`BLAS_LIBRARIES`] that loads; anything else → that library.
-fn blas_from(choice: Option<&str>) -> Option<Blas> {
+/// The BLAS a `VIT_BLAS` choice selects ([`BlasChoice`]): none; `auto` → the first of
+/// [`BLAS_LIBRARIES`] that loads; a library → that one.
+fn blas_from(choice: &BlasChoice) -> Option<Blas> {
     match choice {
-        None | Some("") | Some("none") | Some("gemm") => None,
-        Some("auto") => {
+        BlasChoice::None => None,
+        BlasChoice::Auto => {
             let found = BLAS_LIBRARIES.iter().find_map(|lib| Blas::load(lib));
             if found.is_none() {
                 tracing::warn!("VIT_BLAS=auto: no MKL, OpenBLAS or BLIS found; using gemm");
             }
             found
         }
-        Some(lib) => {
+        BlasChoice::Library(lib) => {
             let found = Blas::load(lib);
             if found.is_none() {
                 tracing::warn!("VIT_BLAS={lib}: no cblas_sgemm could be loaded; using gemm");
@@ -404,8 +399,8 @@ pub(crate) fn provider() -> String {
             base_provider()
         );
     }
-    match std::env::var("VIT_BLAS").ok().as_deref() {
-        None | Some("") | Some("none") | Some("gemm") => base_provider(),
+    match settings().blas.value() {
+        None => base_provider(),
         Some(lib) => format!(
             "{} (VIT_BLAS={lib}: no BLAS could be loaded)",
             base_provider()
@@ -501,9 +496,10 @@ mod tests {
 
     #[test]
     fn system_blas_matches_the_triple_loop_where_installed() {
-        assert!(blas_from(None).is_none() && blas_from(Some("none")).is_none());
-        assert!(blas_from(Some("/nonexistent/libblas.so")).is_none());
-        let Some(blas) = blas_from(Some("auto")) else {
+        let from = |v| blas_from(&BlasChoice::parse(v));
+        assert!(from(None).is_none() && from(Some("none")).is_none());
+        assert!(from(Some("/nonexistent/libblas.so")).is_none());
+        let Some(blas) = from(Some("auto")) else {
             eprintln!("no system BLAS found (CI installs OpenBLAS); skipped");
             return;
         };

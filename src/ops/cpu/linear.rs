@@ -475,9 +475,10 @@ mod tests {
     fn is_avx512f() -> bool {
         #[cfg(target_arch = "x86_64")]
         {
+            use super::super::settings::{settings, BlasChoice, GemmChoice};
             std::arch::is_x86_feature_detected!("avx512f")
-                && std::env::var("VIT_GEMM").map_or(true, |v| v != "rust" && v != "gemm")
-                && std::env::var("VIT_BLAS").map_or(true, |v| v.is_empty() || v == "none")
+                && settings().gemm == GemmChoice::Vit
+                && settings().blas == BlasChoice::None
         }
         #[cfg(not(target_arch = "x86_64"))]
         false

@@ -9,10 +9,11 @@
 //! the per-block partial sums in block order: results are bit-for-bit reproducible.
 //!
 //! One file per kernel (`add`, `attention`, `cross_entropy`, `gelu`, `layer_norm`,
-//! `linear`, `softmax`); what they share: `par` (parallel blocks and output buffers), `simd`
-//! (the instruction-set dispatch), `math` (lane reductions, `exp`), `storage` (f32 slices of
-//! candle data), `matrix` (the strided matrix view), `gemm` (the matrix-multiply provider)
-//! over `sgemm` (our AVX-512 kernel).
+//! `linear`, `softmax`); what they share: `par` (parallel blocks and output buffers),
+//! `simd` (the instruction-set dispatch), `math` (lane reductions, `exp`), `storage` (f32
+//! slices of candle data), `settings` (the `VIT_*` environment switches, read once),
+//! `matrix` (the strided matrix view), `gemm` (the matrix-multiply provider) over `sgemm`
+//! (our AVX-512 kernel).
 
 mod add;
 mod attention;
@@ -24,6 +25,7 @@ mod linear;
 mod math;
 mod matrix;
 mod par;
+mod settings;
 #[cfg(target_arch = "x86_64")]
 mod sgemm;
 mod simd;

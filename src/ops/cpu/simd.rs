@@ -2,6 +2,8 @@
 //! [`simd!`] macro over it) runs a closure compiled for AVX-512, AVX2 or plain SSE2, the
 //! widest this CPU has and `VIT_SIMD` allows, with identical results on each.
 
+use super::settings::settings;
+
 /// Runs `f` compiled for the widest vector registers this CPU has (AVX-512, else AVX2,
 /// else the portable SSE2 build), chosen at run time. The kernels' loops are plain scalar
 /// Rust that the compiler vectorises; inlined into [`avx512`] or [`avx2`] they get 16 or 8
@@ -40,29 +42,25 @@ pub(crate) enum SimdLevel {
     Baseline,
 }
 
-/// The level [`dispatch`] uses on this CPU (`VIT_SIMD=baseline|avx2` lowers it, for comparison).
+/// The level [`dispatch`] uses on this CPU (`VIT_SIMD=baseline|avx2` lowers it, for
+/// comparison: [`SimdCap`](super::settings::SimdCap)).
 pub(crate) fn simd_level() -> SimdLevel {
     static LEVEL: std::sync::OnceLock<SimdLevel> = std::sync::OnceLock::new();
     *LEVEL.get_or_init(|| {
-        let cap = std::env::var("VIT_SIMD").ok();
-        let allow = |name: &str| match cap.as_deref() {
-            Some("baseline") => false,
-            Some("avx2") => name == "avx2",
-            _ => true,
-        };
+        let cap = settings().simd_cap;
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::is_x86_feature_detected as has;
             let avx2 = has!("avx2") && has!("fma") && has!("bmi1") && has!("bmi2");
             let avx512 = avx2 && has!("avx512f") && has!("avx512vl") && has!("avx512bw");
-            if avx512 && has!("avx512dq") && allow("avx512") {
+            if avx512 && has!("avx512dq") && cap.allows_avx512() {
                 return SimdLevel::Avx512;
             }
-            if avx2 && allow("avx2") {
+            if avx2 && cap.allows_avx2() {
                 return SimdLevel::Avx2;
             }
         }
-        let _ = allow;
+        let _ = cap;
         SimdLevel::Baseline
     })
 }
