@@ -52,14 +52,17 @@ pub(crate) unsafe fn sgemm(
         if !accumulate {
             for i in 0..m {
                 for j in 0..n {
-                    *dst.add(i * dst_rs + j * dst_cs) = 0.0;
+                    // SAFETY: (i, j) is inside dst's (m, n) view, which the caller vouches for.
+                    unsafe { *dst.add(i * dst_rs + j * dst_cs) = 0.0 };
                 }
             }
         }
         return;
     }
     if let Some(b) = blas() {
-        if b.try_sgemm(m, n, k, dst, dst_rs, dst_cs, lhs, rhs, scale, accumulate) {
+        // SAFETY: the caller's contract (m, n, k ≥ 1 here); try_sgemm reads and writes
+        // nothing when it declines the views.
+        if unsafe { b.try_sgemm(m, n, k, dst, dst_rs, dst_cs, lhs, rhs, scale, accumulate) } {
             return;
         }
     }
@@ -69,7 +72,8 @@ pub(crate) unsafe fn sgemm(
         unsafe { super::sgemm::sgemm(m, n, k, dst, dst_rs, dst_cs, lhs, rhs, scale, accumulate) };
         return;
     }
-    rust_sgemm(m, n, k, dst, dst_rs, dst_cs, lhs, rhs, scale, accumulate);
+    // SAFETY: the caller's contract, with m, n, k ≥ 1 here.
+    unsafe { rust_sgemm(m, n, k, dst, dst_rs, dst_cs, lhs, rhs, scale, accumulate) };
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -86,11 +90,20 @@ pub(crate) enum PackedB {}
 
 #[cfg(not(target_arch = "x86_64"))]
 impl PackedB {
+    /// Never called (see [`PackedB`]); panics.
+    ///
+    /// # Safety
+    /// As our kernel's `PackedB::new` (nothing here relies on it).
     pub(crate) unsafe fn new(_k: usize, _n: usize, _rhs: MatRef) -> PackedB {
         unreachable!("no packed sgemm on this architecture")
     }
 }
 
+/// Stand-in for our kernel's `sgemm_packed` where it is not compiled: no [`PackedB`] exists
+/// to call it with.
+///
+/// # Safety
+/// As our kernel's `sgemm_packed` (nothing here relies on it).
 #[cfg(not(target_arch = "x86_64"))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn sgemm_packed(
@@ -165,6 +178,9 @@ fn own_kernel() -> bool {
 }
 
 /// [`sgemm`] by the pure-Rust `gemm` crate (any strides; m, n, k ≥ 1).
+///
+/// # Safety
+/// As [`sgemm`].
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn rust_sgemm(
     m: usize,
@@ -178,27 +194,32 @@ pub(super) unsafe fn rust_sgemm(
     scale: f32,
     accumulate: bool,
 ) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        dst_cs as isize,
-        dst_rs as isize,
-        accumulate,
-        lhs.ptr,
-        lhs.cs,
-        lhs.rs,
-        rhs.ptr,
-        rhs.cs,
-        rhs.rs,
-        1.0,
-        scale,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    );
+    // SAFETY: the caller's contract is what `gemm::gemm` needs: views covering their
+    // matrices inside live allocations, and a dst that overlaps neither operand and that no
+    // one else writes (dst is read only with `accumulate`).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            dst_cs as isize,
+            dst_rs as isize,
+            accumulate,
+            lhs.ptr,
+            lhs.cs,
+            lhs.rs,
+            rhs.ptr,
+            rhs.cs,
+            rhs.rs,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
 }
 
 /// A system BLAS's `cblas_sgemm`, loaded at run time.
@@ -274,9 +295,11 @@ impl Blas {
     fn load(lib: &str) -> Option<Blas> {
         use std::ffi::{CStr, CString};
         let path = CString::new(lib).ok()?;
-        // SAFETY: dlopen/dlsym with valid C strings; the handle is never closed, so the
-        // symbols stay valid for the life of the process. Each symbol is cast to the type
-        // its library documents.
+        // SAFETY: dlopen/dlsym get valid NUL-terminated strings; the handle is never closed,
+        // so the symbols stay valid for the life of the process. Each non-null symbol is cast
+        // to the signature its library documents and only then called: the thread setters
+        // with 1, openblas_get_config with nothing (it returns a static NUL-terminated
+        // string, which CStr::from_ptr only reads).
         unsafe {
             let handle = libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL);
             if handle.is_null() {
@@ -322,6 +345,9 @@ impl Blas {
     /// [`sgemm`] through the BLAS when the views are ones it accepts (row-major output,
     /// each operand row-major or transposed with a valid leading dimension, sizes within
     /// i32); returns false, doing nothing, otherwise.
+    ///
+    /// # Safety
+    /// As [`sgemm`].
     #[allow(clippy::too_many_arguments)]
     unsafe fn try_sgemm(
         &self,
@@ -349,22 +375,27 @@ impl Blas {
             return false;
         };
         let beta = if accumulate { 1.0 } else { 0.0 };
-        (self.sgemm)(
-            CBLAS_ROW_MAJOR,
-            ta,
-            tb,
-            mi,
-            ni,
-            ki,
-            scale,
-            lhs.ptr,
-            lda,
-            rhs.ptr,
-            ldb,
-            beta,
-            dst,
-            ldc,
-        );
+        // SAFETY: `sgemm` is the library's cblas_sgemm (see load); the flags and leading
+        // dimensions describe exactly the caller's views (checked above), which cover their
+        // matrices, with dst overlapping neither operand (the caller's contract).
+        unsafe {
+            (self.sgemm)(
+                CBLAS_ROW_MAJOR,
+                ta,
+                tb,
+                mi,
+                ni,
+                ki,
+                scale,
+                lhs.ptr,
+                lda,
+                rhs.ptr,
+                ldb,
+                beta,
+                dst,
+                ldc,
+            );
+        }
         true
     }
 }
@@ -441,6 +472,8 @@ mod tests {
             for j in 0..n {
                 let mut s = 0f64;
                 for p in 0..k {
+                    // SAFETY: (i, p) and (p, j) lie inside the views, which the callers make
+                    // cover their (m, k) and (k, n) matrices.
                     unsafe {
                         let x = *a.ptr.offset(i as isize * a.rs + p as isize * a.cs);
                         let y = *b.ptr.offset(p as isize * b.rs + j as isize * b.cs);
@@ -485,10 +518,14 @@ mod tests {
     #[test]
     fn strided_products_match_the_triple_loop() {
         // The provider in use (the system BLAS where one is installed).
+        // SAFETY: check_against_triple_loop passes views and a dst covering their matrices,
+        // from separate buffers.
         check_against_triple_loop(&|m, n, k, d, ld, a, b, s, acc| unsafe {
             sgemm(m, n, k, d, ld, 1, a, b, s, acc)
         });
         // The pure-Rust provider itself.
+        // SAFETY: the same views and dst as above, and every shape there has m, n, k ≥ 1
+        // (rust_sgemm's further condition).
         check_against_triple_loop(&|m, n, k, d, ld, a, b, s, acc| unsafe {
             rust_sgemm(m, n, k, d, ld, 1, a, b, s, acc)
         });
@@ -504,6 +541,7 @@ mod tests {
             return;
         };
         let blas = &blas;
+        // SAFETY: as in strided_products_match_the_triple_loop.
         check_against_triple_loop(&|m, n, k, d, ld, a, b, s, acc| unsafe {
             assert!(
                 blas.try_sgemm(m, n, k, d, ld, 1, a, b, s, acc),
@@ -515,9 +553,11 @@ mod tests {
         let strided = MatRef::new(data.as_ptr(), 4, 2); // neither stride 1
         let plain = MatRef::new(data.as_ptr(), 2, 1);
         let mut out = [7f32; 4];
+        // SAFETY: 2 × 2 views inside `data` (64 floats), dst inside `out`.
         assert!(!unsafe {
             blas.try_sgemm(2, 2, 2, out.as_mut_ptr(), 2, 1, strided, plain, 1.0, false)
         });
+        // SAFETY: as above (dst (2, 2) at strides (1, 2) reaches element 3 of `out`).
         assert!(!unsafe {
             blas.try_sgemm(2, 2, 2, out.as_mut_ptr(), 1, 2, plain, plain, 1.0, false)
         });
@@ -548,6 +588,7 @@ mod tests {
     fn empty_inner_dimension_gives_zeros() {
         let mut out = vec![3f32; 6];
         let z = MatRef::new(std::ptr::null(), 0, 0);
+        // SAFETY: with k = 0 the operands are never read; dst covers 2 × 3 floats of `out`.
         unsafe { sgemm(2, 3, 0, out.as_mut_ptr(), 3, 1, z, z, 1.0, false) };
         assert_eq!(out, vec![0.0; 6]);
     }

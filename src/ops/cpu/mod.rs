@@ -14,6 +14,17 @@
 //! slices of candle data), `settings` (the `VIT_*` environment switches, read once),
 //! `matrix` (the strided matrix view), `gemm` (the matrix-multiply provider) over `sgemm`
 //! (our AVX-512 kernel).
+//!
+//! The one place in the crate, with `runtime`, where unsafe code is allowed (the crate
+//! denies it elsewhere): raw output buffers shared by parallel tasks, strided matrix views,
+//! SIMD intrinsics and a `dlopen`ed BLAS. Every `unsafe` block and impl carries a
+//! `// SAFETY:` comment saying why it is sound, and every `unsafe fn` a `# Safety` section;
+//! the lints below enforce the comments and an explicit block for each unsafe operation.
+
+#![allow(unsafe_code)]
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+#![deny(clippy::missing_safety_doc)]
 
 mod add;
 mod attention;

@@ -12,6 +12,8 @@ use super::simd::simd;
 pub(super) struct SendPtr(pub(super) *mut f32);
 // SAFETY: tasks sharing a SendPtr write disjoint elements while the buffer outlives them.
 unsafe impl Send for SendPtr {}
+// SAFETY: as for Send: the pointer itself is only copied; every task dereferences it only
+// at offsets of its own part of the buffer, which no other task reads or writes.
 unsafe impl Sync for SendPtr {}
 
 impl SendPtr {
@@ -38,13 +40,18 @@ pub(super) fn new_blocks<F>(len: usize, chunk: usize, f: F) -> Vec<f32>
 where
     F: Fn(usize, &mut [f32]) + Sync + Send,
 {
-    // SAFETY: every block is zeroed before anything else touches it.
-    unsafe {
-        new_blocks_uninit(len, chunk, |i, ptr, n| {
+    let zero_then_fill = |i: usize, ptr: *mut f32, n: usize| {
+        // SAFETY: `ptr` is valid for writes of the block's `n` floats, which belong to this
+        // task alone; once zeroed they are initialised f32s, so the slice may be formed.
+        let block = unsafe {
             std::ptr::write_bytes(ptr, 0, n);
-            f(i, std::slice::from_raw_parts_mut(ptr, n))
-        })
-    }
+            std::slice::from_raw_parts_mut(ptr, n)
+        };
+        f(i, block)
+    };
+    // SAFETY: zero_then_fill writes every float of its block (zeroes) before anything reads
+    // it, which is new_blocks_uninit's contract.
+    unsafe { new_blocks_uninit(len, chunk, zero_then_fill) }
 }
 
 /// As [`new_blocks`] without the zeroing: `f(block_index, ptr, n)` gets the block's `n`

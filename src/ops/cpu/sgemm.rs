@@ -344,13 +344,14 @@ impl Epilogue {
     /// # Safety
     /// Column j must lie inside the bias, if any.
     unsafe fn at(self, j: usize) -> Epilogue {
+        let bias = if self.bias.is_null() {
+            self.bias
+        } else {
+            // SAFETY: the caller's contract: column j lies inside the bias.
+            unsafe { self.bias.add(j) }
+        };
         Epilogue {
-            // SAFETY: the caller's contract.
-            bias: if self.bias.is_null() {
-                self.bias
-            } else {
-                unsafe { self.bias.add(j) }
-            },
+            bias,
             gelu: self.gelu,
         }
     }

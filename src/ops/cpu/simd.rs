@@ -14,8 +14,11 @@ use super::settings::settings;
 pub(super) fn dispatch<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     match simd_level() {
-        // SAFETY: the CPU has every feature these functions enable (checked at run time).
+        // SAFETY: simd_level() says Avx512 only after detecting every feature avx512()
+        // enables (avx512f/vl/bw/dq, avx2, fma, bmi1, bmi2) on this CPU.
         SimdLevel::Avx512 => return unsafe { avx512(f) },
+        // SAFETY: simd_level() says Avx2 only after detecting avx2, fma, bmi1 and bmi2, the
+        // features avx2() enables.
         SimdLevel::Avx2 => return unsafe { avx2(f) },
         SimdLevel::Baseline => {}
     }
@@ -66,6 +69,10 @@ pub(crate) fn simd_level() -> SimdLevel {
 }
 
 /// `f` compiled with AVX-512 (what [`dispatch`] inlines the kernels' loops into).
+///
+/// # Safety
+/// The CPU must have every feature enabled here (as [`simd_level`] checks for
+/// [`SimdLevel::Avx512`]).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,bmi1,bmi2")]
 unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
@@ -73,6 +80,10 @@ unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
 }
 
 /// `f` compiled with AVX2 and FMA.
+///
+/// # Safety
+/// The CPU must have avx2, fma, bmi1 and bmi2 (as [`simd_level`] checks for
+/// [`SimdLevel::Avx2`]).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,bmi1,bmi2")]
 unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
