@@ -5,6 +5,13 @@
 //! (checkpoint to model, inference on image files), [`train`], [`viz`] (pictures),
 //! [`explain`] (what the model sees), [`bench`] (timing).
 //! The `vit` binary only parses arguments and prints.
+//!
+//! Unsafe code is confined by the compiler: it is denied here, for the whole crate, and
+//! allowed only in `ops::cpu` (the fused kernels; their `mod.rs` allows it and makes every
+//! `unsafe` block carry a `// SAFETY:` comment) and in [`runtime`] (one call to glibc's
+//! `mallopt`).
+
+#![deny(unsafe_code)]
 
 pub mod atomic;
 pub mod bench;
@@ -14,6 +21,7 @@ pub mod explain;
 pub mod models;
 pub mod ops;
 pub mod predict;
+#[allow(unsafe_code)] // libc::mallopt
 pub mod runtime;
 pub mod train;
 pub mod viz;

@@ -20,6 +20,8 @@
 //!   `OPENBLAS_CORETYPE` is set, we point it at its AVX-512 "SkylakeX" kernels, which the
 //!   CPU runs (ViT-B/16 inference 1.45x faster here).
 
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 /// Applies the settings above. Idempotent; a no-op where they do not apply. Call it first
 /// thing in `main`, before any thread starts (it sets an environment variable).
 pub fn init() {

@@ -4,7 +4,8 @@
 
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
-use super::{f32_slice, new_row_blocks};
+use super::par::new_row_blocks;
+use super::storage::f32_slice;
 
 /// `a + b` for CPU f32 tensors of the same shape.
 pub(crate) fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {

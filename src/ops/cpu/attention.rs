@@ -17,8 +17,12 @@ use std::sync::Mutex;
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::gemm::{sgemm, MatRef};
-use super::{dot, exp, f32_slice, max, new_blocks, simd, sum, with_f32, SendPtr, BLOCK_ELEMS};
+use super::gemm::sgemm;
+use super::math::{dot, exp, max, sum};
+use super::matrix::MatRef;
+use super::par::{new_blocks, SendPtr, BLOCK_ELEMS};
+use super::simd::simd;
+use super::storage::{f32_slice, with_f32};
 
 /// Scaled dot-product self-attention of `heads` heads over a CPU f32 `qkv` (B, T, 3·D)
 /// laid out as timm's fused projection (q, k, v blocks of D, each split into heads).
@@ -59,18 +63,29 @@ struct Dims {
 impl Dims {
     /// The (T, hd) slice of part `which` (0 q, 1 k, 2 v) of head `h` in batch item `b` of
     /// a (B, T, 3D) buffer starting at `base`.
-    fn part(&self, base: *const f32, b: usize, h: usize, which: usize) -> MatRef {
+    ///
+    /// # Safety
+    /// `base` must point to a (B, T, 3D) buffer of these dims, with b < B, h < heads and
+    /// which < 3, and T ≥ 1 (the slice's first element must lie inside the buffer).
+    unsafe fn part(&self, base: *const f32, b: usize, h: usize, which: usize) -> MatRef {
         let off = b * self.t * 3 * self.d + which * self.d + h * self.hd;
+        // SAFETY: the caller's contract puts element (b, 0, which·D + h·hd) inside the buffer.
         MatRef::new(unsafe { base.add(off) }, 3 * self.d as isize, 1)
     }
 
     /// Head `h`'s (q, k, v) slices of batch item `b` (see [`part`](Self::part)).
-    fn qkv(&self, base: *const f32, b: usize, h: usize) -> (MatRef, MatRef, MatRef) {
-        (
-            self.part(base, b, h, 0),
-            self.part(base, b, h, 1),
-            self.part(base, b, h, 2),
-        )
+    ///
+    /// # Safety
+    /// As [`part`](Self::part), for each of the three parts.
+    unsafe fn qkv(&self, base: *const f32, b: usize, h: usize) -> (MatRef, MatRef, MatRef) {
+        // SAFETY: the caller's contract, for parts 0, 1 and 2.
+        unsafe {
+            (
+                self.part(base, b, h, 0),
+                self.part(base, b, h, 1),
+                self.part(base, b, h, 2),
+            )
+        }
     }
 }
 
@@ -99,15 +114,22 @@ impl CustomOp1 for Attention {
         let unit = |unit: usize, p: &mut [f32]| {
             let (bi, h) = (unit / dims.heads, unit % dims.heads);
             let base = qkv_ptr as *const f32;
-            let (q, k, v) = dims.qkv(base, bi, h);
+            // SAFETY: base is qkv's (B, T, 3D) buffer, bi < B, h < heads, and T ≥ 1 (units
+            // run only when there are tokens).
+            let (q, k, v) = unsafe { dims.qkv(base, bi, h) };
             let pm = MatRef::new(p.as_ptr(), t as isize, 1);
-            // SAFETY (both products): the head's q, k, v views lie inside qkv, `p` holds T × T,
-            // and this unit alone writes columns h·hd.. of batch item bi's output rows.
             // S = scale · Q Kᵀ
+            // SAFETY: q and k are (T, hd) views inside qkv, which nothing writes during the
+            // call; `p` is this unit's own T × T floats and overlaps neither.
             unsafe { sgemm(t, t, dims.hd, p.as_mut_ptr(), t, 1, q, k.t(), scale, false) };
             simd!(softmax_rows(p, t));
             // O = P V
+            // SAFETY: element (bi, 0, h·hd) of the (B, T, D) output, inside it (bi < B,
+            // h·hd < D, T ≥ 1).
             let o = unsafe { out_ptr.get().add(bi * t * d + h * dims.hd) };
+            // SAFETY: pm views `p` (T × T), v a (T, hd) view inside qkv; the T rows of hd
+            // columns at `o` (row stride D) lie inside the output, which overlaps neither, and
+            // this unit alone writes columns h·hd.. of batch item bi's rows.
             unsafe { sgemm(t, dims.hd, t, o, d, 1, pm, v, 1.0, false) };
         };
         let units = b * self.heads;
@@ -154,16 +176,21 @@ impl CustomOp1 for Attention {
                 |ds, (unit, p)| {
                     let (bi, h) = (unit / dims.heads, unit % dims.heads);
                     let base = qkv_ptr as *const f32;
-                    let (q, k, v) = dims.qkv(base, bi, h);
-                    let go = MatRef::new(
-                        unsafe { (g_ptr as *const f32).add(bi * t * d + h * dims.hd) },
-                        d as isize,
-                        1,
-                    );
+                    // SAFETY: base is qkv's (B, T, 3D) buffer, bi < B, h < heads, T ≥ 1 (no
+                    // unit runs without tokens).
+                    let (q, k, v) = unsafe { dims.qkv(base, bi, h) };
+                    // SAFETY: element (bi, 0, h·hd) of g, which is (B, T, D): inside it.
+                    let go_ptr = unsafe { (g_ptr as *const f32).add(bi * t * d + h * dims.hd) };
+                    let go = MatRef::new(go_ptr, d as isize, 1);
                     let pm = MatRef::new(p.as_ptr(), t as isize, 1);
                     let dbase = dq_ptr.get() as *const f32;
-                    let dst = |which| dims.part(dbase, bi, h, which).ptr as *mut f32;
+                    // SAFETY: dbase is dqkv's (B, T, 3D) buffer, with bi, h and T as above.
+                    let dst = |which| unsafe { dims.part(dbase, bi, h, which) }.ptr as *mut f32;
                     let ld = 3 * d;
+                    // SAFETY: go, v (inside g and qkv, only read) and pm (this unit's T × T
+                    // probabilities) are (T, hd), (T, hd) and (T, T) views; `ds` is this unit's
+                    // own T × T scratch; dst(2) is this unit's head columns of dqkv's v block
+                    // (T rows at stride 3D), written by no other unit and overlapping no input.
                     unsafe {
                         // dP = G Vᵀ
                         sgemm(t, t, dims.hd, ds.as_mut_ptr(), t, 1, go, v.t(), 1.0, false);
@@ -172,6 +199,9 @@ impl CustomOp1 for Attention {
                     }
                     simd!(softmax_grad_rows(p, ds, t, scale));
                     let dsm = MatRef::new(ds.as_ptr(), t as isize, 1);
+                    // SAFETY: dsm views this unit's T × T scratch, k and q (T, hd) views inside
+                    // qkv; dst(0) and dst(1) are this unit's head columns of dqkv's q and k
+                    // blocks, written by no other unit and overlapping no input.
                     unsafe {
                         // dQ = dS K,  dK = dSᵀ Q
                         sgemm(t, dims.hd, t, dst(0), ld, 1, dsm, k, 1.0, false);

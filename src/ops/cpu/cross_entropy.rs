@@ -10,7 +10,9 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
-use super::{exp, f32_slice, lane_sum, max, new_row_blocks, sum, with_f32};
+use super::math::{exp, lane_sum, max, sum};
+use super::par::new_row_blocks;
+use super::storage::{f32_slice, with_f32};
 
 /// Mean label-smoothed cross-entropy of CPU f32 `logits` (B, K) against u32 `targets` (B,).
 pub(crate) fn cross_entropy(logits: &Tensor, targets: &Tensor, smoothing: f64) -> Result<Tensor> {

@@ -6,7 +6,9 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use std::f32::consts::FRAC_1_SQRT_2;
 
-use super::{f32_slice, new_row_blocks, with_f32};
+use super::math::exp;
+use super::par::new_row_blocks;
+use super::storage::{f32_slice, with_f32};
 
 /// 1/√(2π), the standard normal density at 0.
 const INV_SQRT_2PI: f32 = 0.398_942_3;
@@ -67,7 +69,7 @@ pub(super) fn gelu_in_place(row: &mut [f32]) {
 /// d/dx [x·Φ(x)] = Φ(x) + x·φ(x), φ(x) = exp(−x²/2)/√(2π).
 #[inline(always)]
 pub(super) fn derivative(x: f32) -> f32 {
-    cdf(x) + x * INV_SQRT_2PI * super::exp(-0.5 * x * x)
+    cdf(x) + x * INV_SQRT_2PI * exp(-0.5 * x * x)
 }
 
 impl CustomOp1 for Gelu {

@@ -23,33 +23,8 @@
 //! results depend on timing noise, so the choice is the user's. [`provider`] names what
 //! runs.
 
-/// A read-only strided view of an f32 matrix: element (i, j) is at `ptr + i·rs + j·cs`.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct MatRef {
-    pub ptr: *const f32,
-    pub rs: isize,
-    pub cs: isize,
-}
-
-// SAFETY: a MatRef is a read-only view; the kernels that share one across threads keep
-// the viewed buffer alive and unmodified for the duration of the parallel section.
-unsafe impl Send for MatRef {}
-unsafe impl Sync for MatRef {}
-
-impl MatRef {
-    pub fn new(ptr: *const f32, rs: isize, cs: isize) -> Self {
-        MatRef { ptr, rs, cs }
-    }
-
-    /// The transpose (a view, no copy).
-    pub fn t(self) -> Self {
-        MatRef {
-            ptr: self.ptr,
-            rs: self.cs,
-            cs: self.rs,
-        }
-    }
-}
+use super::matrix::MatRef;
+use super::settings::{settings, BlasChoice};
 
 /// `dst (m, n) = scale · lhs (m, k) · rhs (k, n)`, or `dst += …` with `accumulate`.
 /// `dst` has row stride `dst_rs` and column stride `dst_cs`.
@@ -77,14 +52,17 @@ pub(crate) unsafe fn sgemm(
         if !accumulate {
             for i in 0..m {
                 for j in 0..n {
-                    *dst.add(i * dst_rs + j * dst_cs) = 0.0;
+                    // SAFETY: (i, j) is inside dst's (m, n) view, which the caller vouches for.
+                    unsafe { *dst.add(i * dst_rs + j * dst_cs) = 0.0 };
                 }
             }
         }
         return;
     }
     if let Some(b) = blas() {
-        if b.try_sgemm(m, n, k, dst, dst_rs, dst_cs, lhs, rhs, scale, accumulate) {
+        // SAFETY: the caller's contract (m, n, k ≥ 1 here); try_sgemm reads and writes
+        // nothing when it declines the views.
+        if unsafe { b.try_sgemm(m, n, k, dst, dst_rs, dst_cs, lhs, rhs, scale, accumulate) } {
             return;
         }
     }
@@ -94,7 +72,8 @@ pub(crate) unsafe fn sgemm(
         unsafe { super::sgemm::sgemm(m, n, k, dst, dst_rs, dst_cs, lhs, rhs, scale, accumulate) };
         return;
     }
-    rust_sgemm(m, n, k, dst, dst_rs, dst_cs, lhs, rhs, scale, accumulate);
+    // SAFETY: the caller's contract, with m, n, k ≥ 1 here.
+    unsafe { rust_sgemm(m, n, k, dst, dst_rs, dst_cs, lhs, rhs, scale, accumulate) };
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -111,11 +90,20 @@ pub(crate) enum PackedB {}
 
 #[cfg(not(target_arch = "x86_64"))]
 impl PackedB {
+    /// Never called (see [`PackedB`]); panics.
+    ///
+    /// # Safety
+    /// As our kernel's `PackedB::new` (nothing here relies on it).
     pub(crate) unsafe fn new(_k: usize, _n: usize, _rhs: MatRef) -> PackedB {
         unreachable!("no packed sgemm on this architecture")
     }
 }
 
+/// Stand-in for our kernel's `sgemm_packed` where it is not compiled: no [`PackedB`] exists
+/// to call it with.
+///
+/// # Safety
+/// As our kernel's `sgemm_packed` (nothing here relies on it).
 #[cfg(not(target_arch = "x86_64"))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn sgemm_packed(
@@ -178,14 +166,9 @@ fn own_shape(m: usize, n: usize, k: usize) -> bool {
 #[cfg(target_arch = "x86_64")]
 fn own_kernel() -> bool {
     static OWN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    use super::settings::GemmChoice;
     *OWN.get_or_init(|| {
-        let choice = std::env::var("VIT_GEMM").ok();
-        match choice.as_deref() {
-            Some("rust") | Some("gemm") => return false,
-            None | Some("") | Some("vit") | Some("auto") => {}
-            Some(other) => tracing::warn!("VIT_GEMM={other}: unknown (rust or vit); using vit"),
-        }
-        std::arch::is_x86_feature_detected!("avx512f")
+        settings().gemm == GemmChoice::Vit && std::arch::is_x86_feature_detected!("avx512f")
     })
 }
 
@@ -195,6 +178,9 @@ fn own_kernel() -> bool {
 }
 
 /// [`sgemm`] by the pure-Rust `gemm` crate (any strides; m, n, k ≥ 1).
+///
+/// # Safety
+/// As [`sgemm`].
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn rust_sgemm(
     m: usize,
@@ -208,27 +194,32 @@ pub(super) unsafe fn rust_sgemm(
     scale: f32,
     accumulate: bool,
 ) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        dst_cs as isize,
-        dst_rs as isize,
-        accumulate,
-        lhs.ptr,
-        lhs.cs,
-        lhs.rs,
-        rhs.ptr,
-        rhs.cs,
-        rhs.rs,
-        1.0,
-        scale,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    );
+    // SAFETY: the caller's contract is what `gemm::gemm` needs: views covering their
+    // matrices inside live allocations, and a dst that overlaps neither operand and that no
+    // one else writes (dst is read only with `accumulate`).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            dst_cs as isize,
+            dst_rs as isize,
+            accumulate,
+            lhs.ptr,
+            lhs.cs,
+            lhs.rs,
+            rhs.ptr,
+            rhs.cs,
+            rhs.rs,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
 }
 
 /// A system BLAS's `cblas_sgemm`, loaded at run time.
@@ -272,23 +263,22 @@ const BLAS_LIBRARIES: [&str; 6] = [
 /// The system BLAS in use, if `VIT_BLAS` asks for one and it loads (looked for once).
 pub(crate) fn blas() -> Option<&'static Blas> {
     static BLAS: std::sync::OnceLock<Option<Blas>> = std::sync::OnceLock::new();
-    BLAS.get_or_init(|| blas_from(std::env::var("VIT_BLAS").ok().as_deref()))
-        .as_ref()
+    BLAS.get_or_init(|| blas_from(&settings().blas)).as_ref()
 }
 
-/// The BLAS a `VIT_BLAS` value selects: unset, empty, `none` or `gemm` → none; `auto` → the
-/// first of [`BLAS_LIBRARIES`] that loads; anything else → that library.
-fn blas_from(choice: Option<&str>) -> Option<Blas> {
+/// The BLAS a `VIT_BLAS` choice selects ([`BlasChoice`]): none; `auto` → the first of
+/// [`BLAS_LIBRARIES`] that loads; a library → that one.
+fn blas_from(choice: &BlasChoice) -> Option<Blas> {
     match choice {
-        None | Some("") | Some("none") | Some("gemm") => None,
-        Some("auto") => {
+        BlasChoice::None => None,
+        BlasChoice::Auto => {
             let found = BLAS_LIBRARIES.iter().find_map(|lib| Blas::load(lib));
             if found.is_none() {
                 tracing::warn!("VIT_BLAS=auto: no MKL, OpenBLAS or BLIS found; using gemm");
             }
             found
         }
-        Some(lib) => {
+        BlasChoice::Library(lib) => {
             let found = Blas::load(lib);
             if found.is_none() {
                 tracing::warn!("VIT_BLAS={lib}: no cblas_sgemm could be loaded; using gemm");
@@ -305,9 +295,11 @@ impl Blas {
     fn load(lib: &str) -> Option<Blas> {
         use std::ffi::{CStr, CString};
         let path = CString::new(lib).ok()?;
-        // SAFETY: dlopen/dlsym with valid C strings; the handle is never closed, so the
-        // symbols stay valid for the life of the process. Each symbol is cast to the type
-        // its library documents.
+        // SAFETY: dlopen/dlsym get valid NUL-terminated strings; the handle is never closed,
+        // so the symbols stay valid for the life of the process. Each non-null symbol is cast
+        // to the signature its library documents and only then called: the thread setters
+        // with 1, openblas_get_config with nothing (it returns a static NUL-terminated
+        // string, which CStr::from_ptr only reads).
         unsafe {
             let handle = libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL);
             if handle.is_null() {
@@ -353,6 +345,9 @@ impl Blas {
     /// [`sgemm`] through the BLAS when the views are ones it accepts (row-major output,
     /// each operand row-major or transposed with a valid leading dimension, sizes within
     /// i32); returns false, doing nothing, otherwise.
+    ///
+    /// # Safety
+    /// As [`sgemm`].
     #[allow(clippy::too_many_arguments)]
     unsafe fn try_sgemm(
         &self,
@@ -380,22 +375,27 @@ impl Blas {
             return false;
         };
         let beta = if accumulate { 1.0 } else { 0.0 };
-        (self.sgemm)(
-            CBLAS_ROW_MAJOR,
-            ta,
-            tb,
-            mi,
-            ni,
-            ki,
-            scale,
-            lhs.ptr,
-            lda,
-            rhs.ptr,
-            ldb,
-            beta,
-            dst,
-            ldc,
-        );
+        // SAFETY: `sgemm` is the library's cblas_sgemm (see load); the flags and leading
+        // dimensions describe exactly the caller's views (checked above), which cover their
+        // matrices, with dst overlapping neither operand (the caller's contract).
+        unsafe {
+            (self.sgemm)(
+                CBLAS_ROW_MAJOR,
+                ta,
+                tb,
+                mi,
+                ni,
+                ki,
+                scale,
+                lhs.ptr,
+                lda,
+                rhs.ptr,
+                ldb,
+                beta,
+                dst,
+                ldc,
+            );
+        }
         true
     }
 }
@@ -430,8 +430,8 @@ pub(crate) fn provider() -> String {
             base_provider()
         );
     }
-    match std::env::var("VIT_BLAS").ok().as_deref() {
-        None | Some("") | Some("none") | Some("gemm") => base_provider(),
+    match settings().blas.value() {
+        None => base_provider(),
         Some(lib) => format!(
             "{} (VIT_BLAS={lib}: no BLAS could be loaded)",
             base_provider()
@@ -472,6 +472,8 @@ mod tests {
             for j in 0..n {
                 let mut s = 0f64;
                 for p in 0..k {
+                    // SAFETY: (i, p) and (p, j) lie inside the views, which the callers make
+                    // cover their (m, k) and (k, n) matrices.
                     unsafe {
                         let x = *a.ptr.offset(i as isize * a.rs + p as isize * a.cs);
                         let y = *b.ptr.offset(p as isize * b.rs + j as isize * b.cs);
@@ -516,10 +518,14 @@ mod tests {
     #[test]
     fn strided_products_match_the_triple_loop() {
         // The provider in use (the system BLAS where one is installed).
+        // SAFETY: check_against_triple_loop passes views and a dst covering their matrices,
+        // from separate buffers.
         check_against_triple_loop(&|m, n, k, d, ld, a, b, s, acc| unsafe {
             sgemm(m, n, k, d, ld, 1, a, b, s, acc)
         });
         // The pure-Rust provider itself.
+        // SAFETY: the same views and dst as above, and every shape there has m, n, k ≥ 1
+        // (rust_sgemm's further condition).
         check_against_triple_loop(&|m, n, k, d, ld, a, b, s, acc| unsafe {
             rust_sgemm(m, n, k, d, ld, 1, a, b, s, acc)
         });
@@ -527,13 +533,15 @@ mod tests {
 
     #[test]
     fn system_blas_matches_the_triple_loop_where_installed() {
-        assert!(blas_from(None).is_none() && blas_from(Some("none")).is_none());
-        assert!(blas_from(Some("/nonexistent/libblas.so")).is_none());
-        let Some(blas) = blas_from(Some("auto")) else {
+        let from = |v| blas_from(&BlasChoice::parse(v));
+        assert!(from(None).is_none() && from(Some("none")).is_none());
+        assert!(from(Some("/nonexistent/libblas.so")).is_none());
+        let Some(blas) = from(Some("auto")) else {
             eprintln!("no system BLAS found (CI installs OpenBLAS); skipped");
             return;
         };
         let blas = &blas;
+        // SAFETY: as in strided_products_match_the_triple_loop.
         check_against_triple_loop(&|m, n, k, d, ld, a, b, s, acc| unsafe {
             assert!(
                 blas.try_sgemm(m, n, k, d, ld, 1, a, b, s, acc),
@@ -545,9 +553,11 @@ mod tests {
         let strided = MatRef::new(data.as_ptr(), 4, 2); // neither stride 1
         let plain = MatRef::new(data.as_ptr(), 2, 1);
         let mut out = [7f32; 4];
+        // SAFETY: 2 × 2 views inside `data` (64 floats), dst inside `out`.
         assert!(!unsafe {
             blas.try_sgemm(2, 2, 2, out.as_mut_ptr(), 2, 1, strided, plain, 1.0, false)
         });
+        // SAFETY: as above (dst (2, 2) at strides (1, 2) reaches element 3 of `out`).
         assert!(!unsafe {
             blas.try_sgemm(2, 2, 2, out.as_mut_ptr(), 1, 2, plain, plain, 1.0, false)
         });
@@ -578,6 +588,7 @@ mod tests {
     fn empty_inner_dimension_gives_zeros() {
         let mut out = vec![3f32; 6];
         let z = MatRef::new(std::ptr::null(), 0, 0);
+        // SAFETY: with k = 0 the operands are never read; dst covers 2 × 3 floats of `out`.
         unsafe { sgemm(2, 3, 0, out.as_mut_ptr(), 3, 1, z, z, 1.0, false) };
         assert_eq!(out, vec![0.0; 6]);
     }

@@ -4,9 +4,9 @@
 
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::{
-    dot, f32_slice, lane_sum, map_row_blocks, new_row_blocks, rows_per_block, sum, with_f32,
-};
+use super::math::{dot, lane_sum, sum};
+use super::par::{map_row_blocks, new_row_blocks, rows_per_block};
+use super::storage::{f32_slice, with_f32};
 
 /// `layer_norm(x, weight, bias)` for CPU f32 tensors; weight and bias have shape (D,) with
 /// D the last dimension of x.

@@ -15,8 +15,11 @@ use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, Te
 use rayon::prelude::*;
 
 use super::gelu;
-use super::gemm::{own_kernel_for, sgemm, sgemm_packed, Epilogue, MatRef, PackedB, MR};
-use super::{f32_slice, new_blocks, new_ranges_uninit, simd, with_f32, SendPtr};
+use super::gemm::{own_kernel_for, sgemm, sgemm_packed, Epilogue, PackedB, MR};
+use super::matrix::MatRef;
+use super::par::{new_blocks, new_ranges_uninit, SendPtr};
+use super::simd::simd;
+use super::storage::{f32_slice, with_f32};
 
 /// Rows per forward task: enough for an efficient gemm, small enough to stay in cache. Also
 /// where the weight is packed once for all tasks (our own kernel): 396 and 792 measured the
@@ -181,17 +184,22 @@ impl CustomOp3 for Linear {
         let bounds = fwd_bounds(rows, packed.is_some(), rayon::current_num_threads());
         let y = if n > 0 {
             let elems: Vec<usize> = bounds.iter().map(|r| r * n).collect();
-            // SAFETY: fwd_block writes every float of its block before reading it.
-            unsafe {
-                new_ranges_uninit(&elems, |i, yb, len| {
-                    let r0 = bounds[i];
-                    let xb = &x[r0 * k..];
-                    // SAFETY: block i owns rows r0.. of the pre-activation buffer.
-                    let zb = keep_pre
-                        .then(|| std::slice::from_raw_parts_mut(pre_ptr.get().add(r0 * n), len));
-                    simd!(fwd_block(xb, w, b, packed, act, (yb, len), zb));
-                })
-            }
+            let fill = |i: usize, yb: *mut f32, len: usize| {
+                let r0 = bounds[i];
+                let xb = &x[r0 * k..];
+                // SAFETY: block i owns rows r0.. of the pre-activation buffer (rows · n
+                // floats, zeroed, alive until after the tasks): its `len` floats there are
+                // initialised and no other task touches them.
+                let zb = keep_pre.then(|| unsafe {
+                    std::slice::from_raw_parts_mut(pre_ptr.get().add(r0 * n), len)
+                });
+                // SAFETY: yb is valid for writes of the block's `len` floats, whole rows of n
+                // (new_ranges_uninit's blocks are `bounds` rows times n).
+                simd!(unsafe { fwd_block(xb, w, b, packed, act, (yb, len), zb) });
+            };
+            // SAFETY: fill writes every float of its block (fwd_block does) before reading
+            // it, which is new_ranges_uninit's contract.
+            unsafe { new_ranges_uninit(&elems, fill) }
         } else {
             Vec::new()
         };
@@ -228,10 +236,12 @@ impl CustomOp3 for Linear {
                 .par_iter()
                 .map(|&(r0, r1)| {
                     let z = pre.as_deref().map(|z| &z[r0 * n..r1 * n]);
-                    // SAFETY: chunk (r0, r1) owns rows r0..r1 of dx.
+                    // SAFETY: row r0 ≤ rows of dx (rows × k floats): inside it or one past.
                     let dxb = unsafe { dx_ptr.get().add(r0 * k) };
                     let (xb, gb) = (&x[r0 * k..r1 * k], &g[r0 * n..r1 * n]);
-                    simd!(bwd_chunk(xb, w, gb, z, (n, k), dxb))
+                    // SAFETY: chunk (r0, r1) owns rows r0..r1 of dx: dxb is valid for their
+                    // (r1 − r0) · k floats, which no other chunk reads or writes.
+                    simd!(unsafe { bwd_chunk(xb, w, gb, z, (n, k), dxb) })
                 })
                 .collect::<Vec<_>>()
         })?;
@@ -307,8 +317,12 @@ unsafe fn fwd_block(
 /// Backward of one chunk of m rows, x (m, in), G (m, out), with the pre-activation z (m, out)
 /// when the activation is GELU: writes dx = Gz W to the m rows of `dx` and returns this
 /// chunk's partial dW = Gzᵀ x and db = Σ_rows Gz.
+///
+/// # Safety
+/// `dx` must be valid for writes of m · in floats (m = `g.len() / n`) that nothing else
+/// reads or writes during the call.
 #[inline(always)]
-fn bwd_chunk(
+unsafe fn bwd_chunk(
     x: &[f32],
     w: &[f32],
     g: &[f32],
@@ -336,7 +350,8 @@ fn bwd_chunk(
     let xm = MatRef::new(x.as_ptr(), k as isize, 1); // (m, in)
     let wm = MatRef::new(w.as_ptr(), k as isize, 1); // (out, in)
     let mut dw = vec![0f32; n * k];
-    // SAFETY: the views match the slices' shapes; dx has m rows of k.
+    // SAFETY: the views match the slices' shapes (G (m, n), x (m, k), W (n, k)); dx has m
+    // rows of k (the caller's contract) and dw n rows of k, overlapping no operand.
     unsafe {
         sgemm(m, k, n, dx, k, 1, gm, wm, 1.0, false); // dx = Gz W
         sgemm(n, k, m, dw.as_mut_ptr(), k, 1, gm.t(), xm, 1.0, false); // dW = Gzᵀ x
@@ -472,9 +487,10 @@ mod tests {
     fn is_avx512f() -> bool {
         #[cfg(target_arch = "x86_64")]
         {
+            use super::super::settings::{settings, BlasChoice, GemmChoice};
             std::arch::is_x86_feature_detected!("avx512f")
-                && std::env::var("VIT_GEMM").map_or(true, |v| v != "rust" && v != "gemm")
-                && std::env::var("VIT_BLAS").map_or(true, |v| v.is_empty() || v == "none")
+                && settings().gemm == GemmChoice::Vit
+                && settings().blas == BlasChoice::None
         }
         #[cfg(not(target_arch = "x86_64"))]
         false

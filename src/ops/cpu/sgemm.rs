@@ -88,14 +88,14 @@
 //! this kernel for large products only (m·n·k ≥ 2^26, n, k ≥ 128), the `gemm` crate below.
 
 // The AVX-512 intrinsics are stable since Rust 1.89, as is the `avx512f` target feature
-// that `super::dispatch` already enables: the crate needs 1.89 whatever Cargo.toml's
+// that `super::simd::dispatch` already enables: the crate needs 1.89 whatever Cargo.toml's
 // `rust-version` says.
 
 use std::arch::x86_64::*;
 use std::cell::Cell;
 
 use super::gelu::gelu_in_place;
-use super::gemm::MatRef;
+use super::matrix::MatRef;
 
 /// Rows of the micro-tile.
 pub(crate) const MR: usize = 12;
@@ -344,13 +344,14 @@ impl Epilogue {
     /// # Safety
     /// Column j must lie inside the bias, if any.
     unsafe fn at(self, j: usize) -> Epilogue {
+        let bias = if self.bias.is_null() {
+            self.bias
+        } else {
+            // SAFETY: the caller's contract: column j lies inside the bias.
+            unsafe { self.bias.add(j) }
+        };
         Epilogue {
-            // SAFETY: the caller's contract.
-            bias: if self.bias.is_null() {
-                self.bias
-            } else {
-                unsafe { self.bias.add(j) }
-            },
+            bias,
             gelu: self.gelu,
         }
     }
@@ -418,7 +419,7 @@ impl PackedB {
                 .sum::<usize>(),
             lines * 16
         );
-        let out = super::SendPtr(buf.as_mut_ptr() as *mut f32);
+        let out = super::par::SendPtr(buf.as_mut_ptr() as *mut f32);
         panels.par_iter().for_each(|&(off, pc, j0)| {
             let kcb = kc.min(k - pc);
             // SAFETY: panel (pc, j0) is inside rhs; its kcb · NR floats at `off` lie inside
@@ -494,18 +495,6 @@ pub(crate) unsafe fn sgemm_packed(
         }
     }
     PACK.set((a_buf, b_buf));
-}
-
-impl MatRef {
-    /// The view starting at element (i, j).
-    ///
-    /// # Safety
-    /// (i, j) must lie inside the viewed matrix.
-    unsafe fn at(self, i: usize, j: usize) -> MatRef {
-        // SAFETY: the caller's contract.
-        let ptr = unsafe { self.ptr.offset(i as isize * self.rs + j as isize * self.cs) };
-        MatRef::new(ptr, self.rs, self.cs)
-    }
 }
 
 /// The mask of the first `lanes` (≤ 16) lanes.

@@ -4,7 +4,9 @@
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
-use super::{dot, exp, f32_slice, max, new_row_blocks, sum, with_f32};
+use super::math::{dot, exp, max, sum};
+use super::par::new_row_blocks;
+use super::storage::{f32_slice, with_f32};
 
 /// Softmax over the last dimension of a CPU f32 tensor.
 pub(crate) fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
