@@ -27,6 +27,18 @@ impl<'a> Mode<'a> {
     pub fn is_training(&self) -> bool {
         matches!(self, Mode::Train(_))
     }
+
+    /// `f` with the random stream in training mode; `x` unchanged in evaluation mode.
+    fn train_only(
+        &mut self,
+        x: &Tensor,
+        f: impl FnOnce(&mut ChaCha8Rng) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        match self {
+            Mode::Train(rng) => f(rng),
+            Mode::Eval => Ok(x.clone()),
+        }
+    }
 }
 
 /// Inverted dropout with rate `p` (timm `nn.Dropout`); the identity in evaluation mode.
@@ -35,10 +47,7 @@ pub struct Dropout(pub f64);
 
 impl Dropout {
     pub fn forward(&self, x: &Tensor, mode: &mut Mode) -> Result<Tensor> {
-        match mode {
-            Mode::Train(rng) => ops::dropout(x, self.0, rng),
-            Mode::Eval => Ok(x.clone()),
-        }
+        mode.train_only(x, |rng| ops::dropout(x, self.0, rng))
     }
 }
 
@@ -49,10 +58,7 @@ pub struct DropPath(pub f64);
 
 impl DropPath {
     pub fn forward(&self, x: &Tensor, mode: &mut Mode) -> Result<Tensor> {
-        match mode {
-            Mode::Train(rng) => ops::drop_path(x, self.0, rng),
-            Mode::Eval => Ok(x.clone()),
-        }
+        mode.train_only(x, |rng| ops::drop_path(x, self.0, rng))
     }
 }
 
