@@ -298,3 +298,28 @@ fn bad_inputs_give_one_clear_line() {
     ]);
     assert!(e.contains("mean and std need 3 values"), "{e}");
 }
+
+#[test]
+fn a_missing_file_shows_its_os_cause_once() {
+    // The I/O error's message already ends with its cause; the cause is not repeated
+    // below it as "caused by".
+    let e = fails(&["train", "--config", "/no/such/recipe.toml"]);
+    assert!(e.contains("/no/such/recipe.toml"), "{e}");
+    assert_eq!(e.matches("No such file or directory").count(), 1, "{e}");
+    let e = fails(&[
+        "predict",
+        "/no/such.png",
+        "--weights",
+        p(&fixture("timm_tiny/model.safetensors")),
+        "--config",
+        p(&fixture("timm_tiny/config.json")),
+    ]);
+    assert_eq!(e.matches("No such file or directory").count(), 1, "{e}");
+    let e = fails(&[
+        "predict",
+        p(&fixture("predict/image_rgb.png")),
+        "--weights",
+        "/no/w.safetensors",
+    ]);
+    assert_eq!(e.matches("No such file or directory").count(), 1, "{e}");
+}

@@ -468,3 +468,17 @@ fn fine_tuning_from_a_timm_checkpoint_resamples_positions_and_replaces_the_head(
     ]);
     assert!(e.contains("expected") && e.contains("found"), "{e}");
 }
+
+#[test]
+fn optimizer_flags_are_checked_like_recipe_fields() {
+    // --beta2, --eps and --eval-batch-size set the recipe fields of the same name and are
+    // validated like them, before any data is loaded or any folder is written.
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let e = fails(&["train", "--beta2", "1.5", "--out", p(&run)]);
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(e.contains("beta2"), "{e}");
+    let e = fails(&["train", "--eval-batch-size", "0", "--out", p(&run)]);
+    assert!(e.contains("eval_batch_size"), "{e}");
+    assert!(!run.exists());
+}

@@ -1,8 +1,16 @@
 //! `vit train`: run a recipe (the default one without arguments) and print the result.
+//!
+//! The command line has two layers, as in ripgrep: [`RecipeFlags`] mirrors the recipe's
+//! fields one flag each (all optional), and [`RecipeFlags::apply`] converts it once into a
+//! [`Recipe`] by merging the given flags, as a TOML table, over the base recipe's table.
+//! So a flag is spelled, typed and validated exactly like the recipe field it sets, and a
+//! flag without a field fails (the recipe denies unknown fields).
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::Args;
+use serde::Serialize;
 use vit::train::{self, Progress, ProgressMode, Recipe};
 
 #[derive(Debug, Args)]
@@ -13,109 +21,161 @@ pub struct TrainArgs {
     /// Continue the run in this folder exactly where its last checkpoint left off.
     #[arg(long, conflicts_with_all = ["config", "init", "out"])]
     resume: Option<PathBuf>,
-    /// fashion-mnist | mnist | cifar10 | cifar100 | folder:PATH
-    #[arg(long)]
-    dataset: Option<String>,
-    /// Folder with the dataset files.
-    #[arg(long)]
-    data_dir: Option<PathBuf>,
-    /// Model preset (see `vit info`).
-    #[arg(long)]
-    preset: Option<String>,
-    #[arg(long)]
-    epochs: Option<usize>,
-    #[arg(long)]
-    batch_size: Option<usize>,
-    #[arg(long)]
-    accum_steps: Option<usize>,
-    /// Peak learning rate.
-    #[arg(long)]
-    lr: Option<f64>,
-    #[arg(long)]
-    min_lr: Option<f64>,
-    #[arg(long)]
-    weight_decay: Option<f64>,
-    #[arg(long)]
-    warmup_epochs: Option<f64>,
-    #[arg(long)]
-    label_smoothing: Option<f64>,
-    /// Gradient-norm clipping threshold (0 = off).
-    #[arg(long)]
-    clip_grad: Option<f64>,
-    #[arg(long)]
-    drop_path: Option<f64>,
-    /// Random-crop padding in pixels (0 = off).
-    #[arg(long)]
-    crop_pad: Option<usize>,
-    /// Random horizontal flips (default per dataset).
-    #[arg(long)]
-    hflip: Option<bool>,
-    /// Probability of erasing a random rectangle with noise (timm's --reprob; 0 = off).
-    #[arg(long, alias = "reprob")]
-    random_erase: Option<f64>,
-    /// Training images held out for validation.
-    #[arg(long)]
-    val_size: Option<usize>,
-    #[arg(long)]
-    seed: Option<u64>,
-    /// Stop after this many optimizer steps.
-    #[arg(long)]
-    max_steps: Option<u64>,
-    /// Also write checkpoint-last every N optimizer steps.
-    #[arg(long)]
-    checkpoint_every: Option<u64>,
-    /// Start from these weights (fine-tuning; timm or HF naming, any resolution).
-    #[arg(long)]
-    init: Option<PathBuf>,
-    /// Output folder (default runs/<timestamp>).
-    #[arg(long)]
-    out: Option<PathBuf>,
-    /// cpu or cuda.
-    #[arg(long)]
-    device: Option<String>,
+    #[command(flatten)]
+    recipe: RecipeFlags,
     /// Print only the final result.
     #[arg(long, short)]
     quiet: bool,
 }
 
+/// One flag per [`Recipe`] field, same name (`--batch-size` for `batch_size`), same type;
+/// a flag that is given overrides the field. `model` (a whole model config table) has no
+/// flag: it comes from the recipe file, and `--preset` clears it.
+#[derive(Debug, Default, Args, Serialize)]
+pub struct RecipeFlags {
+    /// fashion-mnist | mnist | cifar10 | cifar100 | folder:PATH
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dataset: Option<String>,
+    /// Folder with the dataset files.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_dir: Option<PathBuf>,
+    /// Model preset (see `vit info`); replaces the recipe's `model` table.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    preset: Option<String>,
+    /// Stochastic-depth rate overriding the model config's.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    drop_path: Option<f64>,
+    /// Passes over the training set.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    epochs: Option<usize>,
+    /// Images per optimizer step (split into --accum-steps micro-batches).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    batch_size: Option<usize>,
+    /// Micro-batches whose gradients are summed before each optimizer step.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    accum_steps: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lr: Option<f64>,
+    /// Learning rate at the end of the cosine decay.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    min_lr: Option<f64>,
+    /// Epochs of linear learning-rate warmup.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    warmup_epochs: Option<f64>,
+    /// AdamW weight decay.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    weight_decay: Option<f64>,
+    /// AdamW's first-moment decay.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    beta1: Option<f64>,
+    /// AdamW's second-moment decay.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    beta2: Option<f64>,
+    /// AdamW's denominator epsilon.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    eps: Option<f64>,
+    /// Label smoothing of the cross-entropy loss.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    label_smoothing: Option<f64>,
+    /// Gradient-norm clipping threshold (0 = off).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    clip_grad: Option<f64>,
+    /// Random-crop padding in pixels (0 = off).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    crop_pad: Option<usize>,
+    /// Random horizontal flips (default per dataset).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hflip: Option<bool>,
+    /// Probability of erasing a random rectangle with noise (timm's --reprob; 0 = off).
+    #[arg(long, alias = "reprob")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    random_erase: Option<f64>,
+    /// Training images held out for validation.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    val_size: Option<usize>,
+    /// Images per batch when evaluating.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    eval_batch_size: Option<usize>,
+    /// Random seed (weights, validation split, batches, augmentation, dropout).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seed: Option<u64>,
+    /// Stop after this many optimizer steps.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_steps: Option<u64>,
+    /// Also write checkpoint-last every N optimizer steps.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    checkpoint_every: Option<u64>,
+    /// Start from these weights (fine-tuning; timm or HF naming, any resolution).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    init: Option<PathBuf>,
+    /// Output folder (default runs/<timestamp>).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    out: Option<PathBuf>,
+    /// cpu or cuda.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    device: Option<String>,
+}
+
+impl RecipeFlags {
+    /// `base` with the given flags' values in place of its fields: both become TOML
+    /// tables, the flags' table is merged over the base's (the flags' keys replace the
+    /// base's), and the result is read back as a [`Recipe`], so a flag is checked exactly
+    /// as the same field in a recipe file. `--preset` also drops the base's `model` table.
+    pub fn apply(&self, base: &Recipe) -> anyhow::Result<Recipe> {
+        let mut table =
+            toml::Table::try_from(base).context("cannot write the recipe as a TOML table")?;
+        let flags =
+            toml::Table::try_from(self).context("cannot write the flags as a TOML table")?;
+        if self.preset.is_some() {
+            table.remove("model");
+        }
+        table.extend(flags);
+        toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| {
+                anyhow::anyhow!(
+                    "the flags do not fit the recipe: {}",
+                    e.to_string().lines().collect::<Vec<_>>().join(" ")
+                )
+            })
+    }
+}
+
 impl TrainArgs {
     fn recipe(&self) -> anyhow::Result<Recipe> {
-        let mut r = match (&self.resume, &self.config) {
+        let base = match (&self.resume, &self.config) {
             (Some(dir), _) => Recipe::of_run(dir)?,
             (_, Some(p)) => Recipe::from_file(p)?,
             _ => Recipe::default(),
         };
-        macro_rules! set {
-            ($($f:ident),*) => { $( if let Some(v) = &self.$f { r.$f = v.clone(); } )* };
-        }
-        macro_rules! set_opt {
-            ($($f:ident),*) => { $( if let Some(v) = &self.$f { r.$f = Some(v.clone()); } )* };
-        }
-        set!(
-            dataset,
-            preset,
-            epochs,
-            batch_size,
-            accum_steps,
-            lr,
-            min_lr,
-            weight_decay
-        );
-        set!(
-            warmup_epochs,
-            label_smoothing,
-            clip_grad,
-            crop_pad,
-            random_erase,
-            val_size,
-            seed
-        );
-        set!(checkpoint_every, device);
-        set_opt!(data_dir, drop_path, hflip, max_steps, init, out);
-        if self.preset.is_some() {
-            r.model = None;
-        }
-        Ok(r)
+        self.recipe.apply(&base)
     }
 }
 
@@ -136,4 +196,133 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
         println!("wrote {}", f.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{Command, FromArgMatches};
+
+    use super::*;
+
+    /// Recipe fields that deliberately have no flag.
+    const NO_FLAG: &[&str] = &[
+        // A whole nested model config table; set it in a recipe file (`--preset` clears it).
+        "model",
+    ];
+
+    fn recipe_fields() -> Vec<String> {
+        // Serialized as JSON, None fields stay (as null), so every field is a key.
+        let v = serde_json::to_value(Recipe::default()).unwrap();
+        v.as_object().unwrap().keys().cloned().collect()
+    }
+
+    fn parse(args: &[&str]) -> TrainArgs {
+        let cmd = TrainArgs::augment_args(Command::new("t"));
+        let m = cmd
+            .try_get_matches_from(std::iter::once("t").chain(args.iter().copied()))
+            .unwrap();
+        TrainArgs::from_arg_matches(&m).unwrap()
+    }
+
+    #[test]
+    fn every_recipe_field_has_a_flag_of_the_same_name() {
+        let cmd = TrainArgs::augment_args(Command::new("t"));
+        let longs: Vec<&str> = cmd.get_arguments().filter_map(|a| a.get_long()).collect();
+        let missing: Vec<String> = recipe_fields()
+            .into_iter()
+            .filter(|f| !NO_FLAG.contains(&f.as_str()))
+            .filter(|f| !longs.contains(&f.replace('_', "-").as_str()))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "recipe fields without a flag: {missing:?}"
+        );
+    }
+
+    #[test]
+    fn every_recipe_flag_is_a_recipe_field() {
+        let fields = recipe_fields();
+        let cmd = RecipeFlags::augment_args(Command::new("t"));
+        let strays: Vec<&str> = cmd
+            .get_arguments()
+            .map(|a| a.get_id().as_str())
+            .filter(|id| !fields.iter().any(|f| f == id))
+            .collect();
+        assert!(
+            strays.is_empty(),
+            "flags without a recipe field: {strays:?}"
+        );
+    }
+
+    #[test]
+    fn every_flag_sets_its_field() {
+        // A recipe whose every field (but `model`) differs from the default...
+        let want = Recipe {
+            dataset: "cifar10".into(),
+            data_dir: Some("/data".into()),
+            preset: "vit_cifar_tiny".into(),
+            model: None,
+            drop_path: Some(0.25),
+            epochs: 7,
+            batch_size: 96,
+            accum_steps: 3,
+            lr: 0.125,
+            min_lr: 0.0625,
+            warmup_epochs: 1.5,
+            weight_decay: 0.5,
+            beta1: 0.75,
+            beta2: 0.875,
+            eps: 1e-6,
+            label_smoothing: 0.2,
+            clip_grad: 2.0,
+            crop_pad: 4,
+            hflip: Some(true),
+            random_erase: 0.25,
+            val_size: 100,
+            eval_batch_size: 50,
+            seed: 9,
+            max_steps: Some(11),
+            checkpoint_every: 13,
+            init: Some("/w.safetensors".into()),
+            out: Some("/runs/x".into()),
+            device: "cuda".into(),
+        };
+        // ...written as one flag per field, comes out of the default recipe plus flags.
+        let json = serde_json::to_value(&want).unwrap();
+        let mut args = Vec::new();
+        let default = serde_json::to_value(Recipe::default()).unwrap();
+        for (k, v) in json.as_object().unwrap() {
+            if NO_FLAG.contains(&k.as_str()) {
+                continue;
+            }
+            assert_ne!(v, &default[k], "{k} must differ from the default");
+            let value = match v {
+                serde_json::Value::String(s) => s.clone(),
+                v => v.to_string(),
+            };
+            args.push(format!("--{}", k.replace('_', "-")));
+            args.push(value);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        assert_eq!(parse(&args).recipe().unwrap(), want);
+        // No flag: the base recipe unchanged.
+        assert_eq!(parse(&[]).recipe().unwrap(), Recipe::default());
+    }
+
+    #[test]
+    fn preset_clears_the_model_table_and_aliases_still_work() {
+        let base = Recipe {
+            model: Some(vit::ViTConfig::preset("vit_fmnist").unwrap()),
+            ..Recipe::default()
+        };
+        let a = parse(&["--epochs", "2", "--reprob", "0.5"]);
+        let r = a.recipe.apply(&base).unwrap();
+        assert!(r.model.is_some());
+        assert_eq!((r.epochs, r.random_erase), (2, 0.5));
+        let r = parse(&["--preset", "vit_cifar_tiny"])
+            .recipe
+            .apply(&base)
+            .unwrap();
+        assert_eq!((r.model, r.preset.as_str()), (None, "vit_cifar_tiny"));
+    }
 }
