@@ -35,111 +35,84 @@ pub struct TrainArgs {
 pub struct RecipeFlags {
     /// fashion-mnist | mnist | cifar10 | cifar100 | folder:PATH
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     dataset: Option<String>,
     /// Folder with the dataset files.
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     data_dir: Option<PathBuf>,
     /// Model preset (see `vit info`); replaces the recipe's `model` table.
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     preset: Option<String>,
     /// Stochastic-depth rate overriding the model config's.
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     drop_path: Option<f64>,
     /// Passes over the training set.
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     epochs: Option<usize>,
     /// Images per optimizer step (split into --accum-steps micro-batches).
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     batch_size: Option<usize>,
     /// Micro-batches whose gradients are summed before each optimizer step.
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     accum_steps: Option<usize>,
     /// Peak learning rate.
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     lr: Option<f64>,
     /// Learning rate at the end of the cosine decay.
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     min_lr: Option<f64>,
     /// Epochs of linear learning-rate warmup.
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     warmup_epochs: Option<f64>,
     /// AdamW weight decay.
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     weight_decay: Option<f64>,
     /// AdamW's first-moment decay.
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     beta1: Option<f64>,
     /// AdamW's second-moment decay.
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     beta2: Option<f64>,
     /// AdamW's denominator epsilon.
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     eps: Option<f64>,
     /// Label smoothing of the cross-entropy loss.
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     label_smoothing: Option<f64>,
     /// Gradient-norm clipping threshold (0 = off).
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     clip_grad: Option<f64>,
     /// Random-crop padding in pixels (0 = off).
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     crop_pad: Option<usize>,
     /// Random horizontal flips (default per dataset).
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     hflip: Option<bool>,
     /// Probability of erasing a random rectangle with noise (timm's --reprob; 0 = off).
     #[arg(long, alias = "reprob")]
-    #[serde(skip_serializing_if = "Option::is_none")]
     random_erase: Option<f64>,
     /// Training images held out for validation.
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     val_size: Option<usize>,
     /// Images per batch when evaluating.
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     eval_batch_size: Option<usize>,
     /// Random seed (weights, validation split, batches, augmentation, dropout).
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     seed: Option<u64>,
     /// Stop after this many optimizer steps.
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     max_steps: Option<u64>,
     /// Also write checkpoint-last every N optimizer steps.
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     checkpoint_every: Option<u64>,
     /// Start from these weights (fine-tuning; timm or HF naming, any resolution).
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     init: Option<PathBuf>,
     /// Output folder (default runs/<timestamp>).
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     out: Option<PathBuf>,
     /// cpu or cuda.
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     device: Option<String>,
 }
 
@@ -312,7 +285,7 @@ mod tests {
     #[test]
     fn preset_clears_the_model_table_and_aliases_still_work() {
         let base = Recipe {
-            model: Some(vit::ViTConfig::preset("vit_fmnist").unwrap()),
+            model: Some(vit::ModelConfig::preset("vit_fmnist").unwrap()),
             ..Recipe::default()
         };
         let a = parse(&["--epochs", "2", "--reprob", "0.5"]);
