@@ -316,3 +316,44 @@ fn one_line(s: &str) -> String {
         .collect::<Vec<_>>()
         .join(" ")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FLAT: &str = "image_size = [32, 32]\npatch_size = 8\nnum_classes = 10\n\
+                        embed_dim = 64\ndepth = 2\nnum_heads = 4\n";
+
+    #[test]
+    fn configs_are_tagged_and_untagged_ones_are_vits() {
+        let untagged: ModelConfig = toml::from_str(FLAT).unwrap();
+        let tagged: ModelConfig = toml::from_str(&format!("arch = \"vit\"\n{FLAT}")).unwrap();
+        assert_eq!(untagged, tagged);
+        assert_eq!(tagged.arch(), "vit");
+        let json = serde_json::to_string(&tagged).unwrap();
+        assert!(json.starts_with("{\"arch\":\"vit\","), "{json}");
+        assert_eq!(serde_json::from_str::<ModelConfig>(&json).unwrap(), tagged);
+        let e = toml::from_str::<ModelConfig>(&format!("arch = \"resnet99\"\n{FLAT}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("resnet99"), "{e}");
+        let e = toml::from_str::<ModelConfig>(&format!("{FLAT}depht = 3\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `depht`"), "{e}");
+    }
+
+    #[test]
+    fn every_preset_is_found_by_name_and_validates() {
+        let names: Vec<&str> = presets().map(|(n, _)| n).collect();
+        assert!(names.len() >= 11 && names.contains(&"vit_fmnist"));
+        for (name, c) in presets() {
+            assert_eq!(ModelConfig::preset(name).unwrap(), c, "{name}");
+            c.validate().unwrap();
+        }
+        let mut sorted = names.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), names.len(), "a preset name appears twice");
+    }
+}

@@ -908,8 +908,13 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (5, 2, 8, 12), &Device::Cpu).unwrap();
         assert_eq!(m.forward_features(&x).unwrap().dims(), &[5, 7, 8]);
         assert_eq!(m.forward(&x).unwrap().dims(), &[5, 3]);
-        let attn = m.forward_intermediates(&x, &[1]).unwrap().attention;
-        assert_eq!(attn[0].dims(), &[5, 2, 7, 7]);
+        let taken = m.forward_intermediates(&x, &[1]).unwrap();
+        assert_eq!(taken.attention[0].dims(), &[5, 2, 7, 7]);
+        // The last block's output, normed, is what forward_features returns.
+        let last = m.norm.forward(&taken.blocks[0]).unwrap();
+        let feats = m.forward_features(&x).unwrap();
+        let diff = (last - feats).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
     }
 
     #[test]
@@ -929,6 +934,34 @@ mod tests {
             }
         }
         assert!(m.forward_intermediates(&x, &[2]).is_err());
+    }
+
+    /// Training mode draws dropout and drop-path from its stream (reproducibly); with every
+    /// rate 0, or in evaluation mode, the forward is the evaluation one exactly.
+    #[test]
+    fn training_mode_draws_from_its_stream_only_where_rates_are_set() {
+        let x = Tensor::randn(0f32, 1.0, (4, 2, 8, 12), &Device::Cpu).unwrap();
+        let run = |cfg: &ViTConfig, seed: Option<u64>| {
+            let m = init_model(cfg, 3, &Device::Cpu).unwrap();
+            let mut rng = seed.map(ChaCha8Rng::seed_from_u64);
+            m.forward_t(&x, &mut Mode::from_rng(rng.as_mut()))
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap()
+        };
+        let plain = tiny(Pool::Cls);
+        assert_eq!(run(&plain, Some(1)), run(&plain, None));
+        let drop = ViTConfig {
+            embed_dropout: 0.1,
+            attn_dropout: 0.1,
+            proj_dropout: 0.1,
+            head_dropout: 0.1,
+            drop_path: 0.2,
+            ..plain
+        };
+        assert_eq!(run(&drop, Some(1)), run(&drop, Some(1)));
+        assert_ne!(run(&drop, Some(1)), run(&drop, Some(2)));
+        assert_ne!(run(&drop, Some(1)), run(&drop, None));
     }
 
     #[test]
