@@ -9,7 +9,7 @@ use fast_image_resize::{images::Image, FilterType, PixelType, ResizeAlg, ResizeO
 use image::DynamicImage;
 use serde::Serialize;
 
-use crate::models::{Architecture, Classifier, ModelConfig, Preprocess};
+use crate::models::{self, Architecture, Classifier, ModelConfig, Preprocess};
 use crate::weights::{self, Arch, FitOptions, Fitted, PosResample};
 use crate::{Error, Result};
 
@@ -61,9 +61,16 @@ impl Predictor {
                 ck.ignored.join(", ")
             ));
         }
+        // The checkpoint's own preprocessing, else the preset's pretrained one (timm's
+        // `pretrained_cfg`), else the architecture's default.
+        let preset = match &opts.arch {
+            Arch::Preset(name) => models::preset_preprocess(name),
+            _ => None,
+        };
         let mut preprocess = ck
             .preprocess
             .clone()
+            .or(preset)
             .unwrap_or_else(|| config.default_preprocess());
         if let Some(c) = opts.crop_pct {
             preprocess.crop_pct = c;
@@ -320,5 +327,31 @@ mod tests {
         let t = eval_transform(&img, &cfg, &p).unwrap();
         let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(v, vec![-1.0, (0.2 - 0.5) / 0.5, (0.4 - 0.5) / 0.5, 1.0]);
+    }
+
+    /// A timm checkpoint (no metadata) run with `--preset` takes timm's pretrained
+    /// preprocessing for that name (crop 0.9, bicubic, mean and std 0.5), not crop 1.
+    #[test]
+    fn a_preset_brings_its_pretrained_preprocessing() {
+        let cfg = ModelConfig::preset("vit_tiny_patch16_224").unwrap();
+        let tensors = cfg
+            .init_params(0, &Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("timm.safetensors");
+        let none = std::collections::HashMap::new();
+        crate::weights::save(&path, &tensors, &none, &Default::default()).unwrap();
+        let opts = LoadOptions {
+            arch: Arch::Preset("vit_tiny_patch16_224".into()),
+            ..Default::default()
+        };
+        let p = Predictor::load(&path, &opts).unwrap();
+        assert_eq!(p.preprocess.crop_pct, 0.9);
+        assert_eq!(p.preprocess.interpolation, "bicubic");
+        assert_eq!(p.preprocess.mean, vec![0.5; 3]);
+        let wide = models::preset_preprocess("vit_base_patch16_384").unwrap();
+        assert_eq!((wide.crop_pct, wide.resize.as_str()), (1.0, "exact"));
     }
 }

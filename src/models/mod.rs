@@ -6,7 +6,8 @@
 //!
 //! Adding an architecture: a file here with its config (`Architecture`), its network
 //! (`Classifier`) and its `PRESETS` table, then one line in each of the three registry
-//! places marked `registry:` below.
+//! places marked `registry:` below (the variant, the `each_arch!` arm, the table chained
+//! in `registry()`).
 
 pub mod layers;
 mod preprocess;
@@ -145,16 +146,65 @@ macro_rules! each_arch {
     };
 }
 
-/// A named preset of an architecture's config `C`: its name and how to make it.
-pub type Preset<C> = (&'static str, fn() -> C);
+/// A named preset of an architecture's config `C`.
+pub struct Preset<C> {
+    pub name: &'static str,
+    pub config: fn() -> C,
+    /// How the preset's pretrained weights expect images (timm's `pretrained_cfg`: mean,
+    /// std, crop fraction, interpolation), for checkpoints that do not say.
+    pub pretrained: fn(&C) -> Preprocess,
+}
 
 /// Every preset of every architecture, in the order `vit info` lists them.
 pub fn presets() -> impl Iterator<Item = (&'static str, ModelConfig)> {
-    // registry: one table per architecture.
-    let vit = vit::PRESETS
-        .iter()
-        .map(|(n, f)| (*n, ModelConfig::Vit(f())));
-    vit
+    registry().map(|(name, _, config)| (name, config))
+}
+
+/// The preprocessing a preset's pretrained weights expect; `None` for an unknown name.
+pub fn preset_preprocess(name: &str) -> Option<Preprocess> {
+    registry()
+        .find(|(n, _, _)| *n == name)
+        .map(|(_, pre, _)| pre)
+}
+
+/// (name, pretrained preprocessing, config) of every preset.
+fn registry() -> impl Iterator<Item = (&'static str, Preprocess, ModelConfig)> {
+    // registry: one table per architecture (`.chain` the next one).
+    vit::PRESETS.iter().map(|p| {
+        let c = (p.config)();
+        (p.name, (p.pretrained)(&c), ModelConfig::Vit(c))
+    })
+}
+
+/// Up to three known names closest to `name` (edit distance), for "did you mean".
+fn closest<'a>(name: &str, known: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+    let mut scored: Vec<(usize, &str)> = known.map(|k| (edit_distance(name, k), k)).collect();
+    scored.sort();
+    let limit = (name.chars().count() / 3).max(2);
+    scored
+        .into_iter()
+        .take_while(|(d, _)| *d <= limit)
+        .take(3)
+        .map(|(_, k)| k)
+        .collect()
+}
+
+/// Levenshtein distance between two strings, by characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diag = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let next = (row[j + 1] + 1)
+                .min(row[j] + 1)
+                .min(diag + usize::from(ca != *cb));
+            diag = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
 }
 
 impl Serialize for ModelConfig {
@@ -174,19 +224,26 @@ impl<'de> Deserialize<'de> for ModelConfig {
 }
 
 impl ModelConfig {
-    /// A named preset (see [`presets`]); an unknown name lists the known ones.
+    /// A named preset (see [`presets`]); an unknown name suggests the closest ones and
+    /// lists all.
     pub fn preset(name: &str) -> Result<Self> {
-        presets()
-            .find(|(n, _)| *n == name)
-            .map(|(_, c)| c)
-            .ok_or_else(|| Error::Unknown {
-                kind: "preset",
-                name: name.to_string(),
-                hint: format!(
-                    " (known: {})",
-                    presets().map(|(n, _)| n).collect::<Vec<_>>().join(", ")
-                ),
-            })
+        if let Some((_, c)) = presets().find(|(n, _)| *n == name) {
+            return Ok(c);
+        }
+        let near = closest(name, presets().map(|(n, _)| n));
+        let mean = if near.is_empty() {
+            String::new()
+        } else {
+            format!("; did you mean {}?", near.join(" or "))
+        };
+        Err(Error::Unknown {
+            kind: "preset",
+            name: name.to_string(),
+            hint: format!(
+                "{mean} (known: {})",
+                presets().map(|(n, _)| n).collect::<Vec<_>>().join(", ")
+            ),
+        })
     }
 
     /// Reads a config from a `.toml` or `.json` file and validates it.
@@ -351,9 +408,30 @@ mod tests {
             assert_eq!(ModelConfig::preset(name).unwrap(), c, "{name}");
             c.validate().unwrap();
         }
+        assert!(preset_preprocess("vit_fmnist").is_some());
+        assert!(preset_preprocess("vit_gigantic").is_none());
         let mut sorted = names.clone();
         sorted.sort();
         sorted.dedup();
         assert_eq!(sorted.len(), names.len(), "a preset name appears twice");
+    }
+
+    #[test]
+    fn an_unknown_preset_suggests_the_closest_names() {
+        let e = ModelConfig::preset("vit_tiny_patch16")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("unknown preset 'vit_tiny_patch16'; did you mean vit_tiny_patch16_224?"),
+            "{e}"
+        );
+        let e = ModelConfig::preset("vit_base_patch61_224")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("did you mean vit_base_patch16_224"), "{e}");
+        let e = ModelConfig::preset("resnet50").unwrap_err().to_string();
+        assert!(!e.contains("did you mean") && e.contains("known: "), "{e}");
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("", "abc"), 3);
     }
 }

@@ -346,58 +346,88 @@ impl ViTConfig {
 }
 
 /// timm's ViT presets and ours, by name, in the order `vit info` lists them. timm names
-/// follow timm's `vision_transformer.py` exactly (parameter counts match timm).
+/// follow timm's `vision_transformer.py` exactly (parameter counts match timm), and their
+/// preprocessing is that of timm's default pretrained weights for the name.
 pub const PRESETS: &[Preset<ViTConfig>] = &[
     // timm vit_tiny_patch16_224 (DeiT-Ti dims): 5,717,416 parameters.
-    ("vit_tiny_patch16_224", || {
+    timm("vit_tiny_patch16_224", || {
         ViTConfig::timm(224, 16, 192, 12, 3)
     }),
     // timm vit_small_patch16_224: 22,050,664.
-    ("vit_small_patch16_224", || {
+    timm("vit_small_patch16_224", || {
         ViTConfig::timm(224, 16, 384, 12, 6)
     }),
     // timm vit_small_patch32_224: 22,878,952.
-    ("vit_small_patch32_224", || {
+    timm("vit_small_patch32_224", || {
         ViTConfig::timm(224, 32, 384, 12, 6)
     }),
     // timm vit_base_patch16_224 (ViT-B/16 of the paper): 86,567,656.
-    ("vit_base_patch16_224", || {
+    timm("vit_base_patch16_224", || {
         ViTConfig::timm(224, 16, 768, 12, 12)
     }),
     // timm vit_base_patch32_224: 88,224,232.
-    ("vit_base_patch32_224", || {
+    timm("vit_base_patch32_224", || {
         ViTConfig::timm(224, 32, 768, 12, 12)
     }),
-    // timm vit_base_patch16_384: 86,859,496.
-    ("vit_base_patch16_384", || {
-        ViTConfig::timm(384, 16, 768, 12, 12)
-    }),
+    // timm vit_base_patch16_384: 86,859,496. Its weights take the whole image squashed
+    // to 384×384 (timm crop_pct 1.0, crop_mode 'squash').
+    Preset {
+        name: "vit_base_patch16_384",
+        config: || ViTConfig::timm(384, 16, 768, 12, 12),
+        pretrained: |_| Preprocess {
+            resize: "exact".into(),
+            ..Preprocess::vit_default(3)
+        },
+    },
     // timm vit_large_patch16_224 (ViT-L/16): 304,326,632.
-    ("vit_large_patch16_224", || {
+    timm("vit_large_patch16_224", || {
         ViTConfig::timm(224, 16, 1024, 24, 16)
     }),
     // timm vit_huge_patch14_224 (ViT-H/14) with a 1000-class head: 632,045,800.
-    ("vit_huge_patch14_224", || {
+    timm("vit_huge_patch14_224", || {
         ViTConfig::timm(224, 14, 1280, 32, 16)
     }),
     // Ours: Fashion-MNIST / MNIST, 28×28×1, 7×7 patches of 4 px. Sized to train to 90% test
     // accuracy on 2 CPU cores within minutes (see BENCHMARKS.md).
-    ("vit_fmnist", || ViTConfig {
+    ours("vit_fmnist", || ViTConfig {
         in_channels: 1,
         num_classes: 10,
         mlp_ratio: 2.0,
         ..ViTConfig::timm(28, 4, 64, 6, 4)
     }),
     // Ours: CIFAR-10 at 32×32, 8×8 patches of 4 px, DeiT-Ti / DeiT-S widths.
-    ("vit_cifar_tiny", || ViTConfig {
+    ours("vit_cifar_tiny", || ViTConfig {
         num_classes: 10,
         ..ViTConfig::timm(32, 4, 192, 12, 3)
     }),
-    ("vit_cifar_small", || ViTConfig {
+    ours("vit_cifar_small", || ViTConfig {
         num_classes: 10,
         ..ViTConfig::timm(32, 4, 384, 12, 6)
     }),
 ];
+
+/// A timm preset with timm's default ViT pretrained preprocessing: mean and std 0.5,
+/// bicubic, the shorter side resized to size / 0.9, then the center cropped (crop_pct 0.9).
+const fn timm(name: &'static str, config: fn() -> ViTConfig) -> Preset<ViTConfig> {
+    Preset {
+        name,
+        config,
+        pretrained: |_| Preprocess {
+            crop_pct: 0.9,
+            ..Preprocess::vit_default(3)
+        },
+    }
+}
+
+/// One of our presets: trained by this tool, whose checkpoints say their preprocessing; the
+/// ViT default (mean and std 0.5, no crop) otherwise.
+const fn ours(name: &'static str, config: fn() -> ViTConfig) -> Preset<ViTConfig> {
+    Preset {
+        name,
+        config,
+        pretrained: |c| Preprocess::vit_default(c.in_channels),
+    }
+}
 
 /// Cuts the image into P×P patches and projects each to D: a stride-P convolution,
 /// done as a reshape and one matrix product.
@@ -833,7 +863,7 @@ mod tests {
 
     #[test]
     fn all_presets_validate() {
-        for (name, _) in PRESETS {
+        for Preset { name, .. } in PRESETS {
             ModelConfig::preset(name).unwrap().validate().unwrap();
         }
     }
