@@ -1,7 +1,7 @@
 //! Inference on image files: resolving the architecture and preprocessing of a checkpoint,
 //! timm's evaluation transform (resize, center crop, normalise) and top-k predictions.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -17,7 +17,7 @@ use crate::{Error, Result};
 pub const IMAGENET_CLASSES: &str = include_str!("imagenet_classes.txt");
 
 /// Options of `vit predict` (and of every command that runs a checkpoint on images).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct LoadOptions {
     pub arch: Arch,
     /// Square input size overriding the config's (the position embedding is resampled).
@@ -26,6 +26,22 @@ pub struct LoadOptions {
     pub mean: Option<Vec<f32>>,
     pub std: Option<Vec<f32>>,
     pub pos_resample: PosResample,
+    /// Where the model runs (default the CPU); images are prepared on the CPU and moved.
+    pub device: Device,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            arch: Arch::default(),
+            img_size: None,
+            crop_pct: None,
+            mean: None,
+            std: None,
+            pos_resample: PosResample::default(),
+            device: Device::Cpu,
+        }
+    }
 }
 
 /// A model ready to run on images, with how to prepare them and what its classes are called.
@@ -37,6 +53,8 @@ pub struct Predictor {
     pub class_names: Vec<String>,
     /// Things the user should know (resampled position embedding, ignored tensors).
     pub warnings: Vec<String>,
+    /// The device the model's weights live on; [`Predictor::input`] moves images there.
+    pub device: Device,
 }
 
 impl Predictor {
@@ -48,7 +66,7 @@ impl Predictor {
             resample: opts.pos_resample,
             new_head: None,
         };
-        let (model, loaded) = load_model(weights, &opts.arch, fit, &Device::Cpu)?;
+        let (model, loaded) = load_model(weights, &opts.arch, fit, &opts.device)?;
         let Fitted {
             checkpoint: ck,
             config,
@@ -94,22 +112,19 @@ impl Predictor {
             preprocess,
             class_names,
             warnings,
+            device: opts.device.clone(),
         })
     }
 
-    /// Reads and prepares one image file: (1, C, H, W).
+    /// Reads and prepares one image file: (1, C, H, W) on the predictor's device.
     pub fn input(&self, path: &Path) -> Result<Tensor> {
         let img = load_image(path)?;
-        eval_transform(&img, &self.config, &self.preprocess)
+        Ok(eval_transform(&img, &self.config, &self.preprocess)?.to_device(&self.device)?)
     }
 
     /// Top-k classes and logits for one image file.
     pub fn predict(&self, path: &Path, top_k: usize) -> Result<Prediction> {
-        if self.config.num_classes() == 0 {
-            return Err(Error::Invalid(
-                "the model has no classification head (num_classes = 0)".into(),
-            ));
-        }
+        self.check_top_k(top_k)?;
         let logits = self.model.forward(&self.input(path)?)?.squeeze(0)?; // (classes,)
         let logits = logits.to_vec1::<f32>()?;
         Ok(Prediction {
@@ -118,6 +133,126 @@ impl Predictor {
             logits,
         })
     }
+
+    /// Top-k classes and logits for several image files in one forward pass: their
+    /// evaluation-transformed inputs stacked into (B, C, H, W). The same results as
+    /// [`Predictor::predict`] on each file (up to the rounding of a larger matrix product).
+    pub fn predict_batch(&self, paths: &[PathBuf], top_k: usize) -> Result<Vec<Prediction>> {
+        self.check_top_k(top_k)?;
+        if paths.is_empty() {
+            return Ok(Vec::new());
+        }
+        let inputs = paths
+            .iter()
+            .map(|p| self.input(p))
+            .collect::<Result<Vec<_>>>()?;
+        let logits = self.model.forward(&Tensor::cat(&inputs, 0)?)?; // (B, classes)
+        Ok(paths
+            .iter()
+            .zip(logits.to_vec2::<f32>()?)
+            .map(|(path, logits)| Prediction {
+                image: path.display().to_string(),
+                top_k: top_k_of(&logits, top_k, &self.class_names),
+                logits,
+            })
+            .collect())
+    }
+
+    /// Runs [`Predictor::predict_batch`] on `paths` in batches of `batch_size`, in order,
+    /// handing each batch's predictions to `each` as soon as they are ready (to print them
+    /// while the next batch runs). Stops at the first error, `each`'s included.
+    pub fn predict_all(
+        &self,
+        paths: &[PathBuf],
+        top_k: usize,
+        batch_size: usize,
+        mut each: impl FnMut(Vec<Prediction>) -> Result<()>,
+    ) -> Result<()> {
+        self.check_top_k(top_k)?;
+        if batch_size == 0 {
+            return Err(Error::Invalid("batch-size must be at least 1".into()));
+        }
+        for chunk in paths.chunks(batch_size) {
+            each(self.predict_batch(chunk, top_k)?)?;
+        }
+        Ok(())
+    }
+
+    fn check_top_k(&self, top_k: usize) -> Result<()> {
+        if self.config.num_classes() == 0 {
+            return Err(Error::Invalid(
+                "the model has no classification head (num_classes = 0)".into(),
+            ));
+        }
+        if top_k == 0 {
+            return Err(Error::Invalid("top-k must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+/// File name extensions of the images [`collect_images`] finds in folders (any case).
+pub const IMAGE_EXTENSIONS: [&str; 3] = ["png", "jpg", "jpeg"];
+
+/// The image files named by `inputs`, in order: a file stands for itself (whatever its
+/// extension; a non-image fails when decoded), a folder for every file with an image
+/// extension beneath it, walked recursively in name order (other files are skipped). A
+/// folder without any image, or a path that does not exist, is an error naming it.
+pub fn collect_images(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for input in inputs {
+        let meta = std::fs::metadata(input).map_err(|e| Error::io(input, e))?;
+        if meta.is_dir() {
+            let before = out.len();
+            let mut seen = std::collections::HashSet::new();
+            walk_images(input, &mut seen, &mut out)?;
+            if out.len() == before {
+                return Err(Error::Invalid(format!(
+                    "{}: no images in this folder (looked for .png, .jpg, .jpeg files)",
+                    input.display()
+                )));
+            }
+        } else {
+            out.push(input.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// Appends the image files beneath `dir` in name order; `seen` holds the folders already
+/// walked (canonical paths) so that a symbolic link cannot loop.
+fn walk_images(
+    dir: &Path,
+    seen: &mut std::collections::HashSet<PathBuf>,
+    out: &mut Vec<PathBuf>,
+) -> Result<()> {
+    let canonical = dir.canonicalize().map_err(|e| Error::io(dir, e))?;
+    if !seen.insert(canonical) {
+        return Ok(());
+    }
+    let mut entries = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .map(|e| Ok(e.map_err(|e| Error::io(dir, e))?.path()))
+        .collect::<Result<Vec<_>>>()?;
+    entries.sort();
+    for path in entries {
+        // Follows symbolic links; a dangling one is skipped like any other non-image.
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if meta.is_dir() {
+            walk_images(&path, seen, out)?;
+        } else if meta.is_file() && has_image_extension(&path) {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+fn has_image_extension(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| e.eq_ignore_ascii_case(x)))
 }
 
 /// Checkpoint → config → fit → model ([`weights::load_fitted`], then the network on `dev`):
@@ -147,6 +282,40 @@ pub struct Prediction {
     pub image: String,
     pub top_k: Vec<Ranked>,
     pub logits: Vec<f32>,
+}
+
+/// The header of [`Prediction::csv_rows`].
+pub const CSV_HEADER: &str = "image,rank,index,label,probability";
+
+impl Prediction {
+    /// One CSV row per class of the top-k list (rank from 1), under [`CSV_HEADER`]; the
+    /// image and label are quoted when they hold a comma, quote or line break (RFC 4180).
+    pub fn csv_rows(&self) -> Vec<String> {
+        self.top_k
+            .iter()
+            .enumerate()
+            .map(|(rank, r)| {
+                format!(
+                    "{},{},{},{},{}",
+                    csv_field(&self.image),
+                    rank + 1,
+                    r.index,
+                    csv_field(&r.label),
+                    r.probability
+                )
+            })
+            .collect()
+    }
+}
+
+/// A CSV field: as is, or in double quotes with inner quotes doubled when it holds a
+/// comma, a quote or a line break.
+pub fn csv_field(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\"")).into()
+    } else {
+        s.into()
+    }
 }
 
 /// One class of a top-k list.
@@ -353,5 +522,88 @@ mod tests {
         assert_eq!(p.preprocess.mean, vec![0.5; 3]);
         let wide = models::preset_preprocess("vit_base_patch16_384").unwrap();
         assert_eq!((wide.crop_pct, wide.resize.as_str()), (1.0, "exact"));
+    }
+
+    #[test]
+    fn csv_quotes_commas_quotes_and_line_breaks_only() {
+        assert_eq!(csv_field("truck"), "truck");
+        assert_eq!(csv_field("tench, Tinca tinca"), "\"tench, Tinca tinca\"");
+        assert_eq!(csv_field("a \"b\""), "\"a \"\"b\"\"\"");
+        assert_eq!(csv_field("a\nb"), "\"a\nb\"");
+        let p = Prediction {
+            image: "x,y.png".into(),
+            top_k: vec![Ranked {
+                index: 3,
+                label: "a\"b".into(),
+                probability: 0.5,
+            }],
+            logits: vec![],
+        };
+        assert_eq!(p.csv_rows(), vec!["\"x,y.png\",1,3,\"a\"\"b\",0.5"]);
+    }
+
+    #[test]
+    fn folders_are_walked_in_name_order_for_images_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir_all(d.join("b/c")).unwrap();
+        std::fs::create_dir_all(d.join("empty")).unwrap();
+        for f in [
+            "z.PNG",
+            "a.jpg",
+            "notes.txt",
+            "b/c/y.JpEg",
+            "b/x.png",
+            "b/readme",
+        ] {
+            std::fs::write(d.join(f), b"").unwrap();
+        }
+        let got = collect_images(&[d.to_path_buf(), d.join("notes.txt")]).unwrap();
+        let rel: Vec<_> = got
+            .iter()
+            .map(|p| p.strip_prefix(d).unwrap().to_str().unwrap().to_string())
+            .collect();
+        assert_eq!(
+            rel,
+            ["a.jpg", "b/c/y.JpEg", "b/x.png", "z.PNG", "notes.txt"]
+        );
+        let e = collect_images(&[d.join("empty")]).unwrap_err().to_string();
+        assert!(e.contains("empty") && e.contains("no images"), "{e}");
+        let e = collect_images(&[d.join("missing")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing"), "{e}");
+    }
+
+    #[test]
+    fn a_batch_equals_one_image_at_a_time() {
+        let p = crate::explain::testutil::predictor("timm_tiny");
+        let fx = crate::explain::testutil::fixture("predict");
+        let paths = vec![
+            fx.join("image_rgb.png"),
+            fx.join("image_40x48.png"),
+            fx.join("image_rgb.png"),
+        ];
+        let batch = p.predict_batch(&paths, 3).unwrap();
+        assert_eq!(batch.len(), 3);
+        for (path, b) in paths.iter().zip(&batch) {
+            let one = p.predict(path, 3).unwrap();
+            assert_eq!(one.image, b.image);
+            let idx = |r: &[Ranked]| r.iter().map(|r| r.index).collect::<Vec<_>>();
+            assert_eq!(idx(&one.top_k), idx(&b.top_k));
+            for (x, y) in one.logits.iter().zip(&b.logits) {
+                assert!((x - y).abs() <= 1e-5, "{x} vs {y}");
+            }
+        }
+        let mut seen = Vec::new();
+        p.predict_all(&paths, 1, 2, |preds| {
+            seen.push(preds.len());
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen, [2, 1]);
+        assert!(p.predict_all(&paths, 1, 0, |_| Ok(())).is_err());
+        let e = p.predict_batch(&paths, 0).unwrap_err().to_string();
+        assert!(e.contains("top-k"), "{e}");
     }
 }

@@ -9,7 +9,7 @@ use vit::predict::Predictor;
 use vit::viz::{Colormap, HeadFusion};
 
 use super::predict::PreprocessArgs;
-use super::ArchArgs;
+use super::{ArchArgs, DeviceArgs};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum MethodArg {
@@ -32,6 +32,8 @@ pub struct AttentionArgs {
     arch: ArchArgs,
     #[command(flatten)]
     pre: PreprocessArgs,
+    #[command(flatten)]
+    device: DeviceArgs,
     /// Layer to draw (0-based; default the last); rollout runs through layers 0..=L.
     #[arg(long)]
     layer: Option<usize>,
@@ -70,7 +72,7 @@ fn parse_colormap(s: &str) -> Result<Colormap, String> {
 }
 
 pub fn run(a: AttentionArgs) -> anyhow::Result<()> {
-    let p = Predictor::load(&a.weights, &a.pre.load_options(&a.arch))?;
+    let p = Predictor::load(&a.weights, &a.pre.load_options(&a.arch, &a.device)?)?;
     for w in &p.warnings {
         eprintln!("warning: {w}");
     }

@@ -4,7 +4,7 @@ use clap::Args;
 use vit::bench::{BenchOptions, BenchReport};
 
 use super::info::thousands;
-use super::predict::Format;
+use super::ReportFormat as Format;
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {

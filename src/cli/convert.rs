@@ -19,7 +19,7 @@ pub enum To {
 pub struct ConvertArgs {
     /// Checkpoint to read (timm or HuggingFace naming).
     input: PathBuf,
-    /// File to write (for --to hf, its folder also gets config.json).
+    /// File to write, its folder created if missing (for --to hf, the folder also gets config.json).
     output: PathBuf,
     /// Output naming.
     #[arg(long, value_enum, default_value_t = To::Timm)]

@@ -5,8 +5,7 @@ use std::path::PathBuf;
 use clap::Args;
 use vit::train::{confusion_picture, eval_checkpoint};
 
-use super::predict::Format;
-use super::ArchArgs;
+use super::{ArchArgs, DeviceArgs, ReportFormat as Format};
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
@@ -15,6 +14,8 @@ pub struct EvalArgs {
     checkpoint: PathBuf,
     #[command(flatten)]
     arch: ArchArgs,
+    #[command(flatten)]
+    device: DeviceArgs,
     /// fashion-mnist | mnist | cifar10 | cifar100 | folder:PATH (its test split).
     #[arg(long, default_value = "fashion-mnist")]
     dataset: String,
@@ -24,12 +25,16 @@ pub struct EvalArgs {
     batch_size: usize,
     #[arg(long, value_enum, default_value_t = Format::Text)]
     format: Format,
-    /// Folder for confusion.png (default: the checkpoint's folder).
+    /// Folder for confusion.png, created if missing (default: the checkpoint's folder).
     #[arg(long)]
     out: Option<PathBuf>,
 }
 
 pub fn run(a: EvalArgs) -> anyhow::Result<()> {
+    // vit::train::eval_checkpoint runs on the CPU: other devices are refused, not ignored.
+    if !a.device.device()?.is_cpu() {
+        anyhow::bail!("vit eval runs on the CPU only for now (use --device cpu)");
+    }
     let quiet = matches!(a.format, Format::Json);
     let r = eval_checkpoint(
         &a.checkpoint,

@@ -12,7 +12,7 @@ mod train;
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use vit::weights::{Arch, PosResample};
 
 /// Vision Transformers: build, train, fine-tune, evaluate, explain and run ViTs.
@@ -45,9 +45,10 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
-/// Runs the parsed command.
+/// Runs the parsed command. Output cut short by its reader (`vit predict ... | head -1`:
+/// a broken pipe on stdout) ends the command quietly, as for other Unix tools.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
+    let r = match cli.command {
         Command::Info(a) => info::run(a),
         Command::Predict(a) => predict::run(a),
         Command::Convert(a) => convert::run(a),
@@ -57,6 +58,41 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Attention(a) => attention::run(a),
         Command::PosEmbed(a) => pos_embed::run(a),
         Command::Bench(a) => bench::run(a),
+    };
+    match r {
+        Err(e) if is_broken_pipe(&e) => Ok(()),
+        r => r,
+    }
+}
+
+/// Whether the error (or one of its causes) is a write to a closed pipe.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// `--format` of the commands that print one report (eval, bench).
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ReportFormat {
+    /// A table for people.
+    Text,
+    /// One JSON object.
+    Json,
+}
+
+/// `--device cpu|cuda` of the commands that run a checkpoint.
+#[derive(Debug, Args, Clone)]
+pub struct DeviceArgs {
+    /// cpu or cuda (needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+impl DeviceArgs {
+    fn device(&self) -> vit::Result<candle_core::Device> {
+        vit::train::device(&self.device)
     }
 }
 

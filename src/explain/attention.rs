@@ -136,7 +136,9 @@ pub fn attention(
     if opts.layer.is_some() && opts.method == Method::All {
         notes.push("the layer option is ignored by the all method, which draws every layer".into());
     }
-    let taken = predictor.model.forward_intermediates(&x, &layers)?;
+    let taken = predictor
+        .model
+        .forward_intermediates(&x.to_device(&predictor.device)?, &layers)?;
     let logits = taken.logits;
     let attn: Vec<Vec<f32>> = taken
         .attention

@@ -18,10 +18,17 @@ use crate::predict::load_model;
 use crate::weights::{self, Arch, FitOptions, SaveMeta};
 use crate::{Error, Result};
 
-/// The device named by a recipe.
+/// The device named by a recipe or a command's `--device`: `cpu`, or `cuda` (the first
+/// GPU), which needs a build with the `cuda` feature; without it, `cuda` is an error that
+/// says how to rebuild.
 pub fn device(name: &str) -> Result<Device> {
     match name {
         "cpu" => Ok(Device::Cpu),
+        "cuda" if !cfg!(feature = "cuda") => Err(Error::Invalid(
+            "this vit was built without CUDA; rebuild with \
+             `cargo build --release --features cuda`"
+                .into(),
+        )),
         "cuda" => Ok(Device::new_cuda(0)?),
         other => Err(Error::Unknown {
             kind: "device",

@@ -484,8 +484,8 @@ pub enum Target {
     Hf,
 }
 
-/// Reads a checkpoint in either naming and writes it in `to`'s naming. Returns the files
-/// written and the warnings.
+/// Reads a checkpoint in either naming and writes it in `to`'s naming, creating the output
+/// file's folder if missing. Returns the files written and the warnings.
 pub fn convert(
     input: &Path,
     output: &Path,
@@ -498,6 +498,9 @@ pub fn convert(
         tensors,
         warnings,
     } = load_fitted(input, arch, FitOptions::default())?;
+    if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
     let pre = ck
         .preprocess
         .clone()

@@ -1,0 +1,306 @@
+//! End-to-end tests of the inference journeys: `vit predict` on folders, in batches, in
+//! every output format and into a closed pipe; `--device` on predict, eval and attention;
+//! output folders created by convert and eval.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use common::{fails, fixture, ok, p, write_idx_dataset};
+
+fn weights() -> PathBuf {
+    fixture("timm_tiny/model.safetensors")
+}
+
+fn config() -> PathBuf {
+    fixture("timm_tiny/config.json")
+}
+
+/// `vit predict IMAGES... --weights timm_tiny --config ... EXTRA...`.
+fn predict(images: &[&Path], extra: &[&str]) -> String {
+    let (w, c) = (weights(), config());
+    let mut args = vec!["predict"];
+    args.extend(images.iter().map(|i| p(i)));
+    args.extend(["--weights", p(&w), "--config", p(&c)]);
+    args.extend(extra);
+    ok(&args)
+}
+
+/// A folder of images: a.png, sub/b.PNG, sub/deeper/c.JPG (a PNG under a .JPG name:
+/// formats are guessed from the content), plus files that are skipped.
+fn image_folder(root: &Path) -> PathBuf {
+    let dir = root.join("images");
+    std::fs::create_dir_all(dir.join("sub/deeper")).unwrap();
+    std::fs::create_dir_all(dir.join("empty")).unwrap();
+    let rgb = fixture("predict/image_rgb.png");
+    std::fs::copy(&rgb, dir.join("a.png")).unwrap();
+    std::fs::copy(fixture("predict/image_40x48.png"), dir.join("sub/b.PNG")).unwrap();
+    std::fs::copy(&rgb, dir.join("sub/deeper/c.JPG")).unwrap();
+    std::fs::write(dir.join("notes.txt"), "not an image").unwrap();
+    std::fs::write(dir.join("sub/labels.csv"), "a,b").unwrap();
+    dir
+}
+
+fn json_lines(out: &str) -> Vec<serde_json::Value> {
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn predict_walks_folders_in_name_order_and_batches_like_one_by_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = image_folder(tmp.path());
+    let one = predict(
+        &[&dir],
+        &["--format", "jsonl", "--logits", "--batch-size", "1"],
+    );
+    let lines = json_lines(&one);
+    let images: Vec<&str> = lines.iter().map(|v| v["image"].as_str().unwrap()).collect();
+    let want: Vec<String> = ["a.png", "sub/b.PNG", "sub/deeper/c.JPG"]
+        .iter()
+        .map(|f| dir.join(f).display().to_string())
+        .collect();
+    assert_eq!(images, want);
+    // One forward per batch of 2 (and a last batch of 1) gives the same numbers.
+    let batched = predict(
+        &[&dir],
+        &["--format", "jsonl", "--logits", "--batch-size", "2"],
+    );
+    for (a, b) in lines.iter().zip(json_lines(&batched)) {
+        assert_eq!(a["top_k"], b["top_k"]);
+        for (x, y) in a["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(b["logits"].as_array().unwrap())
+        {
+            let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+            assert!((x - y).abs() <= 1e-5, "{x} vs {y}");
+        }
+    }
+    // `json` stays what it was: one object per line, the same as jsonl.
+    let json = predict(
+        &[&dir],
+        &["--format", "json", "--logits", "--batch-size", "1"],
+    );
+    assert_eq!(json, one);
+    // Folders and files mix, in the order given.
+    let rgb = fixture("predict/image_rgb.png");
+    let mixed = json_lines(&predict(&[&rgb, &dir.join("sub")], &["--format", "jsonl"]));
+    assert_eq!(mixed.len(), 3);
+    assert_eq!(mixed[0]["image"], rgb.display().to_string());
+}
+
+#[test]
+fn predict_writes_csv_with_quoted_fields() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("a, \"quoted\" name.png");
+    std::fs::copy(fixture("predict/image_rgb.png"), &img).unwrap();
+    let out = predict(&[&img], &["--format", "csv", "--top-k", "3"]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "image,rank,index,label,probability");
+    assert_eq!(lines.len(), 4, "{out}");
+    let quoted = format!("\"{}\"", img.display().to_string().replace('"', "\"\""));
+    for (rank, line) in lines[1..].iter().enumerate() {
+        let rest = line
+            .strip_prefix(&quoted)
+            .unwrap_or_else(|| panic!("{line}"));
+        let fields: Vec<&str> = rest[1..].split(',').collect();
+        assert_eq!(fields[0], (rank + 1).to_string(), "{line}");
+        let prob: f64 = fields[3].parse().unwrap();
+        assert!((0.0..=1.0).contains(&prob), "{line}");
+    }
+    // Labels come from the checkpoint (the HF fixture's are CIFAR-10's).
+    let hf = ok(&[
+        "predict",
+        p(&fixture("predict/image_rgb.png")),
+        "--weights",
+        p(&fixture("hf_tiny/model.safetensors")),
+        "--format",
+        "csv",
+        "--top-k",
+        "1",
+    ]);
+    assert!(hf.lines().nth(1).unwrap().contains(",1,9,truck,"), "{hf}");
+}
+
+#[test]
+fn predict_bad_options_and_folders_give_one_clear_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = image_folder(tmp.path());
+    let (w, c) = (weights(), config());
+    let base = ["predict", p(&dir), "--weights", p(&w), "--config", p(&c)];
+    let run = |extra: &[&str]| fails(&[&base[..], extra].concat());
+    let e = run(&["--top-k", "0"]);
+    assert!(e.contains("top-k"), "{e}");
+    let e = run(&["--batch-size", "0"]);
+    assert!(e.contains("batch-size"), "{e}");
+    let e = run(&["--format", "csv", "--logits"]);
+    assert!(e.contains("--logits") && e.contains("csv"), "{e}");
+    let e = fails(&[
+        "predict",
+        p(&dir.join("empty")),
+        "--weights",
+        p(&w),
+        "--config",
+        p(&c),
+    ]);
+    assert!(e.contains("empty") && e.contains("no images"), "{e}");
+    let no_images = tmp.path().join("texts");
+    std::fs::create_dir_all(&no_images).unwrap();
+    std::fs::write(no_images.join("readme.md"), "hello").unwrap();
+    let e = fails(&[
+        "predict",
+        p(&no_images),
+        "--weights",
+        p(&w),
+        "--config",
+        p(&c),
+    ]);
+    assert!(e.contains("texts") && e.contains("no images"), "{e}");
+}
+
+#[test]
+fn predict_into_a_closed_pipe_ends_quietly() {
+    // Far more output than a pipe holds: the writes after the reader leaves fail.
+    let (w, c) = (weights(), config());
+    let img = fixture("predict/image_rgb.png");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vit"))
+        .args(["predict", "--weights", p(&w), "--config", p(&c), "--logits"])
+        .args(["--batch-size", "4"])
+        .args(std::iter::repeat_n(p(&img), 400))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.contains("image_rgb.png"), "{first}");
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(out.status.success(), "{err}");
+}
+
+#[test]
+fn device_flag_on_predict_eval_and_attention() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (w, c) = (weights(), config());
+    let img = fixture("predict/image_rgb.png");
+    let data = tmp.path().join("data");
+    write_idx_dataset(&data, 10, 20, false);
+    let legacy = fixture("legacy_run/checkpoint-last.safetensors");
+    let attn_out = tmp.path().join("attn");
+    let eval_out = tmp.path().join("eval");
+    let commands = |device: &'static str| -> Vec<Vec<String>> {
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        vec![
+            s(&[
+                "predict",
+                p(&img),
+                "--weights",
+                p(&w),
+                "--config",
+                p(&c),
+                "--device",
+                device,
+            ]),
+            s(&[
+                "attention",
+                p(&img),
+                "--weights",
+                p(&w),
+                "--config",
+                p(&c),
+                "--out",
+                p(&attn_out),
+                "--device",
+                device,
+            ]),
+            s(&[
+                "eval",
+                "--checkpoint",
+                p(&legacy),
+                "--data-dir",
+                p(&data),
+                "--out",
+                p(&eval_out),
+                "--device",
+                device,
+            ]),
+        ]
+    };
+    // Without the cuda feature (CI's build), --device cuda says how to get it.
+    for args in commands("cuda")
+        .into_iter()
+        .filter(|_| !cfg!(feature = "cuda"))
+    {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let e = fails(&args);
+        assert_eq!(
+            e,
+            "error: this vit was built without CUDA; rebuild with \
+             `cargo build --release --features cuda`\n",
+            "{args:?}"
+        );
+    }
+    // train resolves its device through the same function, before touching any file.
+    if !cfg!(feature = "cuda") {
+        let run = tmp.path().join("run");
+        let e = fails(&["train", "--device", "cuda", "--out", p(&run)]);
+        assert!(
+            e.contains("rebuild with `cargo build --release --features cuda`"),
+            "{e}"
+        );
+        assert!(!run.exists());
+    }
+    for args in commands("tpu") {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let e = fails(&args);
+        assert!(
+            e.contains("unknown device 'tpu' (known: cpu, cuda)"),
+            "{args:?}: {e}"
+        );
+    }
+    assert!(!attn_out.exists() && !eval_out.exists());
+    for args in commands("cpu") {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        ok(&args);
+    }
+    assert!(attn_out.is_dir());
+    assert!(eval_out.join("confusion.png").exists());
+}
+
+#[test]
+fn convert_and_eval_create_missing_output_folders() {
+    let tmp = tempfile::tempdir().unwrap();
+    let timm = tmp.path().join("new/deeper/model.safetensors");
+    ok(&["convert", p(&weights()), p(&timm), "--config", p(&config())]);
+    assert!(timm.exists());
+    let hf = tmp.path().join("hf/out/model.safetensors");
+    ok(&["convert", p(&timm), p(&hf), "--to", "hf"]);
+    assert!(hf.exists() && tmp.path().join("hf/out/config.json").exists());
+
+    let data = tmp.path().join("data");
+    write_idx_dataset(&data, 10, 20, false);
+    let out = tmp.path().join("eval/a/b");
+    let json = ok(&[
+        "eval",
+        "--checkpoint",
+        p(&fixture("legacy_run/checkpoint-last.safetensors")),
+        "--data-dir",
+        p(&data),
+        "--out",
+        p(&out),
+        "--format",
+        "json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["images"].as_u64().unwrap(), 20);
+    assert!(out.join("confusion.png").exists());
+}
