@@ -130,39 +130,52 @@ fn training_lowers_the_loss_and_writes_the_run() {
     assert!(pred.contains("1. "), "{pred}");
 }
 
+/// Starts `vit train ARGS` and kills it (SIGKILL) soon after its first `checkpoint-last`
+/// appears in `run` (the run needs `checkpoint_every`).
+fn kill_after_first_checkpoint(run: &Path, args: &[&str]) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vit"))
+        .args(args)
+        .spawn()
+        .unwrap();
+    let last = run.join("checkpoint-last.safetensors");
+    let start = std::time::Instant::now();
+    while !last.exists() && start.elapsed().as_secs() < 120 {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(last.exists());
+}
+
 #[test]
 fn stopped_and_resumed_run_equals_uninterrupted_run() {
+    // A --max-steps run (its schedule fitted into 30 steps, ending mid-epoch 2), killed
+    // and resumed with the same max_steps, equals the uninterrupted one.
     let (dir, recipe) = setup("epochs = 2\nval_size = 50\nlabel_smoothing = 0.1\n");
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "train",
+            "--config",
+            p(&recipe),
+            "--out",
+            p(out),
+            "--quiet",
+            "--max-steps",
+            "30",
+            "--checkpoint-every",
+            "1",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
     let full = dir.path().join("full");
-    ok(&[
-        "train",
-        "--config",
-        p(&recipe),
-        "--out",
-        p(&full),
-        "--quiet",
-    ]);
-    // Stop after 5 optimizer steps (mid-epoch), then resume to the end.
+    let a = args(&full);
+    ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
     let part = dir.path().join("part");
-    ok(&[
-        "train",
-        "--config",
-        p(&recipe),
-        "--out",
-        p(&part),
-        "--quiet",
-        "--max-steps",
-        "5",
-    ]);
-    assert_eq!(metrics(&part).len(), 1);
-    ok(&[
-        "train",
-        "--resume",
-        p(&part),
-        "--quiet",
-        "--max-steps",
-        "1000000",
-    ]);
+    let a = args(&part);
+    kill_after_first_checkpoint(&part, &a.iter().map(String::as_str).collect::<Vec<_>>());
+    ok(&["train", "--resume", p(&part), "--quiet"]);
     assert_eq!(
         weights(&full.join("checkpoint-last.safetensors")),
         weights(&part.join("checkpoint-last.safetensors"))
@@ -170,9 +183,231 @@ fn stopped_and_resumed_run_equals_uninterrupted_run() {
     let (a, b) = (metrics(&full), metrics(&part));
     assert_eq!(a.len(), 2);
     assert_eq!(b.len(), 2);
-    for key in ["train_loss", "val_loss", "val_acc", "step"] {
+    assert_eq!(a[1]["step"], 30);
+    for key in ["train_loss", "val_loss", "val_acc", "step", "lr"] {
         assert_eq!(a[1][key], b[1][key], "{key}");
     }
+}
+
+#[test]
+fn finished_runs_say_so_and_max_steps_runs_extend() {
+    // 350 training images, batch 16: 21 steps per epoch, 42 in the run.
+    let (dir, recipe) = setup("epochs = 2\nval_size = 50\n");
+    let run = dir.path().join("run");
+    let out = ok(&[
+        "train",
+        "--config",
+        p(&recipe),
+        "--out",
+        p(&run),
+        "--quiet",
+        "--max-steps",
+        "5",
+    ]);
+    assert!(out.contains("best validation accuracy"), "{out}");
+    // Shorter than an epoch: one point, drawn over steps; the schedule ends at step 5.
+    let m = metrics(&run);
+    assert_eq!((m.len(), m[0]["step"].as_u64()), (1, Some(5)));
+    assert!(m[0]["lr"].as_f64().unwrap() < 1e-3, "{m:?}");
+    assert!(run.join("curves.png").exists());
+
+    // Resumed as it is: finished, nothing to do, its result shown, nothing written.
+    let before = std::fs::read(run.join("checkpoint-last.safetensors")).unwrap();
+    let out = ok(&["train", "--resume", p(&run), "--quiet"]);
+    assert!(
+        out.contains(&format!(
+            "run {} is already finished (1 epoch / 5 steps); nothing to do",
+            run.display()
+        )) && out.contains("test accuracy"),
+        "{out}"
+    );
+    assert_eq!(
+        std::fs::read(run.join("checkpoint-last.safetensors")).unwrap(),
+        before
+    );
+
+    // A larger --max-steps continues it.
+    ok(&["train", "--resume", p(&run), "--quiet", "--max-steps", "10"]);
+    let m = metrics(&run);
+    assert_eq!((m.len(), m[0]["step"].as_u64()), (1, Some(10)));
+    let out = ok(&["train", "--resume", p(&run), "--quiet"]);
+    assert!(out.contains("(1 epoch / 10 steps); nothing to do"), "{out}");
+
+    // Past all epochs: the run ends with its last epoch, and then is finished too.
+    ok(&[
+        "train",
+        "--resume",
+        p(&run),
+        "--quiet",
+        "--max-steps",
+        "1000000",
+    ]);
+    let m = metrics(&run);
+    assert_eq!((m.len(), m[1]["step"].as_u64()), (2, Some(42)));
+    let out = ok(&["train", "--resume", p(&run), "--quiet"]);
+    assert!(
+        out.contains("(2 epochs / 42 steps); nothing to do"),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_run_without_validation_set_speaks_of_train_accuracy() {
+    let (dir, recipe) = setup("epochs = 1\nval_size = 0\n");
+    let run = dir.path().join("run");
+    let out = ok(&[
+        "train",
+        "--config",
+        p(&recipe),
+        "--out",
+        p(&run),
+        "--quiet",
+        "--max-steps",
+        "3",
+    ]);
+    assert!(
+        out.contains("final train accuracy") && !out.contains("validation accuracy"),
+        "{out}"
+    );
+    let report = std::fs::read_to_string(run.join("report.md")).unwrap();
+    assert!(!report.contains("validation accuracy"), "{report}");
+    assert!(report.contains("no validation set"), "{report}");
+    assert!(run.join("curves.png").exists());
+}
+
+/// Writes an image folder `root/{train,test}/cK/i.png` of 28×28 grayscale images, `per_class`
+/// training and 2 test images per class; class k is a flat gray level of its own.
+fn gray_folder(root: &Path, classes: usize, per_class: usize) {
+    for (split, n) in [("train", per_class), ("test", 2)] {
+        for c in 0..classes {
+            let d = root.join(split).join(format!("c{c}"));
+            std::fs::create_dir_all(&d).unwrap();
+            for i in 0..n {
+                let v = (40 + 60 * c + i % 20) as u8;
+                image::GrayImage::from_pixel(28, 28, image::Luma([v]))
+                    .save(d.join(format!("{i}.png")))
+                    .unwrap();
+            }
+        }
+    }
+}
+
+#[test]
+fn fine_tuning_takes_the_class_count_from_the_dataset() {
+    // A 10-class checkpoint (2 steps on the IDX set), fine-tuned on a 3-class folder.
+    let (dir, recipe) = setup("epochs = 1\nval_size = 20\n");
+    let pre = dir.path().join("pre");
+    ok(&[
+        "train",
+        "--config",
+        p(&recipe),
+        "--out",
+        p(&pre),
+        "--quiet",
+        "--max-steps",
+        "2",
+    ]);
+    let imgs = dir.path().join("imgs");
+    gray_folder(&imgs, 3, 8);
+    let dataset = format!("folder:{}", imgs.display());
+    let init = pre.join("checkpoint-last.safetensors");
+
+    // Without --init and --num-classes, the mismatch is an error that names the flag, and
+    // the failed start leaves no run folder.
+    let bad = dir.path().join("bad");
+    let e = fails(&[
+        "train",
+        "--config",
+        p(&recipe),
+        "--dataset",
+        &dataset,
+        "--out",
+        p(&bad),
+    ]);
+    assert!(
+        e.contains("3 classes") && e.contains("num_classes = 10") && e.contains("--num-classes 3"),
+        "{e}"
+    );
+    assert!(!bad.exists());
+
+    // With --init: the dataset's 3 classes, a fresh head.
+    let ft = dir.path().join("ft");
+    let out = vit(&[
+        "train",
+        "--config",
+        p(&recipe),
+        "--dataset",
+        &dataset,
+        "--init",
+        p(&init),
+        "--val-size",
+        "3",
+        "--batch-size",
+        "7",
+        "--out",
+        p(&ft),
+        "--quiet",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("head dropped: the checkpoint has 10 classes, the config 3"),
+        "{err}"
+    );
+    let saved = std::fs::read_to_string(ft.join("config.toml")).unwrap();
+    assert!(saved.contains("num_classes = 3"), "{saved}");
+    let report = std::fs::read_to_string(ft.join("report.md")).unwrap();
+    assert!(report.contains("c2"), "{report}");
+    // The resumed run builds the same 3-class model and continues.
+    ok(&["train", "--resume", p(&ft), "--quiet", "--epochs", "2"]);
+    assert_eq!(metrics(&ft).len(), 2);
+
+    // --num-classes sets the class count explicitly, without --init too.
+    ok(&[
+        "train",
+        "--config",
+        p(&recipe),
+        "--dataset",
+        &dataset,
+        "--num-classes",
+        "3",
+        "--val-size",
+        "3",
+        "--batch-size",
+        "7",
+        "--out",
+        p(&dir.path().join("scratch")),
+        "--quiet",
+    ]);
+}
+
+#[test]
+fn a_600_image_folder_trains_with_the_default_validation_split() {
+    // The default holds out 10% (60 images), not 5,000.
+    let dir = tempfile::tempdir().unwrap();
+    let imgs = dir.path().join("imgs");
+    gray_folder(&imgs, 3, 200);
+    let run = dir.path().join("run");
+    let out = ok(&[
+        "train",
+        "--dataset",
+        &format!("folder:{}", imgs.display()),
+        "--num-classes",
+        "3",
+        "--max-steps",
+        "2",
+        "--out",
+        p(&run),
+        "--quiet",
+    ]);
+    assert!(out.contains("best validation accuracy"), "{out}");
+    let saved = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(!saved.contains("val_size"), "{saved}");
+    let report = std::fs::read_to_string(run.join("report.md")).unwrap();
+    assert!(
+        report.contains("on 6 images") || report.contains("| test images | 6 |"),
+        "{report}"
+    );
 }
 
 #[test]
@@ -188,26 +423,18 @@ fn run_killed_with_sigkill_resumes_to_identical_weights() {
         "--quiet",
     ]);
     let killed = dir.path().join("killed");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vit"))
-        .args([
+    kill_after_first_checkpoint(
+        &killed,
+        &[
             "train",
             "--config",
             p(&recipe),
             "--out",
             p(&killed),
             "--quiet",
-        ])
-        .spawn()
-        .unwrap();
+        ],
+    );
     let last = killed.join("checkpoint-last.safetensors");
-    let start = std::time::Instant::now();
-    while !last.exists() && start.elapsed().as_secs() < 120 {
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    std::thread::sleep(std::time::Duration::from_millis(30));
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
-    assert!(last.exists());
     // Whatever instant the kill hit, the checkpoint is whole and the run resumes.
     ok(&["train", "--resume", p(&killed), "--quiet"]);
     assert_eq!(

@@ -45,6 +45,10 @@ pub struct RecipeFlags {
     /// Stochastic-depth rate overriding the model config's.
     #[arg(long)]
     drop_path: Option<f64>,
+    /// Class count overriding the model's (default when fine-tuning with --init: the
+    /// dataset's, with a fresh head).
+    #[arg(long)]
+    num_classes: Option<usize>,
     /// Passes over the training set.
     #[arg(long)]
     epochs: Option<usize>,
@@ -90,7 +94,8 @@ pub struct RecipeFlags {
     /// Probability of erasing a random rectangle with noise (timm's --reprob; 0 = off).
     #[arg(long, alias = "reprob")]
     random_erase: Option<f64>,
-    /// Training images held out for validation.
+    /// Training images held out for validation (default: 10% of them, at most 5000;
+    /// 0 = none).
     #[arg(long)]
     val_size: Option<usize>,
     /// Images per batch when evaluating.
@@ -99,7 +104,9 @@ pub struct RecipeFlags {
     /// Random seed (weights, validation split, batches, augmentation, dropout).
     #[arg(long)]
     seed: Option<u64>,
-    /// Stop after this many optimizer steps.
+    /// Stop after this many optimizer steps; the warmup + cosine schedule is fitted into
+    /// them. With --resume, a larger value continues a finished run (its schedule refitted
+    /// to the new length from the step where it stopped).
     #[arg(long)]
     max_steps: Option<u64>,
     /// Also write checkpoint-last every N optimizer steps.
@@ -156,12 +163,24 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
     let recipe = a.recipe()?;
     let mut progress = Progress::new(ProgressMode::auto(a.quiet));
     let s = train::train(&recipe, a.resume.as_deref(), &mut progress)?;
+    if s.already_finished {
+        let (epochs, steps) = (s.epochs.len(), s.epochs.last().map_or(0, |m| m.step));
+        println!(
+            "run {} is already finished ({epochs} epoch{} / {steps} steps); nothing to do",
+            s.out.display(),
+            if epochs == 1 { "" } else { "s" },
+        );
+    }
+    let fit = match (s.best_val_acc, s.epochs.last()) {
+        (Some(v), _) => format!("; best validation accuracy {:.2}%", 100.0 * v),
+        (None, Some(m)) => format!("; final train accuracy {:.2}%", 100.0 * m.train_acc),
+        (None, None) => String::new(),
+    };
     println!(
-        "test accuracy {:.2}% (loss {:.4}) on {} images; best validation accuracy {:.2}%; {:.0} s",
+        "test accuracy {:.2}% (loss {:.4}) on {} images{fit}; {:.0} s",
         100.0 * s.test.accuracy,
         s.test.loss,
         s.test.images,
-        100.0 * s.best_val_acc,
         s.seconds
     );
     println!("run folder: {}", s.out.display());
@@ -236,6 +255,7 @@ mod tests {
             preset: "vit_cifar_tiny".into(),
             model: None,
             drop_path: Some(0.25),
+            num_classes: Some(5),
             epochs: 7,
             batch_size: 96,
             accum_steps: 3,
@@ -251,7 +271,7 @@ mod tests {
             crop_pad: 4,
             hflip: Some(true),
             random_erase: 0.25,
-            val_size: 100,
+            val_size: Some(100),
             eval_batch_size: 50,
             seed: 9,
             max_steps: Some(11),

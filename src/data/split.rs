@@ -12,20 +12,27 @@ pub enum ValSize {
     Count(usize),
     /// This fraction of the images (in [0, 1)), rounded to the nearest count.
     Fraction(f64),
+    /// This fraction of the images, rounded to the nearest count, but at most this many.
+    FractionUpTo(f64, usize),
 }
 
 impl ValSize {
+    /// A training recipe's default: 10% of the images, at most 5,000 (so Fashion-MNIST's
+    /// and CIFAR's 50,000-60,000 training images hold out exactly 5,000).
+    pub const DEFAULT: ValSize = ValSize::FractionUpTo(0.1, 5000);
+
     /// The number of images this means for a dataset of `n` images.
     pub fn count(self, n: usize) -> Result<usize> {
         let k = match self {
             ValSize::Count(k) => k,
-            ValSize::Fraction(f) => {
+            ValSize::Fraction(f) => ValSize::FractionUpTo(f, usize::MAX).count(n)?,
+            ValSize::FractionUpTo(f, cap) => {
                 if !(0.0..1.0).contains(&f) {
                     return Err(Error::Invalid(format!(
                         "validation fraction must be in [0, 1), got {f}"
                     )));
                 }
-                (f * n as f64).round() as usize
+                ((f * n as f64).round() as usize).min(cap)
             }
         };
         if k > n || (k == n && n > 0) {
@@ -99,5 +106,23 @@ mod tests {
         assert!(split_validation(&ds, ValSize::Fraction(-0.1), 0).is_err());
         let (t, v) = split_validation(&ds, ValSize::Count(0), 0).unwrap();
         assert_eq!((t.len(), v.len()), (10, 0));
+        // The recipes' default: 10%, at most 5,000; Fashion-MNIST's 60,000 give 5,000.
+        assert_eq!(ValSize::DEFAULT.count(600).unwrap(), 60);
+        assert_eq!(ValSize::DEFAULT.count(60_000).unwrap(), 5000);
+        assert_eq!(ValSize::DEFAULT.count(4).unwrap(), 0);
+        // Same count, same split: the default equals the old explicit 5,000.
+        let big = Dataset::new(
+            vec![0; 60_000],
+            (0..60_000).map(|i| (i % 3) as u32).collect(),
+            1,
+            1,
+            1,
+            vec!["a".into(), "b".into(), "c".into()],
+        )
+        .unwrap();
+        assert_eq!(
+            split_validation(&big, ValSize::DEFAULT, 3).unwrap(),
+            split_validation(&big, ValSize::Count(5000), 3).unwrap()
+        );
     }
 }

@@ -32,10 +32,14 @@ pub struct RunSummary {
     pub out: PathBuf,
     pub epochs: Vec<EpochMetrics>,
     pub test: EvalResult,
-    pub best_val_acc: f64,
+    /// The best validation accuracy of its epochs; `None` when the run has no validation set.
+    pub best_val_acc: Option<f64>,
+    /// Seconds this call trained (0 for a run that was already finished).
     pub seconds: f64,
     /// Files written at the end (report, pictures).
     pub files: Vec<PathBuf>,
+    /// A resumed run that had nothing left to do: nothing was trained or written.
+    pub already_finished: bool,
 }
 
 #[cfg(test)]

@@ -203,6 +203,23 @@ pub struct Schedule {
 }
 
 impl Schedule {
+    /// The schedule of a run cut short: a recipe's schedule of `full` steps with `warmup`
+    /// warmup steps, fitted into the `total <= full` steps the run really takes (a
+    /// `max_steps` run), so the cosine reaches `min_lr` at the run's last step. Warmup keeps
+    /// its share of the run, but at least a tenth of it (never more than `warmup`): a
+    /// 200-step cut of a 24-epoch recipe warms up over 20 steps. `total == full` gives the
+    /// recipe's schedule unchanged.
+    pub fn fitted(peak: f64, min_lr: f64, warmup: u64, full: u64, total: u64) -> Schedule {
+        let total = total.min(full);
+        let share = (warmup as f64 * total as f64 / full.max(1) as f64).round() as u64;
+        Schedule {
+            peak,
+            min_lr,
+            warmup: share.max(warmup.min(total / 10)).min(warmup),
+            total,
+        }
+    }
+
     /// Learning rate of optimizer step `step` (0-based).
     pub fn lr(&self, step: u64) -> f64 {
         if step < self.warmup {
@@ -233,6 +250,23 @@ mod tests {
         assert!((s.lr(9) - 0.55).abs() < 1e-12);
         assert!((s.lr(14) - 0.1).abs() < 1e-12);
         assert!((s.lr(100) - 0.1).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_cut_schedule_fits_into_the_run() {
+        // The full length: the recipe's schedule.
+        let s = Schedule::fitted(1.0, 0.0, 430, 20616, 20616);
+        assert_eq!((s.warmup, s.total), (430, 20616));
+        // The default recipe cut at 200 steps: a tenth warms up, the cosine ends at 200.
+        let s = Schedule::fitted(1.0, 0.0, 430, 20616, 200);
+        assert_eq!((s.warmup, s.total), (20, 200));
+        assert!(s.lr(199) < 1e-3);
+        // Nearly full: warmup keeps its share.
+        assert_eq!(Schedule::fitted(1.0, 0.0, 430, 1000, 999).warmup, 430);
+        assert_eq!(Schedule::fitted(1.0, 0.0, 430, 1000, 500).warmup, 215);
+        // No warmup stays none; a total past the full length is the full length.
+        assert_eq!(Schedule::fitted(1.0, 0.0, 0, 100, 30).warmup, 0);
+        assert_eq!(Schedule::fitted(1.0, 0.0, 5, 100, 300).total, 100);
     }
 
     #[test]

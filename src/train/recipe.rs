@@ -24,6 +24,9 @@ pub struct Recipe {
     pub model: Option<ModelConfig>,
     /// Stochastic-depth rate overriding the model config's.
     pub drop_path: Option<f64>,
+    /// Class count overriding the model config's. Unset when fine-tuning (`init`): the
+    /// dataset's class count, with a fresh head.
+    pub num_classes: Option<usize>,
     pub epochs: usize,
     /// Images per optimizer step (split into `accum_steps` micro-batches).
     pub batch_size: usize,
@@ -47,8 +50,9 @@ pub struct Recipe {
     pub hflip: Option<bool>,
     /// Probability of erasing a random rectangle with noise (timm `--reprob`; 0 = off).
     pub random_erase: f64,
-    /// Images held out of the training set for validation.
-    pub val_size: usize,
+    /// Images held out of the training set for validation; unset: 10% of the training
+    /// set, at most 5,000 ([`crate::data::ValSize::DEFAULT`]).
+    pub val_size: Option<usize>,
     pub eval_batch_size: usize,
     pub seed: u64,
     /// Stop after this many optimizer steps (quick runs, tests).
@@ -72,6 +76,7 @@ impl Default for Recipe {
             preset: "vit_fmnist".into(),
             model: None,
             drop_path: None,
+            num_classes: None,
             epochs: 24,
             batch_size: 64,
             accum_steps: 1,
@@ -87,7 +92,7 @@ impl Default for Recipe {
             crop_pad: 1,
             hflip: None,
             random_erase: 0.0,
-            val_size: 5000,
+            val_size: None,
             eval_batch_size: 500,
             seed: 0,
             max_steps: None,
@@ -130,6 +135,9 @@ impl Recipe {
         };
         if let Some(d) = self.drop_path {
             c.set_drop_path(d);
+        }
+        if let Some(k) = self.num_classes {
+            c.set_num_classes(k);
         }
         c.validate()?;
         Ok(c)
@@ -175,6 +183,9 @@ impl Recipe {
         }
         if self.weight_decay < 0.0 || self.clip_grad < 0.0 || self.warmup_epochs < 0.0 {
             return bad("weight_decay, clip_grad and warmup_epochs must be >= 0".into());
+        }
+        if self.num_classes == Some(0) {
+            return bad("num_classes must be at least 1".into());
         }
         if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
             return bad("beta1 and beta2 must be in [0, 1)".into());

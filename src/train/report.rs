@@ -78,33 +78,51 @@ pub(super) fn write_metrics(path: &Path, history: &[EpochMetrics]) -> Result<()>
     write_atomic(path, text.as_bytes())
 }
 
-/// Loss and accuracy curves (train and validation) per epoch, as one picture.
+/// Loss and accuracy curves (train and validation) per epoch, as one picture; a run of
+/// less than two epochs is drawn over optimizer steps (a single point for one epoch, or
+/// one partial epoch). An error for a run with no recorded epoch.
 pub fn curves_picture(history: &[EpochMetrics]) -> Result<image::RgbImage> {
+    if history.is_empty() {
+        return Err(Error::Invalid("training curves: no epoch recorded".into()));
+    }
+    let by_step = history.len() < 2;
+    let x_label = if by_step { "optimizer step" } else { "epoch" };
     let pts = |f: &dyn Fn(&EpochMetrics) -> Option<f64>| -> Vec<(f32, f32)> {
         history
             .iter()
-            .filter_map(|m| Some((m.epoch as f32, f(m)? as f32)))
+            .filter_map(|m| {
+                let x = if by_step {
+                    m.step as f32
+                } else {
+                    m.epoch as f32
+                };
+                Some((x, f(m)? as f32))
+            })
             .collect()
     };
+    // Series without points (validation, in a run without a validation set) are left out.
+    let drawn = |series: Vec<(String, Vec<(f32, f32)>)>| -> Vec<(String, Vec<(f32, f32)>)> {
+        series.into_iter().filter(|(_, p)| !p.is_empty()).collect()
+    };
     let loss = viz::line_plot(
-        &[
+        &drawn(vec![
             ("train loss".into(), pts(&|m| Some(m.train_loss))),
             ("validation loss".into(), pts(&|m| m.val_loss)),
-        ],
+        ]),
         "Loss",
-        "epoch",
+        x_label,
         "cross-entropy",
     )?;
     let acc = viz::line_plot(
-        &[
+        &drawn(vec![
             ("train accuracy".into(), pts(&|m| Some(100.0 * m.train_acc))),
             (
                 "validation accuracy".into(),
                 pts(&|m| m.val_acc.map(|a| 100.0 * a)),
             ),
-        ],
+        ]),
         "Accuracy",
-        "epoch",
+        x_label,
         "accuracy (%)",
     )?;
     viz::image_grid(
@@ -146,9 +164,11 @@ pub(super) fn write_report(
     class_names: &[String],
 ) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
-    let curves = out.join("curves.png");
-    viz::save_png(&curves_picture(history)?, &curves)?;
-    files.push(curves);
+    if !history.is_empty() {
+        let curves = out.join("curves.png");
+        viz::save_png(&curves_picture(history)?, &curves)?;
+        files.push(curves);
+    }
     let confusion = out.join("confusion.png");
     viz::save_png(
         &confusion_picture(test, "Confusion matrix (test set)")?,
@@ -188,9 +208,15 @@ pub(super) fn write_report(
         let _ = writeln!(md, "| training time | {:.0} s |", secs);
         let _ = writeln!(md, "| optimizer steps | {} |", m.step);
     }
+    let has_val = history.iter().any(|m| m.val_acc.is_some());
     let _ = writeln!(
         md,
-        "\nThe test numbers use `checkpoint-best.safetensors` (best validation accuracy).\n"
+        "\nThe test numbers use `checkpoint-best.safetensors` ({}).\n",
+        if has_val {
+            "best validation accuracy"
+        } else {
+            "best train accuracy: the run has no validation set"
+        }
     );
     let _ = writeln!(
         md,

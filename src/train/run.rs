@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 
-use super::eval::{count_correct, evaluate};
+use super::eval::{count_correct, evaluate, EvalResult};
 use super::run_dir::{self, default_out_dir, Position, BEST, LAST, METRICS, RECIPE};
 use super::step::{forward_backward, step_rng, MicroStep, Trainable};
 use super::{report, AdamW, AdamWConfig, EpochMetrics, Progress, Recipe, RunSummary, Schedule};
@@ -46,7 +46,9 @@ pub struct Data {
     pub augment: AugmentConfig,
 }
 
-/// Loads the recipe's dataset at the model's input size and channel count.
+/// Loads the recipe's dataset at the model's input size and channel count, and holds out
+/// its validation set (`val_size` images; unset: [`ValSize::DEFAULT`]). The class count is
+/// checked against the model by [`train`] (which may take it from the data).
 pub fn load_data(recipe: &Recipe, cfg: &ModelConfig, quiet: bool) -> Result<Data> {
     let spec = recipe.dataset_spec()?;
     let opts = data::LoadOptions {
@@ -57,15 +59,7 @@ pub fn load_data(recipe: &Recipe, cfg: &ModelConfig, quiet: bool) -> Result<Data
     };
     let full = data::load(&spec, Split::Train, recipe.data_dir.as_deref(), &opts)?;
     let test = data::load(&spec, Split::Test, recipe.data_dir.as_deref(), &opts)?;
-    if full.num_classes() != cfg.num_classes() {
-        return Err(Error::Config(format!(
-            "dataset {} has {} classes but the model has num_classes = {}",
-            recipe.dataset,
-            full.num_classes(),
-            cfg.num_classes()
-        )));
-    }
-    let (train, val) = if recipe.val_size == 0 {
+    let (train, val) = if recipe.val_size == Some(0) {
         (
             full,
             Dataset::new(
@@ -78,7 +72,8 @@ pub fn load_data(recipe: &Recipe, cfg: &ModelConfig, quiet: bool) -> Result<Data
             )?,
         )
     } else {
-        data::split_validation(&full, ValSize::Count(recipe.val_size), recipe.seed)?
+        let size = recipe.val_size.map_or(ValSize::DEFAULT, ValSize::Count);
+        data::split_validation(&full, size, recipe.seed)?
     };
     let mut augment = AugmentConfig::for_spec(&spec, cfg.in_channels(), recipe.crop_pad);
     if let Some(f) = recipe.hflip {
@@ -91,6 +86,27 @@ pub fn load_data(recipe: &Recipe, cfg: &ModelConfig, quiet: bool) -> Result<Data
         test,
         augment,
     })
+}
+
+/// Makes the model's class count the dataset's where the recipe lets it: a fine-tuning
+/// run (`init` set) without an explicit `num_classes` takes the dataset's (the checkpoint's
+/// head is then replaced by a fresh one), and records it in the recipe so that a resume
+/// builds the same model. Any other mismatch is an error.
+fn fit_num_classes(recipe: &mut Recipe, cfg: &mut ModelConfig, classes: usize) -> Result<()> {
+    if classes == cfg.num_classes() {
+        return Ok(());
+    }
+    if recipe.init.is_some() && recipe.num_classes.is_none() {
+        cfg.set_num_classes(classes);
+        recipe.num_classes = Some(classes);
+        return cfg.validate();
+    }
+    Err(Error::Config(format!(
+        "dataset {} has {classes} classes but the model has num_classes = {}; train a model \
+         for it with --num-classes {classes} (num_classes = {classes} in a recipe)",
+        recipe.dataset,
+        cfg.num_classes()
+    )))
 }
 
 /// Fresh or `init` weights for a new run (`init` fitted to the run's config, its head
@@ -126,7 +142,11 @@ fn initial_weights(
 /// Trains as the recipe says, writing checkpoints, metrics and a report into its output
 /// folder. With `resume`, continues the run in that folder exactly where its last
 /// checkpoint left off; pass the folder's saved recipe ([`Recipe::of_run`]), changed only
-/// where a change is meant (more epochs or steps).
+/// where a change is meant (more epochs or steps). A resumed run that has nothing left to
+/// do writes nothing and reports its result ([`RunSummary::already_finished`]).
+///
+/// The output folder is created only once the data and the model are ready, so a run
+/// that fails to start leaves no folder behind.
 pub fn train(
     recipe: &Recipe,
     resume: Option<&Path>,
@@ -136,13 +156,13 @@ pub fn train(
         Some(dir) => dir.to_path_buf(),
         None => recipe.out.clone().unwrap_or_else(default_out_dir),
     };
-    let recipe = recipe.clone();
+    let mut recipe = recipe.clone();
     recipe.validate()?;
-    let cfg = recipe.model_config()?;
+    let mut cfg = recipe.model_config()?;
     let dev = device(&recipe.device)?;
-    std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
 
     let data = load_data(&recipe, &cfg, progress.is_quiet())?;
+    fit_num_classes(&mut recipe, &mut cfg, data.train.num_classes())?;
     if data.train.len() < recipe.batch_size {
         return Err(Error::Config(format!(
             "the training set has {} images, fewer than one batch of {}",
@@ -158,41 +178,6 @@ pub fn train(
         interpolation: "bicubic".into(),
         resize: "shorter".into(),
     };
-
-    // Model, optimizer and position: fresh, or from the last checkpoint.
-    let (tensors, mut pos, opt_state) = match resume {
-        Some(dir) => {
-            let r = run_dir::resume_state(dir, &cfg)?;
-            (r.tensors, r.position, Some(r.state))
-        }
-        None => {
-            let (t, warnings) = initial_weights(&recipe, &cfg, &dev)?;
-            for w in warnings {
-                progress.note(&format!("warning: {w}"));
-            }
-            (t, Position::default(), None)
-        }
-    };
-    let net = Trainable::new(&cfg, &tensors, &dev)?;
-    let mut opt = net.adamw(AdamWConfig {
-        beta1: recipe.beta1,
-        beta2: recipe.beta2,
-        eps: recipe.eps,
-        weight_decay: recipe.weight_decay,
-    });
-    if let Some(state) = &opt_state {
-        opt.load_state(state)?;
-    }
-    let mut history = report::read_metrics(&out.join(METRICS), pos.epoch)?;
-
-    // The resolved recipe travels with the run.
-    let saved = Recipe {
-        out: Some(out.clone()),
-        ..recipe.clone()
-    };
-    let text = toml::to_string(&saved).map_err(|e| Error::Invalid(e.to_string()))?;
-    crate::atomic::write_atomic(&out.join(RECIPE), text.as_bytes())?;
-
     let micro = recipe.batch_size / recipe.accum_steps;
     let loader = DataLoader::new(
         data.train.clone(),
@@ -209,12 +194,68 @@ pub fn train(
         return Err(Error::Config("an epoch has no full optimizer step".into()));
     }
     let batches_per_epoch = steps_per_epoch * recipe.accum_steps as u64;
-    let schedule = Schedule {
-        peak: recipe.lr,
-        min_lr: recipe.min_lr,
-        warmup: (recipe.warmup_epochs * steps_per_epoch as f64).round() as u64,
-        total: recipe.epochs as u64 * steps_per_epoch,
+    // The recipe's warmup + cosine, fitted into the run's real length (`max_steps`).
+    let full_steps = recipe.epochs as u64 * steps_per_epoch;
+    let schedule = Schedule::fitted(
+        recipe.lr,
+        recipe.min_lr,
+        (recipe.warmup_epochs * steps_per_epoch as f64).round() as u64,
+        full_steps,
+        recipe.max_steps.unwrap_or(full_steps),
+    );
+
+    // Model, optimizer and position: fresh, or from the last checkpoint.
+    let (tensors, mut pos, opt_state) = match resume {
+        Some(dir) => {
+            let r = run_dir::resume_state(dir, &cfg)?;
+            (r.tensors, r.position, Some(r.state))
+        }
+        None => {
+            let (t, warnings) = initial_weights(&recipe, &cfg, &dev)?;
+            for w in warnings {
+                progress.note(&format!("warning: {w}"));
+            }
+            (t, Position::default(), None)
+        }
     };
+    let finished = |pos: &Position| {
+        pos.epoch >= recipe.epochs as u64 || recipe.max_steps.is_some_and(|m| pos.step >= m)
+    };
+    if resume.is_some() && finished(&pos) {
+        // Nothing to train: report the run's result as it stands, writing nothing.
+        let history = report::read_metrics(&out.join(METRICS), u64::MAX)?;
+        let test = test_result(&out, &cfg, &data, &recipe, &dev)?;
+        return Ok(RunSummary {
+            best_val_acc: best_val_acc(&history),
+            out,
+            epochs: history,
+            test,
+            seconds: 0.0,
+            files: vec![],
+            already_finished: true,
+        });
+    }
+    let net = Trainable::new(&cfg, &tensors, &dev)?;
+    let mut opt = net.adamw(AdamWConfig {
+        beta1: recipe.beta1,
+        beta2: recipe.beta2,
+        eps: recipe.eps,
+        weight_decay: recipe.weight_decay,
+    });
+    if let Some(state) = &opt_state {
+        opt.load_state(state)?;
+    }
+    let mut history = report::read_metrics(&out.join(METRICS), pos.epoch)?;
+
+    // The resolved recipe travels with the run.
+    std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+    let saved = Recipe {
+        out: Some(out.clone()),
+        ..recipe.clone()
+    };
+    let text = toml::to_string(&saved).map_err(|e| Error::Invalid(e.to_string()))?;
+    crate::atomic::write_atomic(&out.join(RECIPE), text.as_bytes())?;
+
     let clip = (recipe.clip_grad > 0.0).then_some(recipe.clip_grad);
     let meta = SaveMeta {
         config: Some(&cfg),
@@ -353,26 +394,43 @@ pub fn train(
     }
 
     // Final report on the test set, with the best checkpoint's weights.
+    let test = test_result(&out, &cfg, &data, &recipe, &dev)?;
+    let files = report::write_report(&out, &saved, &cfg, &history, &test, &class_names)?;
+    Ok(RunSummary {
+        out,
+        best_val_acc: best_val_acc(&history),
+        epochs: history,
+        test,
+        seconds: run_start.elapsed().as_secs_f64(),
+        files,
+        already_finished: false,
+    })
+}
+
+/// The best validation accuracy of a run's epochs; `None` without a validation set.
+fn best_val_acc(history: &[EpochMetrics]) -> Option<f64> {
+    history.iter().filter_map(|m| m.val_acc).reduce(f64::max)
+}
+
+/// The run's best checkpoint on the test set.
+fn test_result(
+    out: &Path,
+    cfg: &ModelConfig,
+    data: &Data,
+    recipe: &Recipe,
+    dev: &Device,
+) -> Result<EvalResult> {
     let (best_model, _) = load_model(
         &out.join(BEST),
         &Arch::Config(cfg.clone()),
         FitOptions::default(),
-        &dev,
+        dev,
     )?;
-    let test = evaluate(
+    evaluate(
         best_model.as_ref(),
         &data.test,
         recipe.eval_batch_size,
         &data.augment,
-        &dev,
-    )?;
-    let files = report::write_report(&out, &saved, &cfg, &history, &test, &class_names)?;
-    Ok(RunSummary {
-        out,
-        epochs: history,
-        test,
-        best_val_acc: pos.best_val_acc,
-        seconds: run_start.elapsed().as_secs_f64(),
-        files,
-    })
+        dev,
+    )
 }
