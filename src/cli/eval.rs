@@ -31,10 +31,7 @@ pub struct EvalArgs {
 }
 
 pub fn run(a: EvalArgs) -> anyhow::Result<()> {
-    // vit::train::eval_checkpoint runs on the CPU: other devices are refused, not ignored.
-    if !a.device.device()?.is_cpu() {
-        anyhow::bail!("vit eval runs on the CPU only for now (use --device cpu)");
-    }
+    let dev = a.device.device()?;
     let quiet = matches!(a.format, Format::Json);
     let r = eval_checkpoint(
         &a.checkpoint,
@@ -43,6 +40,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         a.data_dir.as_deref(),
         a.batch_size,
         quiet,
+        &dev,
     )?;
     let out = a.out.clone().unwrap_or_else(|| {
         a.checkpoint

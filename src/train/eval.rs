@@ -90,7 +90,7 @@ pub fn evaluate(
 
 /// Evaluates a checkpoint on a dataset's test split (`vit eval`): the architecture comes
 /// from `arch` or the checkpoint, normalisation from the checkpoint's preprocessing
-/// (else the dataset's statistics).
+/// (else the dataset's statistics). Runs on `dev`.
 pub fn eval_checkpoint(
     path: &Path,
     arch: &weights::Arch,
@@ -98,8 +98,12 @@ pub fn eval_checkpoint(
     data_dir: Option<&Path>,
     batch_size: usize,
     quiet: bool,
+    dev: &Device,
 ) -> Result<EvalResult> {
-    let (model, fitted) = load_model(path, arch, FitOptions::default(), &Device::Cpu)?;
+    if batch_size == 0 {
+        return Err(Error::Invalid("batch size must be at least 1".into()));
+    }
+    let (model, fitted) = load_model(path, arch, FitOptions::default(), dev)?;
     let (ck, cfg) = (fitted.checkpoint, fitted.config);
     let spec: data::DatasetSpec = dataset.parse()?;
     let opts = data::LoadOptions {
@@ -121,11 +125,5 @@ pub fn eval_checkpoint(
         None => AugmentConfig::for_spec(&spec, cfg.in_channels(), 0).deterministic(),
     };
     augment.validate(cfg.in_channels())?;
-    evaluate(
-        model.as_ref(),
-        &test,
-        batch_size.max(1),
-        &augment,
-        &Device::Cpu,
-    )
+    evaluate(model.as_ref(), &test, batch_size, &augment, dev)
 }
