@@ -323,3 +323,25 @@ fn a_missing_file_shows_its_os_cause_once() {
     ]);
     assert_eq!(e.matches("No such file or directory").count(), 1, "{e}");
 }
+
+/// Regression: `vit info | head` panicked ("failed printing to stdout") when the reader had
+/// gone; every command's output now ends quietly on a closed pipe.
+#[test]
+fn printing_to_a_closed_pipe_ends_quietly() {
+    for args in [
+        &["info"][..],
+        &["info", "vit_base_patch16_224"],
+        &["bench", "--help"],
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_vit"))
+            .args(args)
+            .stdout(writer)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert!(out.status.success(), "{args:?}: {:?} {err}", out.status);
+    }
+}

@@ -91,16 +91,17 @@ pub fn run(a: AttentionArgs) -> anyhow::Result<()> {
         save_raw: a.save_raw,
     };
     let r = vit::explain::attention(&p, &a.image, &opts, &a.out)?;
-    print_explained(&r);
+    print_explained(&r)?;
     Ok(())
 }
 
 /// Prints the notes on stderr ("note: ...") and the files written on stdout, one per line.
-pub(super) fn print_explained(r: &Explained) {
+pub(super) fn print_explained(r: &Explained) -> anyhow::Result<()> {
     for n in &r.notes {
         eprintln!("note: {n}");
     }
     for f in &r.files {
-        println!("{}", f.display());
+        out!("{}", f.display());
     }
+    Ok(())
 }

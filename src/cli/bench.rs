@@ -34,41 +34,45 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         profile: a.profile,
     })?;
     match a.format {
-        Format::Json => println!("{}", serde_json::to_string(&r)?),
-        Format::Text => print_text(&r),
+        Format::Json => out!("{}", serde_json::to_string(&r)?),
+        Format::Text => print_text(&r)?,
     }
     Ok(())
 }
 
-fn print_text(r: &BenchReport) {
-    println!("{}: {}", r.workload, r.description);
-    println!(
+fn print_text(r: &BenchReport) -> anyhow::Result<()> {
+    out!("{}: {}", r.workload, r.description);
+    out!(
         "  {} parameters; {} timed iterations after {} warm-up",
         thousands(r.params),
         r.iters,
         r.warmup
     );
     let (ips, ms) = (r.images_per_second, r.step_ms);
-    println!(
+    out!(
         "  images/s     {:>9.1}  (min {:.1}, max {:.1})",
-        ips.median, ips.min, ips.max
+        ips.median,
+        ips.min,
+        ips.max
     );
-    println!(
+    out!(
         "  step         {:>9.1} ms  (min {:.1}, max {:.1})",
-        ms.median, ms.min, ms.max
+        ms.median,
+        ms.min,
+        ms.max
     );
     let rss = r.peak_rss_bytes.map_or("n/a".to_string(), |b| {
         format!("{:.0} MiB", b as f64 / (1 << 20) as f64)
     });
-    println!("  peak memory  {rss:>9}");
-    println!("  threads      {:>9}", r.threads);
-    println!("  matmul       {}", r.provider);
-    println!("  kernels      {}", r.kernels);
+    out!("  peak memory  {rss:>9}");
+    out!("  threads      {:>9}", r.threads);
+    out!("  matmul       {}", r.provider);
+    out!("  kernels      {}", r.kernels);
     if let Some(phases) = &r.phases {
         let total: f64 = phases.iter().map(|p| p.median_ms).sum();
-        println!("\n  {:<26} {:>10} {:>7}", "phase", "median ms", "share");
+        out!("\n  {:<26} {:>10} {:>7}", "phase", "median ms", "share");
         for p in phases {
-            println!(
+            out!(
                 "  {:<26} {:>10.1} {:>6.1}%",
                 p.name,
                 p.median_ms,
@@ -76,4 +80,5 @@ fn print_text(r: &BenchReport) {
             );
         }
     }
+    Ok(())
 }

@@ -38,7 +38,7 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<()> {
         eprintln!("warning: {w}");
     }
     for p in written {
-        println!("wrote {}", p.display());
+        out!("wrote {}", p.display());
     }
     Ok(())
 }

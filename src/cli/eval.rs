@@ -52,24 +52,24 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     let png = out.join("confusion.png");
     vit::viz::save_png(&confusion_picture(&r, "Confusion matrix")?, &png)?;
     match a.format {
-        Format::Json => println!("{}", serde_json::to_string(&r)?),
+        Format::Json => out!("{}", serde_json::to_string(&r)?),
         Format::Text => {
-            println!(
+            out!(
                 "{} images: accuracy {:.2}%, loss {:.4}",
                 r.images,
                 100.0 * r.accuracy,
                 r.loss
             );
-            println!("\nper-class accuracy:");
+            out!("\nper-class accuracy:");
             for (i, acc) in r.per_class_accuracy.iter().enumerate() {
-                println!("  {i:>3} {:<24} {:>6.2}%", r.class_names[i], 100.0 * acc);
+                out!("  {i:>3} {:<24} {:>6.2}%", r.class_names[i], 100.0 * acc);
             }
-            println!("\nconfusion matrix (rows: true class, columns: predicted):");
+            out!("\nconfusion matrix (rows: true class, columns: predicted):");
             for row in &r.confusion {
                 let cells: Vec<String> = row.iter().map(|c| format!("{c:>5}")).collect();
-                println!("  {}", cells.join(""));
+                out!("  {}", cells.join(""));
             }
-            println!("\nwrote {}", png.display());
+            out!("\nwrote {}", png.display());
         }
     }
     Ok(())

@@ -19,8 +19,7 @@ pub fn run(a: InfoArgs) -> anyhow::Result<()> {
         (Some(name), _) => ModelConfig::preset(name)?,
         (_, Some(path)) => ModelConfig::from_file(path)?,
         _ => {
-            print_table();
-            return Ok(());
+            return print_table();
         }
     };
     let name = a
@@ -30,14 +29,18 @@ pub fn run(a: InfoArgs) -> anyhow::Result<()> {
     print_detail(&name, &cfg)
 }
 
-fn print_table() {
-    println!(
+fn print_table() -> anyhow::Result<()> {
+    out!(
         "{:<24} {:>14} {:>9} {:>7} {:>11}",
-        "preset", "params", "GFLOPs", "tokens", "resolution"
+        "preset",
+        "params",
+        "GFLOPs",
+        "tokens",
+        "resolution"
     );
     for (name, c) in presets() {
         let [h, w] = c.image_size();
-        println!(
+        out!(
             "{:<24} {:>14} {:>9.2} {:>7} {:>11}",
             name,
             thousands(c.num_params()),
@@ -46,7 +49,8 @@ fn print_table() {
             format!("{h}x{w}x{}", c.in_channels())
         );
     }
-    println!("\nGFLOPs: forward pass of one image, a multiply-add counted as 2 (timm lists GMACs = half).");
+    out!("\nGFLOPs: forward pass of one image, a multiply-add counted as 2 (timm lists GMACs = half).");
+    Ok(())
 }
 
 /// The token count of a patch-token model, "-" for others.
@@ -56,25 +60,25 @@ fn tokens(c: &ModelConfig) -> String {
 }
 
 fn print_detail(name: &str, c: &ModelConfig) -> anyhow::Result<()> {
-    println!("{name}");
-    println!(
+    out!("{name}");
+    out!(
         "  parameters {}   GFLOPs/image {:.3}   tokens {}\n",
         thousands(c.num_params()),
         c.flops() as f64 / 1e9,
         tokens(c)
     );
-    println!("config:");
+    out!("config:");
     for line in toml::to_string(c)?.lines() {
-        println!("  {line}");
+        out!("  {line}");
     }
-    println!("\nparameters per module:");
+    out!("\nparameters per module:");
     for (module, n) in c.param_groups() {
-        println!("  {module:<16} {:>14}", thousands(n));
+        out!("  {module:<16} {:>14}", thousands(n));
     }
-    println!("\nshape flow (one image):");
+    out!("\nshape flow (one image):");
     for (stage, shape) in c.shape_flow() {
         let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-        println!("  {stage:<34} ({})", dims.join(", "));
+        out!("  {stage:<34} ({})", dims.join(", "));
     }
     Ok(())
 }

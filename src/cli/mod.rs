@@ -1,5 +1,17 @@
 //! Argument definitions (clap) and dispatch to one module per subcommand.
 
+/// `println!` that hands a failed write back as an error instead of panicking: a closed pipe
+/// (`vit info | head`) then ends the command quietly (see [`run`]).
+macro_rules! out {
+    () => {
+        out!("")
+    };
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)?
+    }};
+}
+
 mod attention;
 mod bench;
 mod convert;

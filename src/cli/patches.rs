@@ -23,6 +23,6 @@ pub struct PatchesArgs {
 
 pub fn run(a: PatchesArgs) -> anyhow::Result<()> {
     let r = vit::explain::patches(&a.image, a.patch_size, a.img_size, &a.out)?;
-    super::attention::print_explained(&r);
+    super::attention::print_explained(&r)?;
     Ok(())
 }

@@ -33,6 +33,6 @@ pub fn run(a: PosEmbedArgs) -> anyhow::Result<()> {
         eprintln!("warning: {w}");
     }
     let r = vit::explain::pos_embed(p.model.as_ref(), &a.out, a.save_raw)?;
-    super::attention::print_explained(&r);
+    super::attention::print_explained(&r)?;
     Ok(())
 }

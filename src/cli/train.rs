@@ -165,7 +165,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
     let s = train::train(&recipe, a.resume.as_deref(), &mut progress)?;
     if s.already_finished {
         let (epochs, steps) = (s.epochs.len(), s.epochs.last().map_or(0, |m| m.step));
-        println!(
+        out!(
             "run {} is already finished ({epochs} epoch{} / {steps} steps); nothing to do",
             s.out.display(),
             if epochs == 1 { "" } else { "s" },
@@ -176,16 +176,16 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
         (None, Some(m)) => format!("; final train accuracy {:.2}%", 100.0 * m.train_acc),
         (None, None) => String::new(),
     };
-    println!(
+    out!(
         "test accuracy {:.2}% (loss {:.4}) on {} images{fit}; {:.0} s",
         100.0 * s.test.accuracy,
         s.test.loss,
         s.test.images,
         s.seconds
     );
-    println!("run folder: {}", s.out.display());
+    out!("run folder: {}", s.out.display());
     for f in &s.files {
-        println!("wrote {}", f.display());
+        out!("wrote {}", f.display());
     }
     Ok(())
 }
