@@ -25,16 +25,28 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
-/// A unique temporary name beside `path`: `.name.tmp-<pid>-<n>`.
+/// A unique temporary name beside `path`: `.name.tmp-<pid>-<n>`, with `name` shortened
+/// (at a character boundary) so the whole stays within the 255-byte name limit of common
+/// file systems for any legal target name.
 pub fn temp_path(path: &Path) -> PathBuf {
     use std::sync::atomic::{AtomicU64, Ordering};
+    const NAME_MAX: usize = 255;
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let name = path
+    let suffix = format!(".tmp-{}-{n}", std::process::id());
+    let mut name = path
         .file_name()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}-{n}", std::process::id()))
+    let room = NAME_MAX - 1 - suffix.len();
+    if name.len() > room {
+        let mut cut = room;
+        while !name.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        name.truncate(cut);
+    }
+    path.with_file_name(format!(".{name}{suffix}"))
 }
 
 /// Makes a rename durable by syncing the folder that holds it (best effort).
@@ -69,5 +81,18 @@ mod tests {
     fn failure_names_the_file() {
         let e = write_atomic(Path::new("/nonexistent-dir/x.bin"), b"x").unwrap_err();
         assert!(e.to_string().starts_with("/nonexistent-dir/x.bin:"), "{e}");
+    }
+
+    /// Regression: a 255-byte target name made a temporary name past the limit
+    /// (ENAMETOOLONG), so the write failed although the target name is legal.
+    #[test]
+    fn the_longest_legal_names_can_be_written() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["a".repeat(255), "é".repeat(127)] {
+            let path = dir.path().join(&name);
+            assert!(temp_path(&path).file_name().unwrap().len() <= 255);
+            write_atomic(&path, b"x").unwrap();
+            assert_eq!(fs::read(&path).unwrap(), b"x");
+        }
     }
 }
