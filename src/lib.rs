@@ -18,6 +18,7 @@ pub mod bench;
 pub mod data;
 pub mod error;
 pub mod explain;
+pub mod files;
 pub mod models;
 pub mod ops;
 pub mod predict;

@@ -204,11 +204,11 @@ pub fn load_cifar_dir(dir: &Path, kind: CifarKind, split: Split) -> Result<Datas
     let mut parts = Vec::new();
     for name in kind.split_files(split) {
         let path = dir.join(name);
-        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        let bytes = crate::files::read_bounded(&path, MAX_MEMBER)?;
         parts.push(parse_records(&bytes, &path, kind)?);
     }
     let names_path = dir.join(FINE_NAMES);
-    let names_text = std::fs::read(&names_path).ok();
+    let names_text = crate::files::read_bounded(&names_path, crate::files::MAX_TEXT).ok();
     let names = class_names(
         kind,
         names_text.as_deref().map(|t| (names_path.as_path(), t)),

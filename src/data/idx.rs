@@ -2,7 +2,6 @@
 //! dimensions) followed by raw bytes. Reads raw or gzip-compressed files (detected by
 //! content) and validates magic, dimensions and lengths, naming the file in every error.
 
-use std::fs::File;
 use std::io::{BufRead, BufReader, ErrorKind, Read};
 use std::path::{Path, PathBuf};
 
@@ -45,14 +44,17 @@ pub(crate) fn find_idx_file(dir: &Path, base: &str) -> Option<PathBuf> {
 
 /// Reads an IDX file of unsigned bytes with `ndims` dimensions, gzip-compressed or not.
 pub fn read_idx(path: &Path, ndims: usize) -> Result<IdxArray> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let (file, len) = crate::files::open_regular(path)?;
     let mut reader = BufReader::new(file);
     let head = reader.fill_buf().map_err(|e| Error::io(path, e))?;
     let gzipped = head.starts_with(&[0x1f, 0x8b]);
     if gzipped {
-        parse_idx(MultiGzDecoder::new(reader), path, ndims)
+        // Deflate expands at most 1032:1, so a header claiming more than that is a lie
+        // (a gzip bomb or a corrupt file) found before anything is allocated.
+        let most = len.saturating_mul(1032);
+        parse_idx(MultiGzDecoder::new(reader), path, ndims, most)
     } else {
-        parse_idx(reader, path, ndims)
+        parse_idx(reader, path, ndims, len)
     }
 }
 
@@ -65,8 +67,8 @@ fn content_error(path: &Path, what: &str, e: std::io::Error) -> Error {
     }
 }
 
-/// Parses an IDX stream; `path` only names the source in errors.
-pub fn parse_idx(mut reader: impl Read, path: &Path, ndims: usize) -> Result<IdxArray> {
+/// Parses an IDX stream of at most `most` bytes; `path` only names the source in errors.
+pub fn parse_idx(mut reader: impl Read, path: &Path, ndims: usize, most: u64) -> Result<IdxArray> {
     let mut magic = [0u8; 4];
     reader
         .read_exact(&mut magic)
@@ -111,7 +113,13 @@ pub fn parse_idx(mut reader: impl Read, path: &Path, ndims: usize) -> Result<Idx
     let expected = dims
         .iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-        .ok_or_else(|| Error::format(path, format!("IDX dimensions {shape} are too large")))?;
+        .filter(|&n| n as u64 <= most)
+        .ok_or_else(|| {
+            Error::format(
+                path,
+                format!("truncated file: a {shape} array is more than the file can hold"),
+            )
+        })?;
     let mut data = Vec::with_capacity(expected.min(MAX_RESERVE));
     (&mut reader)
         .take(expected as u64)
@@ -289,6 +297,11 @@ mod tests {
             msg.contains("truncated") || msg.contains("too large"),
             "{msg}"
         );
+
+        // The same in a gzip file (which could expand 1032-fold at most).
+        let bomb = idx_bytes(&[100_000, 1000, 1000], &[1, 2, 3]); // 1e11 bytes claimed
+        let msg = format_error(&gzip(&bomb), 3);
+        assert!(msg.contains("more than the file can hold"), "{msg}");
 
         let gz = gzip(&img);
         assert!(format_error(&gz[..gz.len() / 2], 3).contains("truncated"));

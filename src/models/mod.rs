@@ -248,7 +248,7 @@ impl ModelConfig {
 
     /// Reads a config from a `.toml` or `.json` file and validates it.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::files::read_text(path)?;
         let is_json = path.extension().is_some_and(|e| e == "json");
         let cfg: ModelConfig = if is_json {
             serde_json::from_str(&text).map_err(|e| Error::format(path, e.to_string()))?

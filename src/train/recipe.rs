@@ -107,7 +107,7 @@ impl Default for Recipe {
 impl Recipe {
     /// Reads a recipe TOML file; missing fields take the defaults.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::files::read_text(path)?;
         let r: Recipe = toml::from_str(&text).map_err(|e| {
             Error::format(path, e.to_string().lines().collect::<Vec<_>>().join(" "))
         })?;

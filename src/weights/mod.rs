@@ -82,11 +82,14 @@ impl Checkpoint {
     /// Reads a safetensors checkpoint; recognises timm and HF naming. Corrupt or truncated
     /// files are errors naming the file.
     pub fn load(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let bad = |msg: String| Error::Checkpoint {
             path: path.to_path_buf(),
             msg,
         };
+        let bytes = read_safetensors(path).map_err(|e| match e {
+            Error::Format { msg, .. } => bad(msg),
+            e => e,
+        })?;
         let st = SafeTensors::deserialize(&bytes)
             .map_err(|e| bad(format!("not a valid safetensors file ({e})")))?;
         let (_, meta) = SafeTensors::read_metadata(&bytes)
@@ -369,6 +372,48 @@ pub fn load_fitted(path: &Path, arch: &Arch, opts: FitOptions) -> Result<Fitted>
         tensors,
         warnings,
     })
+}
+
+/// The bytes of a safetensors file, checked before they are read: a regular file whose
+/// 8-byte header length is within the format's 100 MB limit and whose header and tensor
+/// data, as the header lays them out, are exactly the file's size. So a device, a pipe, a
+/// file of zeros or a header claiming more than the file holds costs no memory.
+fn read_safetensors(path: &Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    const MAX_HEADER: u64 = 100_000_000;
+    let (mut file, len) = crate::files::open_regular(path)?;
+    let bad = |msg: String| Error::format(path, msg);
+    let mut n = [0u8; 8];
+    file.read_exact(&mut n).map_err(|_| {
+        bad(format!(
+            "not a valid safetensors file ({len} bytes, no header)"
+        ))
+    })?;
+    let n = u64::from_le_bytes(n);
+    if n == 0 || n > MAX_HEADER || n > len.saturating_sub(8) {
+        return Err(bad(format!(
+            "not a valid safetensors file (header length {n} in a file of {len} bytes)"
+        )));
+    }
+    let mut header = vec![0u8; n as usize];
+    file.read_exact(&mut header)
+        .map_err(|e| Error::io(path, e))?;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+        .map_err(|e| bad(format!("not a valid safetensors file (header: {e})")))?;
+    let data_end = header
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .filter_map(|(_, v)| v.get("data_offsets")?.get(1)?.as_u64())
+        .max()
+        .unwrap_or(0);
+    if 8 + n + data_end != len {
+        return Err(bad(format!(
+            "not a valid safetensors file (its header lays out {} bytes, the file has {len})",
+            8 + n + data_end
+        )));
+    }
+    let (file, len) = crate::files::open_regular(path)?;
+    crate::files::read_exactly(file, len, path)
 }
 
 /// Shortens a long list of names for a one-line message.

@@ -87,6 +87,36 @@ fn corrupt_and_truncated_files_are_clear_errors() {
     );
 }
 
+/// A checkpoint path that is a device or a pipe, or whose header claims more than the file
+/// holds, is refused before anything is read or allocated.
+#[test]
+fn special_files_and_lying_headers_cost_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = Checkpoint::load(Path::new("/dev/zero"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not a regular file"), "{e}");
+    let zeros = dir.path().join("zeros.safetensors");
+    let f = std::fs::File::create(&zeros).unwrap();
+    f.set_len(1 << 40).unwrap(); // a sparse terabyte of zeros
+    let e = Checkpoint::load(&zeros).unwrap_err().to_string();
+    assert!(e.contains("header length 0"), "{e}");
+    let huge = dir.path().join("huge.safetensors");
+    std::fs::write(&huge, u64::MAX.to_le_bytes()).unwrap();
+    let e = Checkpoint::load(&huge).unwrap_err().to_string();
+    assert!(e.contains("header length"), "{e}");
+    // A valid header whose tensor claims a terabyte the 100-byte file does not have.
+    let header =
+        br#"{"w":{"dtype":"F32","shape":[262144,1048576],"data_offsets":[0,1099511627776]}}"#;
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header);
+    bytes.extend_from_slice(&[0; 16]);
+    let lie = dir.path().join("lie.safetensors");
+    std::fs::write(&lie, &bytes).unwrap();
+    let e = Checkpoint::load(&lie).unwrap_err().to_string();
+    assert!(e.contains("lays out 1099511627"), "{e}");
+}
+
 #[test]
 fn fit_names_the_mismatching_tensor() {
     let dir = tempfile::tempdir().unwrap();

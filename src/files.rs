@@ -1,0 +1,105 @@
+//! Reading the files a user names without trusting them: only regular files (a FIFO,
+//! `/dev/zero` or a folder is refused by what it is, before anything is read), sizes known
+//! and bounded before a buffer is allocated, and every error naming the path.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::Path;
+
+use crate::{Error, Result};
+
+/// The largest text file (recipe, config, JSON sidecar) we read: far above any real one.
+pub const MAX_TEXT: u64 = 16 << 20;
+
+/// Opens `path` for reading if it is a regular file (symbolic links followed); returns it
+/// with its size.
+pub fn open_regular(path: &Path) -> Result<(File, u64)> {
+    // Looked at before opening: opening a FIFO for reading would wait for a writer.
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if meta.is_file() {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+        if meta.is_file() {
+            return Ok((file, meta.len()));
+        }
+    }
+    let what = if meta.is_dir() {
+        "a folder"
+    } else {
+        "a device, pipe or socket"
+    };
+    Err(Error::format(
+        path,
+        format!("is {what}, not a regular file"),
+    ))
+}
+
+/// The whole of a regular file of at most `max` bytes, read into a buffer reserved up
+/// front (an allocation failure is an error, not an abort).
+pub fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>> {
+    let (file, len) = open_regular(path)?;
+    if len > max {
+        return Err(Error::format(
+            path,
+            format!("is {len} bytes, more than the {max} this kind of file can be"),
+        ));
+    }
+    read_exactly(file, len, path)
+}
+
+/// A text file of at most [`MAX_TEXT`] bytes, as UTF-8.
+pub fn read_text(path: &Path) -> Result<String> {
+    let bytes = read_bounded(path, MAX_TEXT)?;
+    String::from_utf8(bytes).map_err(|_| Error::format(path, "is not UTF-8 text"))
+}
+
+/// `len` bytes from `file` (its size as `open_regular` saw it).
+pub fn read_exactly(file: File, len: u64, path: &Path) -> Result<Vec<u8>> {
+    let n = usize::try_from(len).map_err(|_| Error::format(path, "is too large to read"))?;
+    let mut buf = Vec::new();
+    buf.try_reserve_exact(n).map_err(|_| {
+        Error::format(
+            path,
+            format!("needs {n} bytes of memory to read, which are not available"),
+        )
+    })?;
+    file.take(len)
+        .read_to_end(&mut buf)
+        .map_err(|e| Error::io(path, e))?;
+    if buf.len() as u64 != len {
+        return Err(Error::format(path, "changed size while being read"));
+    }
+    Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn special_files_and_oversized_ones_are_refused_before_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = read_text(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("is a folder, not a regular file"), "{e}");
+        let e = read_text(Path::new("/dev/zero")).unwrap_err().to_string();
+        assert!(e.contains("/dev/zero: is a device, pipe or socket"), "{e}");
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        if made.is_ok_and(|s| s.success()) {
+            let e = read_text(&fifo).unwrap_err().to_string(); // returns: no writer awaited
+            assert!(e.contains("is a device, pipe or socket"), "{e}");
+        }
+        let big = dir.path().join("big.toml");
+        let f = File::create(&big).unwrap();
+        f.set_len(MAX_TEXT + 1).unwrap(); // sparse: costs no disk
+        let e = read_text(&big).unwrap_err().to_string();
+        assert!(e.contains("more than the"), "{e}");
+        let ok = dir.path().join("ok.toml");
+        std::fs::write(&ok, "a = 1\n").unwrap();
+        assert_eq!(read_text(&ok).unwrap(), "a = 1\n");
+        let e = read_text(&dir.path().join("missing"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing"), "{e}");
+    }
+}
