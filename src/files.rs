@@ -72,6 +72,29 @@ pub fn read_exactly(file: File, len: u64, path: &Path) -> Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// Most pixels along either side of an image we decode.
+pub const MAX_IMAGE_SIDE: u32 = 1 << 14;
+/// Most bytes the image decoder may allocate for one image.
+pub const MAX_IMAGE_BYTES: u64 = 512 << 20;
+
+/// Decodes an image file (PNG or JPEG, by its content): a regular file whose header says at
+/// most [`MAX_IMAGE_SIDE`] pixels a side and whose decoding needs at most
+/// [`MAX_IMAGE_BYTES`], so a small file claiming a huge image is refused by its header.
+pub fn decode_image(path: &Path) -> Result<image::DynamicImage> {
+    let (file, _) = open_regular(path)?;
+    let mut reader = image::ImageReader::new(std::io::BufReader::new(file))
+        .with_guessed_format()
+        .map_err(|e| Error::io(path, e))?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_IMAGE_SIDE);
+    limits.max_image_height = Some(MAX_IMAGE_SIDE);
+    limits.max_alloc = Some(MAX_IMAGE_BYTES);
+    reader.limits(limits);
+    reader
+        .decode()
+        .map_err(|e| Error::format(path, format!("cannot decode image: {e}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,5 +124,33 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("missing"), "{e}");
+    }
+
+    /// A 70-byte PNG whose header claims 100,000 × 100,000 pixels is refused by its
+    /// header, not decoded into 30 GB.
+    #[test]
+    fn an_image_header_claiming_a_huge_image_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let small = dir.path().join("small.png");
+        image::RgbImage::new(4, 3).save(&small).unwrap();
+        let mut bytes = std::fs::read(&small).unwrap();
+        // IHDR's width and height (big-endian) at bytes 16..24, then its CRC made right.
+        bytes[16..20].copy_from_slice(&100_000u32.to_be_bytes());
+        bytes[20..24].copy_from_slice(&100_000u32.to_be_bytes());
+        let mut crc = flate2::Crc::new();
+        crc.update(&bytes[12..29]);
+        bytes[29..33].copy_from_slice(&crc.sum().to_be_bytes());
+        let bomb = dir.path().join("bomb.png");
+        std::fs::write(&bomb, &bytes).unwrap();
+        let e = decode_image(&bomb).unwrap_err().to_string();
+        assert!(
+            e.contains("bomb.png: cannot decode image") && e.contains("limit"),
+            "{e}"
+        );
+        assert_eq!(decode_image(&small).unwrap().width(), 4);
+        let e = decode_image(Path::new("/dev/zero"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a regular file"), "{e}");
     }
 }

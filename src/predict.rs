@@ -346,13 +346,7 @@ pub fn top_k_of(logits: &[f32], k: usize, names: &[String]) -> Vec<Ranked> {
 
 /// Decodes an image file (PNG or JPEG); a missing file or a non-image is a clear error.
 pub fn load_image(path: &Path) -> Result<DynamicImage> {
-    let reader = image::ImageReader::open(path)
-        .map_err(|e| Error::io(path, e))?
-        .with_guessed_format()
-        .map_err(|e| Error::io(path, e))?;
-    reader
-        .decode()
-        .map_err(|e| Error::format(path, format!("cannot decode image: {e}")))
+    crate::files::decode_image(path)
 }
 
 /// timm's evaluation transform, producing (1, C, H, W) f32:

@@ -106,12 +106,7 @@ fn decode(
     force: Option<usize>,
     resizer: &mut Resizer,
 ) -> Result<(usize, Vec<u8>)> {
-    let img = ImageReader::open(path)
-        .map_err(|e| Error::io(path, e))?
-        .with_guessed_format()
-        .map_err(|e| Error::io(path, e))?
-        .decode()
-        .map_err(|e| decode_error(path, e))?;
+    let img = crate::files::decode_image(path)?;
     let channels = force.unwrap_or(if img.color().has_color() { 3 } else { 1 });
     let (w, h) = (img.width() as usize, img.height() as usize);
     if w == 0 || h == 0 {
