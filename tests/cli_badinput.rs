@@ -181,7 +181,10 @@ fn png(path: &Path, size: u32, v: u8) {
 }
 
 /// timm_tiny's tensors with `edit` applied to the named ones, saved under `path`.
-fn edited_checkpoint(path: &Path, edit: &[(&str, &dyn Fn(&mut Vec<f32>))]) {
+/// A change to a tensor's values.
+type Edit<'a> = (&'a str, &'a dyn Fn(&mut Vec<f32>));
+
+fn edited_checkpoint(path: &Path, edit: &[Edit]) {
     let mut tensors: HashMap<String, Tensor> = common::load("timm_tiny/model.safetensors");
     for (name, f) in edit {
         let t = &tensors[*name];
