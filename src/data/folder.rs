@@ -291,8 +291,12 @@ mod tests {
         gray(&r.join("train/dog/b.png"), 4, 3, 20);
         gray(&r.join("train/dog/a.png"), 4, 3, 10);
         gray(&r.join("train/cat/x.png"), 8, 6, 30); // other size: resized
-        std::fs::write(r.join("train/cat/notes.txt"), "ignored").unwrap();
+        std::fs::write(r.join("train/cat/notes.txt"), "not an image").unwrap();
         gray(&r.join("test/dog/c.PNG"), 4, 3, 40);
+        // A non-image file in a class folder is an error naming it, not a smaller dataset.
+        let e = load_folder(r, Split::Train, None, None).unwrap_err();
+        assert!(e.to_string().contains("notes.txt"), "{e}");
+        std::fs::remove_file(r.join("train/cat/notes.txt")).unwrap();
 
         let ds = load_folder(r, Split::Train, None, None).unwrap();
         assert_eq!(ds.class_names, vec!["cat", "dog"]);
