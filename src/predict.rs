@@ -127,6 +127,7 @@ impl Predictor {
         self.check_top_k(top_k)?;
         let logits = self.model.forward(&self.input(path)?)?.squeeze(0)?; // (classes,)
         let logits = logits.to_vec1::<f32>()?;
+        check_finite(&logits, path)?;
         Ok(Prediction {
             image: path.display().to_string(),
             top_k: top_k_of(&logits, top_k, &self.class_names),
@@ -147,9 +148,13 @@ impl Predictor {
             .map(|p| self.input(p))
             .collect::<Result<Vec<_>>>()?;
         let logits = self.model.forward(&Tensor::cat(&inputs, 0)?)?; // (B, classes)
+        let logits = logits.to_vec2::<f32>()?;
+        for (path, l) in paths.iter().zip(&logits) {
+            check_finite(l, path)?;
+        }
         Ok(paths
             .iter()
-            .zip(logits.to_vec2::<f32>()?)
+            .zip(logits)
             .map(|(path, logits)| Prediction {
                 image: path.display().to_string(),
                 top_k: top_k_of(&logits, top_k, &self.class_names),
@@ -189,6 +194,19 @@ impl Predictor {
         }
         Ok(())
     }
+}
+
+/// An error when the model's output for the image `path` holds a NaN or an infinity
+/// (non-finite weights or preprocessing), instead of a meaningless ranking.
+fn check_finite(logits: &[f32], path: &Path) -> Result<()> {
+    if let Some(v) = logits.iter().find(|v| !v.is_finite()) {
+        return Err(Error::Invalid(format!(
+            "the model's output is not finite ({v}) for {}: the weights or the \
+             preprocessing hold NaN or infinite values",
+            path.display()
+        )));
+    }
+    Ok(())
 }
 
 /// File name extensions of the images [`collect_images`] finds in folders (any case).

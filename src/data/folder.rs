@@ -61,7 +61,9 @@ fn class_dirs(dir: &Path) -> Result<Vec<String>> {
     Ok(names)
 }
 
-/// Sorted image files (by extension) directly inside `dir`.
+/// Sorted image files (by extension) directly inside the class folder `dir`. Hidden files
+/// (`.DS_Store`) and subfolders are skipped; any other file is an error naming it, rather
+/// than a silently smaller dataset.
 fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
@@ -74,9 +76,17 @@ fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
             .file_name()
             .and_then(|n| n.to_str())
             .is_some_and(|n| n.starts_with('.'));
-        if is_image && !hidden && path.is_file() {
-            files.push(path);
+        if hidden || !path.is_file() {
+            continue;
         }
+        if !is_image {
+            return Err(Error::format(
+                &path,
+                "not an image file: class folders may hold only *.png, *.jpg and *.jpeg \
+                 files (remove or move it)",
+            ));
+        }
+        files.push(path);
     }
     files.sort();
     Ok(files)
@@ -187,11 +197,14 @@ pub fn load_folder(
     for (label, name) in classes.iter().enumerate() {
         let class_dir = dir.join(name);
         if class_dir.is_dir() {
-            files.extend(
-                image_files(&class_dir)?
-                    .into_iter()
-                    .map(|p| (label as u32, p)),
-            );
+            let images = image_files(&class_dir)?;
+            if images.is_empty() {
+                return Err(Error::format(
+                    &class_dir,
+                    "class folder has no images (*.png, *.jpg, *.jpeg)",
+                ));
+            }
+            files.extend(images.into_iter().map(|p| (label as u32, p)));
         }
     }
     if files.is_empty() {
@@ -273,8 +286,12 @@ mod tests {
         gray(&r.join("train/dog/b.png"), 4, 3, 20);
         gray(&r.join("train/dog/a.png"), 4, 3, 10);
         gray(&r.join("train/cat/x.png"), 8, 6, 30); // other size: resized
-        std::fs::write(r.join("train/cat/notes.txt"), "ignored").unwrap();
+        std::fs::write(r.join("train/cat/notes.txt"), "not an image").unwrap();
         gray(&r.join("test/dog/c.PNG"), 4, 3, 40);
+        // A non-image file in a class folder is an error naming it, not a smaller dataset.
+        let e = load_folder(r, Split::Train, None, None).unwrap_err();
+        assert!(e.to_string().contains("notes.txt"), "{e}");
+        std::fs::remove_file(r.join("train/cat/notes.txt")).unwrap();
 
         let ds = load_folder(r, Split::Train, None, None).unwrap();
         assert_eq!(ds.class_names, vec!["cat", "dog"]);

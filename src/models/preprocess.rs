@@ -50,8 +50,15 @@ impl Preprocess {
                 self.std.len()
             )));
         }
-        if self.std.iter().any(|s| s.is_nan() || *s <= 0.0) {
-            return Err(Error::Config("std values must be positive".into()));
+        if let Some(m) = self.mean.iter().find(|m| !m.is_finite()) {
+            return Err(Error::Config(format!(
+                "mean values must be finite numbers, got {m}"
+            )));
+        }
+        if let Some(s) = self.std.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
+            return Err(Error::Config(format!(
+                "std values must be finite and positive, got {s}"
+            )));
         }
         if !(self.crop_pct > 0.0 && self.crop_pct <= 1.0) {
             return Err(Error::Config(format!(

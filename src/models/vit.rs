@@ -186,7 +186,20 @@ impl ViTConfig {
                 self.embed_dim, self.num_heads
             ));
         }
-        if self.mlp_hidden_dim() == 0 {
+        for (name, v) in [
+            ("mlp_ratio", self.mlp_ratio),
+            ("layer_norm_eps", self.layer_norm_eps),
+            ("embed_dropout", self.embed_dropout),
+            ("attn_dropout", self.attn_dropout),
+            ("proj_dropout", self.proj_dropout),
+            ("head_dropout", self.head_dropout),
+            ("drop_path", self.drop_path),
+        ] {
+            if !v.is_finite() {
+                return bad(format!("{name} must be a finite number, got {v}"));
+            }
+        }
+        if self.mlp_ratio <= 0.0 || self.mlp_hidden_dim() == 0 {
             return bad(format!("mlp_ratio {} gives an empty MLP", self.mlp_ratio));
         }
         if self.pool == Pool::Cls && !self.class_token {
@@ -198,8 +211,11 @@ impl ViTConfig {
                 self.embed_dim
             ));
         }
-        if self.layer_norm_eps.is_nan() || self.layer_norm_eps <= 0.0 {
-            return bad("layer_norm_eps must be positive".into());
+        if self.layer_norm_eps <= 0.0 {
+            return bad(format!(
+                "layer_norm_eps must be positive, got {}",
+                self.layer_norm_eps
+            ));
         }
         for (name, p) in [
             ("embed_dropout", self.embed_dropout),

@@ -46,6 +46,11 @@ pub fn evaluate(
     augment: &AugmentConfig,
     dev: &Device,
 ) -> Result<EvalResult> {
+    if data.is_empty() {
+        return Err(Error::Invalid(
+            "the dataset to evaluate on has no images".into(),
+        ));
+    }
     let k = data.num_classes();
     let loader = DataLoader::new(
         data.clone(),
@@ -58,7 +63,14 @@ pub fn evaluate(
         let x = Tensor::from_vec(batch.images, batch.shape.to_vec(), dev)?;
         let y = Tensor::from_vec(batch.labels.clone(), n, dev)?;
         let logits = super::forward_sharded(model, &x)?;
-        loss_sum += ops::cross_entropy(&logits, &y, 0.0)?.to_scalar::<f32>()? as f64 * n as f64;
+        let loss = ops::cross_entropy(&logits, &y, 0.0)?.to_scalar::<f32>()? as f64;
+        if !loss.is_finite() {
+            return Err(Error::Numeric(format!(
+                "the model's output is not finite (loss {loss}): the weights or the \
+                 normalisation hold NaN or infinite values"
+            )));
+        }
+        loss_sum += loss * n as f64;
         let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
         for (t, p) in batch.labels.iter().zip(pred) {
             confusion[*t as usize][p as usize] += 1;
@@ -113,6 +125,11 @@ pub fn eval_checkpoint(
         ..Default::default()
     };
     let test = data::load(&spec, Split::Test, data_dir, &opts)?;
+    if test.is_empty() {
+        return Err(Error::Invalid(format!(
+            "dataset {dataset} has no test images to evaluate on"
+        )));
+    }
     if test.num_classes() != cfg.num_classes() {
         return Err(Error::Config(format!(
             "dataset {dataset} has {} classes but the checkpoint's model has {}",

@@ -163,17 +163,41 @@ impl Recipe {
                 self.batch_size, self.accum_steps
             ));
         }
-        if !(self.lr > 0.0 && self.lr.is_finite()) || self.min_lr < 0.0 || self.min_lr > self.lr {
+        if self.max_steps == Some(0) {
+            return bad("max_steps must be at least 1".into());
+        }
+        // Every float: finite first (NaN passes no comparison, so each field is named
+        // here rather than by a range message that would print "NaN").
+        for (name, v) in [
+            ("lr", self.lr),
+            ("min_lr", self.min_lr),
+            ("warmup_epochs", self.warmup_epochs),
+            ("weight_decay", self.weight_decay),
+            ("beta1", self.beta1),
+            ("beta2", self.beta2),
+            ("eps", self.eps),
+            ("label_smoothing", self.label_smoothing),
+            ("clip_grad", self.clip_grad),
+            ("random_erase", self.random_erase),
+        ]
+        .into_iter()
+        .chain(self.drop_path.map(|d| ("drop_path", d)))
+        {
+            if !v.is_finite() {
+                return bad(format!("{name} must be a finite number, got {v}"));
+            }
+        }
+        if self.lr <= 0.0 || self.min_lr < 0.0 || self.min_lr > self.lr {
             return bad(format!(
                 "need 0 <= min_lr <= lr and lr > 0, got lr {} and min_lr {}",
                 self.lr, self.min_lr
             ));
         }
         if !(0.0..=1.0).contains(&self.random_erase) {
-            return Err(Error::Config(format!(
+            return bad(format!(
                 "random_erase must be a probability in [0, 1], got {}",
                 self.random_erase
-            )));
+            ));
         }
         if !(0.0..1.0).contains(&self.label_smoothing) {
             return bad(format!(
@@ -181,14 +205,30 @@ impl Recipe {
                 self.label_smoothing
             ));
         }
-        if self.weight_decay < 0.0 || self.clip_grad < 0.0 || self.warmup_epochs < 0.0 {
-            return bad("weight_decay, clip_grad and warmup_epochs must be >= 0".into());
+        for (name, v) in [
+            ("weight_decay", self.weight_decay),
+            ("clip_grad", self.clip_grad),
+            ("warmup_epochs", self.warmup_epochs),
+        ] {
+            if v < 0.0 {
+                return bad(format!("{name} must be >= 0, got {v}"));
+            }
+        }
+        if self.eps <= 0.0 {
+            return bad(format!("eps must be > 0, got {}", self.eps));
         }
         if self.num_classes == Some(0) {
             return bad("num_classes must be at least 1".into());
         }
-        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
-            return bad("beta1 and beta2 must be in [0, 1)".into());
+        for (name, v) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                return bad(format!("{name} must be in [0, 1), got {v}"));
+            }
+        }
+        if let Some(d) = self.drop_path {
+            if !(0.0..1.0).contains(&d) {
+                return bad(format!("drop_path must be in [0, 1), got {d}"));
+            }
         }
         self.model_config()?;
         self.dataset_spec()?;

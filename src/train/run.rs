@@ -59,6 +59,12 @@ pub fn load_data(recipe: &Recipe, cfg: &ModelConfig, quiet: bool) -> Result<Data
     };
     let full = data::load(&spec, Split::Train, recipe.data_dir.as_deref(), &opts)?;
     let test = data::load(&spec, Split::Test, recipe.data_dir.as_deref(), &opts)?;
+    if test.is_empty() {
+        return Err(Error::Invalid(format!(
+            "dataset {} has no test images to evaluate the trained model on",
+            recipe.dataset
+        )));
+    }
     let (train, val) = if recipe.val_size == Some(0) {
         (
             full,

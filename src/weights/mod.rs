@@ -312,6 +312,18 @@ impl Checkpoint {
                 parts.join("; ")
             )));
         }
+        // One pass over the values: a NaN or an infinity in a weight would only show as a
+        // meaningless output later.
+        for (name, _) in &expected {
+            let t = &tensors[name];
+            let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                return Err(err(format!(
+                    "tensor {name} holds a non-finite value ({} at flat index {i})",
+                    values[i]
+                )));
+            }
+        }
         Ok((tensors, warnings))
     }
 
