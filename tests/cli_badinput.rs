@@ -69,17 +69,17 @@ const CASES: &[Case] = &[
     // train: the model config's floats. NaN/inf in a model table or config file is
     // rejected while parsing (the tagged config goes through a JSON value, where they
     // become null), so the message names the file, not yet the field.
-    case("model mlp_ratio nan", &["train", "--config", "{T}/m_mlp_ratio_nan.toml"], "expected f64"),
-    case("model mlp_ratio inf", &["train", "--config", "{T}/m_mlp_ratio_inf.toml"], "expected f64"),
+    case("model mlp_ratio nan", &["train", "--config", "{T}/m_mlp_ratio_nan.toml"], "mlp_ratio must be a finite number"),
+    case("model mlp_ratio inf", &["train", "--config", "{T}/m_mlp_ratio_inf.toml"], "mlp_ratio must be a finite number"),
     case("model mlp_ratio negative", &["train", "--config", "{T}/m_mlp_ratio_-1.0.toml"], "mlp_ratio"),
-    case("model layer_norm_eps nan", &["train", "--config", "{T}/m_layer_norm_eps_nan.toml"], "expected f64"),
-    case("model layer_norm_eps inf", &["train", "--config", "{T}/m_layer_norm_eps_inf.toml"], "expected f64"),
+    case("model layer_norm_eps nan", &["train", "--config", "{T}/m_layer_norm_eps_nan.toml"], "layer_norm_eps must be a finite number"),
+    case("model layer_norm_eps inf", &["train", "--config", "{T}/m_layer_norm_eps_inf.toml"], "layer_norm_eps must be a finite number"),
     case("model layer_norm_eps zero", &["train", "--config", "{T}/m_layer_norm_eps_0.0.toml"], "layer_norm_eps must be positive"),
-    case("model embed_dropout nan", &["train", "--config", "{T}/m_embed_dropout_nan.toml"], "expected f64"),
-    case("model attn_dropout inf", &["train", "--config", "{T}/m_attn_dropout_inf.toml"], "expected f64"),
-    case("model proj_dropout nan", &["train", "--config", "{T}/m_proj_dropout_nan.toml"], "expected f64"),
-    case("model head_dropout nan", &["train", "--config", "{T}/m_head_dropout_nan.toml"], "expected f64"),
-    case("model drop_path inf", &["train", "--config", "{T}/m_drop_path_inf.toml"], "expected f64"),
+    case("model embed_dropout nan", &["train", "--config", "{T}/m_embed_dropout_nan.toml"], "embed_dropout must be a finite number"),
+    case("model attn_dropout inf", &["train", "--config", "{T}/m_attn_dropout_inf.toml"], "attn_dropout must be a finite number"),
+    case("model proj_dropout nan", &["train", "--config", "{T}/m_proj_dropout_nan.toml"], "proj_dropout must be a finite number"),
+    case("model head_dropout nan", &["train", "--config", "{T}/m_head_dropout_nan.toml"], "head_dropout must be a finite number"),
+    case("model drop_path inf", &["train", "--config", "{T}/m_drop_path_inf.toml"], "drop_path must be a finite number"),
     // train: degenerate counts.
     case("max_steps zero", &["train", "--config", "{T}/r_ok.toml", "--max-steps", "0"], "max_steps must be at least 1"),
     case("epochs zero", &["train", "--config", "{T}/r_ok.toml", "--epochs", "0"], "epochs must be at least 1"),
@@ -141,8 +141,14 @@ const CASES: &[Case] = &[
     case("convert missing input", &["convert", "{T}/missing.safetensors", "{T}/conv.safetensors"], "missing.safetensors"),
     // info.
     case("info unknown preset", &["info", "vit_nonexistent_42"], "vit_nonexistent_42"),
-    case("info config mlp_ratio nan", &["info", "--config", "{T}/cfg_mlp_nan.toml"], "expected f64"),
-    case("info config layer_norm_eps inf", &["info", "--config", "{T}/cfg_eps_inf.toml"], "expected f64"),
+    case("info config mlp_ratio nan", &["info", "--config", "{T}/cfg_mlp_nan.toml"], "mlp_ratio must be a finite number"),
+    case("info config layer_norm_eps inf", &["info", "--config", "{T}/cfg_eps_inf.toml"], "layer_norm_eps must be a finite number"),
+    case("info config depth huge", &["info", "--config", "{T}/cfg_depth_huge.toml"], "depth is 100000000, more than the 1024 allowed"),
+    case("info config embed_dim huge", &["info", "--config", "{T}/cfg_width_huge.toml"], "embed_dim is 4000000000"),
+    case("info config mlp_ratio huge", &["info", "--config", "{T}/cfg_mlp_huge.toml"], "mlp_ratio is"),
+    case("info config image_size huge", &["info", "--config", "{T}/cfg_image_huge.toml"], "image_size is 1000000"),
+    case("info config num_classes huge", &["info", "--config", "{T}/cfg_classes_huge.toml"], "num_classes is 4000000000"),
+    case("predict config depth huge", &["predict", "--weights", "{F}/timm_tiny/model.safetensors", "--config", "{T}/cfg_depth_huge.toml", "{F}/predict/image_rgb.png"], "depth is 100000000"),
     case("info missing config", &["info", "--config", "{T}/missing.toml"], "missing.toml"),
     // bench.
     case("bench unknown workload", &["bench", "--workload", "nope"], "nope"),
@@ -270,6 +276,18 @@ fn setup(t: &Path) {
     };
     w("cfg_mlp_nan.toml", toml_cfg("mlp_ratio", "nan"));
     w("cfg_eps_inf.toml", toml_cfg("layer_norm_eps", "inf"));
+    // Absurd sizes (a config of 200 bytes must not cost gigabytes).
+    w("cfg_depth_huge.toml", toml_cfg("depth", "100000000"));
+    w("cfg_width_huge.toml", toml_cfg("embed_dim", "4000000000"));
+    w("cfg_mlp_huge.toml", toml_cfg("mlp_ratio", "1e30"));
+    w(
+        "cfg_image_huge.toml",
+        toml_cfg("image_size", "[1000000, 1000000]"),
+    );
+    w(
+        "cfg_classes_huge.toml",
+        toml_cfg("num_classes", "4000000000"),
+    );
 
     // Image folders.
     for c in 0..10 {
@@ -407,6 +425,14 @@ fn bad_input_fails_with_one_clear_line() {
             .collect()
     });
     assert!(CASES.len() >= 60, "{} cases", CASES.len());
+    // The memory ceiling: the largest peak resident size of any case's process (getrusage
+    // over this test binary's children; this file holds this one test). Bad input of a
+    // few hundred bytes claiming gigabytes must cost what reading a tiny model costs.
+    let peak_mib = children_peak_rss_kib() / 1024;
+    assert!(
+        peak_mib <= MEMORY_CEILING_MIB,
+        "a bad-input case peaked at {peak_mib} MiB, above {MEMORY_CEILING_MIB} MiB"
+    );
     assert!(
         failures.is_empty(),
         "{} of {} cases failed:\n{}",
@@ -414,4 +440,17 @@ fn bad_input_fails_with_one_clear_line() {
         CASES.len(),
         failures.join("\n")
     );
+}
+
+/// The most resident memory any bad-input case may use.
+const MEMORY_CEILING_MIB: i64 = 64;
+
+/// Peak resident set size, in KiB, of the largest child process waited for so far.
+fn children_peak_rss_kib() -> i64 {
+    let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes one rusage into the pointer, which points to one.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, ru.as_mut_ptr()) };
+    assert_eq!(rc, 0, "getrusage failed");
+    // SAFETY: initialised by getrusage (zeroed before, in any case).
+    unsafe { ru.assume_init() }.ru_maxrss
 }

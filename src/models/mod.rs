@@ -215,8 +215,10 @@ impl Serialize for ModelConfig {
 
 impl<'de> Deserialize<'de> for ModelConfig {
     fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        let mut v = serde_json::Value::deserialize(d)?;
-        if let Some(fields) = v.as_object_mut() {
+        // Read as a TOML value from any format (it keeps NaN and infinities, which
+        // `validate` then names by field), the tag added when missing, then as the enum.
+        let mut v = toml::Value::deserialize(d)?;
+        if let Some(fields) = v.as_table_mut() {
             fields.entry("arch").or_insert_with(|| "vit".into());
         }
         ModelConfig::deserialize(v).map_err(serde::de::Error::custom)

@@ -174,6 +174,30 @@ impl ViTConfig {
                 self.patch_size
             ));
         }
+        // Sizes far beyond any real ViT are refused before anything is computed or
+        // allocated from them (ViT-H/14 at 518 px has 1,370 tokens and width 1,280).
+        for (name, value, most) in [
+            ("image_size", h.max(w), 1 << 14),
+            ("in_channels", self.in_channels, 1 << 10),
+            ("embed_dim", self.embed_dim, 1 << 16),
+            ("depth", self.depth, 1 << 10),
+            ("num_classes", self.num_classes, 1 << 20),
+            (
+                "tokens (image_size / patch_size)²",
+                (h / self.patch_size) * (w / self.patch_size),
+                1 << 16,
+            ),
+        ] {
+            if value > most {
+                return bad(format!("{name} is {value}, more than the {most} allowed"));
+            }
+        }
+        if self.mlp_ratio.is_finite() && self.mlp_ratio > 64.0 {
+            return bad(format!(
+                "mlp_ratio is {}, more than the 64 allowed",
+                self.mlp_ratio
+            ));
+        }
         if self.in_channels == 0 {
             return bad("in_channels must be positive".into());
         }
