@@ -139,6 +139,7 @@ const CASES: &[Case] = &[
     // convert.
     case("convert garbage input", &["convert", "{T}/garbage.safetensors", "{T}/conv.safetensors"], "garbage.safetensors"),
     case("convert missing input", &["convert", "{T}/missing.safetensors", "{T}/conv.safetensors"], "missing.safetensors"),
+    case("convert nan weights", &["convert", "{T}/nan.safetensors", "{T}/conv.safetensors", "--config", "{F}/timm_tiny/config.json"], "non-finite value"),
     // info.
     case("info unknown preset", &["info", "vit_nonexistent_42"], "vit_nonexistent_42"),
     case("info config mlp_ratio nan", &["info", "--config", "{T}/cfg_mlp_nan.toml"], "mlp_ratio must be a finite number"),
