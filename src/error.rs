@@ -72,6 +72,17 @@ pub enum Error {
 /// The library's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// A config error naming the first of `fields` that is not a finite number (NaN passes no
+/// range comparison, so each field is checked and named here first).
+pub fn check_finite<'a>(fields: impl IntoIterator<Item = (&'a str, f64)>) -> Result<()> {
+    match fields.into_iter().find(|(_, v)| !v.is_finite()) {
+        Some((name, v)) => Err(Error::Config(format!(
+            "{name} must be a finite number, got {v}"
+        ))),
+        None => Ok(()),
+    }
+}
+
 impl Error {
     /// Wraps an I/O error with the path it concerns.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {

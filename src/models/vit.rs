@@ -192,7 +192,16 @@ impl ViTConfig {
                 return bad(format!("{name} is {value}, more than the {most} allowed"));
             }
         }
-        if self.mlp_ratio.is_finite() && self.mlp_ratio > 64.0 {
+        crate::error::check_finite([
+            ("mlp_ratio", self.mlp_ratio),
+            ("layer_norm_eps", self.layer_norm_eps),
+            ("embed_dropout", self.embed_dropout),
+            ("attn_dropout", self.attn_dropout),
+            ("proj_dropout", self.proj_dropout),
+            ("head_dropout", self.head_dropout),
+            ("drop_path", self.drop_path),
+        ])?;
+        if self.mlp_ratio > 64.0 {
             return bad(format!(
                 "mlp_ratio is {}, more than the 64 allowed",
                 self.mlp_ratio
@@ -209,19 +218,6 @@ impl ViTConfig {
                 "embed_dim {} is not divisible by num_heads {}",
                 self.embed_dim, self.num_heads
             ));
-        }
-        for (name, v) in [
-            ("mlp_ratio", self.mlp_ratio),
-            ("layer_norm_eps", self.layer_norm_eps),
-            ("embed_dropout", self.embed_dropout),
-            ("attn_dropout", self.attn_dropout),
-            ("proj_dropout", self.proj_dropout),
-            ("head_dropout", self.head_dropout),
-            ("drop_path", self.drop_path),
-        ] {
-            if !v.is_finite() {
-                return bad(format!("{name} must be a finite number, got {v}"));
-            }
         }
         if self.mlp_ratio <= 0.0 || self.mlp_hidden_dim() == 0 {
             return bad(format!("mlp_ratio {} gives an empty MLP", self.mlp_ratio));

@@ -166,27 +166,22 @@ impl Recipe {
         if self.max_steps == Some(0) {
             return bad("max_steps must be at least 1".into());
         }
-        // Every float: finite first (NaN passes no comparison, so each field is named
-        // here rather than by a range message that would print "NaN").
-        for (name, v) in [
-            ("lr", self.lr),
-            ("min_lr", self.min_lr),
-            ("warmup_epochs", self.warmup_epochs),
-            ("weight_decay", self.weight_decay),
-            ("beta1", self.beta1),
-            ("beta2", self.beta2),
-            ("eps", self.eps),
-            ("label_smoothing", self.label_smoothing),
-            ("clip_grad", self.clip_grad),
-            ("random_erase", self.random_erase),
-        ]
-        .into_iter()
-        .chain(self.drop_path.map(|d| ("drop_path", d)))
-        {
-            if !v.is_finite() {
-                return bad(format!("{name} must be a finite number, got {v}"));
-            }
-        }
+        crate::error::check_finite(
+            [
+                ("lr", self.lr),
+                ("min_lr", self.min_lr),
+                ("warmup_epochs", self.warmup_epochs),
+                ("weight_decay", self.weight_decay),
+                ("beta1", self.beta1),
+                ("beta2", self.beta2),
+                ("eps", self.eps),
+                ("label_smoothing", self.label_smoothing),
+                ("clip_grad", self.clip_grad),
+                ("random_erase", self.random_erase),
+            ]
+            .into_iter()
+            .chain(self.drop_path.map(|d| ("drop_path", d))),
+        )?;
         if self.lr <= 0.0 || self.min_lr < 0.0 || self.min_lr > self.lr {
             return bad(format!(
                 "need 0 <= min_lr <= lr and lr > 0, got lr {} and min_lr {}",
