@@ -90,9 +90,15 @@ pub fn decode_image(path: &Path) -> Result<image::DynamicImage> {
     limits.max_image_height = Some(MAX_IMAGE_SIDE);
     limits.max_alloc = Some(MAX_IMAGE_BYTES);
     reader.limits(limits);
-    reader
-        .decode()
-        .map_err(|e| Error::format(path, format!("cannot decode image: {e}")))
+    reader.decode().map_err(|e| {
+        // On one line: some decoders end their messages with a line break.
+        let msg = e
+            .to_string()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        Error::format(path, format!("cannot decode image: {msg}"))
+    })
 }
 
 #[cfg(test)]

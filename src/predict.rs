@@ -5,10 +5,11 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use fast_image_resize::{images::Image, FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 use image::DynamicImage;
 use serde::Serialize;
 
+use crate::data::photo::{CenterCrop, Pixels};
+use crate::data::ResizeFilter;
 use crate::models::{self, Architecture, Classifier, ModelConfig, Preprocess};
 use crate::weights::{self, Arch, FitOptions, Fitted, PosResample};
 use crate::{Error, Result};
@@ -374,102 +375,31 @@ pub fn load_image(path: &Path) -> Result<DynamicImage> {
 /// not resampled at all.
 pub fn eval_transform(img: &DynamicImage, cfg: &ModelConfig, p: &Preprocess) -> Result<Tensor> {
     let c = cfg.in_channels();
-    let (pixels, w, h) = match c {
-        1 => {
-            let g = img.to_luma8();
-            let (w, h) = g.dimensions();
-            (g.into_raw(), w as usize, h as usize)
-        }
-        3 => {
-            let g = img.to_rgb8();
-            let (w, h) = g.dimensions();
-            (g.into_raw(), w as usize, h as usize)
-        }
-        _ => {
-            return Err(Error::Invalid(format!(
-                "images can feed 1- or 3-channel models, this one has {c} channels"
-            )))
-        }
-    };
     let [th, tw] = cfg.image_size();
-    // Size after resizing, before the crop.
-    let (rh, rw) = if p.resize == "exact" {
-        (th, tw)
-    } else if th == tw {
-        let short = (th as f64 / p.crop_pct).floor() as usize;
-        if h <= w {
-            (short, (short as f64 * w as f64 / h as f64) as usize)
-        } else {
-            ((short as f64 * h as f64 / w as f64) as usize, short)
-        }
-    } else {
-        (
-            (th as f64 / p.crop_pct).floor() as usize,
-            (tw as f64 / p.crop_pct).floor() as usize,
-        )
-    };
-    let (pixels, w, h) = if (rh, rw) == (h, w) {
-        (pixels, w, h)
-    } else {
-        (
-            resize_u8(pixels, c, w, h, rw, rh, &p.interpolation)?,
-            rw,
-            rh,
-        )
-    };
-    if h < th || w < tw {
-        return Err(Error::Invalid(format!(
-            "resized image {w}x{h} is smaller than the input size {tw}x{th}"
-        )));
-    }
-    // torchvision CenterCrop: int(round((size - crop) / 2)), round half to even.
-    let top = ((h - th) as f64 / 2.0).round_ties_even() as usize;
-    let left = ((w - tw) as f64 / 2.0).round_ties_even() as usize;
+    let px = center_crop(p).apply(Pixels::from_image(img, c)?, (th, tw))?;
     let mut out = vec![0f32; c * th * tw];
     for ch in 0..c {
         let (m, s) = (p.mean[ch], p.std[ch]);
-        for y in 0..th {
-            for x in 0..tw {
-                let v = pixels[((top + y) * w + left + x) * c + ch] as f32 / 255.0;
-                out[(ch * th + y) * tw + x] = (v - m) / s;
-            }
+        for (i, o) in out[ch * th * tw..(ch + 1) * th * tw].iter_mut().enumerate() {
+            let v = px.data[i * c + ch] as f32 / 255.0;
+            *o = (v - m) / s;
         }
     }
     Ok(Tensor::from_vec(out, (1, c, th, tw), &Device::Cpu)?)
 }
 
-/// Resizes interleaved u8 pixels with PIL's filters (bicubic = Catmull-Rom, a = −0.5,
-/// antialiased when shrinking, as PIL and timm's eval transform do).
-fn resize_u8(
-    pixels: Vec<u8>,
-    c: usize,
-    w: usize,
-    h: usize,
-    nw: usize,
-    nh: usize,
-    interpolation: &str,
-) -> Result<Vec<u8>> {
-    let pt = if c == 1 {
-        PixelType::U8
-    } else {
-        PixelType::U8x3
-    };
-    let src = Image::from_vec_u8(w as u32, h as u32, pixels, pt)
-        .map_err(|e| Error::Invalid(format!("image buffer: {e}")))?;
-    let mut dst = Image::new(nw as u32, nh as u32, pt);
-    let filter = if interpolation == "bilinear" {
-        FilterType::Bilinear
-    } else {
-        FilterType::CatmullRom
-    };
-    Resizer::new()
-        .resize(
-            &src,
-            &mut dst,
-            &ResizeOptions::new().resize_alg(ResizeAlg::Convolution(filter)),
-        )
-        .map_err(|e| Error::Invalid(format!("resize: {e}")))?;
-    Ok(dst.into_vec())
+/// The resize and center crop of a model's preprocessing: bilinear when it says so, else
+/// bicubic (PIL's filters, antialiased when shrinking, as timm's eval transform).
+pub fn center_crop(p: &Preprocess) -> CenterCrop {
+    CenterCrop {
+        crop_pct: p.crop_pct,
+        exact: p.resize == "exact",
+        filter: if p.interpolation == "bilinear" {
+            ResizeFilter::Bilinear
+        } else {
+            ResizeFilter::Bicubic
+        },
+    }
 }
 
 #[cfg(test)]

@@ -54,3 +54,43 @@ fn amd_with_avx512() -> bool {
     #[cfg(not(target_arch = "x86_64"))]
     false
 }
+
+/// Puts the calling thread at the lowest scheduling priority (`nice` 19 on Linux, where
+/// priorities are per thread), so background work such as image decoding runs on cores
+/// the model's threads leave idle instead of competing with them. A no-op elsewhere or if
+/// refused.
+pub fn lowest_thread_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: gettid has no preconditions; setpriority only reads its integer arguments
+    // and affects the calling thread alone.
+    unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The nice value of the calling thread, from `/proc/thread-self/stat` (field 19).
+    #[cfg(target_os = "linux")]
+    fn thread_nice() -> i64 {
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+        // Fields after the command name, which is in parentheses and may hold spaces.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        rest.split(' ').nth(16).unwrap().parse().unwrap()
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn lowest_priority_applies_to_the_calling_thread_only() {
+        let before = thread_nice();
+        let worker = std::thread::spawn(|| {
+            super::lowest_thread_priority();
+            thread_nice()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(worker, 19);
+        assert_eq!(thread_nice(), before);
+    }
+}

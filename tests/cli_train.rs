@@ -709,3 +709,117 @@ fn optimizer_flags_are_checked_like_recipe_fields() {
     assert!(e.contains("eval_batch_size"), "{e}");
     assert!(!run.exists());
 }
+
+/// Writes `root/{train,test}/{red,blue}/i.{png,jpg}`: photos of varied sizes and aspect
+/// ratios, reddish or bluish with a gradient.
+fn photo_folder(root: &Path, per_class: [usize; 2]) {
+    for (split, n) in [("train", per_class[0]), ("test", per_class[1])] {
+        for (c, class) in ["red", "blue"].iter().enumerate() {
+            let d = root.join(split).join(class);
+            std::fs::create_dir_all(&d).unwrap();
+            for i in 0..n {
+                let (w, h) = (40 + (7 * i % 30) as u32, 36 + (5 * i % 40) as u32);
+                let img = image::RgbImage::from_fn(w, h, |x, y| {
+                    let g = ((x + y) * 3) as u8;
+                    if c == 0 {
+                        image::Rgb([200, g, 40])
+                    } else {
+                        image::Rgb([40, g, 200])
+                    }
+                });
+                let ext = if i % 2 == 0 { "png" } else { "jpg" };
+                img.save(d.join(format!("{i}.{ext}"))).unwrap();
+            }
+        }
+    }
+}
+
+#[test]
+fn a_streamed_photo_folder_trains_resumes_exactly_and_evaluates_as_trained() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("photos");
+    photo_folder(&root, [14, 3]);
+    let recipe = dir.path().join("r.toml");
+    std::fs::write(
+        &recipe,
+        rgb_recipe(&format!("folder:{}", root.display()), None, 2),
+    )
+    .unwrap();
+    let args = |out: &Path, workers: &'static str| -> Vec<String> {
+        [
+            "train",
+            "--config",
+            p(&recipe),
+            "--out",
+            p(out),
+            "--max-steps",
+            "5",
+            "--batch-size",
+            "4",
+            "--checkpoint-every",
+            "1",
+            "--workers",
+            workers,
+            "--scale",
+            "0.3,1",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let strs = |a: &[String]| a.iter().map(String::clone).collect::<Vec<_>>();
+    // Uninterrupted, with progress lines: they report the share of time spent waiting.
+    let full = dir.path().join("full");
+    let a = strs(&args(&full, "2"));
+    let out = ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.contains("data-wait"), "{out}");
+    // Killed after its first checkpoint and resumed, with another worker count: the same
+    // weights and numbers.
+    let part = dir.path().join("part");
+    let mut a = strs(&args(&part, "1"));
+    a.push("--quiet".into());
+    kill_after_first_checkpoint(&part, &a.iter().map(String::as_str).collect::<Vec<_>>());
+    let resumed = ok(&["train", "--resume", p(&part), "--quiet"]);
+    assert_eq!(
+        weights(&full.join("checkpoint-last.safetensors")),
+        weights(&part.join("checkpoint-last.safetensors"))
+    );
+    let (m, n) = (metrics(&full), metrics(&part));
+    for key in ["train_loss", "val_loss", "val_acc", "step"] {
+        assert_eq!(m[0][key], n[0][key], "{key}");
+    }
+    // `vit eval` on the test folder prepares images as the run's final test did.
+    let line = |s: &str| {
+        s.lines()
+            .find(|l| l.contains("test accuracy"))
+            .unwrap()
+            .split(" on ")
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let eval = ok(&[
+        "eval",
+        "--checkpoint",
+        p(&part.join("checkpoint-best.safetensors")),
+        "--dataset",
+        &format!("folder:{}", root.display()),
+    ]);
+    let acc = line(&resumed).replace("test accuracy ", "");
+    let acc = acc.split(' ').next().unwrap();
+    assert!(
+        eval.contains(&format!("6 images: accuracy {acc}")),
+        "{eval} vs {resumed}"
+    );
+    // A file that stops decoding mid-run stops the run with its name.
+    let bad = root.join("train/blue/3.jpg");
+    std::fs::write(&bad, b"\xff\xd8\xff not really a jpeg").unwrap();
+    let e = fails(&[
+        "train",
+        "--resume",
+        p(&part),
+        "--max-steps",
+        "40",
+        "--quiet",
+    ]);
+    assert!(e.contains("3.jpg") && e.contains("cannot decode"), "{e}");
+}

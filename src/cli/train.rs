@@ -94,11 +94,25 @@ pub struct RecipeFlags {
     /// Probability of erasing a random rectangle with noise (timm's --reprob; 0 = off).
     #[arg(long, alias = "reprob")]
     random_erase: Option<f64>,
+    /// Image folders: range of the random resized crop's area as a fraction of the image
+    /// (default 0.08,1).
+    #[arg(long, value_delimiter = ',', num_args = 1..=2, value_names = ["MIN", "MAX"])]
+    scale: Option<Vec<f64>>,
+    /// Image folders: range of the random resized crop's aspect ratio (default 0.75,1.333).
+    #[arg(long, value_delimiter = ',', num_args = 1..=2, value_names = ["MIN", "MAX"])]
+    ratio: Option<Vec<f64>>,
+    /// Image folders: fraction kept by the evaluation center crop (default: the preset's).
+    #[arg(long)]
+    crop_pct: Option<f64>,
+    /// Image folders: image decoding threads, at the lowest priority (default: one per
+    /// core).
+    #[arg(long)]
+    workers: Option<usize>,
     /// Training images held out for validation (default: 10% of them, at most 5000;
     /// 0 = none).
     #[arg(long)]
     val_size: Option<usize>,
-    /// Images per batch when evaluating.
+    /// Images per batch when evaluating (default: the training batch size).
     #[arg(long)]
     eval_batch_size: Option<usize>,
     /// Random seed (weights, validation split, batches, augmentation, dropout).
@@ -271,8 +285,12 @@ mod tests {
             crop_pad: 4,
             hflip: Some(true),
             random_erase: 0.25,
+            scale: [0.25, 0.75],
+            ratio: [0.5, 2.0],
+            crop_pct: Some(0.75),
+            workers: Some(3),
             val_size: Some(100),
-            eval_batch_size: 50,
+            eval_batch_size: Some(50),
             seed: 9,
             max_steps: Some(11),
             checkpoint_every: 13,
@@ -291,6 +309,11 @@ mod tests {
             assert_ne!(v, &default[k], "{k} must differ from the default");
             let value = match v {
                 serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Array(a) => a
+                    .iter()
+                    .map(|x| x.to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
                 v => v.to_string(),
             };
             args.push(format!("--{}", k.replace('_', "-")));

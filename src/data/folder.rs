@@ -1,14 +1,16 @@
 //! Image-folder datasets: `ROOT/train/<class>/*.{png,jpg,jpeg}` and `ROOT/val/...` (or
 //! `ROOT/test/...`) for the test split. Classes are the sorted subfolder names of
-//! `train/`; images are decoded in parallel and resized to one common size.
+//! `train/`. [`ImageFiles::scan`] lists a split for the loader to stream;
+//! [`load_folder`] decodes it whole into memory, resized to one common size.
 
 use std::path::{Path, PathBuf};
 
 use fast_image_resize::Resizer;
-use image::{DynamicImage, ImageReader};
+use image::ImageReader;
 use rayon::prelude::*;
 
 use super::dataset::{resize_image, Dataset, ResizeFilter};
+use super::photo::Pixels;
 use super::spec::Split;
 use crate::{Error, Result};
 
@@ -118,16 +120,12 @@ fn decode(
 ) -> Result<(usize, Vec<u8>)> {
     let img = crate::files::decode_image(path)?;
     let channels = force.unwrap_or(if img.color().has_color() { 3 } else { 1 });
-    let (w, h) = (img.width() as usize, img.height() as usize);
-    if w == 0 || h == 0 {
-        return Err(Error::format(path, "image has no pixels"));
-    }
-    let planar = to_planar(&img, channels);
+    let px = Pixels::from_image(&img, channels).map_err(|e| Error::format(path, e.to_string()))?;
     let mut out = vec![0u8; channels * size.0 * size.1];
     resize_image(
         resizer,
-        &planar,
-        (channels, h, w),
+        &px.planar(),
+        (channels, px.height, px.width),
         &mut out,
         size,
         ResizeFilter::Bilinear,
@@ -136,31 +134,82 @@ fn decode(
     Ok((channels, out))
 }
 
-fn to_planar(img: &DynamicImage, channels: usize) -> Vec<u8> {
-    if channels == 1 {
-        return img.to_luma8().into_raw();
-    }
-    let rgb = img.to_rgb8();
-    let plane = rgb.width() as usize * rgb.height() as usize;
-    let mut out = vec![0u8; 3 * plane];
-    for (i, px) in rgb.as_raw().chunks_exact(3).enumerate() {
-        out[i] = px[0];
-        out[plane + i] = px[1];
-        out[2 * plane + i] = px[2];
-    }
-    out
+/// An image folder split, listed but not decoded: the loader decodes each file when a batch
+/// needs it, at `channels` channels, brought to `height`×`width` by its crop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageFiles {
+    /// The image files, class by class, in name order.
+    pub paths: Vec<PathBuf>,
+    /// One label per file, an index into `class_names`.
+    pub labels: Vec<u32>,
+    /// The sorted class folder names of `train/`.
+    pub class_names: Vec<String>,
+    /// 1 (luma) or 3 (RGB).
+    pub channels: usize,
+    /// Output height in pixels.
+    pub height: usize,
+    /// Output width in pixels.
+    pub width: usize,
 }
 
-/// Loads an image folder split. `size` = (height, width) to resize every image to,
-/// else the size of the first training image (first of this split if there is no
-/// `train/`). `channels` forces 1 or 3 channels, else grayscale stays grayscale and a
-/// mix of gray and colour becomes RGB.
-pub fn load_folder(
+impl ImageFiles {
+    /// Lists an image folder split (see [`load_folder`] for the layout and the rules).
+    /// `size` = (height, width) of the output, else the size of the first training image;
+    /// `channels` 1 or 3, else 3.
+    pub fn scan(
+        root: &Path,
+        split: Split,
+        size: Option<(usize, usize)>,
+        channels: Option<usize>,
+    ) -> Result<ImageFiles> {
+        let (files, class_names, size) = list_folder(root, split, size, channels)?;
+        let (labels, paths) = files.into_iter().unzip();
+        Ok(ImageFiles {
+            paths,
+            labels,
+            class_names,
+            channels: channels.unwrap_or(3),
+            height: size.0,
+            width: size.1,
+        })
+    }
+
+    /// Number of images.
+    pub fn len(&self) -> usize {
+        self.paths.len()
+    }
+
+    /// Whether there are no images.
+    pub fn is_empty(&self) -> bool {
+        self.paths.is_empty()
+    }
+
+    /// The files at `indices`, in that order.
+    pub fn subset(&self, indices: &[usize]) -> Result<ImageFiles> {
+        if let Some(&i) = indices.iter().find(|&&i| i >= self.len()) {
+            return Err(Error::Invalid(format!(
+                "subset index {i} is out of range for a folder of {} images",
+                self.len()
+            )));
+        }
+        Ok(ImageFiles {
+            paths: indices.iter().map(|&i| self.paths[i].clone()).collect(),
+            labels: indices.iter().map(|&i| self.labels[i]).collect(),
+            class_names: self.class_names.clone(),
+            ..*self
+        })
+    }
+}
+
+/// Checks the arguments and lists a split: (label, file) pairs, the class names and the
+/// output size.
+#[allow(clippy::type_complexity)]
+fn list_folder(
     root: &Path,
     split: Split,
     size: Option<(usize, usize)>,
     channels: Option<usize>,
-) -> Result<Dataset> {
+) -> Result<(Vec<(u32, PathBuf)>, Vec<String>, (usize, usize))> {
     if let Some(c) = channels.filter(|&c| c != 1 && c != 3) {
         return Err(Error::Invalid(format!(
             "image folders can be loaded with 1 or 3 channels, not {c}"
@@ -227,6 +276,21 @@ pub fn load_folder(
             }
         }
     };
+    Ok((files, classes, size))
+}
+
+/// Loads an image folder split into memory. `size` = (height, width) to resize every
+/// image to, else the size of the first training image (first of this split if there is
+/// no `train/`). `channels` forces 1 or 3 channels, else grayscale stays grayscale and a
+/// mix of gray and colour becomes RGB. (Training and evaluation stream folders instead,
+/// through [`ImageFiles`].)
+pub fn load_folder(
+    root: &Path,
+    split: Split,
+    size: Option<(usize, usize)>,
+    channels: Option<usize>,
+) -> Result<Dataset> {
+    let (files, classes, size) = list_folder(root, split, size, channels)?;
     let decoded: Vec<(usize, Vec<u8>)> = files
         .par_iter()
         .map_init(Resizer::new, |resizer, (_, path)| {

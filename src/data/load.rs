@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use super::cifar::{find_cifar, load_cifar, CifarKind, CifarSource};
 use super::dataset::Dataset;
 use super::download::{cache_root, download, Checksum};
-use super::folder::load_folder;
+use super::folder::{load_folder, ImageFiles};
 use super::idx::{find_idx_file, idx_file_names, load_idx_pair};
+use super::loader::Images;
 use super::spec::{DatasetSpec, Split};
 use crate::{Error, Result};
 
@@ -69,6 +70,23 @@ pub fn load(
         .map(|f| (f.name.to_string(), Checksum::Md5(f.md5.to_string())))
         .collect();
     load_with_remote(spec, split, data_dir, opts, &remote)
+}
+
+/// Opens `split` of `spec` for a loader: image folders are listed to be streamed from disk
+/// ([`ImageFiles`], at `opts.image_size` with `opts.channels`, 3 by default), every other
+/// dataset is loaded into memory by [`load`].
+pub fn open(
+    spec: &DatasetSpec,
+    split: Split,
+    data_dir: Option<&Path>,
+    opts: &LoadOptions,
+) -> Result<Images> {
+    match spec {
+        DatasetSpec::Folder(root) => {
+            Ok(ImageFiles::scan(root, split, opts.image_size, opts.channels)?.into())
+        }
+        _ => Ok(load(spec, split, data_dir, opts)?.into()),
+    }
 }
 
 /// Candidate folders, and the cache folder downloads go to (if any).

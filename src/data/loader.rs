@@ -1,18 +1,101 @@
-//! Batching for training and evaluation: [`DataLoader`] fixes the dataset and settings;
-//! [`DataLoader::epoch`] yields one epoch's [`Batch`]es, prepared on one background
-//! thread through a bounded channel, in a seeded order that can resume mid-epoch.
+//! Batching for training and evaluation: [`DataLoader`] fixes the images and settings;
+//! [`DataLoader::epoch`] yields one epoch's [`Batch`]es, prepared in the background
+//! through a bounded channel, in a seeded order that can resume mid-epoch.
+//!
+//! Images in memory ([`Dataset`]) are augmented on one background thread. Image files
+//! ([`ImageFiles`]) are decoded and cropped for each batch by a small pool of worker
+//! threads of the lowest scheduling priority, so they use the cores only when the model's
+//! threads leave them idle; at most [`PREFETCH`] finished batches wait in memory. Every
+//! random choice is keyed by (seed, epoch, sample index), never by thread or timing.
 
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use rayon::prelude::*;
+
 use super::augment::AugmentConfig;
 use super::dataset::Dataset;
-use super::rng::{keyed_rng, permutation, STREAM_SHUFFLE};
+use super::folder::ImageFiles;
+use super::photo::{PhotoCrop, Pixels};
+use super::rng::{keyed_rng, permutation, STREAM_CROP, STREAM_SHUFFLE};
 use crate::{Error, Result};
 
 /// Batches prepared ahead of the consumer.
-const PREFETCH: usize = 2;
+pub const PREFETCH: usize = 2;
+
+/// The images a loader reads: decoded in memory, or files decoded batch by batch.
+#[derive(Debug, Clone)]
+pub enum Images {
+    Memory(Arc<Dataset>),
+    Files(Arc<ImageFiles>),
+}
+
+impl From<Dataset> for Images {
+    fn from(d: Dataset) -> Self {
+        Images::Memory(Arc::new(d))
+    }
+}
+
+impl From<ImageFiles> for Images {
+    fn from(f: ImageFiles) -> Self {
+        Images::Files(Arc::new(f))
+    }
+}
+
+impl Images {
+    /// Number of images.
+    pub fn len(&self) -> usize {
+        self.labels().len()
+    }
+
+    /// Whether there are no images.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// One label per image.
+    pub fn labels(&self) -> &[u32] {
+        match self {
+            Images::Memory(d) => &d.labels,
+            Images::Files(f) => &f.labels,
+        }
+    }
+
+    /// The class names; their count is the number of classes.
+    pub fn class_names(&self) -> &[String] {
+        match self {
+            Images::Memory(d) => &d.class_names,
+            Images::Files(f) => &f.class_names,
+        }
+    }
+
+    /// Number of classes.
+    pub fn num_classes(&self) -> usize {
+        self.class_names().len()
+    }
+
+    /// (C, H, W) of each image as the loader hands it out.
+    pub fn image_shape(&self) -> (usize, usize, usize) {
+        match self {
+            Images::Memory(d) => d.image_shape(),
+            Images::Files(f) => (f.channels, f.height, f.width),
+        }
+    }
+
+    /// The images at `indices`, in that order.
+    pub fn subset(&self, indices: &[usize]) -> Result<Images> {
+        Ok(match self {
+            Images::Memory(d) => d.subset(indices)?.into(),
+            Images::Files(f) => f.subset(indices)?.into(),
+        })
+    }
+
+    /// No images, with the same classes and shape.
+    pub fn empty(&self) -> Result<Images> {
+        self.subset(&[])
+    }
+}
 
 /// One batch, ready to become a (B, C, H, W) tensor.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,10 +137,21 @@ pub struct LoaderConfig {
     pub seed: u64,
     /// Augmentation and normalisation applied to each image.
     pub augment: AugmentConfig,
+    /// How an image file is brought to the output size (files only; `augment.pad` must
+    /// then be 0).
+    pub crop: PhotoCrop,
+    /// Threads decoding image files (files only; at least 1).
+    pub workers: usize,
+}
+
+/// Decoding threads by default: one per core (they run at the lowest priority).
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 impl LoaderConfig {
-    /// Training: shuffled, augmented with `augment`, last partial batch kept.
+    /// Training: shuffled, augmented with `augment`, last partial batch kept; files get
+    /// timm's default random resized crop.
     pub fn train(batch_size: usize, seed: u64, augment: AugmentConfig) -> Self {
         LoaderConfig {
             batch_size,
@@ -65,10 +159,13 @@ impl LoaderConfig {
             drop_last: false,
             seed,
             augment,
+            crop: PhotoCrop::Random(Default::default()),
+            workers: default_workers(),
         }
     }
 
-    /// Evaluation: dataset order, normalisation only, every image once.
+    /// Evaluation: dataset order, normalisation only, every image once; files are resized
+    /// and center-cropped ([`PhotoCrop::FULL`] unless changed).
     pub fn eval(batch_size: usize, mean: Vec<f32>, std: Vec<f32>) -> Self {
         LoaderConfig {
             batch_size,
@@ -76,32 +173,75 @@ impl LoaderConfig {
             drop_last: false,
             seed: 0,
             augment: AugmentConfig::normalize_only(mean, std),
+            crop: PhotoCrop::FULL,
+            workers: default_workers(),
         }
     }
 }
 
-/// A dataset with batching settings; hands out one [`Batches`] iterator per epoch.
+/// Images with batching settings; hands out one [`Batches`] iterator per epoch.
 #[derive(Debug, Clone)]
 pub struct DataLoader {
-    dataset: Arc<Dataset>,
+    images: Images,
     config: LoaderConfig,
+    /// The file decoders (files only).
+    pool: Option<Arc<rayon::ThreadPool>>,
 }
 
 impl DataLoader {
-    /// Checks the settings against the dataset.
-    pub fn new(dataset: impl Into<Arc<Dataset>>, config: LoaderConfig) -> Result<Self> {
-        let dataset = dataset.into();
+    /// Checks the settings against the images.
+    pub fn new(images: impl Into<Images>, config: LoaderConfig) -> Result<Self> {
+        let images = images.into();
         if config.batch_size == 0 {
             return Err(Error::Invalid("batch size must be positive".into()));
         }
-        config.augment.validate(dataset.channels)?;
-        dataset.validate()?;
-        Ok(DataLoader { dataset, config })
+        let (channels, _, _) = images.image_shape();
+        config.augment.validate(channels)?;
+        let pool = match &images {
+            Images::Memory(d) => {
+                d.validate()?;
+                None
+            }
+            Images::Files(f) => {
+                config.crop.validate()?;
+                if config.augment.pad != 0 {
+                    return Err(Error::Invalid(
+                        "padded random crops apply to images in memory; image files use \
+                         random resized crops"
+                            .into(),
+                    ));
+                }
+                if config.workers == 0 {
+                    return Err(Error::Invalid("workers must be at least 1".into()));
+                }
+                if f.labels.len() != f.paths.len()
+                    || f.labels.iter().any(|&l| l as usize >= f.class_names.len())
+                {
+                    return Err(Error::Invalid(
+                        "image files and their labels do not match".into(),
+                    ));
+                }
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(config.workers)
+                    .thread_name(|i| format!("vit-decode-{i}"))
+                    .start_handler(|_| crate::runtime::lowest_thread_priority())
+                    .build()
+                    .map_err(|e| {
+                        Error::Invalid(format!("cannot start the image decoding threads: {e}"))
+                    })?;
+                Some(Arc::new(pool))
+            }
+        };
+        Ok(DataLoader {
+            images,
+            config,
+            pool,
+        })
     }
 
-    /// The dataset.
-    pub fn dataset(&self) -> &Arc<Dataset> {
-        &self.dataset
+    /// The images.
+    pub fn images(&self) -> &Images {
+        &self.images
     }
 
     /// The settings.
@@ -111,7 +251,7 @@ impl DataLoader {
 
     /// Batches per epoch.
     pub fn num_batches(&self) -> usize {
-        let (n, b) = (self.dataset.len(), self.config.batch_size);
+        let (n, b) = (self.images.len(), self.config.batch_size);
         if self.config.drop_last {
             n / b
         } else {
@@ -122,7 +262,7 @@ impl DataLoader {
     /// The order in which epoch `epoch` visits dataset indices: a permutation keyed by
     /// (seed, epoch) when shuffling, else `0..len`.
     pub fn order(&self, epoch: u64) -> Vec<usize> {
-        let n = self.dataset.len();
+        let n = self.images.len();
         if self.config.shuffle {
             permutation(
                 &mut keyed_rng(STREAM_SHUFFLE, self.config.seed, epoch, 0),
@@ -149,16 +289,16 @@ impl DataLoader {
             )));
         }
         let order = self.order(epoch);
-        let dataset = Arc::clone(&self.dataset);
-        let config = self.config.clone();
+        let loader = self.clone();
         let (tx, rx) = sync_channel(PREFETCH);
         let handle = std::thread::Builder::new()
             .name("vit-data".into())
             .spawn(move || {
                 for b in start..total {
-                    let batch = make_batch(&dataset, &config, &order, epoch, b);
-                    if tx.send(batch).is_err() {
-                        break; // consumer dropped
+                    let batch = loader.make_batch(&order, epoch, b);
+                    let failed = batch.is_err();
+                    if tx.send(batch).is_err() || failed {
+                        break; // consumer dropped, or the epoch cannot go on
                     }
                 }
             })
@@ -169,38 +309,69 @@ impl DataLoader {
             remaining: total - start,
         })
     }
+
+    fn make_batch(&self, order: &[usize], epoch: u64, batch_index: usize) -> Result<Batch> {
+        let b = self.config.batch_size;
+        let end = ((batch_index + 1) * b).min(order.len());
+        let indices = order[batch_index * b..end].to_vec();
+        let (c, h, w) = self.images.image_shape();
+        let per = c * h * w;
+        let mut images = vec![0.0f32; indices.len() * per];
+        let cfg = &self.config;
+        match (&self.images, &self.pool) {
+            (Images::Files(files), Some(pool)) => pool.install(|| {
+                images
+                    .par_chunks_exact_mut(per)
+                    .zip(indices.par_iter())
+                    .try_for_each(|(out, &i)| self.load_file(files, i, epoch, out))
+            })?,
+            (Images::Memory(ds), _) => {
+                for (out, &i) in images.chunks_exact_mut(per).zip(&indices) {
+                    cfg.augment.apply(ds, i, cfg.seed, epoch, out);
+                }
+            }
+            (Images::Files(_), None) => unreachable!("DataLoader::new starts the pool"),
+        }
+        let labels = indices.iter().map(|&i| self.images.labels()[i]).collect();
+        Ok(Batch {
+            images,
+            labels,
+            shape: [indices.len(), c, h, w],
+            indices,
+            batch_index,
+        })
+    }
+
+    /// File `i` decoded, cropped to the output size ([`LoaderConfig::crop`], its random
+    /// box keyed by (seed, epoch, i)), then flipped, normalised and erased as `augment`
+    /// says, into `out` (C×H×W).
+    fn load_file(&self, files: &ImageFiles, i: usize, epoch: u64, out: &mut [f32]) -> Result<()> {
+        let cfg = &self.config;
+        let path = &files.paths[i];
+        let size = (files.height, files.width);
+        let px = Pixels::read(path, files.channels)?;
+        let px = match &cfg.crop {
+            PhotoCrop::Random(rrc) => {
+                let mut rng = keyed_rng(STREAM_CROP, cfg.seed, epoch, i as u64);
+                let b = rrc.draw(&mut rng, px.height, px.width);
+                rrc.apply(&px, b, size)
+            }
+            PhotoCrop::Center(c) => c.apply(px, size),
+        }
+        .map_err(|e| Error::format(path, e.to_string()))?;
+        let shape = (files.channels, files.height, files.width);
+        let params = cfg.augment.draw(cfg.seed, epoch, i, size);
+        cfg.augment.apply_params(&px.planar(), shape, params, out);
+        Ok(())
+    }
 }
 
-fn make_batch(
-    ds: &Dataset,
-    config: &LoaderConfig,
-    order: &[usize],
-    epoch: u64,
-    batch_index: usize,
-) -> Batch {
-    let b = config.batch_size;
-    let end = ((batch_index + 1) * b).min(order.len());
-    let indices = order[batch_index * b..end].to_vec();
-    let per = ds.image_len();
-    let mut images = vec![0.0f32; indices.len() * per];
-    for (out, &i) in images.chunks_exact_mut(per).zip(&indices) {
-        config.augment.apply(ds, i, config.seed, epoch, out);
-    }
-    let labels = indices.iter().map(|&i| ds.labels[i]).collect();
-    Batch {
-        images,
-        labels,
-        shape: [indices.len(), ds.channels, ds.height, ds.width],
-        indices,
-        batch_index,
-    }
-}
-
-/// One epoch of batches, produced by a background thread. Dropping it early stops the
-/// thread and waits for it.
+/// One epoch of batches, produced by a background thread. A batch that cannot be made (an
+/// image file that does not decode) ends the epoch with its error. Dropping it early stops
+/// the thread and waits for it.
 #[derive(Debug)]
 pub struct Batches {
-    rx: Option<Receiver<Batch>>,
+    rx: Option<Receiver<Result<Batch>>>,
     handle: Option<JoinHandle<()>>,
     remaining: usize,
 }
@@ -218,14 +389,20 @@ impl Batches {
 }
 
 impl Iterator for Batches {
-    type Item = Batch;
+    type Item = Result<Batch>;
 
-    fn next(&mut self) -> Option<Batch> {
+    fn next(&mut self) -> Option<Result<Batch>> {
         let batch = self.rx.as_ref().and_then(|rx| rx.recv().ok());
         match batch {
-            Some(b) => {
+            Some(Ok(b)) => {
                 self.remaining = self.remaining.saturating_sub(1);
-                Some(b)
+                Some(Ok(b))
+            }
+            Some(Err(e)) => {
+                self.rx = None;
+                self.join_worker();
+                self.remaining = 0;
+                Some(Err(e))
             }
             None => {
                 // Finished, or the worker panicked: surface its panic rather than
@@ -242,8 +419,6 @@ impl Iterator for Batches {
         (self.remaining, Some(self.remaining))
     }
 }
-
-impl ExactSizeIterator for Batches {}
 
 impl Drop for Batches {
     fn drop(&mut self) {
@@ -272,6 +447,10 @@ mod tests {
         .unwrap()
     }
 
+    fn all(batches: Result<Batches>) -> Vec<Batch> {
+        batches.unwrap().collect::<Result<_>>().unwrap()
+    }
+
     fn identity() -> AugmentConfig {
         AugmentConfig::normalize_only(vec![0.0; 3], vec![1.0 / 255.0; 3])
     }
@@ -293,7 +472,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(loader.num_batches(), 3);
-        let batches: Vec<Batch> = loader.epoch(5).unwrap().collect();
+        let batches: Vec<Batch> = all(loader.epoch(5));
         assert_eq!(batches.len(), 3);
         assert_eq!(batches[0].indices, vec![0, 1, 2, 3]);
         assert_eq!(batches[2].indices, vec![8, 9]);
@@ -309,19 +488,19 @@ mod tests {
 
     #[test]
     fn same_seed_same_batches_and_epochs_differ() {
-        let a: Vec<Batch> = train(3, 7, false).epoch(2).unwrap().collect();
-        let b: Vec<Batch> = train(3, 7, false).epoch(2).unwrap().collect();
+        let a: Vec<Batch> = all(train(3, 7, false).epoch(2));
+        let b: Vec<Batch> = all(train(3, 7, false).epoch(2));
         assert_eq!(a, b);
         assert_eq!(a.len(), 4);
         let mut seen: Vec<usize> = a.iter().flat_map(|b| b.indices.clone()).collect();
         seen.sort_unstable();
         assert_eq!(seen, (0..10).collect::<Vec<_>>());
-        let c: Vec<Batch> = train(3, 7, false).epoch(3).unwrap().collect();
+        let c: Vec<Batch> = all(train(3, 7, false).epoch(3));
         assert_ne!(
             a.iter().map(|b| &b.indices).collect::<Vec<_>>(),
             c.iter().map(|b| &b.indices).collect::<Vec<_>>()
         );
-        let d: Vec<Batch> = train(3, 8, false).epoch(2).unwrap().collect();
+        let d: Vec<Batch> = all(train(3, 8, false).epoch(2));
         assert_ne!(a, d);
         // Labels follow indices.
         for batch in &a {
@@ -334,9 +513,9 @@ mod tests {
     #[test]
     fn starting_at_k_equals_skipping_k() {
         let loader = train(3, 11, false);
-        let full: Vec<Batch> = loader.epoch(4).unwrap().collect();
+        let full: Vec<Batch> = all(loader.epoch(4));
         for k in 0..=full.len() {
-            let resumed: Vec<Batch> = loader.epoch_from(4, k).unwrap().collect();
+            let resumed: Vec<Batch> = all(loader.epoch_from(4, k));
             assert_eq!(resumed, full[k..].to_vec(), "start at {k}");
         }
         assert!(loader.epoch_from(4, full.len() + 1).is_err());
@@ -348,7 +527,7 @@ mod tests {
         // size, because its randomness is keyed by (seed, epoch, index).
         let per_sample = |loader: &DataLoader| {
             let mut v: Vec<(usize, Vec<f32>)> = Vec::new();
-            for b in loader.epoch(1).unwrap() {
+            for b in all(loader.epoch(1)) {
                 for (j, &i) in b.indices.iter().enumerate() {
                     v.push((i, b.images[j * 12..(j + 1) * 12].to_vec()));
                 }
@@ -366,10 +545,10 @@ mod tests {
     fn drop_last_and_counts() {
         let loader = train(3, 1, true);
         assert_eq!(loader.num_batches(), 3);
-        let batches: Vec<Batch> = loader.epoch(0).unwrap().collect();
+        let batches: Vec<Batch> = all(loader.epoch(0));
         assert!(batches.iter().all(|b| b.len() == 3));
         let it = train(3, 1, false).epoch(0).unwrap();
-        assert_eq!(it.len(), 4);
+        assert_eq!(it.size_hint(), (4, Some(4)));
         let empty = DataLoader::new(
             Dataset::new(vec![], vec![], 3, 2, 2, vec!["a".into()]).unwrap(),
             LoaderConfig::eval(4, vec![0.0; 3], vec![1.0; 3]),
@@ -385,8 +564,8 @@ mod tests {
             Dataset::new(vec![0; 1000 * 12], vec![0; 1000], 3, 2, 2, vec!["a".into()]).unwrap();
         let loader = DataLoader::new(ds, LoaderConfig::train(1, 0, identity())).unwrap();
         let mut it = loader.epoch(0).unwrap();
-        assert_eq!(it.next().map(|b| b.batch_index), Some(0));
-        assert_eq!(it.len(), 999);
+        assert_eq!(it.next().map(|b| b.unwrap().batch_index), Some(0));
+        assert_eq!(it.size_hint().0, 999);
         drop(it); // joins the thread; would hang if the worker kept blocking on send
     }
 
@@ -397,5 +576,123 @@ mod tests {
         let gray_stats = LoaderConfig::eval(2, vec![0.5], vec![0.5]);
         let err = DataLoader::new(numbered(2), gray_stats).unwrap_err();
         assert!(err.to_string().contains("3-channel"), "{err}");
+    }
+
+    /// `n` RGB PNGs of different sizes in two classes under `dir/train`, listed for
+    /// 8x8 output.
+    fn photos(dir: &std::path::Path, n: usize) -> ImageFiles {
+        for i in 0..n {
+            let (w, h) = (20 + 3 * i as u32, 16 + 2 * (i as u32 % 4));
+            let img = image::RgbImage::from_fn(w, h, |x, y| {
+                image::Rgb([(x * 7 + i as u32) as u8, (y * 5) as u8, 10 * i as u8])
+            });
+            let path = dir.join(format!("train/c{}/{i:03}.png", i % 2));
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            img.save(path).unwrap();
+        }
+        ImageFiles::scan(dir, super::super::Split::Train, Some((8, 8)), Some(3)).unwrap()
+    }
+
+    fn file_train(files: &ImageFiles, workers: usize) -> DataLoader {
+        let mut aug = identity();
+        aug.hflip = true;
+        aug.erase_prob = 0.5;
+        let mut cfg = LoaderConfig::train(3, 5, aug);
+        cfg.workers = workers;
+        DataLoader::new(files.clone(), cfg).unwrap()
+    }
+
+    #[test]
+    fn files_stream_deterministically_and_resume_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = photos(dir.path(), 7);
+        let loader = file_train(&files, 2);
+        let full = all(loader.epoch(1));
+        assert_eq!(full.len(), 3);
+        assert_eq!(full[0].shape, [3, 3, 8, 8]);
+        assert_eq!(full[2].shape, [1, 3, 8, 8]);
+        // Same seed and epoch: the same batches, whatever the number of workers.
+        assert_eq!(all(file_train(&files, 1).epoch(1)), full);
+        for k in 0..=full.len() {
+            assert_eq!(
+                all(loader.epoch_from(1, k)),
+                full[k..].to_vec(),
+                "start at {k}"
+            );
+        }
+        // Another epoch: other crops of the same images.
+        let other = all(loader.epoch(2));
+        let first_of = |bs: &[Batch], i: usize| {
+            bs.iter()
+                .flat_map(|b| b.indices.iter().zip(b.images.chunks(192)))
+                .find(|(j, _)| **j == i)
+                .map(|(_, px)| px.to_vec())
+                .unwrap()
+        };
+        assert_ne!(first_of(&full, 0), first_of(&other, 0));
+        for b in &full {
+            for (l, i) in b.labels.iter().zip(&b.indices) {
+                assert_eq!(*l, files.labels[*i]);
+            }
+        }
+        assert_eq!(files.labels, vec![0, 0, 0, 0, 1, 1, 1]);
+    }
+
+    #[test]
+    fn file_evaluation_is_the_center_crop_of_each_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = photos(dir.path(), 4);
+        let cfg = LoaderConfig::eval(3, vec![0.0; 3], vec![1.0 / 255.0; 3]);
+        let PhotoCrop::Center(crop) = cfg.crop else {
+            unreachable!()
+        };
+        let batches = all(DataLoader::new(files.clone(), cfg).unwrap().epoch(0));
+        let got: Vec<f32> = batches.iter().flat_map(|b| b.images.clone()).collect();
+        let want: Vec<f32> = files
+            .paths
+            .iter()
+            .flat_map(|p| {
+                let px = crop.apply(Pixels::read(p, 3).unwrap(), (8, 8)).unwrap();
+                px.planar().into_iter().map(f32::from)
+            })
+            .collect();
+        assert_eq!(got.len(), want.len());
+        assert!(got.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-3));
+    }
+
+    #[test]
+    fn a_file_that_does_not_decode_ends_the_epoch_with_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = photos(dir.path(), 6);
+        std::fs::write(&files.paths[4], b"\x89PNG\r\n\x1a\nbroken").unwrap();
+        let cfg = LoaderConfig::eval(2, vec![0.0; 3], vec![1.0; 3]);
+        let mut it = DataLoader::new(files, cfg).unwrap().epoch(0).unwrap();
+        assert!(it.next().unwrap().is_ok());
+        assert!(it.next().unwrap().is_ok());
+        let e = it.next().unwrap().unwrap_err().to_string();
+        assert!(
+            e.contains("c1/003.png") && e.contains("cannot decode"),
+            "{e}"
+        );
+        assert!(it.next().is_none());
+    }
+
+    #[test]
+    fn file_settings_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = photos(dir.path(), 2);
+        let mut cfg = LoaderConfig::train(1, 0, identity());
+        cfg.augment.pad = 2;
+        let e = DataLoader::new(files.clone(), cfg.clone()).unwrap_err();
+        assert!(e.to_string().contains("random resized crops"), "{e}");
+        cfg.augment.pad = 0;
+        cfg.workers = 0;
+        assert!(DataLoader::new(files.clone(), cfg.clone()).is_err());
+        cfg.workers = 1;
+        cfg.crop = PhotoCrop::Random(crate::data::RandomResizedCrop {
+            scale: [0.0, 1.0],
+            ratio: [0.75, 1.25],
+        });
+        assert!(DataLoader::new(files, cfg).is_err());
     }
 }

@@ -1,4 +1,5 @@
-//! Datasets for training and evaluation: loading (IDX, CIFAR binary, image folders),
+//! Datasets for training and evaluation: loading (IDX, CIFAR binary) into memory, image
+//! folders streamed from disk,
 //! locating and downloading files with checksums, validation splits, augmentation and
 //! background batch loading.
 //!
@@ -13,6 +14,7 @@
 //! let augment = AugmentConfig::for_spec(&spec, train.channels, 2);
 //! let loader = DataLoader::new(train, LoaderConfig::train(128, 0, augment))?;
 //! for batch in loader.epoch(0)? {
+//!     let batch = batch?;
 //!     // batch.images is B×C×H×W f32, batch.labels is B u32
 //! #   let _ = batch;
 //! }
@@ -28,6 +30,7 @@ pub mod folder;
 pub mod idx;
 mod load;
 mod loader;
+pub mod photo;
 mod rng;
 mod spec;
 mod split;
@@ -37,7 +40,9 @@ mod testutil;
 pub use augment::{AugmentConfig, AugmentParams};
 pub use dataset::{Dataset, ResizeFilter};
 pub use download::{cache_root, download, verify_file, Checksum, CACHE_ENV};
-pub use load::{cache_dir_for, load, LoadOptions, MIRROR_ENV, SYSTEM_FASHION_MNIST};
-pub use loader::{Batch, Batches, DataLoader, LoaderConfig};
+pub use folder::ImageFiles;
+pub use load::{cache_dir_for, load, open, LoadOptions, MIRROR_ENV, SYSTEM_FASHION_MNIST};
+pub use loader::{default_workers, Batch, Batches, DataLoader, Images, LoaderConfig, PREFETCH};
+pub use photo::{CenterCrop, PhotoCrop, RandomResizedCrop};
 pub use spec::{DatasetSpec, RemoteFile, Split, KNOWN_DATASETS};
-pub use split::{split_validation, ValSize};
+pub use split::{split_indices, split_validation, ValSize};

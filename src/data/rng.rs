@@ -9,6 +9,8 @@ use rand_chacha::ChaCha8Rng;
 pub(crate) const STREAM_SHUFFLE: u64 = 0x5348_5546; // "SHUF"
 /// Stream used for per-sample augmentation.
 pub(crate) const STREAM_AUGMENT: u64 = 0x4155_474d; // "AUGM"
+/// Stream used for the random resized crop of an image file.
+pub(crate) const STREAM_CROP: u64 = 0x4352_4f50; // "CROP"
 /// Stream used for the train/validation split.
 pub(crate) const STREAM_SPLIT: u64 = 0x5350_4c54; // "SPLT"
 

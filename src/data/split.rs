@@ -47,7 +47,12 @@ impl ValSize {
 /// Splits `dataset` into (train, validation). The validation images are a random choice
 /// determined by `seed` alone; both parts keep the original relative order of images.
 pub fn split_validation(dataset: &Dataset, size: ValSize, seed: u64) -> Result<(Dataset, Dataset)> {
-    let n = dataset.len();
+    let (train_idx, val_idx) = split_indices(dataset.len(), size, seed)?;
+    Ok((dataset.subset(&train_idx)?, dataset.subset(&val_idx)?))
+}
+
+/// The (train, validation) indices of [`split_validation`] for `n` images, each sorted.
+pub fn split_indices(n: usize, size: ValSize, seed: u64) -> Result<(Vec<usize>, Vec<usize>)> {
     let k = size.count(n)?;
     let mut rng = keyed_rng(STREAM_SPLIT, seed, n as u64, 0);
     let order = permutation(&mut rng, n);
@@ -55,7 +60,7 @@ pub fn split_validation(dataset: &Dataset, size: ValSize, seed: u64) -> Result<(
     let mut train_idx = order[k..].to_vec();
     val_idx.sort_unstable();
     train_idx.sort_unstable();
-    Ok((dataset.subset(&train_idx)?, dataset.subset(&val_idx)?))
+    Ok((train_idx, val_idx))
 }
 
 #[cfg(test)]

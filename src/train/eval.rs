@@ -4,12 +4,12 @@
 use candle_core::{Device, Tensor, D};
 use serde::Serialize;
 
-use crate::data::{AugmentConfig, DataLoader, Dataset, LoaderConfig};
+use crate::data::{DataLoader, Images, LoaderConfig, PhotoCrop};
 use std::path::Path;
 
 use crate::data::{self, Split};
 use crate::models::{Architecture, Classifier};
-use crate::predict::load_model;
+use crate::predict::{center_crop, load_model};
 use crate::weights::{self, FitOptions};
 use crate::{ops, Error, Result};
 
@@ -37,28 +37,25 @@ pub fn count_correct(logits: &Tensor, y: &Tensor) -> Result<u64> {
         .to_scalar::<f32>()? as u64)
 }
 
-/// Evaluates `model` on every image of `data`, normalised as `augment` says (its random
-/// parts are turned off).
+/// Evaluates `model` on every image of `images`, prepared as `config` says (an evaluation
+/// config: [`LoaderConfig::eval`], with the center crop for image files).
 pub fn evaluate(
     model: &dyn Classifier,
-    data: &Dataset,
-    batch_size: usize,
-    augment: &AugmentConfig,
+    images: &Images,
+    config: LoaderConfig,
     dev: &Device,
 ) -> Result<EvalResult> {
-    if data.is_empty() {
+    if images.is_empty() {
         return Err(Error::Invalid(
             "the dataset to evaluate on has no images".into(),
         ));
     }
-    let k = data.num_classes();
-    let loader = DataLoader::new(
-        data.clone(),
-        LoaderConfig::eval(batch_size, augment.mean.clone(), augment.std.clone()),
-    )?;
+    let k = images.num_classes();
+    let loader = DataLoader::new(images.clone(), config)?;
     let mut confusion = vec![vec![0u64; k]; k];
     let mut loss_sum = 0.0;
     for batch in loader.epoch(0)? {
+        let batch = batch?;
         let n = batch.labels.len();
         let x = Tensor::from_vec(batch.images, batch.shape.to_vec(), dev)?;
         let y = Tensor::from_vec(batch.labels.clone(), n, dev)?;
@@ -76,7 +73,8 @@ pub fn evaluate(
             confusion[*t as usize][p as usize] += 1;
         }
     }
-    let images = data.len();
+    let class_names = images.class_names().to_vec();
+    let images = images.len();
     let correct: u64 = (0..k).map(|i| confusion[i][i]).sum();
     let per_class_accuracy = confusion
         .iter()
@@ -96,7 +94,7 @@ pub fn evaluate(
         accuracy: correct as f64 / images.max(1) as f64,
         per_class_accuracy,
         confusion,
-        class_names: data.class_names.clone(),
+        class_names,
     })
 }
 
@@ -124,7 +122,7 @@ pub fn eval_checkpoint(
         channels: Some(cfg.in_channels()),
         ..Default::default()
     };
-    let test = data::load(&spec, Split::Test, data_dir, &opts)?;
+    let test = data::open(&spec, Split::Test, data_dir, &opts)?;
     if test.is_empty() {
         return Err(Error::Invalid(format!(
             "dataset {dataset} has no test images to evaluate on"
@@ -137,10 +135,17 @@ pub fn eval_checkpoint(
             cfg.num_classes()
         )));
     }
-    let augment = match &ck.preprocess {
-        Some(p) => AugmentConfig::normalize_only(p.mean.clone(), p.std.clone()),
-        None => AugmentConfig::for_spec(&spec, cfg.in_channels(), 0).deterministic(),
+    let config = match &ck.preprocess {
+        Some(p) => {
+            let mut c = LoaderConfig::eval(batch_size, p.mean.clone(), p.std.clone());
+            c.crop = PhotoCrop::Center(center_crop(p));
+            c
+        }
+        None => {
+            let (mean, std) = spec.normalization(cfg.in_channels());
+            LoaderConfig::eval(batch_size, mean, std)
+        }
     };
-    augment.validate(cfg.in_channels())?;
-    evaluate(model.as_ref(), &test, batch_size, &augment, dev)
+    config.augment.validate(cfg.in_channels())?;
+    evaluate(model.as_ref(), &test, config, dev)
 }

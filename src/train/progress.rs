@@ -1,5 +1,6 @@
 //! Training progress on the terminal: one indicatif bar per epoch with loss, accuracy,
-//! learning rate and images/second; plain lines when stdout is not a terminal; or quiet.
+//! learning rate, images/second and the share of time spent waiting for data; plain lines
+//! when stdout is not a terminal; or quiet.
 
 use std::io::IsTerminal;
 
@@ -82,10 +83,13 @@ impl Progress {
         }
     }
 
-    pub(super) fn step(&mut self, batch: u64, loss: f64, acc: f64, lr: f64, ips: f64) {
+    /// One batch done: running loss and accuracy, learning rate, images per second, and the
+    /// share of the time spent waiting for data.
+    pub(super) fn step(&mut self, batch: u64, loss: f64, acc: f64, lr: f64, ips: f64, wait: f64) {
         let msg = format!(
-            "loss {loss:.4} acc {:.2}% lr {lr:.2e} {ips:.0} img/s",
-            100.0 * acc
+            "loss {loss:.4} acc {:.2}% lr {lr:.2e} {ips:.0} img/s data-wait {:.0}%",
+            100.0 * acc,
+            100.0 * wait
         );
         match self.mode {
             ProgressMode::Bar => {

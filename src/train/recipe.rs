@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::data::DatasetSpec;
+use crate::data::{CenterCrop, DatasetSpec, RandomResizedCrop, ResizeFilter};
 use crate::models::{Architecture, ModelConfig};
 use crate::{Error, Result};
 
@@ -50,10 +50,23 @@ pub struct Recipe {
     pub hflip: Option<bool>,
     /// Probability of erasing a random rectangle with noise (timm `--reprob`; 0 = off).
     pub random_erase: f64,
+    /// Image folders: the range of the random resized crop's area, as a fraction of the
+    /// image's (timm `--scale`).
+    pub scale: [f64; 2],
+    /// Image folders: the range of the random resized crop's aspect ratio (timm `--ratio`).
+    pub ratio: [f64; 2],
+    /// Image folders: the fraction of the resized image kept by the evaluation center crop;
+    /// unset: the preset's pretrained value (timm `--crop-pct`).
+    pub crop_pct: Option<f64>,
+    /// Image folders: threads decoding images, at the lowest priority; unset: one per core
+    /// (timm `--workers`).
+    pub workers: Option<usize>,
     /// Images held out of the training set for validation; unset: 10% of the training
     /// set, at most 5,000 ([`crate::data::ValSize::DEFAULT`]).
     pub val_size: Option<usize>,
-    pub eval_batch_size: usize,
+    /// Images per batch when evaluating; unset: the training batch size (as timm's
+    /// validation batch size).
+    pub eval_batch_size: Option<usize>,
     pub seed: u64,
     /// Stop after this many optimizer steps (quick runs, tests).
     pub max_steps: Option<u64>,
@@ -92,8 +105,12 @@ impl Default for Recipe {
             crop_pad: 1,
             hflip: None,
             random_erase: 0.0,
+            scale: RandomResizedCrop::default().scale,
+            ratio: RandomResizedCrop::default().ratio,
+            crop_pct: None,
+            workers: None,
             val_size: None,
-            eval_batch_size: 500,
+            eval_batch_size: None,
             seed: 0,
             max_steps: None,
             checkpoint_every: 0,
@@ -148,13 +165,26 @@ impl Recipe {
         self.dataset.parse()
     }
 
+    /// Images per evaluation batch.
+    pub fn eval_batch(&self) -> usize {
+        self.eval_batch_size.unwrap_or(self.batch_size)
+    }
+
+    /// The training crop for image folders.
+    pub fn random_resized_crop(&self) -> RandomResizedCrop {
+        RandomResizedCrop {
+            scale: self.scale,
+            ratio: self.ratio,
+        }
+    }
+
     /// Checks the numbers fit together.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
         if self.epochs == 0 {
             return bad("epochs must be at least 1".into());
         }
-        if self.batch_size == 0 || self.accum_steps == 0 || self.eval_batch_size == 0 {
+        if self.batch_size == 0 || self.accum_steps == 0 || self.eval_batch_size == Some(0) {
             return bad("batch_size, accum_steps and eval_batch_size must be positive".into());
         }
         if !self.batch_size.is_multiple_of(self.accum_steps) {
@@ -178,10 +208,27 @@ impl Recipe {
                 ("label_smoothing", self.label_smoothing),
                 ("clip_grad", self.clip_grad),
                 ("random_erase", self.random_erase),
+                ("scale", self.scale[0]),
+                ("scale", self.scale[1]),
+                ("ratio", self.ratio[0]),
+                ("ratio", self.ratio[1]),
             ]
             .into_iter()
-            .chain(self.drop_path.map(|d| ("drop_path", d))),
+            .chain(self.drop_path.map(|d| ("drop_path", d)))
+            .chain(self.crop_pct.map(|c| ("crop_pct", c))),
         )?;
+        self.random_resized_crop().validate().map_err(cfg_err)?;
+        if let Some(c) = self.crop_pct {
+            let crop = CenterCrop {
+                crop_pct: c,
+                exact: false,
+                filter: ResizeFilter::Bicubic,
+            };
+            crop.validate().map_err(cfg_err)?;
+        }
+        if self.workers == Some(0) {
+            return bad("workers must be at least 1".into());
+        }
         if self.lr <= 0.0 || self.min_lr < 0.0 || self.min_lr > self.lr {
             return bad(format!(
                 "need 0 <= min_lr <= lr and lr > 0, got lr {} and min_lr {}",
@@ -229,6 +276,10 @@ impl Recipe {
         self.dataset_spec()?;
         Ok(())
     }
+}
+
+fn cfg_err(e: Error) -> Error {
+    Error::Config(e.to_string())
 }
 
 #[cfg(test)]

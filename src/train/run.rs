@@ -12,9 +12,11 @@ use super::eval::{count_correct, evaluate, EvalResult};
 use super::run_dir::{self, default_out_dir, Position, BEST, LAST, METRICS, RECIPE};
 use super::step::{forward_backward, step_rng, MicroStep, Trainable};
 use super::{report, AdamW, AdamWConfig, EpochMetrics, Progress, Recipe, RunSummary, Schedule};
-use crate::data::{self, AugmentConfig, DataLoader, Dataset, LoaderConfig, Split, ValSize};
-use crate::models::{Architecture, ModelConfig, Preprocess};
-use crate::predict::load_model;
+use crate::data::{
+    self, AugmentConfig, DataLoader, Images, LoaderConfig, PhotoCrop, Split, ValSize,
+};
+use crate::models::{self, Architecture, ModelConfig, Preprocess};
+use crate::predict::{center_crop, load_model};
 use crate::weights::{self, Arch, FitOptions, SaveMeta};
 use crate::{Error, Result};
 
@@ -38,17 +40,44 @@ pub fn device(name: &str) -> Result<Device> {
     }
 }
 
-/// The datasets of a run: training, validation (held out of training) and test.
+/// The datasets of a run: training, validation (held out of training) and test, with how
+/// their images are prepared.
 pub struct Data {
-    pub train: Dataset,
-    pub val: Dataset,
-    pub test: Dataset,
+    pub train: Images,
+    pub val: Images,
+    pub test: Images,
+    /// Training augmentation (its random parts off for evaluation).
     pub augment: AugmentConfig,
+    /// Image files: the training crop (random resized) and the evaluation one.
+    pub train_crop: PhotoCrop,
+    pub eval_crop: PhotoCrop,
+    /// Image files: decoding threads.
+    pub workers: usize,
+    /// How the trained model's inputs are prepared, saved with its checkpoints.
+    pub preprocess: Preprocess,
 }
 
-/// Loads the recipe's dataset at the model's input size and channel count, and holds out
-/// its validation set (`val_size` images; unset: [`ValSize::DEFAULT`]). The class count is
-/// checked against the model by [`train`] (which may take it from the data).
+impl Data {
+    /// The loader settings for evaluating on `val` or `test`.
+    pub fn eval_config(&self, batch_size: usize) -> LoaderConfig {
+        LoaderConfig {
+            crop: self.eval_crop,
+            workers: self.workers,
+            ..LoaderConfig::eval(
+                batch_size,
+                self.augment.mean.clone(),
+                self.augment.std.clone(),
+            )
+        }
+    }
+}
+
+/// Opens the recipe's dataset at the model's input size and channel count, and holds out
+/// its validation set (`val_size` images; unset: [`ValSize::DEFAULT`]). Image folders are
+/// streamed (random resized crops for training, the preset's resize and center crop for
+/// evaluation, normalised with the preset's pretrained statistics); other datasets are
+/// held in memory, padded-cropped and normalised with the dataset's statistics. The class
+/// count is checked against the model by [`train`] (which may take it from the data).
 pub fn load_data(recipe: &Recipe, cfg: &ModelConfig, quiet: bool) -> Result<Data> {
     let spec = recipe.dataset_spec()?;
     let opts = data::LoadOptions {
@@ -57,8 +86,8 @@ pub fn load_data(recipe: &Recipe, cfg: &ModelConfig, quiet: bool) -> Result<Data
         channels: Some(cfg.in_channels()),
         ..Default::default()
     };
-    let full = data::load(&spec, Split::Train, recipe.data_dir.as_deref(), &opts)?;
-    let test = data::load(&spec, Split::Test, recipe.data_dir.as_deref(), &opts)?;
+    let full = data::open(&spec, Split::Train, recipe.data_dir.as_deref(), &opts)?;
+    let test = data::open(&spec, Split::Test, recipe.data_dir.as_deref(), &opts)?;
     if test.is_empty() {
         return Err(Error::Invalid(format!(
             "dataset {} has no test images to evaluate the trained model on",
@@ -66,31 +95,51 @@ pub fn load_data(recipe: &Recipe, cfg: &ModelConfig, quiet: bool) -> Result<Data
         )));
     }
     let (train, val) = if recipe.val_size == Some(0) {
-        (
-            full,
-            Dataset::new(
-                vec![],
-                vec![],
-                test.channels,
-                test.height,
-                test.width,
-                test.class_names.clone(),
-            )?,
-        )
+        let none = full.empty()?;
+        (full, none)
     } else {
         let size = recipe.val_size.map_or(ValSize::DEFAULT, ValSize::Count);
-        data::split_validation(&full, size, recipe.seed)?
+        let (t, v) = data::split_indices(full.len(), size, recipe.seed)?;
+        (full.subset(&t)?, full.subset(&v)?)
     };
     let mut augment = AugmentConfig::for_spec(&spec, cfg.in_channels(), recipe.crop_pad);
     if let Some(f) = recipe.hflip {
         augment.hflip = f;
     }
     augment.erase_prob = recipe.random_erase;
+    let mut preprocess = Preprocess {
+        mean: augment.mean.clone(),
+        std: augment.std.clone(),
+        crop_pct: 1.0,
+        interpolation: "bicubic".into(),
+        resize: "shorter".into(),
+    };
+    if let Images::Files(_) = &train {
+        // timm's data config: the preset's pretrained preprocessing (the model's default
+        // for a custom config), crop_pct as the recipe says.
+        let mut p = match &recipe.model {
+            None => models::preset_preprocess(&recipe.preset),
+            Some(_) => None,
+        }
+        .unwrap_or_else(|| cfg.default_preprocess());
+        if let Some(c) = recipe.crop_pct {
+            p.crop_pct = c;
+        }
+        p.validate(cfg.in_channels())?;
+        augment.pad = 0;
+        augment.mean = p.mean.clone();
+        augment.std = p.std.clone();
+        preprocess = p;
+    }
     Ok(Data {
         train,
         val,
         test,
         augment,
+        train_crop: PhotoCrop::Random(recipe.random_resized_crop()),
+        eval_crop: PhotoCrop::Center(center_crop(&preprocess)),
+        workers: recipe.workers.unwrap_or_else(data::default_workers),
+        preprocess,
     })
 }
 
@@ -176,14 +225,8 @@ pub fn train(
             recipe.batch_size
         )));
     }
-    let class_names = data.train.class_names.clone();
-    let preprocess = Preprocess {
-        mean: data.augment.mean.clone(),
-        std: data.augment.std.clone(),
-        crop_pct: 1.0,
-        interpolation: "bicubic".into(),
-        resize: "shorter".into(),
-    };
+    let class_names = data.train.class_names().to_vec();
+    let preprocess = data.preprocess.clone();
     let micro = recipe.batch_size / recipe.accum_steps;
     let loader = DataLoader::new(
         data.train.clone(),
@@ -193,6 +236,8 @@ pub fn train(
             drop_last: true,
             seed: recipe.seed,
             augment: data.augment.clone(),
+            crop: data.train_crop,
+            workers: data.workers,
         },
     )?;
     let steps_per_epoch = (loader.num_batches() / recipe.accum_steps) as u64;
@@ -286,8 +331,14 @@ pub fn train(
             batches_per_epoch,
             pos.batch,
         );
-        let batches = loader.epoch_from(pos.epoch, pos.batch as usize)?;
-        for batch in batches {
+        let mut batches = loader.epoch_from(pos.epoch, pos.batch as usize)?;
+        // Time spent waiting for the loader, as a share of this epoch's time so far.
+        let (since, mut waited) = (Instant::now(), 0.0);
+        loop {
+            let asked = Instant::now();
+            let Some(batch) = batches.next() else { break };
+            waited += asked.elapsed().as_secs_f64();
+            let batch = batch?;
             if batch.batch_index as u64 >= batches_per_epoch {
                 break;
             }
@@ -335,6 +386,7 @@ pub fn train(
                 pos.correct as f64 / pos.seen as f64,
                 lr,
                 pos.seen as f64 / pos.seconds.max(1e-9),
+                waited / since.elapsed().as_secs_f64().max(1e-9),
             );
             let at_limit = recipe.max_steps.is_some_and(|m| pos.step >= m);
             if micro_idx + 1 == recipe.accum_steps as u64
@@ -355,10 +407,9 @@ pub fn train(
             None
         } else {
             Some(evaluate(
-                net.model.as_ref(),
+                net.frozen(&cfg)?.as_ref(),
                 &data.val,
-                recipe.eval_batch_size,
-                &data.augment,
+                data.eval_config(recipe.eval_batch()),
                 &dev,
             )?)
         };
@@ -435,8 +486,7 @@ fn test_result(
     evaluate(
         best_model.as_ref(),
         &data.test,
-        recipe.eval_batch_size,
-        &data.augment,
+        data.eval_config(recipe.eval_batch()),
         dev,
     )
 }

@@ -49,6 +49,23 @@ impl Trainable {
             .collect()
     }
 
+    /// The model on the current weights, detached from the variables (sharing their
+    /// storage): for evaluation, which must not record a backward graph. (Run on the
+    /// variables themselves, every batch would keep all its activations for a backward
+    /// pass that never comes: 17 GB for ViT-Ti/16 at 224 px and batch 500.)
+    pub fn frozen(&self, cfg: &ModelConfig) -> Result<Box<dyn Classifier>> {
+        let tensors: HashMap<String, Tensor> = self
+            .params
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
+            .collect();
+        let dev = self
+            .params
+            .first()
+            .map_or(Device::Cpu, |(_, v)| v.device().clone());
+        cfg.build(VarBuilder::from_tensors(tensors, DType::F32, &dev))
+    }
+
     /// An AdamW optimizer over all parameters, in `param_shapes` order.
     pub fn adamw(&self, cfg: AdamWConfig) -> AdamW {
         AdamW::new(self.params.clone(), cfg)
