@@ -89,6 +89,7 @@ const CASES: &[Case] = &[
     case("num_classes zero", &["train", "--config", "{T}/r_ok.toml", "--num-classes", "0"], "num_classes must be at least 1"),
     // train: data.
     case("train empty test set", &["train", "--config", "{T}/r_ok.toml", "--data-dir", "{T}/idx_notest"], "no test images"),
+    case("train resume before any checkpoint", &["train", "--resume", "{T}/run_nockpt"], "has no checkpoint-last.safetensors to resume from"),
     case("train empty class folder", &["train", "--config", "{T}/r_ok.toml", "--dataset", "folder:{T}/emptyclass"], "emptyclass/train/b"),
     case("train text file in class", &["train", "--config", "{T}/r_ok.toml", "--dataset", "folder:{T}/textfile"], "notes.txt"),
     case("train truncated png", &["train", "--config", "{T}/r_ok.toml", "--dataset", "folder:{T}/truncated", "--val-size", "0", "--batch-size", "2", "--num-classes", "1"], "bad.png"),
@@ -102,6 +103,7 @@ const CASES: &[Case] = &[
     case("eval batch size zero", &["eval", "--checkpoint", "{F}/legacy_run/checkpoint-last.safetensors", "--data-dir", "{T}/idx", "--batch-size", "0"], "batch size must be at least 1"),
     case("eval missing checkpoint", &["eval", "--checkpoint", "{T}/missing.safetensors", "--data-dir", "{T}/idx"], "missing.safetensors"),
     case("eval unknown dataset", &["eval", "--checkpoint", "{F}/legacy_run/checkpoint-last.safetensors", "--dataset", "imagenet-9"], "imagenet-9"),
+    case("eval out under a file", &["eval", "--checkpoint", "{F}/legacy_run/checkpoint-last.safetensors", "--data-dir", "{T}/idx", "--out", "{T}/garbage.safetensors/x"], "garbage.safetensors/x"),
     case("eval empty class folder", &["eval", "--checkpoint", TINY, "--config", "{F}/timm_tiny/config.json", "--dataset", "folder:{T}/emptytest"], "emptytest/test/c3"),
     // predict.
     case("predict nan weights", &["predict", "{F}/predict/image_rgb.png", "--weights", "{T}/nan.safetensors", "--config", "{F}/timm_tiny/config.json"], "blocks.0.attn.qkv.weight"),
@@ -214,6 +216,8 @@ fn setup(t: &Path) {
     // Recipes: one per float field and bad value.
     let w = |name: &str, text: String| std::fs::write(t.join(name), text).unwrap();
     w("r_ok.toml", recipe(&idx, "", ""));
+    std::fs::create_dir_all(t.join("run_nockpt")).unwrap();
+    w("run_nockpt/config.toml", recipe(&idx, "", ""));
     for field in [
         "lr",
         "min_lr",

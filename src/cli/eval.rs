@@ -48,7 +48,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
             .map(|p| p.to_path_buf())
             .unwrap_or_default()
     });
-    std::fs::create_dir_all(&out)?;
+    std::fs::create_dir_all(&out).map_err(|e| vit::Error::io(&out, e))?;
     let png = out.join("confusion.png");
     vit::viz::save_png(&confusion_picture(&r, "Confusion matrix")?, &png)?;
     match a.format {

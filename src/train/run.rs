@@ -362,12 +362,16 @@ pub fn train(
                 &rngs,
             )?;
             if !loss_value.is_finite() {
+                let last = out.join(LAST);
+                let kept = if last.exists() {
+                    format!("the last good checkpoint is {}", last.display())
+                } else {
+                    "no checkpoint was written before it".to_string()
+                };
                 return Err(Error::Numeric(format!(
-                    "loss became {loss_value} at epoch {} step {}; stopped. The last good \
-                     checkpoint is {}",
+                    "loss became {loss_value} at epoch {} step {}; stopped ({kept})",
                     pos.epoch + 1,
                     pos.step,
-                    out.join(LAST).display()
                 )));
             }
             pos.loss_sum += loss_value * n as f64;

@@ -98,11 +98,17 @@ pub(super) struct Resumed {
 
 /// Reads the last checkpoint of the run in `dir` for a resume.
 pub(super) fn resume_state(dir: &Path, cfg: &ModelConfig) -> Result<Resumed> {
-    let fitted = weights::load_fitted(
-        &dir.join(LAST),
-        &Arch::Config(cfg.clone()),
-        FitOptions::default(),
-    )?;
+    let last = dir.join(LAST);
+    if !last.exists() {
+        return Err(Error::format(
+            dir,
+            format!(
+                "the run has no {LAST} to resume from (it stopped before its first \
+                 checkpoint); start it again without --resume"
+            ),
+        ));
+    }
+    let fitted = weights::load_fitted(&last, &Arch::Config(cfg.clone()), FitOptions::default())?;
     let state = fitted.checkpoint.train_state;
     Ok(Resumed {
         tensors: fitted.tensors,
