@@ -118,6 +118,7 @@ const CASES: &[Case] = &[
     case("predict top-k zero", &["predict", "{F}/predict/image_rgb.png", "--weights", TINY, "--config", "{F}/timm_tiny/config.json", "--top-k", "0"], "top-k must be at least 1"),
     case("predict batch size zero", &["predict", "{F}/predict/image_rgb.png", "--weights", TINY, "--config", "{F}/timm_tiny/config.json", "--batch-size", "0"], "batch-size must be at least 1"),
     case("predict truncated png", &["predict", "{T}/truncated/train/a/bad.png", "--weights", TINY, "--config", "{F}/timm_tiny/config.json"], "bad.png"),
+    case("predict 16384x1 image", &["predict", "{T}/strip.png", "--weights", TINY, "--config", "{F}/timm_tiny/config.json"], "too elongated"),
     case("predict text file", &["predict", "{T}/textfile/train/a/notes.txt", "--weights", TINY, "--config", "{F}/timm_tiny/config.json"], "notes.txt"),
     case("predict empty folder", &["predict", "{T}/empty", "--weights", TINY, "--config", "{F}/timm_tiny/config.json"], "empty"),
     case("predict missing image", &["predict", "{T}/missing.png", "--weights", TINY, "--config", "{F}/timm_tiny/config.json"], "missing.png"),
@@ -320,6 +321,9 @@ fn setup(t: &Path) {
     std::fs::write(t.join("textfile/train/a/notes.txt"), "not an image").unwrap();
     png(&t.join("textfile/test/a/0.png"), 28, 10);
     png(&t.join("truncated/train/a/0.png"), 28, 10);
+    image::GrayImage::new(16384, 1)
+        .save(t.join("strip.png"))
+        .unwrap();
     let good = std::fs::read(t.join("truncated/train/a/0.png")).unwrap();
     std::fs::write(t.join("truncated/train/a/bad.png"), &good[..good.len() / 2]).unwrap();
     png(&t.join("truncated/test/a/0.png"), 28, 10);

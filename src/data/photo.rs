@@ -145,6 +145,10 @@ pub struct CropBox {
     pub w: usize,
 }
 
+/// The most elongated image (longer side : shorter side) the evaluation transform resizes:
+/// resizing the shorter side of a 16384×1 strip to 248 pixels would take gigabytes.
+pub const MAX_ASPECT: usize = 64;
+
 /// timm's evaluation geometry: resize the shorter side to `floor(size / crop_pct)` keeping
 /// the aspect ratio (or, `exact`, straight to `size / crop_pct` as HF does), then crop the
 /// center `size`. An image already of the target size with `crop_pct` 1 is not resampled.
@@ -171,6 +175,12 @@ impl CenterCrop {
     pub fn apply(&self, px: Pixels, (th, tw): (usize, usize)) -> Result<Pixels> {
         self.validate()?;
         let (h, w) = (px.height, px.width);
+        if !self.exact && h.max(w) > MAX_ASPECT * h.min(w) {
+            return Err(Error::Invalid(format!(
+                "a {w}x{h} image is too elongated to resize and center-crop (more than \
+                 {MAX_ASPECT}:1)"
+            )));
+        }
         let (rh, rw) = if self.exact {
             (th, tw)
         } else if th == tw {
@@ -387,7 +397,7 @@ mod tests {
     #[test]
     fn an_absurd_aspect_ratio_is_refused_before_allocating() {
         // 1 pixel high and 100,000 wide: the shorter side to 224 would mean 22 million
-        // pixels a row: refused instead of allocated.
+        // pixels a row: refused instead of allocated; 64:1 is still resized.
         let px = Pixels {
             data: vec![0; 100_000 * 3],
             width: 100_000,
@@ -400,6 +410,8 @@ mod tests {
         };
         let msg = c.apply(px, (224, 224)).unwrap_err().to_string();
         assert!(msg.contains("too elongated"), "{msg}");
+        let strip = ramp(64, 1);
+        assert_eq!(c.apply(strip, (8, 8)).unwrap().data.len(), 8 * 8 * 3);
     }
 
     #[test]
