@@ -89,6 +89,9 @@ const CASES: &[Case] = &[
     case("num_classes zero", &["train", "--config", "{T}/r_ok.toml", "--num-classes", "0"], "num_classes must be at least 1"),
     // train: data.
     case("train empty test set", &["train", "--config", "{T}/r_ok.toml", "--data-dir", "{T}/idx_notest"], "no test images"),
+    case("train fraction zero", &["train", "--config", "{T}/r_ok.toml", "--train-fraction", "0"], "train_fraction must be in (0, 1]"),
+    case("train fraction above one", &["train", "--config", "{T}/r_ok.toml", "--train-fraction", "1.5"], "train_fraction must be in (0, 1]"),
+    case("train fraction nan", &["train", "--config", "{T}/r_ok.toml", "--train-fraction", "NaN"], "train_fraction must be a finite number"),
     case("train resume before any checkpoint", &["train", "--resume", "{T}/run_nockpt"], "has no checkpoint-last.safetensors to resume from"),
     case("train empty class folder", &["train", "--config", "{T}/r_ok.toml", "--dataset", "folder:{T}/emptyclass"], "emptyclass/train/b"),
     case("train text file in class", &["train", "--config", "{T}/r_ok.toml", "--dataset", "folder:{T}/textfile"], "notes.txt"),

@@ -827,3 +827,59 @@ fn a_streamed_photo_folder_trains_resumes_exactly_and_evaluates_as_trained() {
     ]);
     assert!(e.contains("3.jpg") && e.contains("cannot decode"), "{e}");
 }
+
+#[test]
+fn a_train_fraction_trains_on_a_class_balanced_part() {
+    let (dir, recipe) = setup("epochs = 1\nval_size = 50\n");
+    let line = |args: &[&str]| {
+        let out = ok(args);
+        out.lines()
+            .find(|l| l.starts_with("data: "))
+            .unwrap_or_else(|| panic!("no data line in {out}"))
+            .to_string()
+    };
+    let full = line(&[
+        "train",
+        "--config",
+        p(&recipe),
+        "--out",
+        p(&dir.path().join("full")),
+        "--max-steps",
+        "1",
+    ]);
+    assert!(
+        full.starts_with("data: 350 training images, 50 validation, 100 test"),
+        "{full}"
+    );
+    let half = line(&[
+        "train",
+        "--config",
+        p(&recipe),
+        "--out",
+        p(&dir.path().join("half")),
+        "--max-steps",
+        "1",
+        "--train-fraction",
+        "0.5",
+    ]);
+    let n: usize = half["data: ".len()..]
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((170..=180).contains(&n), "{half}");
+    assert!(half.contains("(50% of them, class-balanced)"), "{half}");
+    // The fraction is part of the run: a resume keeps it.
+    let resumed = line(&[
+        "train",
+        "--resume",
+        p(&dir.path().join("half")),
+        "--max-steps",
+        "2",
+    ]);
+    assert!(
+        resumed.starts_with(&format!("data: {n} training images")),
+        "{resumed}"
+    );
+}

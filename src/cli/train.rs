@@ -108,6 +108,10 @@ pub struct RecipeFlags {
     /// core).
     #[arg(long)]
     workers: Option<usize>,
+    /// Train on this fraction of the training images: a seeded, class-balanced subset
+    /// (default 1).
+    #[arg(long)]
+    train_fraction: Option<f64>,
     /// Training images held out for validation (default: 10% of them, at most 5000;
     /// 0 = none).
     #[arg(long)]
@@ -289,6 +293,7 @@ mod tests {
             ratio: [0.5, 2.0],
             crop_pct: Some(0.75),
             workers: Some(3),
+            train_fraction: 0.5,
             val_size: Some(100),
             eval_batch_size: Some(50),
             seed: 9,

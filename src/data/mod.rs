@@ -45,4 +45,4 @@ pub use load::{cache_dir_for, load, open, LoadOptions, MIRROR_ENV, SYSTEM_FASHIO
 pub use loader::{default_workers, Batch, Batches, DataLoader, Images, LoaderConfig, PREFETCH};
 pub use photo::{CenterCrop, PhotoCrop, RandomResizedCrop};
 pub use spec::{DatasetSpec, RemoteFile, Split, KNOWN_DATASETS};
-pub use split::{split_indices, split_validation, ValSize};
+pub use split::{class_balanced_fraction, split_indices, split_validation, ValSize};

@@ -11,6 +11,8 @@ pub(crate) const STREAM_SHUFFLE: u64 = 0x5348_5546; // "SHUF"
 pub(crate) const STREAM_AUGMENT: u64 = 0x4155_474d; // "AUGM"
 /// Stream used for the random resized crop of an image file.
 pub(crate) const STREAM_CROP: u64 = 0x4352_4f50; // "CROP"
+/// Stream used for a class-balanced fraction of the training set.
+pub(crate) const STREAM_FRACTION: u64 = 0x4652_4143; // "FRAC"
 /// Stream used for the train/validation split.
 pub(crate) const STREAM_SPLIT: u64 = 0x5350_4c54; // "SPLT"
 

@@ -2,7 +2,7 @@
 //! choice of images, so the same seed always holds out the same images.
 
 use super::dataset::Dataset;
-use super::rng::{keyed_rng, permutation, STREAM_SPLIT};
+use super::rng::{keyed_rng, permutation, STREAM_FRACTION, STREAM_SPLIT};
 use crate::{Error, Result};
 
 /// How many training images to hold out for validation.
@@ -61,6 +61,35 @@ pub fn split_indices(n: usize, size: ValSize, seed: u64) -> Result<(Vec<usize>, 
     val_idx.sort_unstable();
     train_idx.sort_unstable();
     Ok((train_idx, val_idx))
+}
+
+/// A seeded, class-balanced choice of `fraction` (in (0, 1]) of the images with `labels`:
+/// from each class, round(fraction × its count) images (at least one), chosen by a
+/// permutation keyed by `seed`, returned sorted. The same seed and labels always give the
+/// same subset; a larger fraction is not a superset of a smaller one.
+pub fn class_balanced_fraction(labels: &[u32], fraction: f64, seed: u64) -> Result<Vec<usize>> {
+    if !(fraction > 0.0 && fraction <= 1.0) {
+        return Err(Error::Invalid(format!(
+            "train fraction must be in (0, 1], got {fraction}"
+        )));
+    }
+    let classes = labels.iter().map(|&l| l as usize + 1).max().unwrap_or(0);
+    let mut by_class: Vec<Vec<usize>> = vec![Vec::new(); classes];
+    for (i, &l) in labels.iter().enumerate() {
+        by_class[l as usize].push(i);
+    }
+    let mut chosen = Vec::new();
+    for (c, members) in by_class.iter().enumerate() {
+        if members.is_empty() {
+            continue;
+        }
+        let k = ((fraction * members.len() as f64).round() as usize).clamp(1, members.len());
+        let mut rng = keyed_rng(STREAM_FRACTION, seed, c as u64, members.len() as u64);
+        let order = permutation(&mut rng, members.len());
+        chosen.extend(order[..k].iter().map(|&j| members[j]));
+    }
+    chosen.sort_unstable();
+    Ok(chosen)
 }
 
 #[cfg(test)]
@@ -129,5 +158,31 @@ mod tests {
             split_validation(&big, ValSize::DEFAULT, 3).unwrap(),
             split_validation(&big, ValSize::Count(5000), 3).unwrap()
         );
+    }
+
+    #[test]
+    fn a_fraction_keeps_every_class_in_proportion() {
+        // 100 of class 0, 30 of class 1, 1 of class 2.
+        let labels: Vec<u32> = (0..131)
+            .map(|i| match i {
+                0..100 => 0,
+                100..130 => 1,
+                _ => 2,
+            })
+            .collect();
+        let pick = class_balanced_fraction(&labels, 0.1, 7).unwrap();
+        let count = |c: u32| pick.iter().filter(|&&i| labels[i] == c).count();
+        assert_eq!((count(0), count(1), count(2)), (10, 3, 1));
+        assert!(pick.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(pick, class_balanced_fraction(&labels, 0.1, 7).unwrap());
+        assert_ne!(pick, class_balanced_fraction(&labels, 0.1, 8).unwrap());
+        assert_eq!(
+            class_balanced_fraction(&labels, 1.0, 7).unwrap(),
+            (0..131).collect::<Vec<_>>()
+        );
+        for bad in [0.0, -0.5, 1.5, f64::NAN] {
+            let e = class_balanced_fraction(&labels, bad, 0).unwrap_err();
+            assert!(e.to_string().contains("train fraction"), "{e}");
+        }
     }
 }

@@ -56,6 +56,13 @@ impl Progress {
         self.mode == ProgressMode::Quiet
     }
 
+    /// A message shown unless quiet (what the run is about to do).
+    pub fn info(&self, msg: &str) {
+        if self.mode != ProgressMode::Quiet {
+            println!("{msg}");
+        }
+    }
+
     /// A message that is always shown (warnings).
     pub fn note(&self, msg: &str) {
         match &self.bar {

@@ -61,6 +61,9 @@ pub struct Recipe {
     /// Image folders: threads decoding images, at the lowest priority; unset: one per core
     /// (timm `--workers`).
     pub workers: Option<usize>,
+    /// Train on this fraction of the training images (after the validation split): a
+    /// seeded, class-balanced subset, to measure how accuracy grows with data. Default 1.
+    pub train_fraction: f64,
     /// Images held out of the training set for validation; unset: 10% of the training
     /// set, at most 5,000 ([`crate::data::ValSize::DEFAULT`]).
     pub val_size: Option<usize>,
@@ -109,6 +112,7 @@ impl Default for Recipe {
             ratio: RandomResizedCrop::default().ratio,
             crop_pct: None,
             workers: None,
+            train_fraction: 1.0,
             val_size: None,
             eval_batch_size: None,
             seed: 0,
@@ -212,6 +216,7 @@ impl Recipe {
                 ("scale", self.scale[1]),
                 ("ratio", self.ratio[0]),
                 ("ratio", self.ratio[1]),
+                ("train_fraction", self.train_fraction),
             ]
             .into_iter()
             .chain(self.drop_path.map(|d| ("drop_path", d)))
@@ -225,6 +230,12 @@ impl Recipe {
                 filter: ResizeFilter::Bicubic,
             };
             crop.validate().map_err(cfg_err)?;
+        }
+        if !(self.train_fraction > 0.0 && self.train_fraction <= 1.0) {
+            return bad(format!(
+                "train_fraction must be in (0, 1], got {}",
+                self.train_fraction
+            ));
         }
         if self.workers == Some(0) {
             return bad("workers must be at least 1".into());

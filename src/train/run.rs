@@ -73,7 +73,8 @@ impl Data {
 }
 
 /// Opens the recipe's dataset at the model's input size and channel count, and holds out
-/// its validation set (`val_size` images; unset: [`ValSize::DEFAULT`]). Image folders are
+/// its validation set (`val_size` images; unset: [`ValSize::DEFAULT`]), then keeps
+/// `train_fraction` of the rest (class-balanced). Image folders are
 /// streamed (random resized crops for training, the preset's resize and center crop for
 /// evaluation, normalised with the preset's pretrained statistics); other datasets are
 /// held in memory, padded-cropped and normalised with the dataset's statistics. The class
@@ -101,6 +102,13 @@ pub fn load_data(recipe: &Recipe, cfg: &ModelConfig, quiet: bool) -> Result<Data
         let size = recipe.val_size.map_or(ValSize::DEFAULT, ValSize::Count);
         let (t, v) = data::split_indices(full.len(), size, recipe.seed)?;
         (full.subset(&t)?, full.subset(&v)?)
+    };
+    let train = if recipe.train_fraction < 1.0 {
+        let keep =
+            data::class_balanced_fraction(train.labels(), recipe.train_fraction, recipe.seed)?;
+        train.subset(&keep)?
+    } else {
+        train
     };
     let mut augment = AugmentConfig::for_spec(&spec, cfg.in_channels(), recipe.crop_pad);
     if let Some(f) = recipe.hflip {
@@ -225,6 +233,21 @@ pub fn train(
             recipe.batch_size
         )));
     }
+    let fraction = if recipe.train_fraction < 1.0 {
+        format!(
+            " ({}% of them, class-balanced)",
+            100.0 * recipe.train_fraction
+        )
+    } else {
+        String::new()
+    };
+    progress.info(&format!(
+        "data: {} training images{fraction}, {} validation, {} test, {} classes",
+        data.train.len(),
+        data.val.len(),
+        data.test.len(),
+        data.train.num_classes()
+    ));
     let class_names = data.train.class_names().to_vec();
     let preprocess = data.preprocess.clone();
     let micro = recipe.batch_size / recipe.accum_steps;
