@@ -17,7 +17,13 @@ each fixture contains:
                    expected outputs, and ours_config.json (our config for it)
   predict/         two PNG images and logits after timm / HF preprocessing
   grad_tiny/       loss, gradients, grad norm and two clipped AdamW steps (timm naming)
-  timm_param_counts.json  parameter counts of standard timm ViTs (num_classes=1000)
+  deit_tiny/       timm distilled DeiT (class + distillation tokens, two heads averaged):
+                   weights, our config, input/logits/features/attention probs, and the
+                   32 -> 48 px resolution change (two prefix tokens kept)
+  timm_param_counts.json  parameter counts of standard timm ViTs and DeiTs (num_classes=1000)
+
+`scripts/make_fixtures.py NAME...` remakes only the named parts (timm_tiny, timm_meanpool,
+hf_tiny+predict, grad_tiny, imagenet_classes, deit_tiny, param_counts).
 
 All parameters are perturbed after construction (LayerNorm weights 1 + 0.1*randn,
 biases 0.02*randn, other tensors get noise) so that no weight is trivially 0 or 1.
@@ -38,6 +44,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from timm.data import ImageNetInfo, create_transform
 from timm.layers import resample_abs_pos_embed
+from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -157,6 +164,41 @@ def make_timm_tiny():
     exp["pos_timm_6x6"] = model48.pos_embed.detach()
     assert torch.allclose(exp["pos_timm_6x6"],
                           resample_abs_pos_embed(pos, new_size=(6, 6), num_prefix_tokens=1))
+    save(exp, os.path.join(d, "expected.safetensors"))
+    return model
+
+
+# ---------------------------------------------------------------- A2. deit_tiny
+def make_deit_tiny():
+    seed(7)
+    kw = dict(patch_size=8, in_chans=3, num_classes=10, embed_dim=64, depth=2, num_heads=4,
+              mlp_ratio=4.0, qkv_bias=True)
+    model = VisionTransformerDistilled(img_size=32, **kw).eval()
+    perturb(model)
+    d = out_dir("deit_tiny")
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    save(sd, os.path.join(d, "model.safetensors"))
+    cfg = ours((32, 32), 8, 3, 10, 64, 2, 4, 4.0, True, "cls", False, True, 1e-6)
+    cfg["distilled"] = True
+    write_json(cfg, os.path.join(d, "config.json"))
+
+    x = torch.randn(2, 3, 32, 32)
+    exp = {"input": x, **timm_run(model, x)}
+    with torch.no_grad():
+        feats = exp["features"]
+        exp["logits_cls"] = model.head(feats[:, 0])
+        exp["logits_dist"] = model.head_dist(feats[:, 1])
+    assert torch.allclose(exp["logits"], (exp["logits_cls"] + exp["logits_dist"]) / 2, atol=1e-6)
+    # 32 px weights -> 48 px model: both prefix tokens kept, the 4x4 grid resampled to 6x6.
+    model48 = VisionTransformerDistilled(img_size=48, **kw).eval()
+    sd48 = dict(sd)
+    sd48["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], new_size=(6, 6),
+                                               num_prefix_tokens=2)
+    model48.load_state_dict(sd48)
+    x48 = torch.randn(1, 3, 48, 48)
+    with torch.no_grad():
+        exp["input_48"] = x48
+        exp["logits_48"] = model48(x48)
     save(exp, os.path.join(d, "expected.safetensors"))
     return model
 
@@ -317,7 +359,10 @@ def make_imagenet_classes():
 # ------------------------------------------------------- timm parameter counts
 VARIANTS = ["vit_tiny_patch16_224", "vit_small_patch16_224", "vit_small_patch32_224",
             "vit_base_patch16_224", "vit_base_patch32_224", "vit_base_patch16_384",
-            "vit_large_patch16_224", "vit_huge_patch14_224"]
+            "vit_large_patch16_224", "vit_huge_patch14_224",
+            "deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224",
+            "deit_tiny_distilled_patch16_224", "deit_small_distilled_patch16_224",
+            "deit_base_distilled_patch16_224"]
 
 
 def param_counts():
@@ -335,14 +380,24 @@ def param_counts():
 def main():
     print(f"torch {torch.__version__}, timm {timm.__version__}, "
           f"transformers {transformers.__version__}, python {sys.version.split()[0]}")
-    tiny = make_timm_tiny()
-    make_timm_meanpool()
-    hf, processor = make_hf_tiny()
-    make_predict(tiny, hf, processor)
-    make_grad_tiny()
-    make_imagenet_classes()
-    print("timm parameter counts (num_classes=1000):")
-    param_counts()
+    only = set(sys.argv[1:])
+    run = lambda name: not only or name in only  # noqa: E731
+    if run("timm_tiny") or run("hf_tiny+predict"):
+        tiny = make_timm_tiny()
+    if run("timm_meanpool"):
+        make_timm_meanpool()
+    if run("hf_tiny+predict"):
+        hf, processor = make_hf_tiny()
+        make_predict(tiny, hf, processor)
+    if run("grad_tiny"):
+        make_grad_tiny()
+    if run("imagenet_classes"):
+        make_imagenet_classes()
+    if run("deit_tiny"):
+        make_deit_tiny()
+    if run("param_counts"):
+        print("timm parameter counts (num_classes=1000):")
+        param_counts()
     total = 0
     for dirpath, _, files in sorted(os.walk(FIX)):
         for f in sorted(files):

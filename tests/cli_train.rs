@@ -883,3 +883,35 @@ fn a_train_fraction_trains_on_a_class_balanced_part() {
         "{resumed}"
     );
 }
+
+#[test]
+fn a_distilled_deit_trains_resumes_and_evaluates() {
+    // The recipe's model table with DeiT's distillation token and second head.
+    let (dir, recipe) = setup("epochs = 1\nval_size = 50\n");
+    let text = std::fs::read_to_string(&recipe)
+        .unwrap()
+        .replace("mlp_ratio = 2.0\n", "mlp_ratio = 2.0\ndistilled = true\n");
+    std::fs::write(&recipe, text).unwrap();
+    let run = dir.path().join("run");
+    let args = ["train", "--config", p(&recipe), "--out", p(&run), "--quiet"];
+    ok(&[&args[..], &["--max-steps", "3"]].concat());
+    let ck = weights(&run.join("checkpoint-last.safetensors"));
+    for name in ["dist_token", "head_dist.weight", "head.weight"] {
+        assert!(ck.iter().any(|(n, _)| n == name), "{name} missing");
+    }
+    let resumed = ok(&["train", "--resume", p(&run), "--max-steps", "6", "--quiet"]);
+    assert!(resumed.contains("test accuracy"), "{resumed}");
+    let eval = ok(&[
+        "eval",
+        "--checkpoint",
+        p(&run.join("checkpoint-best.safetensors")),
+        "--data-dir",
+        p(&dir.path().join("data")),
+    ]);
+    assert!(eval.contains("100 images: accuracy"), "{eval}");
+    let info = ok(&["info", "deit_tiny_distilled_patch16_224"]);
+    assert!(
+        info.contains("5,910,800") || info.contains("5910800"),
+        "{info}"
+    );
+}

@@ -42,6 +42,33 @@ fn timm_tiny_matches_timm() {
 }
 
 #[test]
+fn distilled_deit_matches_timm() {
+    check_outputs("deit_tiny", "config.json");
+    // At 48 px: both prefix tokens kept, the patch grid resampled as timm does.
+    let mut cfg = ModelConfig::from_file(&fixture("deit_tiny/config.json")).unwrap();
+    cfg.set_image_size([48, 48]);
+    let ck = Checkpoint::load(&fixture("deit_tiny/model.safetensors")).unwrap();
+    let (tensors, warnings) = ck.fit(&cfg, PosResample::Timm, None).unwrap();
+    assert!(warnings[0].contains("4x4 to a 6x6"), "{warnings:?}");
+    let m = cfg
+        .build(VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu))
+        .unwrap();
+    let want = load("deit_tiny/expected.safetensors");
+    let got = m.forward(&want["input_48"]).unwrap();
+    assert_close("logits_48", &got, &want["logits_48"], 1e-4);
+    // With a plain ViT config: a message that says what the checkpoint is.
+    let plain = ModelConfig::from_file(&fixture("timm_tiny/config.json")).unwrap();
+    let e = ck
+        .fit(&plain, PosResample::Timm, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("distilled DeiT") && e.contains("deit_*_distilled_*"),
+        "{e}"
+    );
+}
+
+#[test]
 fn timm_mean_pool_fc_norm_no_class_token_non_square_matches_timm() {
     check_outputs("timm_meanpool", "config.json");
 }

@@ -30,18 +30,20 @@ pub fn run(a: InfoArgs) -> anyhow::Result<()> {
 }
 
 fn print_table() -> anyhow::Result<()> {
+    let presets: Vec<_> = presets().collect();
+    let width = presets.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
     out!(
-        "{:<24} {:>14} {:>9} {:>7} {:>11}",
+        "{:<width$} {:>14} {:>9} {:>7} {:>11}",
         "preset",
         "params",
         "GFLOPs",
         "tokens",
         "resolution"
     );
-    for (name, c) in presets() {
+    for (name, c) in presets {
         let [h, w] = c.image_size();
         out!(
-            "{:<24} {:>14} {:>9.2} {:>7} {:>11}",
+            "{:<width$} {:>14} {:>9.2} {:>7} {:>11}",
             name,
             thousands(c.num_params()),
             c.flops() as f64 / 1e9,

@@ -55,9 +55,10 @@ pub trait Architecture {
     /// Every parameter with its shape, in timm naming and timm's state-dict order. The one
     /// place that knows which tensors a config implies.
     fn param_shapes(&self) -> Vec<(String, Vec<usize>)>;
-    /// The classifier head's parameter prefix (`head` as timm's ViT: `head.weight`, `head.bias`).
-    fn head_name(&self) -> &'static str {
-        "head"
+    /// The classifier heads' parameter prefixes, the main one first (`head` as timm's ViT:
+    /// `head.weight`, `head.bias`; DeiT adds `head_dist`).
+    fn head_names(&self) -> Vec<&'static str> {
+        vec!["head"]
     }
     /// The token layout, for models made of patch tokens.
     fn tokens(&self) -> Option<Tokens> {
@@ -338,8 +339,8 @@ impl Architecture for ModelConfig {
     fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
         each_arch!(self, c => Architecture::param_shapes(c))
     }
-    fn head_name(&self) -> &'static str {
-        each_arch!(self, c => c.head_name())
+    fn head_names(&self) -> Vec<&'static str> {
+        each_arch!(self, c => Architecture::head_names(c))
     }
     fn tokens(&self) -> Option<Tokens> {
         each_arch!(self, c => c.tokens())

@@ -110,6 +110,11 @@ pub struct ViTConfig {
     /// Whether a class token is prepended. Default true.
     #[serde(default = "default_true")]
     pub class_token: bool,
+    /// DeiT's distillation token after the class token, read by a second head
+    /// (`head_dist`); the two heads' logits are averaged (timm `VisionTransformerDistilled`).
+    /// Default false.
+    #[serde(default)]
+    pub distilled: bool,
     /// Block norm placement: "pre" (default) or "post".
     #[serde(default = "default_norm")]
     pub norm: NormPlacement,
@@ -151,6 +156,7 @@ impl ViTConfig {
             fc_norm: false,
             pos_embed: PosEmbed::Learned,
             class_token: true,
+            distilled: false,
             norm: NormPlacement::Pre,
             layer_norm_eps: 1e-6,
             embed_dropout: 0.0,
@@ -222,6 +228,13 @@ impl ViTConfig {
         if self.mlp_ratio <= 0.0 || self.mlp_hidden_dim() == 0 {
             return bad(format!("mlp_ratio {} gives an empty MLP", self.mlp_ratio));
         }
+        if self.distilled && !(self.class_token && self.pool == Pool::Cls && !self.fc_norm) {
+            return bad(
+                "distilled = true (DeiT) needs class_token = true, pool = \"cls\" and \
+                 fc_norm = false: its heads read the class and distillation tokens"
+                    .into(),
+            );
+        }
         if self.pool == Pool::Cls && !self.class_token {
             return bad("pool = \"cls\" needs class_token = true".into());
         }
@@ -265,9 +278,9 @@ impl ViTConfig {
         gh * gw
     }
 
-    /// Tokens in front of the patches (1 with a class token, else 0).
+    /// Tokens in front of the patches: the class token, and DeiT's distillation token.
     pub fn num_prefix_tokens(&self) -> usize {
-        usize::from(self.class_token)
+        usize::from(self.class_token) + usize::from(self.distilled)
     }
 
     /// Sequence length seen by the blocks: N + prefix tokens.
@@ -298,6 +311,9 @@ impl ViTConfig {
         if self.pos_embed == PosEmbed::Learned {
             add("pos_embed".into(), vec![1, self.num_tokens(), d]);
         }
+        if self.distilled {
+            add("dist_token".into(), vec![1, 1, d]);
+        }
         let (c, ps) = (self.in_channels, self.patch_size);
         add("patch_embed.proj.weight".into(), vec![d, c, ps, ps]);
         add("patch_embed.proj.bias".into(), vec![d]);
@@ -322,10 +338,21 @@ impl ViTConfig {
         add(format!("{final_norm}.weight"), vec![d]);
         add(format!("{final_norm}.bias"), vec![d]);
         if self.num_classes > 0 {
-            add("head.weight".into(), vec![self.num_classes, d]);
-            add("head.bias".into(), vec![self.num_classes]);
+            for head in self.head_names() {
+                add(format!("{head}.weight"), vec![self.num_classes, d]);
+                add(format!("{head}.bias"), vec![self.num_classes]);
+            }
         }
         p
+    }
+
+    /// The classifier heads: `head`, and DeiT's `head_dist`.
+    pub fn head_names(&self) -> Vec<&'static str> {
+        if self.distilled {
+            vec!["head", "head_dist"]
+        } else {
+            vec!["head"]
+        }
     }
 
     /// How one image's shape changes through the network: (stage, shape without batch).
@@ -345,7 +372,9 @@ impl ViTConfig {
             ),
             ("patch embedding".to_string(), vec![n, d]),
         ];
-        if self.class_token {
+        if self.distilled {
+            flow.push(("+ class and distillation tokens".to_string(), vec![t, d]));
+        } else if self.class_token {
             flow.push(("+ class token".to_string(), vec![t, d]));
         }
         flow.push((format!("{} blocks", self.depth), vec![t, d]));
@@ -354,6 +383,7 @@ impl ViTConfig {
             vec![self.num_heads, t, t],
         ));
         let pool = match self.pool {
+            Pool::Cls if self.distilled => "pool (class and distillation tokens)",
             Pool::Cls => "pool (class token)",
             Pool::Mean => "pool (mean of patches)",
         };
@@ -376,7 +406,7 @@ impl ViTConfig {
         let embed = 2 * n * self.patch_dim() as u64 * d;
         let attn = 2 * t * d * 3 * d + 2 * 2 * t * t * d + 2 * t * d * d;
         let mlp = 2 * 2 * t * d * h;
-        let head = 2 * d * self.num_classes as u64;
+        let head = 2 * d * self.num_classes as u64 * self.head_names().len() as u64;
         embed + self.depth as u64 * (attn + mlp) + head
     }
 }
@@ -423,12 +453,44 @@ pub const PRESETS: &[Preset<ViTConfig>] = &[
     timm("vit_huge_patch14_224", || {
         ViTConfig::timm(224, 14, 1280, 32, 16)
     }),
+    // timm deit_*: DeiT (Touvron et al. 2021), the ViT trained on ImageNet alone; the
+    // `_distilled_` ones add a distillation token and head (5,910,800 / 22,436,432 /
+    // 87,338,192 parameters).
+    deit("deit_tiny_patch16_224", || {
+        ViTConfig::timm(224, 16, 192, 12, 3)
+    }),
+    deit("deit_small_patch16_224", || {
+        ViTConfig::timm(224, 16, 384, 12, 6)
+    }),
+    deit("deit_base_patch16_224", || {
+        ViTConfig::timm(224, 16, 768, 12, 12)
+    }),
+    deit("deit_tiny_distilled_patch16_224", || ViTConfig {
+        distilled: true,
+        ..ViTConfig::timm(224, 16, 192, 12, 3)
+    }),
+    deit("deit_small_distilled_patch16_224", || ViTConfig {
+        distilled: true,
+        ..ViTConfig::timm(224, 16, 384, 12, 6)
+    }),
+    deit("deit_base_distilled_patch16_224", || ViTConfig {
+        distilled: true,
+        ..ViTConfig::timm(224, 16, 768, 12, 12)
+    }),
     // Ours: Fashion-MNIST / MNIST, 28×28×1, 7×7 patches of 4 px. Sized to train to 90% test
     // accuracy on 2 CPU cores within minutes (see BENCHMARKS.md).
     ours("vit_fmnist", || ViTConfig {
         in_channels: 1,
         num_classes: 10,
         mlp_ratio: 2.0,
+        ..ViTConfig::timm(28, 4, 64, 6, 4)
+    }),
+    // Ours: vit_fmnist with DeiT's distillation token and head.
+    ours("deit_fmnist", || ViTConfig {
+        in_channels: 1,
+        num_classes: 10,
+        mlp_ratio: 2.0,
+        distilled: true,
         ..ViTConfig::timm(28, 4, 64, 6, 4)
     }),
     // Ours: CIFAR-10 at 32×32, 8×8 patches of 4 px, DeiT-Ti / DeiT-S widths.
@@ -449,6 +511,21 @@ const fn timm(name: &'static str, config: fn() -> ViTConfig) -> Preset<ViTConfig
         name,
         config,
         pretrained: |_| Preprocess {
+            crop_pct: 0.9,
+            ..Preprocess::vit_default(3)
+        },
+    }
+}
+
+/// A timm DeiT preset with its pretrained preprocessing: ImageNet mean and std, bicubic,
+/// crop_pct 0.9.
+const fn deit(name: &'static str, config: fn() -> ViTConfig) -> Preset<ViTConfig> {
+    Preset {
+        name,
+        config,
+        pretrained: |_| Preprocess {
+            mean: vec![0.485, 0.456, 0.406],
+            std: vec![0.229, 0.224, 0.225],
             crop_pct: 0.9,
             ..Preprocess::vit_default(3)
         },
@@ -581,6 +658,8 @@ pub struct VisionTransformer {
     pub cfg: ViTConfig,
     pub patch_embed: PatchEmbed,
     pub cls_token: Option<Tensor>, // (1, 1, D)
+    /// DeiT's distillation token, (1, 1, D).
+    pub dist_token: Option<Tensor>,
     /// Learned parameter or fixed sin-cos table, (1, T, D); `None` without positions.
     pub pos_embed: Option<Tensor>,
     pub pos_drop: Dropout,
@@ -589,6 +668,8 @@ pub struct VisionTransformer {
     pub norm: LayerNorm,
     pub head_drop: Dropout,
     pub head: Option<Linear>,
+    /// DeiT's second head, on the distillation token.
+    pub head_dist: Option<Linear>,
 }
 
 impl VisionTransformer {
@@ -610,32 +691,45 @@ impl VisionTransformer {
             .map(|i| Block::new(&vb.pp(format!("blocks.{i}")), cfg, drop_path_rate(cfg, i)))
             .collect::<Result<Vec<_>>>()?;
         let norm_name = if cfg.fc_norm { "fc_norm" } else { "norm" };
-        let head = if cfg.num_classes > 0 {
-            Some(Linear::new(&vb.pp("head"), cfg.num_classes, d, true)?)
-        } else {
-            None
-        };
+        let linear = |name: &str| Linear::new(&vb.pp(name), cfg.num_classes, d, true);
+        let head = (cfg.num_classes > 0).then(|| linear("head")).transpose()?;
+        let head_dist = (cfg.num_classes > 0 && cfg.distilled)
+            .then(|| linear("head_dist"))
+            .transpose()?;
+        let dist_token = cfg
+            .distilled
+            .then(|| vb.get((1, 1, d), "dist_token"))
+            .transpose()?;
         Ok(VisionTransformer {
             cfg: cfg.clone(),
             patch_embed: PatchEmbed::new(&vb.pp("patch_embed"), cfg)?,
             cls_token,
+            dist_token,
             pos_embed,
             pos_drop: Dropout(cfg.embed_dropout),
             blocks,
             norm: LayerNorm::new(&vb.pp(norm_name), d, cfg.layer_norm_eps)?,
             head_drop: Dropout(cfg.head_dropout),
             head,
+            head_dist,
         })
     }
 
     /// Images (B, C, H, W) → tokens (B, T, D) with positions added, before the blocks.
     fn embed(&self, x: &Tensor, mode: &mut Mode) -> Result<Tensor> {
         self.check_input(x)?;
-        let mut x = self.patch_embed.forward(x)?; // (B, N, D)
-        if let Some(cls) = &self.cls_token {
-            let (b, d) = (x.dim(0)?, cls.dim(2)?);
-            x = Tensor::cat(&[&cls.broadcast_as((b, 1, d))?, &x], 1)?; // (B, N+1, D)
+        let x = self.patch_embed.forward(x)?; // (B, N, D)
+        let (b, d) = (x.dim(0)?, x.dim(2)?);
+        let mut parts = Vec::new();
+        for token in [&self.cls_token, &self.dist_token].into_iter().flatten() {
+            parts.push(token.broadcast_as((b, 1, d))?);
         }
+        let mut x = if parts.is_empty() {
+            x
+        } else {
+            parts.push(x);
+            Tensor::cat(&parts, 1)? // (B, prefix + N, D)
+        };
         if let Some(pos) = &self.pos_embed {
             x = x.broadcast_add(pos)?; // (B, T, D)
         }
@@ -681,8 +775,22 @@ impl Classifier for VisionTransformer {
     }
 
     /// Token features (B, T, D) → logits (B, classes) (or pooled features without a head),
-    /// as timm's `forward_head`.
+    /// as timm's `forward_head`. DeiT: the class token's and the distillation token's logits,
+    /// averaged (their features averaged without a head).
     fn forward_head_t(&self, feats: &Tensor, mode: &mut Mode) -> Result<Tensor> {
+        if self.cfg.distilled {
+            let x = self
+                .head_drop
+                .forward(&feats.narrow(1, 0, 1)?.squeeze(1)?, mode)?; // (B, D)
+            let x_dist = self
+                .head_drop
+                .forward(&feats.narrow(1, 1, 1)?.squeeze(1)?, mode)?;
+            let (a, b) = match (&self.head, &self.head_dist) {
+                (Some(h), Some(hd)) => (h.forward(&x)?, hd.forward(&x_dist)?), // (B, K) each
+                _ => (x, x_dist),
+            };
+            return Ok(((a + b)? / 2.0)?);
+        }
         let prefix = self.cfg.num_prefix_tokens();
         let pooled = match self.cfg.pool {
             Pool::Cls => feats.narrow(1, 0, 1)?.squeeze(1)?, // (B, D)
@@ -770,6 +878,9 @@ impl Architecture for ViTConfig {
     }
     fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
         ViTConfig::param_shapes(self)
+    }
+    fn head_names(&self) -> Vec<&'static str> {
+        ViTConfig::head_names(self)
     }
     fn tokens(&self) -> Option<Tokens> {
         Some(Tokens {
@@ -891,6 +1002,12 @@ mod tests {
             ("vit_base_patch16_384", 86_859_496),
             ("vit_large_patch16_224", 304_326_632),
             ("vit_huge_patch14_224", 632_045_800),
+            ("deit_tiny_patch16_224", 5_717_416),
+            ("deit_small_patch16_224", 22_050_664),
+            ("deit_base_patch16_224", 86_567_656),
+            ("deit_tiny_distilled_patch16_224", 5_910_800),
+            ("deit_small_distilled_patch16_224", 22_436_432),
+            ("deit_base_distilled_patch16_224", 87_338_192),
         ];
         for (name, n) in want {
             assert_eq!(ModelConfig::preset(name).unwrap().num_params(), n, "{name}");
@@ -1083,6 +1200,10 @@ mod tests {
             ViTConfig {
                 norm: NormPlacement::Post,
                 qkv_bias: false,
+                ..tiny(Pool::Cls)
+            },
+            ViTConfig {
+                distilled: true,
                 ..tiny(Pool::Cls)
             },
         ] {

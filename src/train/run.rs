@@ -183,14 +183,13 @@ fn initial_weights(
     let Some(path) = &recipe.init else {
         return Ok((fresh, vec![]));
     };
-    let head = cfg.head_name();
-    let new_head = match (
-        fresh.get(&format!("{head}.weight")),
-        fresh.get(&format!("{head}.bias")),
-    ) {
-        (Some(w), Some(b)) => Some((w.clone(), b.clone())),
-        _ => None,
-    };
+    let new_head: HashMap<String, Tensor> = cfg
+        .head_names()
+        .iter()
+        .flat_map(|h| [format!("{h}.weight"), format!("{h}.bias")])
+        .filter_map(|n| Some((n.clone(), fresh.get(&n)?.clone())))
+        .collect();
+    let new_head = (!new_head.is_empty()).then_some(new_head);
     let fitted = weights::load_fitted(
         path,
         &Arch::Config(cfg.clone()),

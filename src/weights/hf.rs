@@ -137,7 +137,7 @@ pub fn to_hf_names(timm: &HashMap<String, Tensor>) -> Result<HashMap<String, Ten
             "head.bias" => "classifier.bias",
             other => {
                 return Err(Error::Invalid(format!(
-                    "tensor {other} has no HuggingFace name (HF's ViT has no fc_norm)"
+                    "tensor {other} has no name in HuggingFace's ViT (which has no fc_norm and no DeiT distillation token)"
                 )))
             }
         };

@@ -172,7 +172,7 @@ impl Checkpoint {
             Arch::Config(c) => c.clone(),
             Arch::Preset(name) => {
                 let mut c = ModelConfig::preset(name)?;
-                if let Some(k) = self.head_classes(c.head_name()) {
+                if let Some(k) = self.head_classes(c.head_names()[0]) {
                     c.set_num_classes(k);
                 }
                 c
@@ -205,7 +205,7 @@ impl Checkpoint {
         &self,
         cfg: &ModelConfig,
         resample: PosResample,
-        new_head: Option<(Tensor, Tensor)>,
+        new_head: Option<HashMap<String, Tensor>>,
     ) -> Result<(HashMap<String, Tensor>, Vec<String>)> {
         let mut warnings = Vec::new();
         let mut tensors = self.tensors.clone();
@@ -216,6 +216,21 @@ impl Checkpoint {
 
         let expected = cfg.param_shapes();
         let shape_of = |name: &str| expected.iter().find(|(n, _)| n == name).map(|(_, s)| s);
+
+        // A distilled DeiT checkpoint for a config without its token (or the reverse) would
+        // otherwise fail on the position embedding's token count.
+        let wants_dist = shape_of("dist_token").is_some();
+        if tensors.contains_key("dist_token") != wants_dist {
+            return Err(err(if wants_dist {
+                "the config is a distilled DeiT but the checkpoint has no dist_token: use the \
+                 preset without `distilled` (e.g. deit_tiny_patch16_224)"
+                    .into()
+            } else {
+                "the checkpoint is a distilled DeiT (it has dist_token and head_dist): use a \
+                 deit_*_distilled_* preset, or distilled = true in the config"
+                    .into()
+            }));
+        }
 
         // Position embedding of another grid: resample the patch part.
         if let (Some(tokens), Some(want), Some(pos)) = (
@@ -242,38 +257,44 @@ impl Checkpoint {
             }
         }
 
-        // Head of another class count.
-        let (head_w, head_b) = (
-            format!("{}.weight", cfg.head_name()),
-            format!("{}.bias", cfg.head_name()),
-        );
+        // Heads of another class count (or absent).
         let num_classes = cfg.num_classes();
-        if let (Some(found), true) = (self.head_classes(cfg.head_name()), num_classes > 0) {
-            if found != num_classes {
-                let Some((w, b)) = new_head else {
-                    return Err(err(format!(
-                        "its head has {found} classes but the config asks for {num_classes}"
-                    )));
-                };
-                warnings.push(format!(
-                    "head dropped: the checkpoint has {found} classes, the config {num_classes}; \
-                     a new head is initialised"
-                ));
-                tensors.insert(head_w.clone(), w);
-                tensors.insert(head_b.clone(), b);
-            }
-        } else if num_classes > 0 && !tensors.contains_key(&head_w) {
-            if let Some((w, b)) = new_head {
-                warnings.push("the checkpoint has no head; a new head is initialised".into());
-                tensors.insert(head_w.clone(), w);
-                tensors.insert(head_b.clone(), b);
-            }
-        }
-        if num_classes == 0 {
-            for k in [&head_w, &head_b] {
-                if tensors.remove(k).is_some() {
-                    warnings.push(format!("{k} ignored: the config has no head"));
+        for head in cfg.head_names() {
+            let (head_w, head_b) = (format!("{head}.weight"), format!("{head}.bias"));
+            let fresh = new_head
+                .as_ref()
+                .and_then(|t| Some((t.get(&head_w)?.clone(), t.get(&head_b)?.clone())));
+            if num_classes == 0 {
+                for k in [&head_w, &head_b] {
+                    if tensors.remove(k).is_some() {
+                        warnings.push(format!("{k} ignored: the config has no head"));
+                    }
                 }
+                continue;
+            }
+            let replace = match self.head_classes(head) {
+                Some(found) if found != num_classes => {
+                    if fresh.is_none() {
+                        return Err(err(format!(
+                            "its {head} has {found} classes but the config asks for \
+                             {num_classes}"
+                        )));
+                    }
+                    Some(format!(
+                        "{head} dropped: the checkpoint has {found} classes, the config \
+                         {num_classes}; a new {head} is initialised"
+                    ))
+                }
+                Some(_) => None,
+                None if !tensors.contains_key(&head_w) && fresh.is_some() => Some(format!(
+                    "the checkpoint has no {head}; a new {head} is initialised"
+                )),
+                None => None,
+            };
+            if let (Some(warning), Some((w, b))) = (replace, fresh) {
+                warnings.push(warning);
+                tensors.insert(head_w, w);
+                tensors.insert(head_b, b);
             }
         }
 
@@ -355,8 +376,9 @@ pub struct FitOptions {
     /// Square input size overriding the config's (the position embedding is resampled).
     pub img_size: Option<usize>,
     pub resample: PosResample,
-    /// Fresh head tensors (weight, bias) for a head of another class count (fine-tuning).
-    pub new_head: Option<(Tensor, Tensor)>,
+    /// Fresh head tensors by name (`head.weight`, `head.bias`, and those of every other
+    /// head the config has) for heads of another class count (fine-tuning).
+    pub new_head: Option<HashMap<String, Tensor>>,
 }
 
 /// A checkpoint fitted to the config it runs with.

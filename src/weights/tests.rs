@@ -170,13 +170,44 @@ fn head_of_another_size_is_replaced_only_when_asked() {
         e.contains("head has 4 classes but the config asks for 10"),
         "{e}"
     );
-    let head = (
-        Tensor::zeros((10, 16), DType::F32, &Device::Cpu).unwrap(),
-        Tensor::zeros(10, DType::F32, &Device::Cpu).unwrap(),
-    );
-    let (t, w) = ck.fit(&vit(&ten), PosResample::Timm, Some(head)).unwrap();
+    let fresh = |dist: bool| {
+        let mut m = std::collections::HashMap::new();
+        for h in if dist {
+            vec!["head", "head_dist"]
+        } else {
+            vec!["head"]
+        } {
+            let w = Tensor::zeros((10, 16), DType::F32, &Device::Cpu).unwrap();
+            m.insert(format!("{h}.weight"), w);
+            let b = Tensor::zeros(10, DType::F32, &Device::Cpu).unwrap();
+            m.insert(format!("{h}.bias"), b);
+        }
+        m
+    };
+    let (t, w) = ck
+        .fit(&vit(&ten), PosResample::Timm, Some(fresh(false)))
+        .unwrap();
     assert_eq!(t["head.weight"].dims(), &[10, 16]);
     assert!(w[0].contains("head dropped"), "{w:?}");
+    // A distilled DeiT fine-tuned to another class count: both heads replaced.
+    let deit4 = ViTConfig {
+        distilled: true,
+        ..tiny()
+    };
+    let ck = Checkpoint::load(&saved(dir.path(), &deit4)).unwrap();
+    let deit10 = ViTConfig {
+        num_classes: 10,
+        ..deit4.clone()
+    };
+    let (t, w) = ck
+        .fit(&vit(&deit10), PosResample::Timm, Some(fresh(true)))
+        .unwrap();
+    assert_eq!(t["head_dist.weight"].dims(), &[10, 16]);
+    assert_eq!(w.len(), 2, "{w:?}");
+    assert!(w[1].contains("head_dist dropped"), "{w:?}");
+    let e = ck.fit(&vit(&deit10), PosResample::Timm, None).unwrap_err();
+    assert!(e.to_string().contains("head has 4 classes"), "{e}");
+    let ck = Checkpoint::load(&saved(dir.path(), &tiny())).unwrap();
     let features = ViTConfig {
         num_classes: 0,
         ..tiny()
