@@ -305,7 +305,7 @@ impl Runner {
         match self {
             Runner::Train { net, opt, x, y } => {
                 // The same calls as one step of `train::train` with accum_steps = 1.
-                let m = forward_backward(net, opt, x, y, LABEL_SMOOTHING, 1, &|_| None)?;
+                let m = forward_backward(net, opt, x, y, LABEL_SMOOTHING, 1, &|_| None, None)?;
                 if !m.loss.is_finite() {
                     return Err(Error::Numeric(format!("bench: loss became {}", m.loss)));
                 }

@@ -915,3 +915,105 @@ fn a_distilled_deit_trains_resumes_and_evaluates() {
         "{info}"
     );
 }
+
+#[test]
+fn a_deit_student_learns_from_a_teacher_and_resumes_exactly() {
+    let (dir, recipe) = setup("epochs = 2\nval_size = 50\n");
+    // The teacher: the recipe's plain ViT, a few steps.
+    let teacher = dir.path().join("teacher");
+    ok(&[
+        "train",
+        "--config",
+        p(&recipe),
+        "--out",
+        p(&teacher),
+        "--max-steps",
+        "8",
+        "--quiet",
+    ]);
+    let teacher_ck = teacher.join("checkpoint-best.safetensors");
+    // The student: the same with DeiT's distillation token, soft distillation.
+    let student = dir.path().join("student.toml");
+    let text = std::fs::read_to_string(&recipe)
+        .unwrap()
+        .replace("mlp_ratio = 2.0\n", "mlp_ratio = 2.0\ndistilled = true\n");
+    std::fs::write(&student, text).unwrap();
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "train",
+            "--config",
+            p(&student),
+            "--out",
+            p(out),
+            "--teacher",
+            p(&teacher_ck),
+            "--distill",
+            "soft",
+            "--distill-tau",
+            "2",
+            "--max-steps",
+            "30",
+            "--checkpoint-every",
+            "1",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let full = dir.path().join("full");
+    let a = args(&full);
+    let out = ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.contains("teacher"), "{out}");
+    let part = dir.path().join("part");
+    let mut a = args(&part);
+    a.push("--quiet".into());
+    kill_after_first_checkpoint(&part, &a.iter().map(String::as_str).collect::<Vec<_>>());
+    ok(&["train", "--resume", p(&part), "--quiet"]);
+    assert_eq!(
+        weights(&full.join("checkpoint-last.safetensors")),
+        weights(&part.join("checkpoint-last.safetensors"))
+    );
+    // Another alpha is another run: the teacher's term counts.
+    let other = dir.path().join("other");
+    let mut a = args(&other);
+    a.extend(["--distill-alpha", "0", "--quiet"].map(String::from));
+    ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_ne!(
+        weights(&full.join("checkpoint-last.safetensors")),
+        weights(&other.join("checkpoint-last.safetensors"))
+    );
+    // A teacher of another class count: one clear line, no run folder.
+    let imgs = dir.path().join("imgs");
+    gray_folder(&imgs, 3, 8);
+    let three = dir.path().join("three");
+    ok(&[
+        "train",
+        "--config",
+        p(&recipe),
+        "--dataset",
+        &format!("folder:{}", imgs.display()),
+        "--num-classes",
+        "3",
+        "--val-size",
+        "0",
+        "--out",
+        p(&three),
+        "--max-steps",
+        "1",
+        "--quiet",
+    ]);
+    let bad = dir.path().join("bad");
+    let e = fails(&[
+        "train",
+        "--config",
+        p(&student),
+        "--out",
+        p(&bad),
+        "--teacher",
+        p(&three.join("checkpoint-last.safetensors")),
+    ]);
+    assert!(
+        e.contains("the teacher has 3 classes but the student 10"),
+        "{e}"
+    );
+    assert!(!bad.exists());
+}

@@ -130,6 +130,20 @@ pub struct RecipeFlags {
     /// Also write checkpoint-last every N optimizer steps.
     #[arg(long)]
     checkpoint_every: Option<u64>,
+    /// Distil from this trained model (DeiT): a checkpoint that says its architecture, with
+    /// the student's classes; a distilled DeiT student learns from it with its second head.
+    #[arg(long)]
+    teacher: Option<PathBuf>,
+    /// hard (the teacher's top class, DeiT's default) or soft (its distribution at
+    /// --distill-tau).
+    #[arg(long)]
+    distill: Option<String>,
+    /// Weight of the distillation term (default 0.5).
+    #[arg(long)]
+    distill_alpha: Option<f64>,
+    /// Temperature of soft distillation (default 1).
+    #[arg(long)]
+    distill_tau: Option<f64>,
     /// Start from these weights (fine-tuning; timm or HF naming, any resolution).
     #[arg(long)]
     init: Option<PathBuf>,
@@ -299,6 +313,10 @@ mod tests {
             seed: 9,
             max_steps: Some(11),
             checkpoint_every: 13,
+            teacher: Some("/t.safetensors".into()),
+            distill: vit::train::DistillKind::Soft,
+            distill_alpha: 0.25,
+            distill_tau: 3.0,
             init: Some("/w.safetensors".into()),
             out: Some("/runs/x".into()),
             device: "cuda".into(),

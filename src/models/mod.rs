@@ -111,6 +111,14 @@ pub trait Classifier: Send + Sync + std::fmt::Debug {
         None
     }
 
+    /// Training with a teacher (DeiT): images → the logits of the class head and of the
+    /// distillation head, each (B, classes). A model without a distillation head gives its
+    /// logits twice, as DeiT's loss then treats them.
+    fn forward_heads_t(&self, x: &Tensor, mode: &mut Mode) -> Result<(Tensor, Tensor)> {
+        let logits = self.forward_t(x, mode)?;
+        Ok((logits.clone(), logits))
+    }
+
     /// Images (B, C, H, W) → logits (B, classes), in `mode`.
     fn forward_t(&self, x: &Tensor, mode: &mut Mode) -> Result<Tensor> {
         let feats = self.forward_features_t(x, mode)?;

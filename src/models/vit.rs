@@ -736,6 +736,21 @@ impl VisionTransformer {
         self.pos_drop.forward(&x, mode)
     }
 
+    /// DeiT: the class token's logits and the distillation token's, (B, K) each (their
+    /// features without a head).
+    fn distilled_heads(&self, feats: &Tensor, mode: &mut Mode) -> Result<(Tensor, Tensor)> {
+        let x = self
+            .head_drop
+            .forward(&feats.narrow(1, 0, 1)?.squeeze(1)?, mode)?; // (B, D)
+        let x_dist = self
+            .head_drop
+            .forward(&feats.narrow(1, 1, 1)?.squeeze(1)?, mode)?;
+        Ok(match (&self.head, &self.head_dist) {
+            (Some(h), Some(hd)) => (h.forward(&x)?, hd.forward(&x_dist)?),
+            _ => (x, x_dist),
+        })
+    }
+
     /// The final norm on every token, unless it comes after pooling (`fc_norm`).
     fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
         if self.cfg.fc_norm {
@@ -779,16 +794,7 @@ impl Classifier for VisionTransformer {
     /// averaged (their features averaged without a head).
     fn forward_head_t(&self, feats: &Tensor, mode: &mut Mode) -> Result<Tensor> {
         if self.cfg.distilled {
-            let x = self
-                .head_drop
-                .forward(&feats.narrow(1, 0, 1)?.squeeze(1)?, mode)?; // (B, D)
-            let x_dist = self
-                .head_drop
-                .forward(&feats.narrow(1, 1, 1)?.squeeze(1)?, mode)?;
-            let (a, b) = match (&self.head, &self.head_dist) {
-                (Some(h), Some(hd)) => (h.forward(&x)?, hd.forward(&x_dist)?), // (B, K) each
-                _ => (x, x_dist),
-            };
+            let (a, b) = self.distilled_heads(feats, mode)?;
             return Ok(((a + b)? / 2.0)?);
         }
         let prefix = self.cfg.num_prefix_tokens();
@@ -808,6 +814,16 @@ impl Classifier for VisionTransformer {
         match &self.head {
             Some(head) => head.forward(&pooled), // (B, classes)
             None => Ok(pooled),
+        }
+    }
+
+    fn forward_heads_t(&self, x: &Tensor, mode: &mut Mode) -> Result<(Tensor, Tensor)> {
+        let feats = self.forward_features_t(x, mode)?; // (B, T, D)
+        if self.cfg.distilled {
+            self.distilled_heads(&feats, mode)
+        } else {
+            let logits = self.forward_head_t(&feats, mode)?;
+            Ok((logits.clone(), logits))
         }
     }
 

@@ -2,10 +2,12 @@
 //! cross-entropy, backward, accumulation, clipping, AdamW, schedule), per-epoch validation,
 //! crash-safe checkpoints with exact resume, metrics, and the final report.
 //!
-//! `step` is one micro-batch (shards side by side, gradients into the optimizer), `run_dir`
+//! `step` is one micro-batch (shards side by side, gradients into the optimizer), `distill`
+//! the teacher and DeiT's distillation loss, `run_dir`
 //! the run folder (checkpoints with training state), `run` the epoch loop, `eval` the
 //! evaluation of a model or checkpoint, `optim` AdamW and the schedule, `recipe` the options.
 
+mod distill;
 mod eval;
 mod optim;
 mod progress;
@@ -17,6 +19,7 @@ mod step;
 
 use std::path::PathBuf;
 
+pub use distill::{distillation_loss, Distill, DistillKind, Teacher};
 pub use eval::{eval_checkpoint, evaluate, EvalResult};
 pub use optim::{decays, AdamW, AdamWConfig, Schedule};
 pub use progress::{Progress, ProgressMode};
@@ -24,7 +27,9 @@ pub use recipe::Recipe;
 pub use report::{confusion_picture, curves_picture, EpochMetrics};
 pub use run::{device, load_data, train, Data};
 pub use run_dir::{default_out_dir, BEST, LAST, METRICS, RECIPE};
-pub use step::{forward_backward, forward_sharded, shard_count, MicroStep, ShardRngs, Trainable};
+pub use step::{
+    forward_backward, forward_sharded, shard_count, MicroStep, ShardRngs, Teaching, Trainable,
+};
 
 /// What a finished run reports.
 #[derive(Debug, Clone)]

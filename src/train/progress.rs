@@ -91,13 +91,26 @@ impl Progress {
     }
 
     /// One batch done: running loss and accuracy, learning rate, images per second, and the
-    /// share of the time spent waiting for data.
-    pub(super) fn step(&mut self, batch: u64, loss: f64, acc: f64, lr: f64, ips: f64, wait: f64) {
-        let msg = format!(
+    /// shares of the time spent waiting for data and running the teacher (if any).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn step(
+        &mut self,
+        batch: u64,
+        loss: f64,
+        acc: f64,
+        lr: f64,
+        ips: f64,
+        wait: f64,
+        teacher: Option<f64>,
+    ) {
+        let mut msg = format!(
             "loss {loss:.4} acc {:.2}% lr {lr:.2e} {ips:.0} img/s data-wait {:.0}%",
             100.0 * acc,
             100.0 * wait
         );
+        if let Some(t) = teacher {
+            msg.push_str(&format!(" teacher {:.0}%", 100.0 * t));
+        }
         match self.mode {
             ProgressMode::Bar => {
                 if let Some(b) = &self.bar {

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::DistillKind;
 use crate::data::{CenterCrop, DatasetSpec, RandomResizedCrop, ResizeFilter};
 use crate::models::{Architecture, ModelConfig};
 use crate::{Error, Result};
@@ -75,6 +76,15 @@ pub struct Recipe {
     pub max_steps: Option<u64>,
     /// Also write `checkpoint-last` every this many optimizer steps (0 = each epoch only).
     pub checkpoint_every: u64,
+    /// Distil from this trained model (DeiT): any checkpoint the tool reads that says its
+    /// architecture (ours, or HF with config.json), with the student's classes.
+    pub teacher: Option<PathBuf>,
+    /// "hard" (the teacher's top class, DeiT's default) or "soft" (its distribution).
+    pub distill: DistillKind,
+    /// Weight of the distillation term (the class head's loss gets 1 − α).
+    pub distill_alpha: f64,
+    /// Temperature of soft distillation.
+    pub distill_tau: f64,
     /// Start from these weights (fine-tuning; timm or HF naming, any resolution).
     pub init: Option<PathBuf>,
     /// Output folder (default `runs/<timestamp>`).
@@ -118,6 +128,10 @@ impl Default for Recipe {
             seed: 0,
             max_steps: None,
             checkpoint_every: 0,
+            teacher: None,
+            distill: DistillKind::Hard,
+            distill_alpha: 0.5,
+            distill_tau: 1.0,
             init: None,
             out: None,
             device: "cpu".into(),
@@ -174,6 +188,15 @@ impl Recipe {
         self.eval_batch_size.unwrap_or(self.batch_size)
     }
 
+    /// The distillation settings (used with a teacher).
+    pub fn distillation(&self) -> super::Distill {
+        super::Distill {
+            kind: self.distill,
+            alpha: self.distill_alpha,
+            tau: self.distill_tau,
+        }
+    }
+
     /// The training crop for image folders.
     pub fn random_resized_crop(&self) -> RandomResizedCrop {
         RandomResizedCrop {
@@ -217,6 +240,8 @@ impl Recipe {
                 ("ratio", self.ratio[0]),
                 ("ratio", self.ratio[1]),
                 ("train_fraction", self.train_fraction),
+                ("distill_alpha", self.distill_alpha),
+                ("distill_tau", self.distill_tau),
             ]
             .into_iter()
             .chain(self.drop_path.map(|d| ("drop_path", d)))
@@ -236,6 +261,15 @@ impl Recipe {
                 "train_fraction must be in (0, 1], got {}",
                 self.train_fraction
             ));
+        }
+        if !(0.0..=1.0).contains(&self.distill_alpha) {
+            return bad(format!(
+                "distill_alpha must be in [0, 1], got {}",
+                self.distill_alpha
+            ));
+        }
+        if self.distill_tau <= 0.0 {
+            return bad(format!("distill_tau must be > 0, got {}", self.distill_tau));
         }
         if self.workers == Some(0) {
             return bad("workers must be at least 1".into());

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 
+use super::distill::Teacher;
 use super::eval::{count_correct, evaluate, EvalResult};
 use super::run_dir::{self, default_out_dir, Position, BEST, LAST, METRICS, RECIPE};
 use super::step::{forward_backward, step_rng, MicroStep, Trainable};
@@ -308,6 +309,17 @@ pub fn train(
             already_finished: true,
         });
     }
+    let teacher = match &recipe.teacher {
+        Some(path) => Some(Teacher::load(
+            path,
+            &cfg,
+            &data.augment.mean,
+            &data.augment.std,
+            &dev,
+        )?),
+        None => None,
+    };
+    let distill = recipe.distillation();
     let net = Trainable::new(&cfg, &tensors, &dev)?;
     let mut opt = net.adamw(AdamWConfig {
         beta1: recipe.beta1,
@@ -355,7 +367,8 @@ pub fn train(
         );
         let mut batches = loader.epoch_from(pos.epoch, pos.batch as usize)?;
         // Time spent waiting for the loader, as a share of this epoch's time so far.
-        let (since, mut waited) = (Instant::now(), 0.0);
+        // And the time the teacher took.
+        let (since, mut waited, mut teaching) = (Instant::now(), 0.0, 0.0);
         loop {
             let asked = Instant::now();
             let Some(batch) = batches.next() else { break };
@@ -366,6 +379,9 @@ pub fn train(
             }
             let micro_idx = batch.batch_index as u64 % recipe.accum_steps as u64;
             let x = Tensor::from_vec(batch.images, batch.shape.to_vec(), &dev)?;
+            let asked = Instant::now();
+            let taught = teacher.as_ref().map(|t| t.logits(&x)).transpose()?;
+            teaching += asked.elapsed().as_secs_f64();
             let n = batch.labels.len();
             let y = Tensor::from_vec(batch.labels, n, &dev)?;
             let step = pos.step;
@@ -382,6 +398,7 @@ pub fn train(
                 recipe.label_smoothing,
                 recipe.accum_steps,
                 &rngs,
+                taught.as_ref().map(|t| (t, &distill)),
             )?;
             if !loss_value.is_finite() {
                 let last = out.join(LAST);
@@ -413,6 +430,9 @@ pub fn train(
                 lr,
                 pos.seen as f64 / pos.seconds.max(1e-9),
                 waited / since.elapsed().as_secs_f64().max(1e-9),
+                teacher
+                    .is_some()
+                    .then(|| teaching / since.elapsed().as_secs_f64().max(1e-9)),
             );
             let at_limit = recipe.max_steps.is_some_and(|m| pos.step >= m);
             if micro_idx + 1 == recipe.accum_steps as u64

@@ -11,6 +11,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
+use super::distill::{distillation_loss, Distill};
 use super::{AdamW, AdamWConfig};
 use crate::models::{Architecture, Classifier, Mode, ModelConfig};
 use crate::{ops, Error, Result};
@@ -120,8 +121,12 @@ pub fn forward_sharded(model: &dyn Classifier, x: &Tensor) -> Result<Tensor> {
     Ok(Tensor::cat(&logits, 0)?)
 }
 
+/// A teacher's logits (B, K) for the micro-batch, and how to learn from them.
+pub type Teaching<'a> = Option<(&'a Tensor, &'a Distill)>;
+
 /// One micro-batch of training, up to the optimizer step: forward in training mode
-/// (dropout and drop-path drawn from `rngs`), label-smoothed cross-entropy, backward of
+/// (dropout and drop-path drawn from `rngs`), label-smoothed cross-entropy (with a
+/// `teacher`: DeiT's distillation loss on the class and distillation heads), backward of
 /// loss / `accum_steps`, gradients added into `opt` (then [`AdamW::step`] clips and
 /// updates). A loss that is not finite is returned before backward, nothing accumulated.
 ///
@@ -130,6 +135,7 @@ pub fn forward_sharded(model: &dyn Classifier, x: &Tensor) -> Result<Tensor> {
 /// chains side by side keep both cores busy where one would leave a core waiting. The
 /// loss is the samples-weighted mean of the shards' losses, so the gradient is that of
 /// the whole micro-batch; the shards' gradients are added in shard order (deterministic).
+#[allow(clippy::too_many_arguments)] // the step's inputs, each used once
 pub fn forward_backward(
     net: &Trainable,
     opt: &mut AdamW,
@@ -138,6 +144,7 @@ pub fn forward_backward(
     label_smoothing: f64,
     accum_steps: usize,
     rngs: ShardRngs,
+    teacher: Teaching,
 ) -> Result<MicroStep> {
     let start = Instant::now();
     let n = x.dim(0)?;
@@ -149,8 +156,15 @@ pub fn forward_backward(
         .map(|(i, &(s0, s1))| -> Result<(Tensor, Tensor)> {
             let mut rng = rngs(i);
             let mut mode = Mode::from_rng(rng.as_mut());
-            let logits = net.model.forward_t(&x.narrow(0, s0, s1 - s0)?, &mut mode)?;
-            let loss = ops::cross_entropy(&logits, &y.narrow(0, s0, s1 - s0)?, label_smoothing)?;
+            let (x, y) = (x.narrow(0, s0, s1 - s0)?, y.narrow(0, s0, s1 - s0)?);
+            if let Some((t, d)) = teacher {
+                let (cls, dist) = net.model.forward_heads_t(&x, &mut mode)?;
+                let t = t.narrow(0, s0, s1 - s0)?;
+                let loss = distillation_loss(&cls, &dist, &y, &t, label_smoothing, d)?;
+                return Ok((((cls + dist)? / 2.0)?, loss)); // the inference output
+            }
+            let logits = net.model.forward_t(&x, &mut mode)?;
+            let loss = ops::cross_entropy(&logits, &y, label_smoothing)?;
             Ok((logits, loss))
         })
         .collect::<Result<_>>()?;

@@ -160,7 +160,7 @@ fn sharded_micro_batch_gives_the_whole_batch_gradient() {
         let mut opt = AdamW::new(g.net.params.clone(), cfg);
         let mut losses = vec![];
         for _ in 0..2 {
-            let m = forward_backward(&g.net, &mut opt, &x, &y, 0.1, 2, &|_| None).unwrap();
+            let m = forward_backward(&g.net, &mut opt, &x, &y, 0.1, 2, &|_| None, None).unwrap();
             assert_eq!(m.logits.dims(), &[n, g.cfg.num_classes()]);
             losses.push(m.loss);
         }
