@@ -152,6 +152,9 @@ const CASES: &[Case] = &[
     case("convert garbage input", &["convert", "{T}/garbage.safetensors", "{T}/conv.safetensors"], "garbage.safetensors"),
     case("convert missing input", &["convert", "{T}/missing.safetensors", "{T}/conv.safetensors"], "missing.safetensors"),
     case("convert nan weights", &["convert", "{T}/nan.safetensors", "{T}/conv.safetensors", "--config", "{F}/timm_tiny/config.json"], "non-finite value"),
+    // compare.
+    case("compare not a run folder", &["compare", "{T}/idx", "--out", "{T}/cmp"], "is not a run folder"),
+    case("compare missing folder", &["compare", "{T}/no_such_run", "--out", "{T}/cmp"], "no_such_run"),
     // info.
     case("info unknown preset", &["info", "vit_nonexistent_42"], "vit_nonexistent_42"),
     case("info config mlp_ratio nan", &["info", "--config", "{T}/cfg_mlp_nan.toml"], "mlp_ratio must be a finite number"),

@@ -1017,3 +1017,69 @@ fn a_deit_student_learns_from_a_teacher_and_resumes_exactly() {
     );
     assert!(!bad.exists());
 }
+
+#[test]
+fn compare_puts_runs_side_by_side() {
+    let (dir, recipe) = setup("epochs = 2\nval_size = 50\n");
+    let (a, b) = (dir.path().join("run-a"), dir.path().join("run-b"));
+    for (run, lr) in [(&a, "0.005"), (&b, "0.001")] {
+        ok(&[
+            "train",
+            "--config",
+            p(&recipe),
+            "--out",
+            p(run),
+            "--lr",
+            lr,
+            "--quiet",
+        ]);
+    }
+    let out_dir = dir.path().join("cmp");
+    let text = ok(&["compare", p(&a), p(&b), "--out", p(&out_dir)]);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines[0].starts_with("run ") && lines[0].contains("best val"),
+        "{text}"
+    );
+    assert!(
+        lines[1].starts_with("run-a") && lines[2].starts_with("run-b"),
+        "{text}"
+    );
+    assert!(out_dir.join("compare.png").exists());
+    let md = ok(&[
+        "compare",
+        p(&a),
+        p(&b),
+        "--format",
+        "md",
+        "--out",
+        p(&out_dir),
+    ]);
+    assert!(md.starts_with("| run | model |"), "{md}");
+    let json = ok(&[
+        "compare",
+        p(&a),
+        p(&b),
+        "--format",
+        "json",
+        "--out",
+        p(&out_dir),
+    ]);
+    let rows: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let report = std::fs::read_to_string(a.join("report.md")).unwrap();
+    let acc = rows[0]["test_acc"].as_f64().unwrap();
+    assert!(
+        report.contains(&format!("| test accuracy | {:.2}% |", 100.0 * acc)),
+        "{report}"
+    );
+    assert_eq!(rows[1]["epochs"], 2);
+    assert!(rows[0]["params"].as_u64().unwrap() > 0);
+    let e = fails(&[
+        "compare",
+        p(&a),
+        p(&dir.path().join("data")),
+        "--out",
+        p(&out_dir),
+    ]);
+    assert!(e.contains("not a run folder"), "{e}");
+}

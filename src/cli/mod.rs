@@ -14,6 +14,7 @@ macro_rules! out {
 
 mod attention;
 mod bench;
+mod compare;
 mod convert;
 mod eval;
 mod info;
@@ -47,6 +48,8 @@ enum Command {
     Train(Box<train::TrainArgs>),
     /// Evaluate a checkpoint on a dataset's test split.
     Eval(eval::EvalArgs),
+    /// Compare finished runs: parameters, GFLOPs, speed, accuracy, time, and compare.png.
+    Compare(compare::CompareArgs),
     /// Show how an image is cut into patches: the numbered patch grid and the token sheet.
     Patches(patches::PatchesArgs),
     /// Draw where a checkpoint looks in an image: CLS attention, rollout, all layers.
@@ -66,6 +69,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Convert(a) => convert::run(a),
         Command::Train(a) => train::run(*a),
         Command::Eval(a) => eval::run(a),
+        Command::Compare(a) => compare::run(a),
         Command::Patches(a) => patches::run(a),
         Command::Attention(a) => attention::run(a),
         Command::PosEmbed(a) => pos_embed::run(a),

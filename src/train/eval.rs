@@ -2,7 +2,7 @@
 //! dataset (no augmentation, plain cross-entropy).
 
 use candle_core::{Device, Tensor, D};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::data::{DataLoader, Images, LoaderConfig, PhotoCrop};
 use std::path::Path;
@@ -14,7 +14,7 @@ use crate::weights::{self, FitOptions};
 use crate::{ops, Error, Result};
 
 /// Results of [`evaluate`].
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EvalResult {
     pub images: usize,
     /// Mean cross-entropy (no label smoothing).

@@ -3,10 +3,11 @@
 //! crash-safe checkpoints with exact resume, metrics, and the final report.
 //!
 //! `step` is one micro-batch (shards side by side, gradients into the optimizer), `distill`
-//! the teacher and DeiT's distillation loss, `run_dir`
+//! the teacher and DeiT's distillation loss, `compare` finished runs side by side, `run_dir`
 //! the run folder (checkpoints with training state), `run` the epoch loop, `eval` the
 //! evaluation of a model or checkpoint, `optim` AdamW and the schedule, `recipe` the options.
 
+mod compare;
 mod distill;
 mod eval;
 mod optim;
@@ -19,6 +20,7 @@ mod step;
 
 use std::path::PathBuf;
 
+pub use compare::{compare_picture, compare_runs, read_run, table, RunRow};
 pub use distill::{distillation_loss, Distill, DistillKind, Teacher};
 pub use eval::{eval_checkpoint, evaluate, EvalResult};
 pub use optim::{decays, AdamW, AdamWConfig, Schedule};
@@ -26,7 +28,7 @@ pub use progress::{Progress, ProgressMode};
 pub use recipe::Recipe;
 pub use report::{confusion_picture, curves_picture, EpochMetrics};
 pub use run::{device, load_data, train, Data};
-pub use run_dir::{default_out_dir, BEST, LAST, METRICS, RECIPE};
+pub use run_dir::{default_out_dir, BEST, LAST, METRICS, RECIPE, TEST};
 pub use step::{
     forward_backward, forward_sharded, shard_count, MicroStep, ShardRngs, Teaching, Trainable,
 };

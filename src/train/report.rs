@@ -169,6 +169,10 @@ pub(super) fn write_report(
         viz::save_png(&curves_picture(history)?, &curves)?;
         files.push(curves);
     }
+    let test_json = out.join(super::run_dir::TEST);
+    let json = serde_json::to_string_pretty(test).map_err(|e| Error::Invalid(e.to_string()))?;
+    crate::atomic::write_atomic(&test_json, json.as_bytes())?;
+    files.push(test_json);
     let confusion = out.join("confusion.png");
     viz::save_png(
         &confusion_picture(test, "Confusion matrix (test set)")?,

@@ -15,6 +15,8 @@ use crate::{Error, Result};
 /// File names inside a run folder.
 pub const LAST: &str = "checkpoint-last.safetensors";
 pub const BEST: &str = "checkpoint-best.safetensors";
+/// The best checkpoint's result on the test set (JSON of `EvalResult`).
+pub const TEST: &str = "test.json";
 pub const METRICS: &str = "metrics.jsonl";
 pub const RECIPE: &str = "config.toml";
 
