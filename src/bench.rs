@@ -322,6 +322,85 @@ impl Runner {
     }
 }
 
+/// One model measured without training, as the reference documents' `compare_vision_models`
+/// prints it, but timed properly (warm-up, then the median of several runs).
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelProfile {
+    pub name: String,
+    pub params: usize,
+    /// Forward-pass GFLOPs of one image (a multiply-add counted as 2).
+    pub gflops: f64,
+    /// Output of one image (the logits' shape without the batch).
+    pub output_shape: Vec<usize>,
+    /// Forward pass of one image, milliseconds.
+    pub latency_ms: Stats,
+    /// Images per second of a forward pass at `batch`.
+    pub images_per_second: Stats,
+    pub batch: usize,
+    /// Peak resident memory while this model was built and run (VmHWM after a reset);
+    /// `None` where it cannot be read.
+    pub peak_rss_bytes: Option<u64>,
+}
+
+/// Builds `cfg` with fresh weights and times its inference: `iters` runs of one image and
+/// of a batch of `batch` images, after `warmup` runs of each.
+pub fn profile_model(
+    name: &str,
+    cfg: &ModelConfig,
+    batch: usize,
+    iters: usize,
+    warmup: usize,
+) -> Result<ModelProfile> {
+    if iters == 0 || batch == 0 {
+        return Err(Error::Invalid(
+            "compare needs at least 1 timed iteration and a batch of at least 1".into(),
+        ));
+    }
+    let reset = reset_peak_rss();
+    let dev = Device::Cpu;
+    let params = cfg.init_params(0, &dev)?.into_iter().collect();
+    let model = cfg.build(candle_nn::VarBuilder::from_tensors(
+        params,
+        candle_core::DType::F32,
+        &dev,
+    ))?;
+    let [h, w] = cfg.image_size();
+    let input = |b: usize| Tensor::randn(0f32, 1.0, (b, cfg.in_channels(), h, w), &dev);
+    let time = |x: &Tensor| -> Result<Vec<f64>> {
+        for _ in 0..warmup {
+            model.forward(x)?;
+        }
+        (0..iters)
+            .map(|_| {
+                let start = Instant::now();
+                model.forward(x)?;
+                Ok(ms(start.elapsed()))
+            })
+            .collect()
+    };
+    let one = input(1)?;
+    let output_shape = model.forward(&one)?.dims()[1..].to_vec();
+    let latency = time(&one)?;
+    let many = time(&input(batch)?)?;
+    let ips: Vec<f64> = many.iter().map(|t| batch as f64 * 1e3 / t).collect();
+    Ok(ModelProfile {
+        name: name.to_string(),
+        params: cfg.num_params(),
+        gflops: cfg.flops() as f64 / 1e9,
+        output_shape,
+        latency_ms: Stats::of(&latency).expect("iters >= 1"),
+        images_per_second: Stats::of(&ips).expect("iters >= 1"),
+        batch,
+        peak_rss_bytes: if reset { peak_rss_bytes() } else { None },
+    })
+}
+
+/// Resets this process's peak resident memory to its current size (Linux: writing 5 to
+/// `/proc/self/clear_refs`), so the next reading is the peak since now. Whether it did.
+pub fn reset_peak_rss() -> bool {
+    cfg!(target_os = "linux") && std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
 /// Peak resident memory of this process in bytes (Linux: VmHWM); `None` elsewhere.
 pub fn peak_rss_bytes() -> Option<u64> {
     if cfg!(target_os = "linux") {

@@ -155,6 +155,8 @@ const CASES: &[Case] = &[
     // compare.
     case("compare not a run folder", &["compare", "{T}/idx", "--out", "{T}/cmp"], "is not a run folder"),
     case("compare missing folder", &["compare", "{T}/no_such_run", "--out", "{T}/cmp"], "no_such_run"),
+    case("compare unknown preset", &["compare", "--presets", "vit_fmnist,vit_fmnst"], "did you mean vit_fmnist"),
+    case("compare batch zero", &["compare", "--presets", "vit_fmnist", "--batch", "0"], "batch of at least 1"),
     // info.
     case("info unknown preset", &["info", "vit_nonexistent_42"], "vit_nonexistent_42"),
     case("info config mlp_ratio nan", &["info", "--config", "{T}/cfg_mlp_nan.toml"], "mlp_ratio must be a finite number"),

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
+use vit::bench::profile_model;
 use vit::train::{compare_picture, compare_runs, table};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -18,8 +19,21 @@ pub enum Format {
 #[derive(Debug, Args)]
 pub struct CompareArgs {
     /// Run folders (written by `vit train`).
-    #[arg(required = true)]
+    #[arg(required_unless_present = "presets", conflicts_with = "presets")]
     runs: Vec<PathBuf>,
+    /// Instead of runs: these presets, untrained, measured for inference (parameters,
+    /// GFLOPs, output shape, latency of one image, throughput at --batch, peak memory).
+    #[arg(long, value_delimiter = ',')]
+    presets: Vec<String>,
+    /// Batch of the throughput measurement (--presets).
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// Timed runs of each measurement (--presets); the median is reported.
+    #[arg(long, default_value_t = 5)]
+    iters: usize,
+    /// Untimed runs before them (--presets).
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
     #[arg(long, value_enum, default_value_t = Format::Text)]
     format: Format,
     /// Folder for compare.png, created if missing.
@@ -28,6 +42,9 @@ pub struct CompareArgs {
 }
 
 pub fn run(a: CompareArgs) -> anyhow::Result<()> {
+    if !a.presets.is_empty() {
+        return presets(&a);
+    }
     let rows = compare_runs(&a.runs)?;
     std::fs::create_dir_all(&a.out).map_err(|e| vit::Error::io(&a.out, e))?;
     let png = a.out.join("compare.png");
@@ -39,5 +56,83 @@ pub fn run(a: CompareArgs) -> anyhow::Result<()> {
             out!("wrote {}", png.display());
         }
     }
+    Ok(())
+}
+
+fn presets(a: &CompareArgs) -> anyhow::Result<()> {
+    let mut rows = Vec::new();
+    for name in &a.presets {
+        let cfg = vit::ModelConfig::preset(name)?;
+        rows.push(profile_model(name, &cfg, a.batch, a.iters, a.warmup)?);
+    }
+    if a.format == Format::Json {
+        out!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    let head = [
+        "preset".to_string(),
+        "params".into(),
+        "GFLOPs".into(),
+        "output".into(),
+        "ms/image (batch 1)".into(),
+        format!("img/s (batch {})", a.batch),
+        "peak MiB".into(),
+    ];
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.name.clone(),
+                r.params.to_string(),
+                format!("{:.3}", r.gflops),
+                format!("{:?}", r.output_shape),
+                format!("{:.2}", r.latency_ms.median),
+                format!("{:.1}", r.images_per_second.median),
+                r.peak_rss_bytes
+                    .map_or_else(|| "-".into(), |b| format!("{:.0}", b as f64 / 1048576.0)),
+            ]
+        })
+        .collect();
+    if a.format == Format::Md {
+        out!("| {} |", head.join(" | "));
+        out!("|{}", "---|".repeat(head.len()));
+        for c in &cells {
+            out!("| {} |", c.join(" | "));
+        }
+        return Ok(());
+    }
+    let width: Vec<usize> = (0..head.len())
+        .map(|i| {
+            cells
+                .iter()
+                .map(|c| c[i].len())
+                .chain([head[i].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |c: &[String]| {
+        c.iter()
+            .enumerate()
+            .map(|(i, s)| {
+                if i == 0 {
+                    format!("{s:<w$}", w = width[i])
+                } else {
+                    format!("{s:>w$}", w = width[i])
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("  ")
+    };
+    out!("{}", line(&head));
+    for c in &cells {
+        out!("{}", line(c));
+    }
+    out!(
+        "(untrained weights; median of {} timed runs after {} warm-up; {} threads)",
+        a.iters,
+        a.warmup,
+        candle_core::utils::get_num_threads()
+    );
     Ok(())
 }
