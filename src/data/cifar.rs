@@ -219,9 +219,20 @@ pub fn load_cifar_dir(dir: &Path, kind: CifarKind, split: Split) -> Result<Datas
 /// Loads a split straight from the published `.tar.gz` archive (members are matched by
 /// file name, wherever they sit in the archive).
 pub fn load_cifar_archive(archive: &Path, kind: CifarKind, split: Split) -> Result<Dataset> {
-    let wanted = kind.split_files(split);
     let file = File::open(archive).map_err(|e| Error::io(archive, e))?;
-    let mut tar = tar::Archive::new(GzDecoder::new(BufReader::new(file)));
+    read_cifar_archive(BufReader::new(file), archive, kind, split)
+}
+
+/// Reads a split from the bytes of a `.tar.gz` archive as [`load_cifar_archive`] reads the
+/// file; `archive` names the source in errors.
+pub fn read_cifar_archive(
+    reader: impl Read,
+    archive: &Path,
+    kind: CifarKind,
+    split: Split,
+) -> Result<Dataset> {
+    let wanted = kind.split_files(split);
+    let mut tar = tar::Archive::new(GzDecoder::new(reader));
     let corrupt = |e: std::io::Error| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
             Error::format(archive, "truncated archive")
@@ -399,6 +410,9 @@ mod tests {
         .unwrap();
         let ds = load_cifar_archive(&archive, CifarKind::Cifar100, Split::Train).unwrap();
         assert_eq!(ds.labels, vec![97, 98, 99, 0]);
+        let bytes = std::fs::read(&archive).unwrap();
+        let mem = read_cifar_archive(&bytes[..], &archive, CifarKind::Cifar100, Split::Train);
+        assert_eq!(mem.unwrap(), ds);
         assert_eq!(ds.num_classes(), 100);
         assert_eq!(ds.class_names[99], "class_99");
         assert_eq!(ds.image(2)[1024], 3);

@@ -82,17 +82,24 @@ impl Checkpoint {
     /// Reads a safetensors checkpoint; recognises timm and HF naming. Corrupt or truncated
     /// files are errors naming the file.
     pub fn load(path: &Path) -> Result<Self> {
+        let bytes = read_safetensors(path).map_err(|e| as_checkpoint_error(e, path))?;
+        Self::from_bytes(&bytes, path)
+    }
+
+    /// A checkpoint from the bytes of a safetensors file, checked as [`Checkpoint::load`]
+    /// checks a file; `path` names it in errors and is where HF sidecars are looked for.
+    pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Self> {
         let bad = |msg: String| Error::Checkpoint {
             path: path.to_path_buf(),
             msg,
         };
-        let bytes = read_safetensors(path).map_err(|e| match e {
-            Error::Format { msg, .. } => bad(msg),
-            e => e,
-        })?;
-        let st = SafeTensors::deserialize(&bytes)
+        let len = bytes.len() as u64;
+        let n = header_len(bytes, len, path).map_err(|e| as_checkpoint_error(e, path))?;
+        check_layout(&bytes[8..8 + n as usize], len, path)
+            .map_err(|e| as_checkpoint_error(e, path))?;
+        let st = SafeTensors::deserialize(bytes)
             .map_err(|e| bad(format!("not a valid safetensors file ({e})")))?;
-        let (_, meta) = SafeTensors::read_metadata(&bytes)
+        let (_, meta) = SafeTensors::read_metadata(bytes)
             .map_err(|e| bad(format!("not a valid safetensors file ({e})")))?;
         let metadata = meta.metadata().clone().unwrap_or_default();
 
@@ -392,25 +399,48 @@ pub fn load_fitted(path: &Path, arch: &Arch, opts: FitOptions) -> Result<Fitted>
 /// file of zeros or a header claiming more than the file holds costs no memory.
 fn read_safetensors(path: &Path) -> Result<Vec<u8>> {
     use std::io::Read;
-    const MAX_HEADER: u64 = 100_000_000;
     let (mut file, len) = crate::files::open_regular(path)?;
+    let mut first = [0u8; 8];
+    // Fewer than 8 bytes: none, which `header_len` refuses.
+    let got = if file.read_exact(&mut first).is_ok() {
+        8
+    } else {
+        0
+    };
+    let n = header_len(&first[..got], len, path)?;
+    let mut header = vec![0u8; n as usize];
+    file.read_exact(&mut header)
+        .map_err(|e| Error::io(path, e))?;
+    check_layout(&header, len, path)?;
+    let (file, len) = crate::files::open_regular(path)?;
+    crate::files::read_exactly(file, len, path)
+}
+
+/// The header length that the first bytes of a safetensors file of `len` bytes give:
+/// positive, within the format's 100 MB limit and within the file.
+fn header_len(first: &[u8], len: u64, path: &Path) -> Result<u64> {
+    const MAX_HEADER: u64 = 100_000_000;
     let bad = |msg: String| Error::format(path, msg);
-    let mut n = [0u8; 8];
-    file.read_exact(&mut n).map_err(|_| {
-        bad(format!(
+    let Some(n) = first.first_chunk::<8>() else {
+        return Err(bad(format!(
             "not a valid safetensors file ({len} bytes, no header)"
-        ))
-    })?;
-    let n = u64::from_le_bytes(n);
+        )));
+    };
+    let n = u64::from_le_bytes(*n);
     if n == 0 || n > MAX_HEADER || n > len.saturating_sub(8) {
         return Err(bad(format!(
             "not a valid safetensors file (header length {n} in a file of {len} bytes)"
         )));
     }
-    let mut header = vec![0u8; n as usize];
-    file.read_exact(&mut header)
-        .map_err(|e| Error::io(path, e))?;
-    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+    Ok(n)
+}
+
+/// Checks that a safetensors header (the JSON after the 8-byte length) lays out tensor
+/// data ending exactly at the end of the file of `len` bytes.
+fn check_layout(header: &[u8], len: u64, path: &Path) -> Result<()> {
+    let bad = |msg: String| Error::format(path, msg);
+    let n = header.len() as u64;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(header)
         .map_err(|e| bad(format!("not a valid safetensors file (header: {e})")))?;
     let data_end = header
         .iter()
@@ -424,8 +454,18 @@ fn read_safetensors(path: &Path) -> Result<Vec<u8>> {
             8 + n + data_end
         )));
     }
-    let (file, len) = crate::files::open_regular(path)?;
-    crate::files::read_exactly(file, len, path)
+    Ok(())
+}
+
+/// A format error about a checkpoint's bytes as a checkpoint error naming `path`.
+fn as_checkpoint_error(e: Error, path: &Path) -> Error {
+    match e {
+        Error::Format { msg, .. } => Error::Checkpoint {
+            path: path.to_path_buf(),
+            msg,
+        },
+        e => e,
+    }
 }
 
 /// Shortens a long list of names for a one-line message.

@@ -74,6 +74,20 @@ fn corrupt_and_truncated_files_are_clear_errors() {
         e.contains("cut.safetensors") && e.contains("not a valid safetensors"),
         "{e}"
     );
+    // The same checks on bytes in memory, errors naming the given path.
+    let e = Checkpoint::from_bytes(&bytes[..bytes.len() - 100], Path::new("mem.safetensors"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("mem.safetensors") && e.contains("not a valid safetensors"),
+        "{e}"
+    );
+    let e = Checkpoint::from_bytes(&bytes[..5], &cut)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("5 bytes, no header"), "{e}");
+    let ck = Checkpoint::from_bytes(&bytes, &path).unwrap();
+    assert_eq!(ck.config.as_ref(), Some(&vit(&tiny())));
     let junk = dir.path().join("junk.safetensors");
     std::fs::write(&junk, b"hello world, not a checkpoint").unwrap();
     let e = Checkpoint::load(&junk).unwrap_err().to_string();
