@@ -448,10 +448,17 @@ fn check_layout(header: &[u8], len: u64, path: &Path) -> Result<()> {
         .filter_map(|(_, v)| v.get("data_offsets")?.get(1)?.as_u64())
         .max()
         .unwrap_or(0);
-    if 8 + n + data_end != len {
+    // An offset near u64::MAX must not wrap around to the file's length.
+    let Some(laid_out) = data_end.checked_add(8 + n) else {
         return Err(bad(format!(
-            "not a valid safetensors file (its header lays out {} bytes, the file has {len})",
-            8 + n + data_end
+            "not a valid safetensors file (its header lays out more than 2^64 bytes, \
+             the file has {len})"
+        )));
+    };
+    if laid_out != len {
+        return Err(bad(format!(
+            "not a valid safetensors file (its header lays out {laid_out} bytes, the file has \
+             {len})"
         )));
     }
     Ok(())

@@ -129,6 +129,24 @@ fn special_files_and_lying_headers_cost_nothing() {
     std::fs::write(&lie, &bytes).unwrap();
     let e = Checkpoint::load(&lie).unwrap_err().to_string();
     assert!(e.contains("lays out 1099511627"), "{e}");
+    // An end offset near u64::MAX overflowed the layout sum: a panic in debug builds, a
+    // wrap-around (possibly to the file's length) in release. Seen while writing the fuzz
+    // targets; fuzz/seeds/safetensors/regress-offset-overflow.safetensors keeps it.
+    let header = br#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,18446744073709551615]}}"#;
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header);
+    bytes.extend_from_slice(&[0; 4]);
+    let wrap = dir.path().join("wrap.safetensors");
+    std::fs::write(&wrap, &bytes).unwrap();
+    let e = Checkpoint::load(&wrap).unwrap_err().to_string();
+    assert!(
+        e.contains("wrap.safetensors") && e.contains("more than 2^64"),
+        "{e}"
+    );
+    let e = Checkpoint::from_bytes(&bytes, &wrap)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("more than 2^64"), "{e}");
 }
 
 #[test]
