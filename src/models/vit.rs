@@ -933,8 +933,9 @@ mod tests {
         assert!((f / 2e9 - 17.56).abs() < 0.05, "{}", f / 2e9);
     }
 
-    /// Found by the `model_config` fuzz target (fuzz/): every size within its bound, the
-    /// FLOP count overflowed a u64 (a panic in debug builds, a wrong count in release).
+    /// Every size within its bound, the FLOP count overflowed a u64: a panic in debug
+    /// builds, a wrong count in release. Seen while writing the fuzz targets;
+    /// fuzz/seeds/model_config/regress-flops-overflow.toml keeps it.
     #[test]
     fn a_config_beyond_counting_is_refused_and_its_flops_saturate() {
         let c = ViTConfig {
