@@ -66,7 +66,8 @@ fn check(seeds: &Path) -> Result<()> {
         ("cifar100-test.tar.gz", cifar::CifarKind::Cifar100),
     ] {
         let (path, bytes) = at("cifar", name)?;
-        cifar::read_cifar_archive(&bytes[1..], &path, kind, Split::Test)?;
+        let file = &bytes[1..];
+        cifar::read_cifar_archive(file, file.len() as u64, &path, kind, Split::Test)?;
     }
     for entry in std::fs::read_dir(seeds.join("image"))? {
         let path = entry?.path();

@@ -30,7 +30,7 @@ fuzz_target!(|data: &[u8]| {
         } else {
             Split::Test
         };
-        if let Ok(ds) = read_cifar_archive(file, path, kind, split) {
+        if let Ok(ds) = read_cifar_archive(file, file.len() as u64, path, kind, split) {
             assert_eq!((ds.channels, ds.height, ds.width), (3, 32, 32));
             assert_eq!(ds.num_classes(), kind.num_classes());
         }
