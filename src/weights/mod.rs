@@ -224,30 +224,19 @@ impl Checkpoint {
         let expected = cfg.param_shapes();
         let shape_of = |name: &str| expected.iter().find(|(n, _)| n == name).map(|(_, s)| s);
 
-        // Position embedding of another grid: resample the patch part.
-        if let (Some(tokens), Some(want), Some(pos)) = (
-            cfg.tokens(),
-            shape_of("pos_embed"),
-            tensors.get("pos_embed"),
-        ) {
-            if pos.rank() == 3 && pos.dim(1)? != want[1] && pos.dim(2)? == want[2] {
-                let prefix = tokens.prefix;
-                let old_grid = self.grid_of(pos.dim(1)? - prefix)?;
-                let resampled = resample_pos_embed(pos, prefix, old_grid, tokens.grid, resample)?;
-                warnings.push(format!(
-                    "position embedding resampled from a {}x{} to a {}x{} grid ({})",
-                    old_grid.0,
-                    old_grid.1,
-                    tokens.grid.0,
-                    tokens.grid.1,
-                    match resample {
-                        PosResample::Timm => "bicubic, antialias: timm",
-                        PosResample::Hf => "bicubic: HuggingFace",
-                    }
-                ));
-                tensors.insert("pos_embed".into(), resampled);
+        // A position embedding of another grid is resampled to the config's grid, once
+        // everything else is known to fit: the resampled one is as large as the config
+        // says, which a small file naming a large model must not get to allocate.
+        let tokens = cfg.tokens();
+        let resample_pos = match (tokens, shape_of("pos_embed"), tensors.get("pos_embed")) {
+            (Some(tokens), Some(want), Some(pos)) => {
+                pos.rank() == 3
+                    && pos.dim(1)? != want[1]
+                    && pos.dim(2)? == want[2]
+                    && pos.dim(1)? > tokens.prefix
             }
-        }
+            _ => false,
+        };
 
         // Head of another class count.
         let (head_w, head_b) = (
@@ -284,11 +273,13 @@ impl Checkpoint {
             }
         }
 
-        // Every expected tensor present with its shape; nothing unexpected.
+        // Every expected tensor present with its shape (a position embedding to resample:
+        // after resampling); nothing unexpected.
         let mut missing = Vec::new();
         for (name, shape) in &expected {
             match tensors.get(name) {
                 None => missing.push(name.clone()),
+                Some(_) if resample_pos && name == "pos_embed" => {}
                 Some(t) if t.dims() != shape.as_slice() => {
                     return Err(err(format!(
                         "tensor {name}: expected {shape:?}, found {:?}",
@@ -318,6 +309,30 @@ impl Checkpoint {
                 "does not fit the architecture ({})",
                 parts.join("; ")
             )));
+        }
+        if let (true, Some(tokens), Some(want)) = (resample_pos, tokens, shape_of("pos_embed")) {
+            let pos = &tensors["pos_embed"];
+            let prefix = tokens.prefix;
+            let old_grid = self.grid_of(pos.dim(1)? - prefix)?;
+            let resampled = resample_pos_embed(pos, prefix, old_grid, tokens.grid, resample)?;
+            if resampled.dims() != want.as_slice() {
+                return Err(err(format!(
+                    "tensor pos_embed: expected {want:?}, found {:?} after resampling",
+                    resampled.dims()
+                )));
+            }
+            warnings.push(format!(
+                "position embedding resampled from a {}x{} to a {}x{} grid ({})",
+                old_grid.0,
+                old_grid.1,
+                tokens.grid.0,
+                tokens.grid.1,
+                match resample {
+                    PosResample::Timm => "bicubic, antialias: timm",
+                    PosResample::Hf => "bicubic: HuggingFace",
+                }
+            ));
+            tensors.insert("pos_embed".into(), resampled);
         }
         // One pass over the values: a NaN or an infinity in a weight would only show as a
         // meaningless output later.

@@ -149,6 +149,45 @@ fn special_files_and_lying_headers_cost_nothing() {
     assert!(e.contains("more than 2^64"), "{e}");
 }
 
+/// The position embedding is resampled only once everything else fits: a small file naming
+/// a large model got the large embedding allocated before it was refused (2.3 KB, 128 MiB:
+/// fuzz/seeds/safetensors/regress-resample-first.safetensors). And one with no patch
+/// positions is refused (its patch count underflowed: a panic in debug builds).
+#[test]
+fn fit_checks_the_other_tensors_before_resampling_the_position_embedding() {
+    let cfg = tiny(); // 2x2 grid, class token, width 16
+    let checkpoint = |pos: Tensor| Checkpoint {
+        path: PathBuf::from("small.safetensors"),
+        naming: Naming::Timm,
+        tensors: HashMap::from([("pos_embed".to_string(), pos)]),
+        train_state: HashMap::new(),
+        ignored: Vec::new(),
+        config: None,
+        preprocess: None,
+        class_names: None,
+        metadata: HashMap::new(),
+    };
+    // 3 patch positions are no square grid: resampling first failed on that.
+    let ck = checkpoint(Tensor::zeros((1, 4, 16), DType::F32, &Device::Cpu).unwrap());
+    let e = ck
+        .fit(&vit(&cfg), PosResample::Timm, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("does not fit the architecture (missing tensors"),
+        "{e}"
+    );
+    let ck = checkpoint(Tensor::zeros((1, 0, 16), DType::F32, &Device::Cpu).unwrap());
+    let e = ck
+        .fit(&vit(&cfg), PosResample::Timm, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("tensor pos_embed: expected [1, 5, 16], found [1, 0, 16]"),
+        "{e}"
+    );
+}
+
 #[test]
 fn fit_names_the_mismatching_tensor() {
     let dir = tempfile::tempdir().unwrap();
