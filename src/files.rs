@@ -82,7 +82,22 @@ pub const MAX_IMAGE_BYTES: u64 = 512 << 20;
 /// [`MAX_IMAGE_BYTES`], so a small file claiming a huge image is refused by its header.
 pub fn decode_image(path: &Path) -> Result<image::DynamicImage> {
     let (file, _) = open_regular(path)?;
-    let mut reader = image::ImageReader::new(std::io::BufReader::new(file))
+    decode_with_limits(std::io::BufReader::new(file), path)
+}
+
+/// Decodes an image held in memory as [`decode_image`] decodes a file, with its limits;
+/// `path` names the source in errors.
+pub fn decode_image_bytes(bytes: &[u8], path: &Path) -> Result<image::DynamicImage> {
+    decode_with_limits(std::io::Cursor::new(bytes), path)
+}
+
+/// The one decoder of [`decode_image`] and [`decode_image_bytes`]: format by content,
+/// the size and memory limits, errors naming `path`.
+fn decode_with_limits(
+    reader: impl std::io::BufRead + std::io::Seek,
+    path: &Path,
+) -> Result<image::DynamicImage> {
+    let mut reader = image::ImageReader::new(reader)
         .with_guessed_format()
         .map_err(|e| Error::io(path, e))?;
     let mut limits = image::Limits::default();
@@ -154,6 +169,13 @@ mod tests {
             "{e}"
         );
         assert_eq!(decode_image(&small).unwrap().width(), 4);
+        let e = decode_image_bytes(&bytes, Path::new("mem.png"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("mem.png: cannot decode image") && e.contains("limit"),
+            "{e}"
+        );
         let e = decode_image(Path::new("/dev/zero"))
             .unwrap_err()
             .to_string();

@@ -45,7 +45,17 @@ pub(crate) fn find_idx_file(dir: &Path, base: &str) -> Option<PathBuf> {
 /// Reads an IDX file of unsigned bytes with `ndims` dimensions, gzip-compressed or not.
 pub fn read_idx(path: &Path, ndims: usize) -> Result<IdxArray> {
     let (file, len) = crate::files::open_regular(path)?;
-    let mut reader = BufReader::new(file);
+    read_idx_from(BufReader::new(file), len, path, ndims)
+}
+
+/// Reads IDX contents of `len` bytes, gzip-compressed or not (by content), as [`read_idx`]
+/// reads a file; `path` only names the source in errors.
+pub fn read_idx_from(
+    mut reader: impl BufRead,
+    len: u64,
+    path: &Path,
+    ndims: usize,
+) -> Result<IdxArray> {
     let head = reader.fill_buf().map_err(|e| Error::io(path, e))?;
     let gzipped = head.starts_with(&[0x1f, 0x8b]);
     if gzipped {
@@ -236,6 +246,13 @@ mod tests {
         )
         .unwrap();
         assert_eq!(raw, gz);
+        let (path, g) = (Path::new("mem"), gzip(&img));
+        let in_memory = read_idx_from(&g[..], g.len() as u64, path, 3).unwrap();
+        assert_eq!(
+            in_memory,
+            read_idx_from(&img[..], img.len() as u64, path, 3).unwrap()
+        );
+        assert_eq!(in_memory.data, raw.images);
         assert_eq!(
             (raw.len(), raw.channels, raw.height, raw.width),
             (3, 1, 2, 3)

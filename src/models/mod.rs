@@ -259,12 +259,17 @@ impl ModelConfig {
 
     /// Reads a config from a `.toml` or `.json` file and validates it.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = crate::files::read_text(path)?;
+        Self::from_text(&crate::files::read_text(path)?, path)
+    }
+
+    /// Parses and validates a config's text as [`ModelConfig::from_file`] does: JSON when
+    /// `path` ends in `.json`, else TOML; `path` names it in errors.
+    pub fn from_text(text: &str, path: &Path) -> Result<Self> {
         let is_json = path.extension().is_some_and(|e| e == "json");
         let cfg: ModelConfig = if is_json {
-            serde_json::from_str(&text).map_err(|e| Error::format(path, e.to_string()))?
+            serde_json::from_str(text).map_err(|e| Error::format(path, e.to_string()))?
         } else {
-            toml::from_str(&text).map_err(|e| Error::format(path, one_line(&e.to_string())))?
+            toml::from_str(text).map_err(|e| Error::format(path, one_line(&e.to_string())))?
         };
         cfg.validate()?;
         Ok(cfg)
@@ -409,6 +414,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("unknown field `depht`"), "{e}");
+        let from_json = ModelConfig::from_text(&json, Path::new("c.json")).unwrap();
+        assert_eq!(from_json, tagged);
+        assert_eq!(
+            ModelConfig::from_text(FLAT, Path::new("c.toml")).unwrap(),
+            tagged
+        );
+        let e = ModelConfig::from_text(FLAT, Path::new("c.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("c.json"), "{e}");
     }
 
     #[test]

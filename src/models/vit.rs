@@ -216,6 +216,17 @@ impl ViTConfig {
         if self.in_channels == 0 {
             return bad("in_channels must be positive".into());
         }
+        // Each size within its bound, all of them together can still be beyond counting.
+        if self.checked_flops().is_none() {
+            return bad(format!(
+                "embed_dim {}, depth {}, mlp_ratio {} and {} tokens together need more than \
+                 2^64 FLOPs per image",
+                self.embed_dim,
+                self.depth,
+                self.mlp_ratio,
+                self.num_tokens()
+            ));
+        }
         if self.embed_dim == 0 || self.num_heads == 0 || self.depth == 0 {
             return bad("embed_dim, num_heads and depth must be positive".into());
         }
@@ -398,16 +409,32 @@ impl ViTConfig {
     /// counting the matrix products (patch embedding, qkv, attention scores and weighted sum,
     /// output projection, MLP, head); norms, softmax and activations are left out, as in
     /// timm's and fvcore's tables (which report half of this figure as MACs).
+    /// Saturates at `u64::MAX`, which only a config [`ViTConfig::validate`] refuses reaches.
     pub fn flops(&self) -> u64 {
+        self.checked_flops().unwrap_or(u64::MAX)
+    }
+
+    /// [`ViTConfig::flops`], or `None` when the count does not fit in a u64.
+    fn checked_flops(&self) -> Option<u64> {
+        let prod = |xs: &[u64]| xs.iter().try_fold(1u64, |a, &x| a.checked_mul(x));
         let t = self.num_tokens() as u64;
         let n = self.num_patches() as u64;
         let d = self.embed_dim as u64;
         let h = self.mlp_hidden_dim() as u64;
-        let embed = 2 * n * self.patch_dim() as u64 * d;
-        let attn = 2 * t * d * 3 * d + 2 * 2 * t * t * d + 2 * t * d * d;
-        let mlp = 2 * 2 * t * d * h;
-        let head = 2 * d * self.num_classes as u64 * self.head_names().len() as u64;
-        embed + self.depth as u64 * (attn + mlp) + head
+        let embed = prod(&[2, n, self.patch_dim() as u64, d])?;
+        let attn = prod(&[2, t, d, 3, d])?
+            .checked_add(prod(&[2, 2, t, t, d])?)?
+            .checked_add(prod(&[2, t, d, d])?)?;
+        let mlp = prod(&[2, 2, t, d, h])?;
+        let head = prod(&[
+            2,
+            d,
+            self.num_classes as u64,
+            self.head_names().len() as u64,
+        ])?;
+        prod(&[self.depth as u64, attn.checked_add(mlp)?])?
+            .checked_add(embed)?
+            .checked_add(head)
     }
 }
 
@@ -1042,6 +1069,23 @@ mod tests {
         // timm lists vit_base_patch16_224 at 17.6 GMACs (35.1 GFLOPs).
         let f = ModelConfig::preset("vit_base_patch16_224").unwrap().flops() as f64;
         assert!((f / 2e9 - 17.56).abs() < 0.05, "{}", f / 2e9);
+    }
+
+    /// Every size within its bound, the FLOP count overflowed a u64: a panic in debug
+    /// builds, a wrong count in release. Seen while writing the fuzz targets;
+    /// fuzz/seeds/model_config/regress-flops-overflow.toml keeps it.
+    #[test]
+    fn a_config_beyond_counting_is_refused_and_its_flops_saturate() {
+        let c = ViTConfig {
+            mlp_ratio: 64.0,
+            ..ViTConfig::timm(4096, 16, 65536, 1024, 1)
+        };
+        assert_eq!(c.flops(), u64::MAX);
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("more than 2^64 FLOPs per image"), "{e}");
+        let fits = ViTConfig { depth: 64, ..c };
+        fits.validate().unwrap();
+        assert!(fits.flops() < u64::MAX);
     }
 
     #[test]

@@ -142,11 +142,13 @@ impl Default for Recipe {
 impl Recipe {
     /// Reads a recipe TOML file; missing fields take the defaults.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = crate::files::read_text(path)?;
-        let r: Recipe = toml::from_str(&text).map_err(|e| {
-            Error::format(path, e.to_string().lines().collect::<Vec<_>>().join(" "))
-        })?;
-        Ok(r)
+        Self::from_toml(&crate::files::read_text(path)?, path)
+    }
+
+    /// Parses a recipe's TOML text as [`Recipe::from_file`] does; `path` names it in errors.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self> {
+        toml::from_str(text)
+            .map_err(|e| Error::format(path, e.to_string().lines().collect::<Vec<_>>().join(" ")))
     }
 
     /// The recipe saved in a run folder (for `--resume`).
@@ -353,7 +355,13 @@ mod tests {
         assert_eq!(r.epochs, 3);
         assert_eq!(r.preset, "vit_fmnist");
         r.validate().unwrap();
-        assert!(toml::from_str::<Recipe>("epoch = 3\n").is_err());
+        let e = Recipe::from_toml("epoch = 3\n", Path::new("r.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("r.toml") && e.contains("unknown field `epoch`"),
+            "{e}"
+        );
         let back: Recipe = toml::from_str(&toml::to_string(&r).unwrap()).unwrap();
         assert_eq!(back, r);
     }

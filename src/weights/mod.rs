@@ -82,17 +82,24 @@ impl Checkpoint {
     /// Reads a safetensors checkpoint; recognises timm and HF naming. Corrupt or truncated
     /// files are errors naming the file.
     pub fn load(path: &Path) -> Result<Self> {
+        let bytes = read_safetensors(path).map_err(|e| as_checkpoint_error(e, path))?;
+        Self::from_bytes(&bytes, path)
+    }
+
+    /// A checkpoint from the bytes of a safetensors file, checked as [`Checkpoint::load`]
+    /// checks a file; `path` names it in errors and is where HF sidecars are looked for.
+    pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Self> {
         let bad = |msg: String| Error::Checkpoint {
             path: path.to_path_buf(),
             msg,
         };
-        let bytes = read_safetensors(path).map_err(|e| match e {
-            Error::Format { msg, .. } => bad(msg),
-            e => e,
-        })?;
-        let st = SafeTensors::deserialize(&bytes)
+        let len = bytes.len() as u64;
+        let n = header_len(bytes, len, path).map_err(|e| as_checkpoint_error(e, path))?;
+        check_layout(&bytes[8..8 + n as usize], len, path)
+            .map_err(|e| as_checkpoint_error(e, path))?;
+        let st = SafeTensors::deserialize(bytes)
             .map_err(|e| bad(format!("not a valid safetensors file ({e})")))?;
-        let (_, meta) = SafeTensors::read_metadata(&bytes)
+        let (_, meta) = SafeTensors::read_metadata(bytes)
             .map_err(|e| bad(format!("not a valid safetensors file ({e})")))?;
         let metadata = meta.metadata().clone().unwrap_or_default();
 
@@ -232,30 +239,19 @@ impl Checkpoint {
             }));
         }
 
-        // Position embedding of another grid: resample the patch part.
-        if let (Some(tokens), Some(want), Some(pos)) = (
-            cfg.tokens(),
-            shape_of("pos_embed"),
-            tensors.get("pos_embed"),
-        ) {
-            if pos.rank() == 3 && pos.dim(1)? != want[1] && pos.dim(2)? == want[2] {
-                let prefix = tokens.prefix;
-                let old_grid = self.grid_of(pos.dim(1)? - prefix)?;
-                let resampled = resample_pos_embed(pos, prefix, old_grid, tokens.grid, resample)?;
-                warnings.push(format!(
-                    "position embedding resampled from a {}x{} to a {}x{} grid ({})",
-                    old_grid.0,
-                    old_grid.1,
-                    tokens.grid.0,
-                    tokens.grid.1,
-                    match resample {
-                        PosResample::Timm => "bicubic, antialias: timm",
-                        PosResample::Hf => "bicubic: HuggingFace",
-                    }
-                ));
-                tensors.insert("pos_embed".into(), resampled);
+        // A position embedding of another grid is resampled to the config's grid, once
+        // everything else is known to fit: the resampled one is as large as the config
+        // says, which a small file naming a large model must not get to allocate.
+        let tokens = cfg.tokens();
+        let resample_pos = match (tokens, shape_of("pos_embed"), tensors.get("pos_embed")) {
+            (Some(tokens), Some(want), Some(pos)) => {
+                pos.rank() == 3
+                    && pos.dim(1)? != want[1]
+                    && pos.dim(2)? == want[2]
+                    && pos.dim(1)? > tokens.prefix
             }
-        }
+            _ => false,
+        };
 
         // Heads of another class count (or absent).
         let num_classes = cfg.num_classes();
@@ -298,11 +294,13 @@ impl Checkpoint {
             }
         }
 
-        // Every expected tensor present with its shape; nothing unexpected.
+        // Every expected tensor present with its shape (a position embedding to resample:
+        // after resampling); nothing unexpected.
         let mut missing = Vec::new();
         for (name, shape) in &expected {
             match tensors.get(name) {
                 None => missing.push(name.clone()),
+                Some(_) if resample_pos && name == "pos_embed" => {}
                 Some(t) if t.dims() != shape.as_slice() => {
                     return Err(err(format!(
                         "tensor {name}: expected {shape:?}, found {:?}",
@@ -332,6 +330,30 @@ impl Checkpoint {
                 "does not fit the architecture ({})",
                 parts.join("; ")
             )));
+        }
+        if let (true, Some(tokens), Some(want)) = (resample_pos, tokens, shape_of("pos_embed")) {
+            let pos = &tensors["pos_embed"];
+            let prefix = tokens.prefix;
+            let old_grid = self.grid_of(pos.dim(1)? - prefix)?;
+            let resampled = resample_pos_embed(pos, prefix, old_grid, tokens.grid, resample)?;
+            if resampled.dims() != want.as_slice() {
+                return Err(err(format!(
+                    "tensor pos_embed: expected {want:?}, found {:?} after resampling",
+                    resampled.dims()
+                )));
+            }
+            warnings.push(format!(
+                "position embedding resampled from a {}x{} to a {}x{} grid ({})",
+                old_grid.0,
+                old_grid.1,
+                tokens.grid.0,
+                tokens.grid.1,
+                match resample {
+                    PosResample::Timm => "bicubic, antialias: timm",
+                    PosResample::Hf => "bicubic: HuggingFace",
+                }
+            ));
+            tensors.insert("pos_embed".into(), resampled);
         }
         // One pass over the values: a NaN or an infinity in a weight would only show as a
         // meaningless output later.
@@ -414,25 +436,48 @@ pub fn load_fitted(path: &Path, arch: &Arch, opts: FitOptions) -> Result<Fitted>
 /// file of zeros or a header claiming more than the file holds costs no memory.
 fn read_safetensors(path: &Path) -> Result<Vec<u8>> {
     use std::io::Read;
-    const MAX_HEADER: u64 = 100_000_000;
     let (mut file, len) = crate::files::open_regular(path)?;
+    let mut first = [0u8; 8];
+    // Fewer than 8 bytes: none, which `header_len` refuses.
+    let got = if file.read_exact(&mut first).is_ok() {
+        8
+    } else {
+        0
+    };
+    let n = header_len(&first[..got], len, path)?;
+    let mut header = vec![0u8; n as usize];
+    file.read_exact(&mut header)
+        .map_err(|e| Error::io(path, e))?;
+    check_layout(&header, len, path)?;
+    let (file, len) = crate::files::open_regular(path)?;
+    crate::files::read_exactly(file, len, path)
+}
+
+/// The header length that the first bytes of a safetensors file of `len` bytes give:
+/// positive, within the format's 100 MB limit and within the file.
+fn header_len(first: &[u8], len: u64, path: &Path) -> Result<u64> {
+    const MAX_HEADER: u64 = 100_000_000;
     let bad = |msg: String| Error::format(path, msg);
-    let mut n = [0u8; 8];
-    file.read_exact(&mut n).map_err(|_| {
-        bad(format!(
+    let Some(n) = first.first_chunk::<8>() else {
+        return Err(bad(format!(
             "not a valid safetensors file ({len} bytes, no header)"
-        ))
-    })?;
-    let n = u64::from_le_bytes(n);
+        )));
+    };
+    let n = u64::from_le_bytes(*n);
     if n == 0 || n > MAX_HEADER || n > len.saturating_sub(8) {
         return Err(bad(format!(
             "not a valid safetensors file (header length {n} in a file of {len} bytes)"
         )));
     }
-    let mut header = vec![0u8; n as usize];
-    file.read_exact(&mut header)
-        .map_err(|e| Error::io(path, e))?;
-    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+    Ok(n)
+}
+
+/// Checks that a safetensors header (the JSON after the 8-byte length) lays out tensor
+/// data ending exactly at the end of the file of `len` bytes.
+fn check_layout(header: &[u8], len: u64, path: &Path) -> Result<()> {
+    let bad = |msg: String| Error::format(path, msg);
+    let n = header.len() as u64;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(header)
         .map_err(|e| bad(format!("not a valid safetensors file (header: {e})")))?;
     let data_end = header
         .iter()
@@ -440,14 +485,31 @@ fn read_safetensors(path: &Path) -> Result<Vec<u8>> {
         .filter_map(|(_, v)| v.get("data_offsets")?.get(1)?.as_u64())
         .max()
         .unwrap_or(0);
-    if 8 + n + data_end != len {
+    // An offset near u64::MAX must not wrap around to the file's length.
+    let Some(laid_out) = data_end.checked_add(8 + n) else {
         return Err(bad(format!(
-            "not a valid safetensors file (its header lays out {} bytes, the file has {len})",
-            8 + n + data_end
+            "not a valid safetensors file (its header lays out more than 2^64 bytes, \
+             the file has {len})"
+        )));
+    };
+    if laid_out != len {
+        return Err(bad(format!(
+            "not a valid safetensors file (its header lays out {laid_out} bytes, the file has \
+             {len})"
         )));
     }
-    let (file, len) = crate::files::open_regular(path)?;
-    crate::files::read_exactly(file, len, path)
+    Ok(())
+}
+
+/// A format error about a checkpoint's bytes as a checkpoint error naming `path`.
+fn as_checkpoint_error(e: Error, path: &Path) -> Error {
+    match e {
+        Error::Format { msg, .. } => Error::Checkpoint {
+            path: path.to_path_buf(),
+            msg,
+        },
+        e => e,
+    }
 }
 
 /// Shortens a long list of names for a one-line message.

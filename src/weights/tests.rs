@@ -74,6 +74,20 @@ fn corrupt_and_truncated_files_are_clear_errors() {
         e.contains("cut.safetensors") && e.contains("not a valid safetensors"),
         "{e}"
     );
+    // The same checks on bytes in memory, errors naming the given path.
+    let e = Checkpoint::from_bytes(&bytes[..bytes.len() - 100], Path::new("mem.safetensors"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("mem.safetensors") && e.contains("not a valid safetensors"),
+        "{e}"
+    );
+    let e = Checkpoint::from_bytes(&bytes[..5], &cut)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("5 bytes, no header"), "{e}");
+    let ck = Checkpoint::from_bytes(&bytes, &path).unwrap();
+    assert_eq!(ck.config.as_ref(), Some(&vit(&tiny())));
     let junk = dir.path().join("junk.safetensors");
     std::fs::write(&junk, b"hello world, not a checkpoint").unwrap();
     let e = Checkpoint::load(&junk).unwrap_err().to_string();
@@ -115,6 +129,63 @@ fn special_files_and_lying_headers_cost_nothing() {
     std::fs::write(&lie, &bytes).unwrap();
     let e = Checkpoint::load(&lie).unwrap_err().to_string();
     assert!(e.contains("lays out 1099511627"), "{e}");
+    // An end offset near u64::MAX overflowed the layout sum: a panic in debug builds, a
+    // wrap-around (possibly to the file's length) in release. Seen while writing the fuzz
+    // targets; fuzz/seeds/safetensors/regress-offset-overflow.safetensors keeps it.
+    let header = br#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,18446744073709551615]}}"#;
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header);
+    bytes.extend_from_slice(&[0; 4]);
+    let wrap = dir.path().join("wrap.safetensors");
+    std::fs::write(&wrap, &bytes).unwrap();
+    let e = Checkpoint::load(&wrap).unwrap_err().to_string();
+    assert!(
+        e.contains("wrap.safetensors") && e.contains("more than 2^64"),
+        "{e}"
+    );
+    let e = Checkpoint::from_bytes(&bytes, &wrap)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("more than 2^64"), "{e}");
+}
+
+/// The position embedding is resampled only once everything else fits: a small file naming
+/// a large model got the large embedding allocated before it was refused (2.3 KB, 128 MiB:
+/// fuzz/seeds/safetensors/regress-resample-first.safetensors). And one with no patch
+/// positions is refused (its patch count underflowed: a panic in debug builds).
+#[test]
+fn fit_checks_the_other_tensors_before_resampling_the_position_embedding() {
+    let cfg = tiny(); // 2x2 grid, class token, width 16
+    let checkpoint = |pos: Tensor| Checkpoint {
+        path: PathBuf::from("small.safetensors"),
+        naming: Naming::Timm,
+        tensors: HashMap::from([("pos_embed".to_string(), pos)]),
+        train_state: HashMap::new(),
+        ignored: Vec::new(),
+        config: None,
+        preprocess: None,
+        class_names: None,
+        metadata: HashMap::new(),
+    };
+    // 3 patch positions are no square grid: resampling first failed on that.
+    let ck = checkpoint(Tensor::zeros((1, 4, 16), DType::F32, &Device::Cpu).unwrap());
+    let e = ck
+        .fit(&vit(&cfg), PosResample::Timm, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("does not fit the architecture (missing tensors"),
+        "{e}"
+    );
+    let ck = checkpoint(Tensor::zeros((1, 0, 16), DType::F32, &Device::Cpu).unwrap());
+    let e = ck
+        .fit(&vit(&cfg), PosResample::Timm, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("tensor pos_embed: expected [1, 5, 16], found [1, 0, 16]"),
+        "{e}"
+    );
 }
 
 #[test]
