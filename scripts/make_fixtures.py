@@ -20,10 +20,13 @@ each fixture contains:
   deit_tiny/       timm distilled DeiT (class + distillation tokens, two heads averaged):
                    weights, our config, input/logits/features/attention probs, and the
                    32 -> 48 px resolution change (two prefix tokens kept)
+  cnn_simple/      the reference documents' SimpleCNN (conv 3x3 + ReLU + max-pool stages,
+                   global average pool, linear classifier) at small widths, non-square
+                   input: weights, our config, input/logits/features
   timm_param_counts.json  parameter counts of standard timm ViTs and DeiTs (num_classes=1000)
 
 `scripts/make_fixtures.py NAME...` remakes only the named parts (timm_tiny, timm_meanpool,
-hf_tiny+predict, grad_tiny, imagenet_classes, deit_tiny, param_counts).
+hf_tiny+predict, grad_tiny, imagenet_classes, deit_tiny, cnn_simple, param_counts).
 
 All parameters are perturbed after construction (LayerNorm weights 1 + 0.1*randn,
 biases 0.02*randn, other tensors get noise) so that no weight is trivially 0 or 1.
@@ -201,6 +204,45 @@ def make_deit_tiny():
         exp["logits_48"] = model48(x48)
     save(exp, os.path.join(d, "expected.safetensors"))
     return model
+
+
+# ---------------------------------------------------------------- A3. cnn_simple
+class SimpleCNN(nn.Module):
+    """The reference documents' SimpleCNN, its widths a parameter (theirs: 64-128-256-512;
+    their `nn.AdaptiveAvgPool2d(1, 1)` written as the `(1, 1)` it means)."""
+
+    def __init__(self, num_classes=10, in_chans=3, widths=(64, 128, 256, 512)):
+        super().__init__()
+        layers, c = [], in_chans
+        for i, w in enumerate(widths):
+            layers += [nn.Conv2d(c, w, kernel_size=3, padding=1), nn.ReLU()]
+            layers += [nn.MaxPool2d(2)] if i + 1 < len(widths) else [nn.AdaptiveAvgPool2d((1, 1))]
+            c = w
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        x = self.features(x)
+        return self.classifier(x.view(x.size(0), -1))
+
+
+def make_cnn_simple():
+    seed(11)
+    full = SimpleCNN(num_classes=10)
+    n = sum(p.numel() for p in full.parameters())
+    print(f"  SimpleCNN(num_classes=10): {n:,d} parameters")
+    assert n == 1_556_106
+    model = SimpleCNN(num_classes=5, in_chans=3, widths=(8, 16, 24, 32)).eval()
+    perturb(model)
+    d = out_dir("cnn_simple")
+    save({k: v.clone() for k, v in model.state_dict().items()}, os.path.join(d, "model.safetensors"))
+    write_json(dict(arch="cnn", image_size=[20, 24], in_channels=3, num_classes=5,
+                    widths=[8, 16, 24, 32]), os.path.join(d, "config.json"))
+    x = torch.randn(2, 3, 20, 24)
+    with torch.no_grad():
+        feats = model.features[:-1](x)  # before the global average pool
+        exp = {"input": x, "logits": model(x), "features": feats}
+    save(exp, os.path.join(d, "expected.safetensors"))
 
 
 # ------------------------------------------------------------ B. timm_meanpool
@@ -395,6 +437,8 @@ def main():
         make_imagenet_classes()
     if run("deit_tiny"):
         make_deit_tiny()
+    if run("cnn_simple"):
+        make_cnn_simple()
     if run("param_counts"):
         print("timm parameter counts (num_classes=1000):")
         param_counts()

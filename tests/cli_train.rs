@@ -1083,3 +1083,62 @@ fn compare_puts_runs_side_by_side() {
     ]);
     assert!(e.contains("not a run folder"), "{e}");
 }
+
+#[test]
+fn the_documents_cnn_trains_evaluates_and_compares_with_a_vit() {
+    let (dir, recipe) = setup("epochs = 1\nval_size = 50\n");
+    let cnn = dir.path().join("cnn.toml");
+    let text = std::fs::read_to_string(&recipe).unwrap();
+    let body = text.split("[model]").next().unwrap();
+    std::fs::write(
+        &cnn,
+        format!(
+            "{body}[model]\narch = \"cnn\"\nimage_size = [28, 28]\nin_channels = 1\n\
+             num_classes = 10\nwidths = [4, 8, 8]\n"
+        ),
+    )
+    .unwrap();
+    let (c, v) = (dir.path().join("cnn"), dir.path().join("vit"));
+    ok(&[
+        "train",
+        "--config",
+        p(&cnn),
+        "--out",
+        p(&c),
+        "--max-steps",
+        "4",
+        "--quiet",
+    ]);
+    ok(&[
+        "train",
+        "--config",
+        p(&recipe),
+        "--out",
+        p(&v),
+        "--max-steps",
+        "4",
+        "--quiet",
+    ]);
+    let eval = ok(&[
+        "eval",
+        "--checkpoint",
+        p(&c.join("checkpoint-best.safetensors")),
+        "--data-dir",
+        p(&dir.path().join("data")),
+    ]);
+    assert!(eval.contains("100 images: accuracy"), "{eval}");
+    let table = ok(&["compare", p(&c), p(&v), "--out", p(dir.path())]);
+    assert!(table.contains("custom"), "{table}");
+    // A CNN has no attention to draw: one clear line.
+    let img = dir.path().join("x.png");
+    image::GrayImage::new(28, 28).save(&img).unwrap();
+    let e = fails(&[
+        "attention",
+        p(&img),
+        "--weights",
+        p(&c.join("checkpoint-best.safetensors")),
+        "--out",
+        p(&dir.path().join("att")),
+    ]);
+    assert!(e.starts_with("error: "), "{e}");
+}

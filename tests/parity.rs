@@ -69,6 +69,17 @@ fn distilled_deit_matches_timm() {
 }
 
 #[test]
+fn the_documents_simple_cnn_matches_pytorch() {
+    let (cfg, m) = model_from("cnn_simple", "config.json");
+    assert_eq!(cfg.arch(), "cnn");
+    let want = load("cnn_simple/expected.safetensors");
+    let x = &want["input"];
+    assert_close("logits", &m.forward(x).unwrap(), &want["logits"], 1e-4);
+    let feats = m.forward_features(x).unwrap();
+    assert_close("features", &feats, &want["features"], 1e-4);
+}
+
+#[test]
 fn timm_mean_pool_fc_norm_no_class_token_non_square_matches_timm() {
     check_outputs("timm_meanpool", "config.json");
 }

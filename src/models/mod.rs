@@ -9,6 +9,7 @@
 //! places marked `registry:` below (the variant, the `each_arch!` arm, the table chained
 //! in `registry()`).
 
+pub mod cnn;
 pub mod layers;
 mod preprocess;
 pub mod vit;
@@ -21,6 +22,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::{Error, Result};
 
+pub use cnn::{CnnConfig, SimpleCnn};
 pub use layers::Mode;
 pub use preprocess::Preprocess;
 pub use vit::{ViTConfig, VisionTransformer};
@@ -143,6 +145,7 @@ pub trait Classifier: Send + Sync + std::fmt::Debug {
 pub enum ModelConfig {
     // registry: one variant per architecture.
     Vit(ViTConfig),
+    Cnn(CnnConfig),
 }
 
 /// `match` over the variants of [`ModelConfig`], binding the inner config to `$c`.
@@ -151,6 +154,7 @@ macro_rules! each_arch {
         match $self {
             // registry: one arm per architecture.
             ModelConfig::Vit($c) => $body,
+            ModelConfig::Cnn($c) => $body,
         }
     };
 }
@@ -179,10 +183,16 @@ pub fn preset_preprocess(name: &str) -> Option<Preprocess> {
 /// (name, pretrained preprocessing, config) of every preset.
 fn registry() -> impl Iterator<Item = (&'static str, Preprocess, ModelConfig)> {
     // registry: one table per architecture (`.chain` the next one).
-    vit::PRESETS.iter().map(|p| {
-        let c = (p.config)();
-        (p.name, (p.pretrained)(&c), ModelConfig::Vit(c))
-    })
+    vit::PRESETS
+        .iter()
+        .map(|p| {
+            let c = (p.config)();
+            (p.name, (p.pretrained)(&c), ModelConfig::Vit(c))
+        })
+        .chain(cnn::PRESETS.iter().map(|p| {
+            let c = (p.config)();
+            (p.name, (p.pretrained)(&c), ModelConfig::Cnn(c))
+        }))
 }
 
 /// Up to three known names closest to `name` (edit distance), for "did you mean".
@@ -279,6 +289,7 @@ impl ModelConfig {
     pub fn arch(&self) -> &'static str {
         match self {
             ModelConfig::Vit(_) => "vit",
+            ModelConfig::Cnn(_) => "cnn",
         }
     }
 
@@ -286,6 +297,7 @@ impl ModelConfig {
     pub fn as_vit(&self) -> Option<&ViTConfig> {
         match self {
             ModelConfig::Vit(c) => Some(c),
+            ModelConfig::Cnn(_) => None,
         }
     }
 

@@ -37,9 +37,10 @@ pub struct AdamW {
 }
 
 /// Whether a parameter gets weight decay: matrices do; biases, norms, the position
-/// embedding and the class token do not (timm's `param_groups_weight_decay`).
+/// embedding, the class and distillation tokens do not (timm's `param_groups_weight_decay`
+/// with its `no_weight_decay` names).
 pub fn decays(name: &str, rank: usize) -> bool {
-    rank >= 2 && name != "pos_embed" && name != "cls_token"
+    rank >= 2 && !matches!(name, "pos_embed" | "cls_token" | "dist_token")
 }
 
 impl AdamW {

@@ -13,10 +13,12 @@ use crate::models::vit::NormPlacement;
 use crate::models::{ModelConfig, Preprocess, ViTConfig};
 use crate::{Error, Result};
 
-/// True for names of HF's ViT (`vit.embeddings...`, `encoder.layer...`, `classifier...`).
+/// True for the names of HF's ViT body (`vit.embeddings...`, `encoder.layer...`).
 pub(super) fn is_hf_name(name: &str) -> bool {
+    // The body's names: `classifier.` alone is also the head of other models (the
+    // documents' SimpleCNN), whose checkpoints are not HF ViTs.
     let n = name.strip_prefix("vit.").unwrap_or(name);
-    n.starts_with("embeddings.") || n.starts_with("encoder.layer.") || n.starts_with("classifier.")
+    n.starts_with("embeddings.") || n.starts_with("encoder.layer.")
 }
 
 /// Renames HF tensors to timm names, fusing query/key/value into qkv. Returns the renamed
