@@ -138,6 +138,21 @@ pub trait Classifier: Send + Sync + std::fmt::Debug {
     }
 }
 
+/// An error unless `x` is a batch (B, C, H, W) of the config's channels and image size.
+fn check_images(x: &Tensor, cfg: &impl Architecture) -> Result<()> {
+    let [h, w] = cfg.image_size();
+    let want = [cfg.in_channels(), h, w];
+    let dims = x.dims();
+    if dims.len() != 4 || dims[1..] != want {
+        return Err(Error::Shape {
+            name: "input images".into(),
+            expected: vec![0, want[0], want[1], want[2]],
+            found: dims.to_vec(),
+        });
+    }
+    Ok(())
+}
+
 /// Any architecture's config, tagged by `arch` in TOML and JSON (`arch = "vit"`). A config
 /// without the tag is a ViT: recipes and checkpoints written before the tag load unchanged.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -788,17 +788,7 @@ impl VisionTransformer {
     }
 
     fn check_input(&self, x: &Tensor) -> Result<()> {
-        let c = &self.cfg;
-        let want = [c.in_channels, c.image_size[0], c.image_size[1]];
-        let dims = x.dims();
-        if dims.len() != 4 || dims[1..] != want {
-            return Err(Error::Shape {
-                name: "input images".into(),
-                expected: vec![0, want[0], want[1], want[2]],
-                found: dims.to_vec(),
-            });
-        }
-        Ok(())
+        super::check_images(x, &self.cfg)
     }
 }
 
