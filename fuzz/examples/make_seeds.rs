@@ -26,7 +26,74 @@ fn main() -> Result<()> {
     images(&seeds.join("image"), repo)?;
     recipes(&seeds.join("recipe"), repo)?;
     model_configs(&seeds.join("model_config"), repo)?;
+    regressions(&seeds)?;
     check(&seeds)
+}
+
+/// The smallest inputs of the bugs found while writing these targets (see the regression
+/// tests beside the fixes), named `regress-*`: each must now be an error, not a panic or a
+/// large allocation, and they start the fuzzers near those paths.
+fn regressions(seeds: &Path) -> Result<()> {
+    // An end offset near u64::MAX overflowed the layout sum.
+    let header = br#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,18446744073709551615]}}"#;
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header);
+    bytes.extend_from_slice(&[0; 4]);
+    let st = seeds.join("safetensors");
+    write(&st, "regress-offset-overflow.safetensors", &bytes)?;
+    // A 65,536-token config with only a 2-position embedding of width 512: resampled
+    // (128 MiB) before the missing tensors were noticed.
+    let big = ModelConfig::Vit(ViTConfig {
+        in_channels: 1,
+        num_classes: 0,
+        mlp_ratio: 1.0,
+        ..ViTConfig::timm(4096, 16, 512, 1, 1)
+    });
+    write(
+        &st,
+        "regress-resample-first.safetensors",
+        &raw_safetensors(&big, &[1, 2, 512])?,
+    )?;
+    // A position embedding without patch positions: its patch count underflowed.
+    write(
+        &st,
+        "regress-empty-pos.safetensors",
+        &raw_safetensors(&tiny(4), &[1, 0, 4])?,
+    )?;
+    // A 100-byte archive whose member claims 400 MB, reserved in full.
+    let mut header = tar::Header::new_gnu();
+    header.set_path("cifar-10-batches-bin/test_batch.bin")?;
+    header.set_size(400_000_000);
+    header.set_cksum();
+    let mut tar = header.as_bytes().to_vec();
+    tar.extend_from_slice(&[0; 512]);
+    let gz = gzip(&tar, flate2::Compression::none())?;
+    write(
+        &seeds.join("cifar"),
+        "regress-member-claim.tar.gz",
+        &selected(6, &gz),
+    )?;
+    // Every size within its bound, the FLOP count overflowed a u64.
+    let flops = "image_size = [4096, 4096]\npatch_size = 16\nnum_classes = 10\n\
+                 embed_dim = 65536\ndepth = 1024\nnum_heads = 1\nmlp_ratio = 64.0\n";
+    write(
+        &seeds.join("model_config"),
+        "regress-flops-overflow.toml",
+        flops.as_bytes(),
+    )
+}
+
+/// A safetensors file holding our config and one zero F16 `pos_embed` of `shape`.
+fn raw_safetensors(cfg: &ModelConfig, shape: &[usize]) -> Result<Vec<u8>> {
+    let n: usize = shape.iter().product::<usize>() * 2;
+    let config = serde_json::to_string(&serde_json::to_string(cfg)?)?;
+    let header = format!(
+        r#"{{"pos_embed":{{"dtype":"F16","shape":{shape:?},"data_offsets":[0,{n}]}},"__metadata__":{{"vit.config":{config}}}}}"#
+    );
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.resize(bytes.len() + n, 0);
+    Ok(bytes)
 }
 
 /// Every seed is accepted by the reader its target fuzzes (so the fuzzers start deep).
@@ -69,19 +136,61 @@ fn check(seeds: &Path) -> Result<()> {
         let file = &bytes[1..];
         cifar::read_cifar_archive(file, file.len() as u64, &path, kind, Split::Test)?;
     }
-    for entry in std::fs::read_dir(seeds.join("image"))? {
-        let path = entry?.path();
+    let valid = |target: &str| -> Result<Vec<PathBuf>> {
+        let mut paths = Vec::new();
+        for entry in std::fs::read_dir(seeds.join(target))? {
+            let path = entry?.path();
+            if !path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("regress-"))
+            {
+                paths.push(path);
+            }
+        }
+        Ok(paths)
+    };
+    for path in valid("image")? {
         vit::files::decode_image_bytes(&std::fs::read(&path)?, &path)?;
     }
-    for entry in std::fs::read_dir(seeds.join("recipe"))? {
-        let path = entry?.path();
+    for path in valid("recipe")? {
         Recipe::from_toml(&std::fs::read_to_string(&path)?, &path)?.validate()?;
     }
-    for entry in std::fs::read_dir(seeds.join("model_config"))? {
-        let path = entry?.path();
+    for path in valid("model_config")? {
         ModelConfig::from_text(&std::fs::read_to_string(&path)?, &path)?;
     }
     println!("every seed is read without error");
+
+    let refused = |r: std::result::Result<(), vit::Error>, name: &str| -> Result<()> {
+        match r {
+            Err(e) => Ok(println!("{name}: refused: {e}")),
+            Ok(()) => Err(format!("{name} was accepted").into()),
+        }
+    };
+    for name in [
+        "regress-offset-overflow.safetensors",
+        "regress-resample-first.safetensors",
+        "regress-empty-pos.safetensors",
+    ] {
+        let (path, bytes) = at("safetensors", name)?;
+        let r = Checkpoint::from_bytes(&bytes, &path).and_then(|ck| {
+            let cfg = ck.resolve_config(&Arch::FromCheckpoint, None)?;
+            ck.fit(&cfg, PosResample::Timm, None).map(|_| ())
+        });
+        refused(r, name)?;
+    }
+    let (path, bytes) = at("cifar", "regress-member-claim.tar.gz")?;
+    let file = &bytes[1..];
+    let r = cifar::read_cifar_archive(
+        file,
+        file.len() as u64,
+        &path,
+        cifar::CifarKind::Cifar10,
+        Split::Test,
+    );
+    refused(r.map(|_| ()), "regress-member-claim.tar.gz")?;
+    let (path, bytes) = at("model_config", "regress-flops-overflow.toml")?;
+    let r = ModelConfig::from_text(std::str::from_utf8(&bytes)?, &path);
+    refused(r.map(|_| ()), "regress-flops-overflow.toml")?;
     Ok(())
 }
 

@@ -453,6 +453,20 @@ mod tests {
         assert!(e.starts_with("c.json"), "{e}");
     }
 
+    /// Checkpoints carry their config as JSON: its floats read back bit for bit (serde_json's
+    /// default parser was one ulp off for some 17-digit values; found by the
+    /// `model_config` fuzz target).
+    #[test]
+    fn config_floats_round_trip_through_json_exactly() {
+        let text = format!("{FLAT}layer_norm_eps = 1.8908075047228926e-7\n");
+        let cfg = ModelConfig::from_text(&text, Path::new("c.toml")).unwrap();
+        let json = serde_json::to_string(&cfg).unwrap();
+        let back = ModelConfig::from_text(&json, Path::new("c.json")).unwrap();
+        assert_eq!(back, cfg, "{json}");
+        let eps = |c: &ModelConfig| c.as_vit().unwrap().layer_norm_eps.to_bits();
+        assert_eq!(eps(&back), eps(&cfg));
+    }
+
     #[test]
     fn every_preset_is_found_by_name_and_validates() {
         let names: Vec<&str> = presets().map(|(n, _)| n).collect();
