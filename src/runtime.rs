@@ -1,5 +1,6 @@
 //! Process-wide CPU settings for fast numeric work, applied once at start-up by the `vit`
-//! binary (and by library users who call [`init`] before building tensors).
+//! binary (and by library users who call [`init`] before building tensors); also the panic
+//! hook that keeps image decoders' caught panics quiet (`files::quiet_decoder_panics`).
 //!
 //! - Allocator: glibc hands blocks above its mmap threshold back to the kernel on every
 //!   free, and trims the heap top eagerly, so each training step re-faults and re-zeroes
@@ -25,6 +26,7 @@
 /// Applies the settings above. Idempotent; a no-op where they do not apply. Call it first
 /// thing in `main`, before any thread starts (it sets an environment variable).
 pub fn init() {
+    crate::files::quiet_decoder_panics();
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }

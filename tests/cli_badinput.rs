@@ -128,6 +128,7 @@ const CASES: &[Case] = &[
     case("predict batch size zero", &["predict", "{F}/predict/image_rgb.png", "--weights", TINY, "--config", "{F}/timm_tiny/config.json", "--batch-size", "0"], "batch-size must be at least 1"),
     case("predict truncated png", &["predict", "{T}/truncated/train/a/bad.png", "--weights", TINY, "--config", "{F}/timm_tiny/config.json"], "bad.png"),
     case("predict 16384x1 image", &["predict", "{T}/strip.png", "--weights", TINY, "--config", "{F}/timm_tiny/config.json"], "too elongated"),
+    case("predict jpeg the decoder panics on", &["predict", "{F}/bad/zune-avx2-idct-panic.jpg", "--weights", TINY, "--config", "{F}/timm_tiny/config.json"], "zune-avx2-idct-panic.jpg"),
     case("predict text file", &["predict", "{T}/textfile/train/a/notes.txt", "--weights", TINY, "--config", "{F}/timm_tiny/config.json"], "notes.txt"),
     case("predict empty folder", &["predict", "{T}/empty", "--weights", TINY, "--config", "{F}/timm_tiny/config.json"], "empty"),
     case("predict missing image", &["predict", "{T}/missing.png", "--weights", TINY, "--config", "{F}/timm_tiny/config.json"], "missing.png"),
