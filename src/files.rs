@@ -105,9 +105,17 @@ fn decode_with_limits(
     limits.max_image_height = Some(MAX_IMAGE_SIDE);
     limits.max_alloc = Some(MAX_IMAGE_BYTES);
     reader.limits(limits);
-    reader
-        .decode()
-        .map_err(|e| Error::format(path, format!("cannot decode image: {e}")))
+    // A decoder's panic on a hostile file (zune-jpeg 0.5.15 has some) is this file's error,
+    // not the end of the process.
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reader.decode())) {
+        Ok(decoded) => {
+            decoded.map_err(|e| Error::format(path, format!("cannot decode image: {e}")))
+        }
+        Err(_) => Err(Error::format(
+            path,
+            "cannot decode image: the decoder failed on it (corrupt or hostile data)",
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -139,6 +147,33 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("missing"), "{e}");
+    }
+
+    /// JPEGs on which the decoder (zune-jpeg 0.5.15) panics, found by the `image` fuzz
+    /// target: an unwrap in its AVX2 inverse DCT, and an i32 overflow in its DC
+    /// dequantisation (a panic where overflow is checked). No panic gets out; a CPU
+    /// without AVX2 may decode the first.
+    #[test]
+    fn a_decoder_panic_is_an_error_naming_the_file() {
+        let files: [(&str, &[u8]); 2] = [
+            (
+                "idct.jpg",
+                include_bytes!("../fuzz/seeds/image/regress-jpeg-idct-unwrap.jpg"),
+            ),
+            (
+                "dc.jpg",
+                include_bytes!("../fuzz/seeds/image/regress-jpeg-dc-overflow.jpg"),
+            ),
+        ];
+        for (name, bytes) in files {
+            if let Err(e) = decode_image_bytes(bytes, Path::new(name)) {
+                let e = e.to_string();
+                assert!(
+                    e.starts_with(&format!("{name}: cannot decode image")),
+                    "{e}"
+                );
+            }
+        }
     }
 
     /// A 70-byte PNG whose header claims 100,000 × 100,000 pixels is refused by its
