@@ -23,10 +23,17 @@ each fixture contains:
   cnn_simple/      the reference documents' SimpleCNN (conv 3x3 + ReLU + max-pool stages,
                    global average pool, linear classifier) at small widths, non-square
                    input: weights, our config, input/logits/features
-  timm_param_counts.json  parameter counts of standard timm ViTs and DeiTs (num_classes=1000)
+  resnet_tiny/     timm ResNets at small widths, each with BatchNorm statistics: a basic-block
+                   one with timm's stem on a non-square input, a bottleneck one with the
+                   small-image stem (3x3 stride 1, no pool); eval-mode logits/features/
+                   stage outputs, and one training-mode pass: logits, loss, every
+                   parameter's gradient and the running statistics after it
+  timm_param_counts.json  parameter counts of standard timm ViTs, DeiTs and ResNets
+                   (num_classes=1000)
 
 `scripts/make_fixtures.py NAME...` remakes only the named parts (timm_tiny, timm_meanpool,
-hf_tiny+predict, grad_tiny, imagenet_classes, deit_tiny, cnn_simple, param_counts).
+hf_tiny+predict, grad_tiny, imagenet_classes, deit_tiny, cnn_simple, resnet_tiny,
+param_counts).
 
 All parameters are perturbed after construction (LayerNorm weights 1 + 0.1*randn,
 biases 0.02*randn, other tensors get noise) so that no weight is trivially 0 or 1.
@@ -245,6 +252,74 @@ def make_cnn_simple():
     save(exp, os.path.join(d, "expected.safetensors"))
 
 
+# ---------------------------------------------------------------- A4. resnet_tiny
+@torch.no_grad()
+def perturb_bn_stats(model):
+    """Running means 0.1*randn, running variances 1 + 0.3*rand: not the init values."""
+    for name, b in model.named_buffers():
+        if name.endswith("running_mean"):
+            b.copy_(0.1 * torch.randn_like(b))
+        elif name.endswith("running_var"):
+            b.copy_(1 + 0.3 * torch.rand_like(b))
+
+
+def resnet_case(d, tag, model, cfg, x):
+    """Weights and config as `{tag}.safetensors` / `{tag}.json`; eval outputs, then one
+    training-mode pass (cross-entropy against fixed labels, no smoothing) with gradients
+    and the running statistics after it, in `{tag}_expected.safetensors`."""
+    perturb(model)
+    perturb_bn_stats(model)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    save(sd, os.path.join(d, f"{tag}.safetensors"))
+    write_json(cfg, os.path.join(d, f"{tag}.json"))
+    model.eval()
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        exp = {"input": x, "logits": model.forward_head(feats), "features": feats}
+        _, levels = model.forward_intermediates(x[:1])  # one image keeps the file small
+        for i, t in enumerate(levels):
+            exp[f"level{i}"] = t
+    model.train()
+    y = torch.arange(x.shape[0]) % cfg["num_classes"]
+    logits = model(x)
+    loss = F.cross_entropy(logits, y)
+    loss.backward()
+    exp.update({"labels": y.to(torch.int64), "train_logits": logits.detach(),
+                "train_loss": loss.detach().reshape(1)})
+    for name, p in model.named_parameters():
+        exp[f"grad.{name}"] = p.grad
+    for name, b in model.named_buffers():
+        if "running" in name:
+            exp[f"after.{name}"] = b
+    save(exp, os.path.join(d, f"{tag}_expected.safetensors"))
+
+
+def make_resnet_tiny():
+    from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+    d = out_dir("resnet_tiny")
+    seed(13)
+    # Basic blocks, timm's stem (7x7 stride 2 + max-pool), 20x26: odd sizes after strides.
+    # (timm's plain stem is 64 wide whatever `stem_width` says: ours says 64.)
+    basic = ResNet(BasicBlock, layers=(2, 1, 1, 1), channels=(8, 16, 16, 24), in_chans=3,
+                   num_classes=5)
+    resnet_case(d, "basic", basic,
+                dict(arch="resnet", image_size=[20, 26], in_channels=3, num_classes=5,
+                     block="basic", layers=[2, 1, 1, 1], channels=[8, 16, 16, 24],
+                     stem_width=64, stem="imagenet"),
+                torch.randn(4, 3, 20, 26))
+    # Bottlenecks with the small-image stem (3x3 stride 1, no pool), 1 channel, 13x11.
+    seed(14)
+    bottle = ResNet(Bottleneck, layers=(1, 2, 1, 1), channels=(4, 8, 8, 4), in_chans=1,
+                    num_classes=3)
+    bottle.conv1 = nn.Conv2d(1, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    bottle.maxpool = nn.Identity()
+    resnet_case(d, "bottleneck", bottle,
+                dict(arch="resnet", image_size=[13, 11], in_channels=1, num_classes=3,
+                     block="bottleneck", layers=[1, 2, 1, 1], channels=[4, 8, 8, 4],
+                     stem_width=64, stem="small"),
+                torch.randn(4, 1, 13, 11))
+
+
 # ------------------------------------------------------------ B. timm_meanpool
 def make_timm_meanpool():
     seed(2)
@@ -404,7 +479,7 @@ VARIANTS = ["vit_tiny_patch16_224", "vit_small_patch16_224", "vit_small_patch32_
             "vit_large_patch16_224", "vit_huge_patch14_224",
             "deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224",
             "deit_tiny_distilled_patch16_224", "deit_small_distilled_patch16_224",
-            "deit_base_distilled_patch16_224"]
+            "deit_base_distilled_patch16_224", "resnet18", "resnet34", "resnet50"]
 
 
 def param_counts():
@@ -439,6 +514,8 @@ def main():
         make_deit_tiny()
     if run("cnn_simple"):
         make_cnn_simple()
+    if run("resnet_tiny"):
+        make_resnet_tiny()
     if run("param_counts"):
         print("timm parameter counts (num_classes=1000):")
         param_counts()

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{fails, ok, p, tiny_recipe, vit, write_idx_dataset};
@@ -148,16 +148,15 @@ fn kill_after_first_checkpoint(run: &Path, args: &[&str]) {
     assert!(last.exists());
 }
 
-#[test]
-fn stopped_and_resumed_run_equals_uninterrupted_run() {
-    // A --max-steps run (its schedule fitted into 30 steps, ending mid-epoch 2), killed
-    // and resumed with the same max_steps, equals the uninterrupted one.
-    let (dir, recipe) = setup("epochs = 2\nval_size = 50\nlabel_smoothing = 0.1\n");
+/// Trains `recipe` for 30 steps (its schedule fitted into them) twice, once straight and
+/// once killed after its first checkpoint and resumed; asserts the last checkpoints' model
+/// tensors are identical and returns the two run folders (full, part).
+fn resumed_equals_uninterrupted(dir: &Path, recipe: &Path) -> (PathBuf, PathBuf) {
     let args = |out: &Path| -> Vec<String> {
         [
             "train",
             "--config",
-            p(&recipe),
+            p(recipe),
             "--out",
             p(out),
             "--quiet",
@@ -169,10 +168,10 @@ fn stopped_and_resumed_run_equals_uninterrupted_run() {
         .map(String::from)
         .to_vec()
     };
-    let full = dir.path().join("full");
+    let full = dir.join("full");
     let a = args(&full);
     ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
-    let part = dir.path().join("part");
+    let part = dir.join("part");
     let a = args(&part);
     kill_after_first_checkpoint(&part, &a.iter().map(String::as_str).collect::<Vec<_>>());
     ok(&["train", "--resume", p(&part), "--quiet"]);
@@ -180,6 +179,15 @@ fn stopped_and_resumed_run_equals_uninterrupted_run() {
         weights(&full.join("checkpoint-last.safetensors")),
         weights(&part.join("checkpoint-last.safetensors"))
     );
+    (full, part)
+}
+
+#[test]
+fn stopped_and_resumed_run_equals_uninterrupted_run() {
+    // A --max-steps run (its schedule fitted into 30 steps, ending mid-epoch 2), killed
+    // and resumed with the same max_steps, equals the uninterrupted one.
+    let (dir, recipe) = setup("epochs = 2\nval_size = 50\nlabel_smoothing = 0.1\n");
+    let (full, part) = resumed_equals_uninterrupted(dir.path(), &recipe);
     let (a, b) = (metrics(&full), metrics(&part));
     assert_eq!(a.len(), 2);
     assert_eq!(b.len(), 2);
@@ -1141,4 +1149,41 @@ fn the_documents_cnn_trains_evaluates_and_compares_with_a_vit() {
         p(&dir.path().join("att")),
     ]);
     assert!(e.starts_with("error: "), "{e}");
+}
+
+#[test]
+fn a_resnet_trains_and_resumes_exactly_with_its_batch_norm_statistics() {
+    // A tiny ResNet with the small-image stem; batch 16 runs as two shards, each
+    // normalised by its own statistics, the running ones moved once per micro-batch.
+    let (dir, recipe) = setup("epochs = 2\nval_size = 50\n");
+    let text = std::fs::read_to_string(&recipe).unwrap();
+    let text = format!(
+        "{}[model]\narch = \"resnet\"\nimage_size = [28, 28]\nin_channels = 1\n\
+         num_classes = 10\nblock = \"basic\"\nlayers = [1, 1]\nchannels = [4, 8]\n\
+         stem_width = 4\nstem = \"small\"\n",
+        &text[..text.find("[model]").unwrap()]
+    );
+    std::fs::write(&recipe, text).unwrap();
+    let (full, _) = resumed_equals_uninterrupted(dir.path(), &recipe);
+    let ck = weights(&full.join("checkpoint-last.safetensors"));
+    // The running statistics are in the checkpoint and have moved from their start.
+    let var = |name: &str| -> Vec<f32> {
+        let (_, bytes) = ck.iter().find(|(n, _)| n == name).unwrap();
+        bytes
+            .chunks(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect()
+    };
+    assert!(var("bn1.running_var").iter().all(|&v| v != 1.0 && v > 0.0));
+    assert!(var("layer2.0.downsample.1.running_mean")
+        .iter()
+        .all(|&v| v != 0.0));
+    let eval = ok(&[
+        "eval",
+        "--checkpoint",
+        p(&full.join("checkpoint-last.safetensors")),
+        "--data-dir",
+        p(&dir.path().join("data")),
+    ]);
+    assert!(eval.contains("100 images: accuracy"), "{eval}");
 }

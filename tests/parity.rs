@@ -155,3 +155,104 @@ fn hf_round_trip_through_our_names() {
         assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{k}");
     }
 }
+
+/// timm ResNets at small widths (`resnet_tiny/{basic,bottleneck}`: timm's stem on a
+/// non-square input; bottlenecks with the small-image stem): evaluation outputs on the
+/// running statistics, then one training-mode pass on batch statistics: logits, loss,
+/// every parameter's gradient and the running statistics it leaves, as PyTorch's.
+#[test]
+fn resnets_match_timm_in_evaluation_and_training() {
+    use vit::models::Mode;
+    use vit::train::Trainable;
+    for tag in ["basic", "bottleneck"] {
+        let cfg = ModelConfig::from_file(&fixture(&format!("resnet_tiny/{tag}.json"))).unwrap();
+        assert_eq!(cfg.arch(), "resnet");
+        let ck = Checkpoint::load(&fixture(&format!("resnet_tiny/{tag}.safetensors"))).unwrap();
+        let (tensors, warnings) = ck.fit(&cfg, PosResample::Timm, None).unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        // timm's state dict also holds `num_batches_tracked` (int64): set aside.
+        assert!(ck
+            .ignored
+            .iter()
+            .all(|n| n.ends_with("num_batches_tracked")));
+        let want = load(&format!("resnet_tiny/{tag}_expected.safetensors"));
+        let x = &want["input"];
+        let name = |n: &str| format!("{tag} {n}");
+        // Within 1e-4, or 1e-5 of the tensor's largest magnitude (the perturbed networks'
+        // features reach tens).
+        let close = |n: &str, got: &candle_core::Tensor, want: &candle_core::Tensor| {
+            let scale = want
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert_close(&name(n), got, want, (1e-5 * scale).max(1e-4));
+        };
+
+        let m = cfg
+            .build(VarBuilder::from_tensors(
+                tensors.clone(),
+                DType::F32,
+                &Device::Cpu,
+            ))
+            .unwrap();
+        close("logits", &m.forward(x).unwrap(), &want["logits"]);
+        let feats = m.forward_features(x).unwrap();
+        close("features", &feats, &want["features"]);
+        let levels: Vec<usize> = (0..cfg.depth()).collect();
+        let first = x.narrow(0, 0, 1).unwrap();
+        let taken = m.forward_intermediates(&first, &levels).unwrap();
+        for (i, t) in taken.blocks.iter().enumerate() {
+            close(&format!("level{i}"), t, &want[&format!("level{i}")]);
+        }
+
+        let net = Trainable::new(&cfg, &tensors, &Device::Cpu).unwrap();
+        let logits = net.model.forward_t(x, &mut Mode::Train(None)).unwrap();
+        close("train_logits", &logits, &want["train_logits"]);
+        let labels = want["labels"].to_dtype(DType::U32).unwrap();
+        let loss = vit::ops::cross_entropy(&logits, &labels, 0.0).unwrap();
+        assert_close(
+            &name("loss"),
+            &loss.reshape(1).unwrap(),
+            &want["train_loss"],
+            1e-5,
+        );
+        let grads = loss.backward().unwrap();
+        for (n, var) in &net.params {
+            let g = grads.get(var.as_tensor()).unwrap();
+            close(&format!("grad {n}"), g, &want[&format!("grad.{n}")]);
+        }
+        // The running statistics move only when the step commits the pass.
+        let before = tensors["bn1.running_mean"].clone();
+        let now = |n: &str| net.tensors()[n].clone();
+        assert_close(&name("uncommitted"), &now("bn1.running_mean"), &before, 0.0);
+        net.model.commit_running_stats().unwrap();
+        assert_eq!(net.buffers.len(), cfg.buffer_shapes().len());
+        for (n, _) in &net.buffers {
+            assert_close(&name(n), &now(n), &want[&format!("after.{n}")], 1e-5);
+        }
+        // Evaluation on the moved statistics uses them (they differ from the file's).
+        let frozen = net.frozen(&cfg).unwrap();
+        let moved = frozen.forward(x).unwrap();
+        let diff = (moved - &want["logits"]).unwrap().abs().unwrap();
+        let diff = diff.max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(
+            diff > 1e-4,
+            "{tag}: evaluation ignored the new running statistics"
+        );
+    }
+}
+
+/// timm's parameter counts for the ResNets (`timm_param_counts.json`).
+#[test]
+fn resnet_presets_have_timms_parameter_counts() {
+    let counts: std::collections::HashMap<String, usize> =
+        serde_json::from_str(&std::fs::read_to_string(fixture("timm_param_counts.json")).unwrap())
+            .unwrap();
+    for name in ["resnet18", "resnet34", "resnet50"] {
+        let cfg = ModelConfig::preset(name).unwrap();
+        assert_eq!(cfg.num_params(), counts[name], "{name}");
+    }
+}

@@ -1,8 +1,10 @@
 //! The layers every model is built from, in timm's naming: `Linear`, `LayerNorm`, `Mlp`,
-//! multi-head `Attention`, `Dropout` and `DropPath`, and the forward [`Mode`] (evaluation,
-//! or training with its random stream). Numerics come from [`crate::ops`] only.
+//! multi-head `Attention`, `Dropout` and `DropPath`, the convolution networks' `Conv2d` and
+//! `BatchNorm2d`, and the forward [`Mode`] (evaluation, or training with its random stream). Numerics come from [`crate::ops`] only.
 
-use candle_core::Tensor;
+use std::sync::{Arc, Mutex};
+
+use candle_core::{Tensor, Var};
 use candle_nn::VarBuilder;
 use rand::RngExt;
 use rand_chacha::ChaCha8Rng;
@@ -10,33 +12,34 @@ use rand_chacha::ChaCha8Rng;
 use crate::ops;
 use crate::Result;
 
-/// How a forward pass runs: evaluation, or training with the random stream that dropout
-/// and stochastic depth draw from (so a run is a function of its seed).
+/// How a forward pass runs: evaluation, or training, with the random stream that dropout
+/// and stochastic depth draw from (so a run is a function of its seed) or without one (no
+/// dropout: the benchmark, gradient checks). Training normalises BatchNorm by the batch.
 pub enum Mode<'a> {
     Eval,
-    Train(&'a mut ChaCha8Rng),
+    Train(Option<&'a mut ChaCha8Rng>),
 }
 
-impl<'a> Mode<'a> {
-    /// Training mode when a random stream is given, evaluation mode otherwise.
-    pub fn from_rng(rng: Option<&'a mut ChaCha8Rng>) -> Self {
-        rng.map_or(Mode::Eval, Mode::Train)
-    }
-
-    /// Whether dropout and drop-path are active.
+impl Mode<'_> {
+    /// Whether this is a training pass (BatchNorm by batch statistics).
     pub fn is_training(&self) -> bool {
         matches!(self, Mode::Train(_))
     }
 
-    /// `f` with the random stream in training mode; `x` unchanged in evaluation mode.
+    /// Whether dropout and drop-path are active: training with a random stream.
+    pub fn draws(&self) -> bool {
+        matches!(self, Mode::Train(Some(_)))
+    }
+
+    /// `f` with the random stream when there is one; `x` unchanged otherwise.
     fn train_only(
         &mut self,
         x: &Tensor,
         f: impl FnOnce(&mut ChaCha8Rng) -> Result<Tensor>,
     ) -> Result<Tensor> {
         match self {
-            Mode::Train(rng) => f(rng),
-            Mode::Eval => Ok(x.clone()),
+            Mode::Train(Some(rng)) => f(rng),
+            _ => Ok(x.clone()),
         }
     }
 }
@@ -119,6 +122,156 @@ impl LayerNorm {
     }
 }
 
+/// A 2-D convolution without bias (the ResNets'; the bias is the following BatchNorm's).
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    pub weight: Tensor, // (C_out, C_in, k, k)
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl Conv2d {
+    /// A k×k convolution with timm's padding for it (k / 2).
+    pub fn new(
+        vb: &VarBuilder,
+        c_out: usize,
+        c_in: usize,
+        k: usize,
+        stride: usize,
+    ) -> Result<Self> {
+        Ok(Conv2d {
+            weight: vb.get((c_out, c_in, k, k), "weight")?,
+            stride,
+            padding: k / 2,
+        })
+    }
+
+    /// (B, C_in, H, W) → (B, C_out, H', W').
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        ops::conv2d(x, &self.weight, self.stride, self.padding)
+    }
+}
+
+/// Batch normalisation over (B, C, H, W) with running statistics (PyTorch `BatchNorm2d`):
+/// training normalises by the batch's statistics and moves the running ones towards them
+/// by `momentum`; evaluation normalises by the running ones.
+///
+/// The running statistics are buffers, not parameters: no gradient, no optimizer. When the
+/// network is built from trainable variables they are variables too, updated in place (as
+/// PyTorch updates its buffers), so a checkpoint of the variables holds them; a network
+/// built from plain tensors (evaluation, a teacher) never changes them.
+///
+/// A training step runs a micro-batch as shards side by side (`train::step`): each shard
+/// is normalised by its own statistics (as `DistributedDataParallel` without
+/// `SyncBatchNorm` does), and the running statistics move once per micro-batch, from the
+/// statistics of all its shards together, when the step calls [`BatchNorm2d::commit`]
+/// (through [`super::Classifier::commit_running_stats`]). The update is then independent
+/// of the order in which the shards finish, so training stays a function of its seed.
+#[derive(Debug, Clone)]
+pub struct BatchNorm2d {
+    pub weight: Tensor,       // (C,)
+    pub bias: Tensor,         // (C,)
+    pub running_mean: Tensor, // (C,)
+    pub running_var: Tensor,  // (C,), unbiased
+    pub eps: f64,
+    pub momentum: f64,
+    /// (values per channel, mean, biased variance) of each training pass since the last
+    /// [`BatchNorm2d::commit`].
+    pending: Arc<Mutex<Vec<(usize, Tensor, Tensor)>>>,
+}
+
+impl BatchNorm2d {
+    /// PyTorch's defaults: eps 1e-5, momentum 0.1.
+    pub const EPS: f64 = 1e-5;
+    pub const MOMENTUM: f64 = 0.1;
+
+    pub fn new(vb: &VarBuilder, c: usize) -> Result<Self> {
+        Ok(BatchNorm2d {
+            weight: vb.get(c, "weight")?,
+            bias: vb.get(c, "bias")?,
+            running_mean: vb.get(c, "running_mean")?,
+            running_var: vb.get(c, "running_var")?,
+            eps: Self::EPS,
+            momentum: Self::MOMENTUM,
+            pending: Arc::default(),
+        })
+    }
+
+    /// The tensor names of a BatchNorm at `prefix`: its parameters and its buffers.
+    pub fn param_names(prefix: &str) -> [String; 2] {
+        [format!("{prefix}.weight"), format!("{prefix}.bias")]
+    }
+    pub fn buffer_names(prefix: &str) -> [String; 2] {
+        [
+            format!("{prefix}.running_mean"),
+            format!("{prefix}.running_var"),
+        ]
+    }
+
+    /// (B, C, H, W) → (B, C, H, W).
+    pub fn forward(&self, x: &Tensor, mode: &Mode) -> Result<Tensor> {
+        let c = self.weight.dim(0)?;
+        let per_channel = |t: &Tensor| t.reshape((1, c, 1, 1));
+        if !mode.is_training() {
+            // y = x·scale + shift with scale = w/√(var + eps), shift = b − mean·scale.
+            let scale = (&self.weight / (&self.running_var + self.eps)?.sqrt()?)?;
+            let shift = (&self.bias - (&self.running_mean * &scale)?)?;
+            return Ok(x
+                .broadcast_mul(&per_channel(&scale)?)?
+                .broadcast_add(&per_channel(&shift)?)?);
+        }
+        let (b, _, h, w) = x.dims4()?;
+        let n = b * h * w;
+        if n < 2 {
+            return Err(crate::Error::Invalid(format!(
+                "batch normalisation in training needs more than one value per channel, got \
+                 a batch of {b} at {h}x{w}: train with a larger batch"
+            )));
+        }
+        let (normed, mean, var) = ops::batch_norm_train(x, self.eps)?;
+        if self.running_mean.is_variable() && self.running_var.is_variable() {
+            self.pending
+                .lock()
+                .expect("batch-norm statistics lock")
+                .push((n, mean, var));
+        }
+        Ok(normed
+            .broadcast_mul(&per_channel(&self.weight)?)?
+            .broadcast_add(&per_channel(&self.bias)?)?)
+    }
+
+    /// Moves the running statistics towards those of the training passes since the last
+    /// commit, taken together as one batch of N values: running ← (1 − momentum)·running +
+    /// momentum·batch, the batch variance made unbiased (N/(N−1)) as PyTorch does. With one
+    /// pass this is PyTorch's update; with two shards the pooled statistics are sums of two
+    /// terms, which do not depend on their order. Nothing to do after evaluation passes.
+    pub fn commit(&self) -> Result<()> {
+        let passes = std::mem::take(&mut *self.pending.lock().expect("batch-norm statistics lock"));
+        if passes.is_empty() {
+            return Ok(());
+        }
+        let total: usize = passes.iter().map(|(n, _, _)| n).sum();
+        let share = |n: usize| n as f64 / total as f64;
+        let mut mean = passes[0].1.zeros_like()?;
+        for (n, m, _) in &passes {
+            mean = (mean + (m * share(*n))?)?;
+        }
+        // Pooled biased variance: Σ n·(var + (mean_i − mean)²) / N.
+        let mut var = mean.zeros_like()?;
+        for (n, m, v) in &passes {
+            let spread = (v + m.sub(&mean)?.sqr()?)?;
+            var = (var + (spread * share(*n))?)?;
+        }
+        let unbiased = (var * (total as f64 / (total - 1) as f64))?;
+        let m = self.momentum;
+        let new_mean = ((&self.running_mean * (1.0 - m))? + (mean * m)?)?;
+        let new_var = ((&self.running_var * (1.0 - m))? + (unbiased * m)?)?;
+        Var::from_tensor(&self.running_mean)?.set(&new_mean)?;
+        Var::from_tensor(&self.running_var)?.set(&new_var)?;
+        Ok(())
+    }
+}
+
 /// The transformer MLP (timm `Mlp`): fc1 (D → hidden), GELU, dropout, fc2 (hidden → D),
 /// dropout.
 #[derive(Debug, Clone)]
@@ -179,7 +332,7 @@ impl Attention {
     /// probabilities needs them in the open, so it takes the composed path.
     pub fn forward(&self, x: &Tensor, mode: &mut Mode) -> Result<Tensor> {
         let qkv = self.qkv.forward(x)?; // (B, T, 3·D)
-        let out = if mode.is_training() && self.attn_drop.0 > 0.0 {
+        let out = if mode.draws() && self.attn_drop.0 > 0.0 {
             let (v, probs) = self.probs(&qkv)?;
             let probs = self.attn_drop.forward(&probs, mode)?;
             ops::merge_heads(&probs.matmul(&v)?)? // (B, T, D)
@@ -219,5 +372,83 @@ pub fn trunc_normal(rng: &mut ChaCha8Rng, std: f32) -> f32 {
         if (-2.0..=2.0).contains(&v) {
             return v;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use candle_nn::VarMap;
+
+    fn batch_norm(c: usize) -> (VarMap, BatchNorm2d) {
+        let varmap = VarMap::new();
+        {
+            let mut data = varmap.data().lock().unwrap();
+            for (name, v) in [
+                ("weight", 1.5f32),
+                ("bias", 0.1),
+                ("running_mean", 0.2),
+                ("running_var", 2.0),
+            ] {
+                let t = Tensor::full(v, c, &Device::Cpu).unwrap();
+                data.insert(name.to_string(), Var::from_tensor(&t).unwrap());
+            }
+        }
+        let bn = BatchNorm2d::new(
+            &VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+            c,
+        )
+        .unwrap();
+        (varmap, bn)
+    }
+
+    fn running(varmap: &VarMap) -> (Vec<f32>, Vec<f32>) {
+        let data = varmap.data().lock().unwrap();
+        let v = |n: &str| data[n].as_tensor().to_vec1::<f32>().unwrap();
+        (v("running_mean"), v("running_var"))
+    }
+
+    /// Two shards' passes committed together: the same bits whichever finished first, and
+    /// the statistics of the whole batch (pooled mean and variance).
+    #[test]
+    fn shard_passes_commit_in_any_order_as_the_whole_batch() {
+        let dev = Device::Cpu;
+        let a = (Tensor::randn(0f32, 1.0, (3, 2, 4, 5), &dev).unwrap() * 2.0).unwrap();
+        let b = (Tensor::randn(0f32, 1.0, (5, 2, 4, 5), &dev).unwrap() + 1.0).unwrap();
+        let train = Mode::Train(None);
+        let run = |parts: &[&Tensor]| {
+            let (varmap, bn) = batch_norm(2);
+            for x in parts {
+                bn.forward(x, &train).unwrap();
+            }
+            bn.commit().unwrap();
+            running(&varmap)
+        };
+        let ab = run(&[&a, &b]);
+        assert_eq!(ab, run(&[&b, &a]));
+        let whole = run(&[&Tensor::cat(&[&a, &b], 0).unwrap()]);
+        for (x, y) in ab.0.iter().chain(&ab.1).zip(whole.0.iter().chain(&whole.1)) {
+            assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+        }
+        // PyTorch's update by hand for the whole batch: 0.9·running + 0.1·batch, unbiased.
+        let all = Tensor::cat(&[&a, &b], 0)
+            .unwrap()
+            .transpose(0, 1)
+            .unwrap()
+            .flatten_from(1)
+            .unwrap();
+        let v = all.get(0).unwrap().to_vec1::<f32>().unwrap();
+        let n = v.len() as f32;
+        let mean = v.iter().sum::<f32>() / n;
+        let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / (n - 1.0);
+        assert!((whole.0[0] - (0.9 * 0.2 + 0.1 * mean)).abs() < 1e-5);
+        assert!((whole.1[0] - (0.9 * 2.0 + 0.1 * var)).abs() < 1e-4);
+        // One value per channel cannot be normalised in training.
+        let (_, bn) = batch_norm(2);
+        let one = Tensor::zeros((1, 2, 1, 1), DType::F32, &dev).unwrap();
+        let e = bn.forward(&one, &train).unwrap_err().to_string();
+        assert!(e.contains("more than one value per channel"), "{e}");
+        assert!(bn.forward(&one, &Mode::Eval).is_ok());
     }
 }

@@ -12,6 +12,7 @@
 pub mod cnn;
 pub mod layers;
 mod preprocess;
+pub mod resnet;
 pub mod vit;
 
 use std::path::Path;
@@ -25,6 +26,7 @@ use crate::{Error, Result};
 pub use cnn::{CnnConfig, SimpleCnn};
 pub use layers::Mode;
 pub use preprocess::Preprocess;
+pub use resnet::{ResNet, ResNetConfig};
 pub use vit::{ViTConfig, VisionTransformer};
 
 /// How a model's tokens lie on the image, for models that cut it into patches: what
@@ -55,8 +57,13 @@ pub trait Architecture {
     /// Stochastic-depth rate (of the deepest block).
     fn set_drop_path(&mut self, rate: f64);
     /// Every parameter with its shape, in timm naming and timm's state-dict order. The one
-    /// place that knows which tensors a config implies.
+    /// place that knows which trainable tensors a config implies.
     fn param_shapes(&self) -> Vec<(String, Vec<usize>)>;
+    /// Every buffer with its shape: state that is saved and loaded with the parameters but
+    /// not trained by the optimizer (BatchNorm's running statistics, timm naming).
+    fn buffer_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        vec![]
+    }
     /// The classifier heads' parameter prefixes, the main one first (`head` as timm's ViT:
     /// `head.weight`, `head.bias`; DeiT adds `head_dist`).
     fn head_names(&self) -> Vec<&'static str> {
@@ -79,7 +86,8 @@ pub trait Architecture {
     fn shape_flow(&self) -> Vec<(String, Vec<usize>)>;
     /// The evaluation preprocessing when a checkpoint does not say.
     fn default_preprocess(&self) -> Preprocess;
-    /// Fresh parameters as timm initialises them, drawn from a portable seeded generator.
+    /// Fresh parameters (and buffers) as timm initialises them, drawn from a portable seeded
+    /// generator.
     fn init_params(&self, seed: u64, dev: &Device) -> Result<Vec<(String, Tensor)>>;
     /// Builds the network from tensors in timm naming.
     fn build(&self, vb: VarBuilder) -> Result<Box<dyn Classifier>>;
@@ -111,6 +119,13 @@ pub trait Classifier: Send + Sync + std::fmt::Debug {
     /// The position embedding (1, T, D) added to the tokens, for models that have one.
     fn pos_embed(&self) -> Option<&Tensor> {
         None
+    }
+
+    /// Moves BatchNorm running statistics by the training passes since the last call (see
+    /// [`layers::BatchNorm2d`]); the training step calls it once per micro-batch. Nothing
+    /// to do for models without BatchNorm.
+    fn commit_running_stats(&self) -> Result<()> {
+        Ok(())
     }
 
     /// Training with a teacher (DeiT): images → the logits of the class head and of the
@@ -161,6 +176,7 @@ pub enum ModelConfig {
     // registry: one variant per architecture.
     Vit(ViTConfig),
     Cnn(CnnConfig),
+    Resnet(ResNetConfig),
 }
 
 /// `match` over the variants of [`ModelConfig`], binding the inner config to `$c`.
@@ -170,6 +186,7 @@ macro_rules! each_arch {
             // registry: one arm per architecture.
             ModelConfig::Vit($c) => $body,
             ModelConfig::Cnn($c) => $body,
+            ModelConfig::Resnet($c) => $body,
         }
     };
 }
@@ -207,6 +224,10 @@ fn registry() -> impl Iterator<Item = (&'static str, Preprocess, ModelConfig)> {
         .chain(cnn::PRESETS.iter().map(|p| {
             let c = (p.config)();
             (p.name, (p.pretrained)(&c), ModelConfig::Cnn(c))
+        }))
+        .chain(resnet::PRESETS.iter().map(|p| {
+            let c = (p.config)();
+            (p.name, (p.pretrained)(&c), ModelConfig::Resnet(c))
         }))
 }
 
@@ -305,6 +326,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Vit(_) => "vit",
             ModelConfig::Cnn(_) => "cnn",
+            ModelConfig::Resnet(_) => "resnet",
         }
     }
 
@@ -312,7 +334,7 @@ impl ModelConfig {
     pub fn as_vit(&self) -> Option<&ViTConfig> {
         match self {
             ModelConfig::Vit(c) => Some(c),
-            ModelConfig::Cnn(_) => None,
+            ModelConfig::Cnn(_) | ModelConfig::Resnet(_) => None,
         }
     }
 
@@ -322,6 +344,13 @@ impl ModelConfig {
             .iter()
             .map(|(_, s)| s.iter().product::<usize>())
             .sum()
+    }
+
+    /// Parameters and buffers: every tensor a checkpoint of this config holds.
+    pub fn state_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let mut all = self.param_shapes();
+        all.extend(self.buffer_shapes());
+        all
     }
 
     /// Parameter counts per top-level module in state-dict order; a numbered sequence
@@ -378,6 +407,9 @@ impl Architecture for ModelConfig {
     }
     fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
         each_arch!(self, c => Architecture::param_shapes(c))
+    }
+    fn buffer_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        each_arch!(self, c => Architecture::buffer_shapes(c))
     }
     fn head_names(&self) -> Vec<&'static str> {
         each_arch!(self, c => Architecture::head_names(c))
@@ -496,7 +528,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("did you mean vit_base_patch16_224"), "{e}");
-        let e = ModelConfig::preset("resnet50").unwrap_err().to_string();
+        let e = ModelConfig::preset("efficientnet_b0")
+            .unwrap_err()
+            .to_string();
         assert!(!e.contains("did you mean") && e.contains("known: "), "{e}");
         assert_eq!(edit_distance("kitten", "sitting"), 3);
         assert_eq!(edit_distance("", "abc"), 3);

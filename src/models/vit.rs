@@ -1177,7 +1177,7 @@ mod tests {
         let run = |cfg: &ViTConfig, seed: Option<u64>| {
             let m = init_model(cfg, 3, &Device::Cpu).unwrap();
             let mut rng = seed.map(ChaCha8Rng::seed_from_u64);
-            m.forward_t(&x, &mut Mode::from_rng(rng.as_mut()))
+            m.forward_t(&x, &mut Mode::Train(rng.as_mut()))
                 .unwrap()
                 .to_vec2::<f32>()
                 .unwrap()

@@ -1,5 +1,6 @@
 //! The differentiable building blocks the model is made of, behind one interface:
-//! LayerNorm, linear, GELU, softmax, attention, residual add, cross-entropy and dropout.
+//! LayerNorm, linear, GELU, softmax, attention, residual add, cross-entropy, dropout, and
+//! the convolution networks' batch normalisation and stem max-pool.
 //! Each is composed of candle ops that record gradients (candle-nn's fused
 //! `softmax_last_dim`, `layer_norm` and `sdpa` do not), so every parameter trains.
 
@@ -274,6 +275,72 @@ fn bernoulli_mask(shape: &[usize], p: f64, rng: &mut ChaCha8Rng, dev: &Device) -
     Ok(Tensor::from_vec(v, shape, dev)?.to_dtype(DType::F32)?)
 }
 
+/// Batch normalisation's training forward over (B, C, H, W): each channel normalised by the
+/// batch's statistics over B·H·W values. Returns the normalised `x` (before the affine
+/// weight and bias), the batch mean and the biased batch variance, both (C,) and detached
+/// (what the running statistics are updated from).
+pub fn batch_norm_train(x: &Tensor, eps: f64) -> Result<(Tensor, Tensor, Tensor)> {
+    let mean = x.mean_keepdim((0, 2, 3))?; // (1, C, 1, 1)
+    let centred = x.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim((0, 2, 3))?; // (1, C, 1, 1), biased
+    let inv_std = (var.clone() + eps)?.sqrt()?.recip()?;
+    let normed = centred.broadcast_mul(&inv_std)?; // (B, C, H, W)
+    Ok((
+        normed,
+        mean.flatten_all()?.detach(),
+        var.flatten_all()?.detach(),
+    ))
+}
+
+/// Max-pooling with a 3×3 window, stride 2 and padding 1 (ResNet's stem pool), of a
+/// non-negative `x` (B, C, H, W), as it is after a ReLU: the padding is zeros, which then
+/// equals PyTorch's −∞ padding. Output (B, C, ⌈H/2⌉, ⌈W/2⌉). Composed of slices and
+/// element-wise maxima, so it records gradients (candle's own pool does not for a window
+/// larger than its stride).
+pub fn max_pool_3x3_s2_after_relu(x: &Tensor) -> Result<Tensor> {
+    let x = pool_3_2_along(x, 2)?; // (B, C, ⌈H/2⌉, W)
+    pool_3_2_along(&x, 3) // (B, C, ⌈H/2⌉, ⌈W/2⌉)
+}
+
+/// out[i] = max(xp[2i], xp[2i+1], xp[2i+2]) along `dim` of the zero-padded xp.
+fn pool_3_2_along(x: &Tensor, dim: usize) -> Result<Tensor> {
+    let len = x.dim(dim)?;
+    let out = len.div_ceil(2);
+    // One zero in front (the padding), zeros behind up to 2·out + 2 values.
+    let xp = x.pad_with_zeros(dim, 1, 2 * out + 1 - len)?;
+    let mut pairs = xp.dims().to_vec();
+    pairs[dim] = out + 1;
+    pairs.insert(dim + 1, 2);
+    let xp = xp.reshape(pairs)?; // (..., out + 1, 2, ...)
+    let even = xp.narrow(dim + 1, 0, 1)?.squeeze(dim + 1)?; // xp[2i], i ≤ out
+    let odd = xp.narrow(dim + 1, 1, 1)?.squeeze(dim + 1)?; // xp[2i + 1]
+    let first = even.narrow(dim, 0, out)?;
+    let next = even.narrow(dim, 1, out)?;
+    Ok(first.maximum(&odd.narrow(dim, 0, out)?)?.maximum(&next)?)
+}
+
+/// 2-D convolution (B, C_in, H, W) * (C_out, C_in, k, k) → (B, C_out, H', W') with zero
+/// `padding` and `stride`, as candle computes it, made differentiable for every input
+/// size: candle's backward takes the transposed convolution's output padding from the
+/// height alone, so when (H + 2p − k) mod s and (W + 2p − k) mod s differ its input
+/// gradient has the wrong width. The axis with the smaller remainder is then padded with
+/// zeros at its end up to the other's: no window reaches those zeros (the output size is
+/// unchanged), and the remainders agree.
+pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    let (_, _, h, wd) = x.dims4()?;
+    let k = w.dim(2)?;
+    let rem = |n: usize| (n + 2 * padding).saturating_sub(k) % stride;
+    let (rh, rw) = (rem(h), rem(wd));
+    let x = if rh < rw {
+        x.pad_with_zeros(2, 0, rw - rh)?
+    } else if rw < rh {
+        x.pad_with_zeros(3, 0, rh - rw)?
+    } else {
+        x.clone()
+    };
+    Ok(x.conv2d(w, padding, stride, 1, 1)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -364,5 +431,37 @@ mod tests {
             .mean_all()
             .unwrap();
         assert!((zeros.to_scalar::<f32>().unwrap() - 0.25).abs() < 0.03);
+    }
+
+    /// The stem pool against a direct 3×3 / stride 2 / padding 1 max over every small
+    /// size, odd and even, with a gradient that reaches each window's maximum.
+    #[test]
+    fn stem_max_pool_matches_a_direct_one() {
+        let dev = Device::Cpu;
+        for (h, w) in [(1, 1), (2, 3), (5, 4), (6, 7)] {
+            let x = Tensor::rand(0f32, 1.0, (2, 3, h, w), &dev).unwrap();
+            let v = candle_core::Var::from_tensor(&x).unwrap();
+            let y = max_pool_3x3_s2_after_relu(v.as_tensor()).unwrap();
+            let (oh, ow) = (h.div_ceil(2), w.div_ceil(2));
+            assert_eq!(y.dims(), &[2, 3, oh, ow]);
+            let flat = x.reshape((6, h * w)).unwrap().to_vec2::<f32>().unwrap();
+            let got = y.reshape((6, oh * ow)).unwrap().to_vec2::<f32>().unwrap();
+            for (plane, (xp, yp)) in flat.iter().zip(&got).enumerate() {
+                for i in 0..oh {
+                    for j in 0..ow {
+                        let mut m = f32::NEG_INFINITY;
+                        for r in (2 * i).saturating_sub(1)..(2 * i + 2).min(h) {
+                            for c in (2 * j).saturating_sub(1)..(2 * j + 2).min(w) {
+                                m = m.max(xp[r * w + c]);
+                            }
+                        }
+                        assert_eq!(yp[i * ow + j], m, "{h}x{w} plane {plane} ({i}, {j})");
+                    }
+                }
+            }
+            let grads = y.sum_all().unwrap().backward().unwrap();
+            let g = grads.get(v.as_tensor()).unwrap().sum_all().unwrap();
+            assert_eq!(g.to_scalar::<f32>().unwrap(), (2 * 3 * oh * ow) as f32);
+        }
     }
 }

@@ -16,36 +16,47 @@ use super::{AdamW, AdamWConfig};
 use crate::models::{Architecture, Classifier, Mode, ModelConfig};
 use crate::{ops, Error, Result};
 
-/// A model whose parameters are trainable `Var`s, in `param_shapes` order.
+/// A model whose parameters are trainable `Var`s, in `param_shapes` order, and whose
+/// buffers (BatchNorm's running statistics) are `Var`s the forward passes update.
 pub struct Trainable {
     pub model: Box<dyn Classifier>,
     pub params: Vec<(String, Var)>,
+    pub buffers: Vec<(String, Var)>,
 }
 
 impl Trainable {
     /// Builds the model from tensors (timm naming) as trainable variables.
     pub fn new(cfg: &ModelConfig, tensors: &HashMap<String, Tensor>, dev: &Device) -> Result<Self> {
         let varmap = VarMap::new();
-        let mut params = Vec::new();
-        {
+        let vars = |shapes: Vec<(String, Vec<usize>)>| -> Result<Vec<(String, Var)>> {
             let mut data = varmap.data().lock().expect("varmap lock");
-            for (name, _) in cfg.param_shapes() {
-                let t = tensors.get(&name).ok_or_else(|| {
-                    Error::Invalid(format!("no initial value for parameter {name}"))
-                })?;
+            let mut out = Vec::new();
+            for (name, _) in shapes {
+                let t = tensors
+                    .get(&name)
+                    .ok_or_else(|| Error::Invalid(format!("no initial value for tensor {name}")))?;
+                // A copy (`Var::from_tensor` of a plain tensor): training changes it in place.
                 let var = Var::from_tensor(&t.to_device(dev)?.to_dtype(DType::F32)?)?;
                 data.insert(name.clone(), var.clone());
-                params.push((name, var));
+                out.push((name, var));
             }
-        }
+            Ok(out)
+        };
+        let params = vars(cfg.param_shapes())?;
+        let buffers = vars(cfg.buffer_shapes())?;
         let model = cfg.build(VarBuilder::from_varmap(&varmap, DType::F32, dev))?;
-        Ok(Trainable { model, params })
+        Ok(Trainable {
+            model,
+            params,
+            buffers,
+        })
     }
 
-    /// Current weights by name.
+    /// Current weights and buffers by name.
     pub fn tensors(&self) -> HashMap<String, Tensor> {
         self.params
             .iter()
+            .chain(&self.buffers)
             .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
             .collect()
     }
@@ -58,6 +69,7 @@ impl Trainable {
         let tensors: HashMap<String, Tensor> = self
             .params
             .iter()
+            .chain(&self.buffers)
             .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
             .collect();
         let dev = self
@@ -155,7 +167,7 @@ pub fn forward_backward(
         .enumerate()
         .map(|(i, &(s0, s1))| -> Result<(Tensor, Tensor)> {
             let mut rng = rngs(i);
-            let mut mode = Mode::from_rng(rng.as_mut());
+            let mut mode = Mode::Train(rng.as_mut());
             let (x, y) = (x.narrow(0, s0, s1 - s0)?, y.narrow(0, s0, s1 - s0)?);
             if let Some((t, d)) = teacher {
                 let (cls, dist) = net.model.forward_heads_t(&x, &mut mode)?;
@@ -168,6 +180,7 @@ pub fn forward_backward(
             Ok((logits, loss))
         })
         .collect::<Result<_>>()?;
+    net.model.commit_running_stats()?;
     let weight = |i: usize| (bounds[i].1 - bounds[i].0) as f64 / n as f64;
     let mut loss_value = 0f64;
     for (i, (_, loss)) in forward.iter().enumerate() {

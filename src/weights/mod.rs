@@ -221,7 +221,7 @@ impl Checkpoint {
             msg,
         };
 
-        let expected = cfg.param_shapes();
+        let expected = cfg.state_shapes();
         let shape_of = |name: &str| expected.iter().find(|(n, _)| n == name).map(|(_, s)| s);
 
         // A distilled DeiT checkpoint for a config without its token (or the reverse) would
