@@ -8,7 +8,7 @@
 #
 # Environment: ROUNDS (3), ITERS (10), WARMUP (2), THREADS (2), VENV (.venv; created and filled
 # with torch (CPU), timm, onnxruntime and onnx where they are not importable), TORCH_INDEX (the
-# CPU wheel index tried first for torch), WORKLOADS ("train-fm infer-b16").
+# CPU wheel index tried first for torch), WORKLOADS ("train-fm infer-b16 train-resnet").
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -18,7 +18,7 @@ WARMUP=${WARMUP:-2}
 THREADS=${THREADS:-2}
 VENV=${VENV:-.venv}
 TORCH_INDEX=${TORCH_INDEX:-https://download.pytorch.org/whl/cpu}
-WORKLOADS=${WORKLOADS:-train-fm infer-b16}
+WORKLOADS=${WORKLOADS:-train-fm infer-b16 train-resnet}
 PY="$VENV/bin/python"
 
 say() { echo "compare.sh: $*" >&2; }

@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
-"""The two `vit bench` workloads in PyTorch + timm (eager), for bench/compare.sh.
+"""The `vit bench` workloads in PyTorch + timm (eager), for bench/compare.sh.
 
   train-fm   one training step: forward, CrossEntropyLoss(label_smoothing=0.1), backward,
              clip_grad_norm_(1.0), AdamW; batch 128 of random 1x28x28 images, timm
              VisionTransformer(img 28, patch 4, 1 channel, 10 classes, width 192, depth 12,
              3 heads, MLP ratio 4, qkv bias, class-token pooling).
+  train-resnet  the same training step for timm's resnet18 with the small-image stem of
+             `resnet18_fmnist` (conv1 3x3 stride 1, no max-pool), 1 channel, 10 classes, in
+             training mode (BatchNorm on batch statistics); batch 128 of random 1x28x28 images.
   infer-b16  ViT-B/16 (vit_base_patch16_224 dims) forward on 8 random 3x224x224 images under
              inference_mode; then the same model exported to ONNX and run in ONNX Runtime
              (2 intra-op threads) when onnxruntime is importable.
@@ -81,12 +84,22 @@ def time_loop(step, warmup, iters, batch, phase_names):
     }
 
 
-def train_fm(args):
+def resnet18_fmnist():
+    model = timm.create_model("resnet18", pretrained=False, in_chans=1, num_classes=10)
+    model.conv1 = torch.nn.Conv2d(1, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = torch.nn.Identity()
+    return model
+
+
+def train_fm(args, resnet=False):
     torch.manual_seed(0)
-    model = VisionTransformer(
-        img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=192, depth=12,
-        num_heads=3, mlp_ratio=4.0, qkv_bias=True, global_pool="token",
-    ).train()
+    if resnet:
+        model = resnet18_fmnist().train()
+    else:
+        model = VisionTransformer(
+            img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=192, depth=12,
+            num_heads=3, mlp_ratio=4.0, qkv_bias=True, global_pool="token",
+        ).train()
     # Weight decay on matrices only, as src/train/optim.rs (`decays`).
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -207,7 +220,7 @@ def onnxruntime_b16(model, batch, args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workload", required=True, choices=["train-fm", "infer-b16"])
+    ap.add_argument("--workload", required=True, choices=["train-fm", "infer-b16", "train-resnet"])
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
@@ -217,7 +230,11 @@ def main():
         ap.error("need --iters >= 1, --warmup >= 0 and --threads >= 1")
     torch.set_num_threads(args.threads)
 
-    run = train_fm if args.workload == "train-fm" else infer_b16
+    run = {
+        "train-fm": train_fm,
+        "train-resnet": lambda a: train_fm(a, resnet=True),
+        "infer-b16": infer_b16,
+    }[args.workload]
     model, batch, r = run(args)
     out = {
         "workload": args.workload,

@@ -1,6 +1,7 @@
-//! `vit bench`: times two fixed workloads, the ones `bench/compare.sh` also runs in PyTorch.
-//! `train-fm` is one full training step as `train` takes it (forward, label-smoothed
-//! cross-entropy, backward, clipping, AdamW); `infer-b16` is a ViT-B/16 forward pass.
+//! `vit bench`: times fixed workloads, the ones `bench/compare.sh` also runs in PyTorch.
+//! `train-fm` is one full training step of a ViT as `train` takes it (forward,
+//! label-smoothed cross-entropy, backward, clipping, AdamW); `train-resnet` the same for
+//! ResNet-18 with the small-image stem; `infer-b16` is a ViT-B/16 forward pass.
 //! Reports the median throughput over timed iterations, peak memory, threads and the
 //! matmul provider.
 
@@ -37,50 +38,64 @@ pub enum Workload {
     TrainFm,
     /// `vit_base_patch16_224` forward on 8 random 3×224×224 images, no gradient.
     InferB16,
+    /// One AdamW training step of `resnet18_fmnist` (ResNet-18, 3×3 stride-1 stem, no
+    /// pool) on 128 random 1×28×28 images.
+    TrainResnet,
 }
 
 impl Workload {
-    pub const ALL: [Workload; 2] = [Workload::TrainFm, Workload::InferB16];
+    pub const ALL: [Workload; 3] = [Workload::TrainFm, Workload::InferB16, Workload::TrainResnet];
 
     /// The name on the command line and in reports.
     pub fn name(self) -> &'static str {
         match self {
             Workload::TrainFm => "train-fm",
             Workload::InferB16 => "infer-b16",
+            Workload::TrainResnet => "train-resnet",
         }
     }
 
     /// The architecture.
     pub fn config(self) -> ModelConfig {
-        ModelConfig::Vit(self.vit_config())
+        match self.vit_config() {
+            Some(c) => ModelConfig::Vit(c),
+            None => ModelConfig::preset("resnet18_fmnist").expect("a registered preset"),
+        }
     }
 
-    /// Both workloads are ViTs.
-    fn vit_config(self) -> ViTConfig {
+    /// The ViT workloads' config.
+    fn vit_config(self) -> Option<ViTConfig> {
         match self {
-            Workload::TrainFm => ViTConfig {
+            Workload::TrainFm => Some(ViTConfig {
                 in_channels: 1,
                 num_classes: 10,
                 ..ViTConfig::timm(28, 4, 192, 12, 3)
-            },
+            }),
             // timm vit_base_patch16_224.
-            Workload::InferB16 => ViTConfig::timm(224, 16, 768, 12, 12),
+            Workload::InferB16 => Some(ViTConfig::timm(224, 16, 768, 12, 12)),
+            Workload::TrainResnet => None,
         }
     }
 
     /// Images per iteration.
     pub fn batch(self) -> usize {
         match self {
-            Workload::TrainFm => 128,
+            Workload::TrainFm | Workload::TrainResnet => 128,
             Workload::InferB16 => 8,
         }
     }
 
     /// What one iteration does, in words.
     pub fn description(self) -> String {
-        let c = self.vit_config();
+        let Some(c) = self.vit_config() else {
+            return format!(
+                "one AdamW training step: batch {} of 1x28x28, resnet18_fmnist (ResNet-18, \
+                 3x3 stride-1 stem, no pool)",
+                self.batch()
+            );
+        };
         let what = match self {
-            Workload::TrainFm => "one AdamW training step",
+            Workload::TrainFm | Workload::TrainResnet => "one AdamW training step",
             Workload::InferB16 => "vit_base_patch16_224 forward, no gradient",
         };
         format!(
@@ -99,7 +114,9 @@ impl Workload {
     /// The phases [`BenchReport::phases`] lists, in order.
     pub fn phases(self) -> &'static [&'static str] {
         match self {
-            Workload::TrainFm => &["forward + loss", "backward", "optimizer (clip + AdamW)"],
+            Workload::TrainFm | Workload::TrainResnet => {
+                &["forward + loss", "backward", "optimizer (clip + AdamW)"]
+            }
             Workload::InferB16 => &["forward"],
         }
     }
@@ -115,7 +132,7 @@ impl FromStr for Workload {
             .ok_or_else(|| Error::Unknown {
                 kind: "workload",
                 name: s.into(),
-                hint: " (known: train-fm, infer-b16)".into(),
+                hint: " (known: train-fm, infer-b16, train-resnet)".into(),
             })
     }
 }
@@ -277,7 +294,7 @@ impl Runner {
         let pixels: Vec<f32> = (0..n).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect();
         let x = Tensor::from_vec(pixels, shape, dev)?; // (B, C, H, W) in [-1, 1)
         Ok(match w {
-            Workload::TrainFm => {
+            Workload::TrainFm | Workload::TrainResnet => {
                 let labels: Vec<u32> = (0..b)
                     .map(|_| rng.random_range(0..cfg.num_classes() as u32))
                     .collect();
@@ -468,7 +485,7 @@ mod tests {
             "{e}"
         );
 
-        let c = Workload::TrainFm.vit_config();
+        let c = Workload::TrainFm.vit_config().unwrap();
         assert_eq!(
             (c.image_size, c.patch_size, c.in_channels),
             ([28, 28], 4, 1)
@@ -480,6 +497,7 @@ mod tests {
         );
         assert!(c.qkv_bias && c.pool == crate::models::vit::Pool::Cls);
         assert_eq!(Workload::InferB16.config().num_params(), 86_567_656);
+        assert_eq!(Workload::TrainResnet.config().arch(), "resnet");
     }
 
     #[test]
