@@ -210,15 +210,15 @@ impl BatchNorm2d {
 
     /// (B, C, H, W) → (B, C, H, W).
     pub fn forward(&self, x: &Tensor, mode: &Mode) -> Result<Tensor> {
-        let c = self.weight.dim(0)?;
-        let per_channel = |t: &Tensor| t.reshape((1, c, 1, 1));
         if !mode.is_training() {
-            // y = x·scale + shift with scale = w/√(var + eps), shift = b − mean·scale.
-            let scale = (&self.weight / (&self.running_var + self.eps)?.sqrt()?)?;
-            let shift = (&self.bias - (&self.running_mean * &scale)?)?;
-            return Ok(x
-                .broadcast_mul(&per_channel(&scale)?)?
-                .broadcast_add(&per_channel(&shift)?)?);
+            return ops::batch_norm_eval(
+                x,
+                &self.weight,
+                &self.bias,
+                &self.running_mean,
+                &self.running_var,
+                self.eps,
+            );
         }
         let (b, _, h, w) = x.dims4()?;
         let n = b * h * w;
@@ -228,16 +228,14 @@ impl BatchNorm2d {
                  a batch of {b} at {h}x{w}: train with a larger batch"
             )));
         }
-        let (normed, mean, var) = ops::batch_norm_train(x, self.eps)?;
+        let (y, mean, var) = ops::batch_norm_train(x, &self.weight, &self.bias, self.eps)?;
         if self.running_mean.is_variable() && self.running_var.is_variable() {
             self.pending
                 .lock()
                 .expect("batch-norm statistics lock")
                 .push((n, mean, var));
         }
-        Ok(normed
-            .broadcast_mul(&per_channel(&self.weight)?)?
-            .broadcast_add(&per_channel(&self.bias)?)?)
+        Ok(y)
     }
 
     /// Moves the running statistics towards those of the training passes since the last

@@ -275,21 +275,58 @@ fn bernoulli_mask(shape: &[usize], p: f64, rng: &mut ChaCha8Rng, dev: &Device) -
     Ok(Tensor::from_vec(v, shape, dev)?.to_dtype(DType::F32)?)
 }
 
-/// Batch normalisation's training forward over (B, C, H, W): each channel normalised by the
-/// batch's statistics over B·H·W values. Returns the normalised `x` (before the affine
-/// weight and bias), the batch mean and the biased batch variance, both (C,) and detached
-/// (what the running statistics are updated from).
-pub fn batch_norm_train(x: &Tensor, eps: f64) -> Result<(Tensor, Tensor, Tensor)> {
+/// Batch normalisation's training forward over x (B, C, H, W) with weight and bias (C,):
+/// each channel normalised by the batch's statistics over its B·H·W values, then scaled and
+/// shifted. Returns y, and the batch mean and biased batch variance (C,), detached (what the
+/// running statistics move towards). Fused kernel on the CPU in f32 (`ops/cpu/batch_norm.rs`),
+/// composed candle ops elsewhere.
+pub fn batch_norm_train(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    if cpu::eligible(x) && cpu::eligible(weight) && cpu::eligible(bias) {
+        let (y, mean, var) = cpu::batch_norm_train(x, weight, bias, eps)?;
+        let c = mean.len();
+        let dev = x.device();
+        return Ok((
+            y,
+            Tensor::from_vec(mean, c, dev)?,
+            Tensor::from_vec(var, c, dev)?,
+        ));
+    }
+    let c = weight.dim(0)?;
     let mean = x.mean_keepdim((0, 2, 3))?; // (1, C, 1, 1)
     let centred = x.broadcast_sub(&mean)?;
     let var = centred.sqr()?.mean_keepdim((0, 2, 3))?; // (1, C, 1, 1), biased
     let inv_std = (var.clone() + eps)?.sqrt()?.recip()?;
-    let normed = centred.broadcast_mul(&inv_std)?; // (B, C, H, W)
-    Ok((
-        normed,
-        mean.flatten_all()?.detach(),
-        var.flatten_all()?.detach(),
-    ))
+    let y = centred
+        .broadcast_mul(&inv_std)?
+        .broadcast_mul(&weight.reshape((1, c, 1, 1))?)?
+        .broadcast_add(&bias.reshape((1, c, 1, 1))?)?;
+    Ok((y, mean.flatten_all()?.detach(), var.flatten_all()?.detach()))
+}
+
+/// Batch normalisation's evaluation forward over x (B, C, H, W): by the running statistics
+/// (C,), folded with weight and bias into one scale and shift per channel.
+pub fn batch_norm_eval(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    // y = x·scale + shift with scale = w/√(var + eps), shift = b − mean·scale.
+    let scale = (weight / (running_var + eps)?.sqrt()?)?;
+    let shift = (bias - (running_mean * &scale)?)?;
+    if cpu::eligible(x) && cpu::eligible(&scale) {
+        return Ok(cpu::channel_affine(x, &scale, &shift)?);
+    }
+    let c = scale.dim(0)?;
+    Ok(x.broadcast_mul(&scale.reshape((1, c, 1, 1))?)?
+        .broadcast_add(&shift.reshape((1, c, 1, 1))?)?)
 }
 
 /// Max-pooling with a 3×3 window, stride 2 and padding 1 (ResNet's stem pool), of a
@@ -320,13 +357,23 @@ fn pool_3_2_along(x: &Tensor, dim: usize) -> Result<Tensor> {
 }
 
 /// 2-D convolution (B, C_in, H, W) * (C_out, C_in, k, k) → (B, C_out, H', W') with zero
-/// `padding` and `stride`, as candle computes it, made differentiable for every input
-/// size: candle's backward takes the transposed convolution's output padding from the
+/// `padding` and `stride` (square kernel, no dilation, one group). Fused kernel on the CPU
+/// in f32 (im2col onto the matrix-multiply provider, `ops/cpu/conv.rs`), composed candle
+/// ops elsewhere.
+pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    if cpu::eligible(x) && cpu::eligible(w) {
+        return Ok(cpu::conv2d(x, w, stride, padding)?);
+    }
+    conv2d_composed(x, w, stride, padding)
+}
+
+/// [`conv2d`] from candle's convolution, made differentiable for every input size:
+/// candle's backward takes the transposed convolution's output padding from the
 /// height alone, so when (H + 2p − k) mod s and (W + 2p − k) mod s differ its input
 /// gradient has the wrong width. The axis with the smaller remainder is then padded with
 /// zeros at its end up to the other's: no window reaches those zeros (the output size is
 /// unchanged), and the remainders agree.
-pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+fn conv2d_composed(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
     let (_, _, h, wd) = x.dims4()?;
     let k = w.dim(2)?;
     let rem = |n: usize| (n + 2 * padding).saturating_sub(k) % stride;
@@ -462,6 +509,32 @@ mod tests {
             let grads = y.sum_all().unwrap().backward().unwrap();
             let g = grads.get(v.as_tensor()).unwrap().sum_all().unwrap();
             assert_eq!(g.to_scalar::<f32>().unwrap(), (2 * 3 * oh * ow) as f32);
+        }
+    }
+
+    /// The composed convolution (other devices) agrees with the fused one in value and
+    /// gradient where candle's own backward alone gets the input gradient's width wrong
+    /// (different remainders of the two axes under stride 2).
+    #[test]
+    fn composed_convolution_has_the_right_gradient_at_any_size() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 13, 10), &dev).unwrap()).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(0f32, 0.3, (4, 3, 3, 3), &dev).unwrap()).unwrap();
+        let c = Tensor::randn(0f32, 1.0, (2, 4, 7, 5), &dev).unwrap();
+        let run = |f: fn(&Tensor, &Tensor, usize, usize) -> Result<Tensor>| {
+            let y = f(x.as_tensor(), w.as_tensor(), 2, 1).unwrap();
+            let g = (&y * &c).unwrap().sum_all().unwrap().backward().unwrap();
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let gx = flat(g.get(x.as_tensor()).unwrap());
+            let gw = flat(g.get(w.as_tensor()).unwrap());
+            (flat(&y), gx, gw)
+        };
+        let (a, b) = (run(conv2d), run(conv2d_composed));
+        for (u, v) in [(&a.0, &b.0), (&a.1, &b.1), (&a.2, &b.2)] {
+            assert_eq!(u.len(), v.len());
+            for (p, q) in u.iter().zip(v) {
+                assert!((p - q).abs() < 1e-4 * (1.0 + q.abs()), "{p} vs {q}");
+            }
         }
     }
 }

@@ -8,7 +8,7 @@
 //! shape, never on the thread count, and reductions over rows (LayerNorm's dweight/dbias) add
 //! the per-block partial sums in block order: results are bit-for-bit reproducible.
 //!
-//! One file per kernel (`add`, `attention`, `cross_entropy`, `gelu`, `layer_norm`,
+//! One file per kernel (`add`, `attention`, `batch_norm`, `conv`, `cross_entropy`, `gelu`, `layer_norm`,
 //! `linear`, `softmax`); what they share: `par` (parallel blocks and output buffers),
 //! `simd` (the instruction-set dispatch), `math` (lane reductions, `exp`), `storage` (f32
 //! slices of candle data), `settings` (the `VIT_*` environment switches, read once),
@@ -28,6 +28,8 @@
 
 mod add;
 mod attention;
+mod batch_norm;
+mod conv;
 mod cross_entropy;
 mod gelu;
 mod gemm;
@@ -47,6 +49,8 @@ mod testing;
 
 pub(crate) use add::add;
 pub(crate) use attention::attention;
+pub(crate) use batch_norm::{batch_norm_train, channel_affine};
+pub(crate) use conv::conv2d;
 pub(crate) use cross_entropy::cross_entropy;
 pub(crate) use gelu::gelu;
 pub(crate) use gemm::provider as matmul_provider;
