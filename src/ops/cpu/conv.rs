@@ -99,6 +99,22 @@ impl Geometry {
             .filter(|&i| i < len)
     }
 
+    /// The output columns [lo, hi) whose input column at kernel offset `kj` is inside the
+    /// image (ox·stride + kj − pad in 0..W); empty when none is.
+    fn inside(&self, kj: usize) -> (usize, usize) {
+        let lo = self
+            .pad
+            .saturating_sub(kj)
+            .div_ceil(self.stride)
+            .min(self.ow);
+        // Largest ox with ox·stride + kj − pad ≤ W − 1.
+        let hi = match (self.w + self.pad).checked_sub(kj + 1) {
+            Some(last) => (last / self.stride + 1).min(self.ow),
+            None => 0,
+        };
+        (lo, hi.max(lo))
+    }
+
     /// cols (C_in·k·k, n·H'·W') of the n images in `x`, written into `cols`.
     fn im2col(&self, x: &[f32], n: usize, cols: &mut [f32]) {
         let (plane, oplane, ncols) = (self.in_plane(), self.out_plane(), n * self.out_plane());
@@ -116,8 +132,20 @@ impl Geometry {
                                 continue;
                             };
                             let src_row = &src[iy * self.w..][..self.w];
-                            for (ox, d) in dst.iter_mut().enumerate() {
-                                *d = self.source(ox, kj, self.w).map_or(0.0, |ix| src_row[ix]);
+                            let (lo, hi) = self.inside(kj);
+                            dst[..lo].fill(0.0);
+                            dst[hi..].fill(0.0);
+                            if lo == hi {
+                                continue;
+                            }
+                            let first = lo * self.stride + kj - self.pad;
+                            if self.stride == 1 {
+                                dst[lo..hi].copy_from_slice(&src_row[first..first + hi - lo]);
+                            } else {
+                                let picked = src_row[first..].iter().step_by(self.stride);
+                                for (d, &v) in dst[lo..hi].iter_mut().zip(picked) {
+                                    *d = v;
+                                }
                             }
                         }
                     }
@@ -142,10 +170,14 @@ impl Geometry {
                             };
                             let src = &src_row[j * oplane + oy * self.ow..][..self.ow];
                             let dst_row = &mut dst[iy * self.w..][..self.w];
-                            for (ox, s) in src.iter().enumerate() {
-                                if let Some(ix) = self.source(ox, kj, self.w) {
-                                    dst_row[ix] += s;
-                                }
+                            let (lo, hi) = self.inside(kj);
+                            if lo == hi {
+                                continue;
+                            }
+                            let first = lo * self.stride + kj - self.pad;
+                            let targets = dst_row[first..].iter_mut().step_by(self.stride);
+                            for (d, &v) in targets.zip(&src[lo..hi]) {
+                                *d += v;
                             }
                         }
                     }
@@ -351,6 +383,8 @@ mod tests {
         [2, 3, 13, 13, 4, 7, 2, 3],
         [40, 3, 4, 4, 6, 3, 1, 1],
         [2, 2, 20, 18, 3, 3, 1, 1],
+        [2, 1, 1, 1, 2, 7, 2, 3], // a 1×1 image under a 7×7 kernel: most offsets outside
+        [1, 2, 3, 3, 2, 7, 2, 3],
     ];
 
     #[test]
