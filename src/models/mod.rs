@@ -191,6 +191,29 @@ macro_rules! each_arch {
     };
 }
 
+/// The [`Architecture`] accessors of a config with the fields `image_size`, `in_channels`
+/// and `num_classes` (every architecture's): expands inside its `impl Architecture`.
+macro_rules! input_and_classes_fields {
+    () => {
+        fn image_size(&self) -> [usize; 2] {
+            self.image_size
+        }
+        fn set_image_size(&mut self, size: [usize; 2]) {
+            self.image_size = size;
+        }
+        fn in_channels(&self) -> usize {
+            self.in_channels
+        }
+        fn num_classes(&self) -> usize {
+            self.num_classes
+        }
+        fn set_num_classes(&mut self, k: usize) {
+            self.num_classes = k;
+        }
+    };
+}
+use input_and_classes_fields;
+
 /// A named preset of an architecture's config `C`.
 pub struct Preset<C> {
     pub name: &'static str,

@@ -891,21 +891,7 @@ impl Architecture for ViTConfig {
     fn validate(&self) -> Result<()> {
         ViTConfig::validate(self)
     }
-    fn image_size(&self) -> [usize; 2] {
-        self.image_size
-    }
-    fn set_image_size(&mut self, size: [usize; 2]) {
-        self.image_size = size;
-    }
-    fn in_channels(&self) -> usize {
-        self.in_channels
-    }
-    fn num_classes(&self) -> usize {
-        self.num_classes
-    }
-    fn set_num_classes(&mut self, k: usize) {
-        self.num_classes = k;
-    }
+    super::input_and_classes_fields!();
     fn set_drop_path(&mut self, rate: f64) {
         self.drop_path = rate;
     }
