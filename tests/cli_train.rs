@@ -1136,7 +1136,7 @@ fn the_documents_cnn_trains_evaluates_and_compares_with_a_vit() {
     ]);
     assert!(eval.contains("100 images: accuracy"), "{eval}");
     let table = ok(&["compare", p(&c), p(&v), "--out", p(dir.path())]);
-    assert!(table.contains("custom"), "{table}");
+    assert!(table.contains("custom cnn"), "{table}");
     // A CNN has no attention to draw: one clear line.
     let img = dir.path().join("x.png");
     image::GrayImage::new(28, 28).save(&img).unwrap();

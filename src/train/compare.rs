@@ -20,7 +20,7 @@ pub struct RunRow {
     pub run: PathBuf,
     /// Its name in tables and legends (the folder's name).
     pub name: String,
-    /// The preset, or "custom" for a model table.
+    /// The preset, or "custom <arch>" for a model table.
     pub model: String,
     pub dataset: String,
     pub params: usize,
@@ -69,10 +69,7 @@ pub fn read_run(dir: &Path) -> Result<RunRow> {
         name: dir
             .file_name()
             .map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into()),
-        model: match recipe.model {
-            Some(_) => "custom".into(),
-            None => recipe.preset.clone(),
-        },
+        model: recipe.model_name(),
         dataset: recipe.dataset.clone(),
         params: cfg.num_params(),
         gflops: cfg.flops() as f64 / 1e9,

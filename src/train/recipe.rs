@@ -164,6 +164,15 @@ impl Recipe {
         Self::from_file(&path)
     }
 
+    /// The model's name in tables and reports: the preset, or "custom <arch>" for a
+    /// `model` table (e.g. "custom resnet").
+    pub fn model_name(&self) -> String {
+        match &self.model {
+            Some(c) => format!("custom {}", c.arch()),
+            None => self.preset.clone(),
+        }
+    }
+
     /// The model config this recipe trains.
     pub fn model_config(&self) -> Result<ModelConfig> {
         let mut c = match &self.model {

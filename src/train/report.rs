@@ -187,10 +187,7 @@ pub(super) fn write_report(
         md,
         "Dataset `{}`, model `{}` ({} parameters), {} epochs of {} images per step.\n",
         recipe.dataset,
-        recipe
-            .model
-            .as_ref()
-            .map_or(recipe.preset.as_str(), |_| "custom"),
+        recipe.model_name(),
         cfg.num_params(),
         history.len(),
         recipe.batch_size
