@@ -1,20 +1,33 @@
 //! Fused 2-D convolution over NCHW f32 tensors: a square k×k kernel, zero padding, a stride,
 //! no bias, no dilation, one group (every convolution of the ResNets), lowered onto the
-//! matrix-multiply provider by im2col.
+//! matrix-multiply provider by im2col in channels-last order.
 //!
 //! The batch is cut into groups of consecutive images, enough of them that a group's output
 //! has at least [`GROUP_COLUMNS`] positions (one image at 28×28, sixteen at 4×4), so every
-//! product is large enough to run efficiently. Per group, with cols = im2col(x) of shape
-//! (C_in·k·k, images·H'·W') and W viewed as (C_out, C_in·k·k):
+//! product is large enough to run efficiently. Per group of n images, P = H'·W' output
+//! positions each:
 //!
-//!   forward   y = W · cols                     (C_out, images·H'·W'), scattered to NCHW
-//!   backward  dW += G · colsᵀ,  dcols = Wᵀ · G, dx = col2im(dcols)
+//!   xt    = x in channels-last order                  (n, H, W, C_in)
+//!   cols  = im2col(xt), one patch per output position  (n·P, k·k·C_in), patch order (ki, kj, c)
+//!   Wt    = W as (k·k·C_in, C_out), rows in patch order
+//!   forward   yt = cols · Wt                          (n·P, C_out), back to NCHW
+//!   backward  Gt = the output gradient, channels last (n·P, C_out)
+//!             dWt += colsᵀ · Gt,  dcols = Gt · Wtᵀ,  dxt = col2im(dcols), back to NCHW
 //!
-//! with G the group's output gradient gathered as (C_out, images·H'·W'). Groups run in
-//! parallel on rayon's pool; their boundaries depend only on the shape, each group's dx is its
-//! own, and the groups' partial dW are added in group order, so results never depend on the
-//! number of threads. cols is recomputed in backward rather than kept (it is k² times the
-//! input).
+//! Channels last makes every copy of the lowering a contiguous run: a patch row is k runs
+//! of k·C_in floats (fewer at the image's edges), where channels-first order copies runs of
+//! W' floats (4 at ResNet's last stage), so im2col and col2im stay a small share of the
+//! products at every stage. The transposes to and from NCHW are one pass over each
+//! activation. Scratch buffers are per thread and reused from call to call, never zeroed:
+//! every element is written before it is read.
+//!
+//! Groups run in parallel on rayon's pool; their boundaries depend only on the shape, each
+//! group's dx is its own, and the groups' partial dW are added in group order, so results
+//! never depend on the number of threads. cols is recomputed in backward rather than kept
+//! (it is k² times the input).
+
+use std::cell::Cell;
+use std::sync::OnceLock;
 
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -23,6 +36,7 @@ use super::gemm::sgemm;
 use super::matrix::MatRef;
 use super::par::SendPtr;
 use super::storage::{f32_slice, with_f32};
+use super::transpose::transpose;
 
 /// Fewest output positions (images × H' × W') of a group's products.
 const GROUP_COLUMNS: usize = 256;
@@ -67,17 +81,21 @@ impl Geometry {
         })
     }
 
-    /// Rows of cols: C_in·k·k.
-    fn ckk(&self) -> usize {
-        self.c_in * self.k * self.k
+    /// Length of a patch, the columns of cols: k·k·C_in.
+    fn patch(&self) -> usize {
+        self.k * self.k * self.c_in
     }
 
-    fn in_plane(&self) -> usize {
-        self.h * self.w
+    fn in_image(&self) -> usize {
+        self.c_in * self.h * self.w
     }
 
     fn out_plane(&self) -> usize {
         self.oh * self.ow
+    }
+
+    fn out_image(&self) -> usize {
+        self.c_out * self.out_plane()
     }
 
     /// The image ranges of the groups: a function of the shape only.
@@ -91,111 +109,145 @@ impl Geometry {
             .collect()
     }
 
-    /// The input row `iy` (or column) read by output position `o` at kernel offset `ki`,
-    /// when it is inside the image.
-    fn source(&self, o: usize, ki: usize, len: usize) -> Option<usize> {
-        (o * self.stride + ki)
-            .checked_sub(self.pad)
-            .filter(|&i| i < len)
+    /// The kernel offsets [lo, hi) along one axis whose input index o·stride + kk − pad
+    /// lies in 0..len, for output index `o`, and the input index of `lo`; consecutive
+    /// offsets read consecutive inputs.
+    fn inside(&self, o: usize, len: usize) -> (usize, usize, usize) {
+        let start = o * self.stride;
+        let lo = self.pad.saturating_sub(start).min(self.k);
+        let hi = (len + self.pad).saturating_sub(start).min(self.k).max(lo);
+        (lo, hi, (start + lo).saturating_sub(self.pad))
     }
 
-    /// The output columns [lo, hi) whose input column at kernel offset `kj` is inside the
-    /// image (ox·stride + kj − pad in 0..W); empty when none is.
-    fn inside(&self, kj: usize) -> (usize, usize) {
-        let lo = self
-            .pad
-            .saturating_sub(kj)
-            .div_ceil(self.stride)
-            .min(self.ow);
-        // Largest ox with ox·stride + kj − pad ≤ W − 1.
-        let hi = match (self.w + self.pad).checked_sub(kj + 1) {
-            Some(last) => (last / self.stride + 1).min(self.ow),
-            None => 0,
-        };
-        (lo, hi.max(lo))
-    }
-
-    /// cols (C_in·k·k, n·H'·W') of the n images in `x`, written into `cols`.
-    fn im2col(&self, x: &[f32], n: usize, cols: &mut [f32]) {
-        let (plane, oplane, ncols) = (self.in_plane(), self.out_plane(), n * self.out_plane());
-        for c in 0..self.c_in {
-            for ki in 0..self.k {
-                for kj in 0..self.k {
-                    let row = (c * self.k + ki) * self.k + kj;
-                    let dst_row = &mut cols[row * ncols..(row + 1) * ncols];
-                    for j in 0..n {
-                        let src = &x[(j * self.c_in + c) * plane..][..plane];
-                        for oy in 0..self.oh {
-                            let dst = &mut dst_row[j * oplane + oy * self.ow..][..self.ow];
-                            let Some(iy) = self.source(oy, ki, self.h) else {
-                                dst.fill(0.0);
-                                continue;
-                            };
-                            let src_row = &src[iy * self.w..][..self.w];
-                            let (lo, hi) = self.inside(kj);
-                            dst[..lo].fill(0.0);
-                            dst[hi..].fill(0.0);
-                            if lo == hi {
-                                continue;
-                            }
-                            let first = lo * self.stride + kj - self.pad;
-                            if self.stride == 1 {
-                                dst[lo..hi].copy_from_slice(&src_row[first..first + hi - lo]);
-                            } else {
-                                let picked = src_row[first..].iter().step_by(self.stride);
-                                for (d, &v) in dst[lo..hi].iter_mut().zip(picked) {
-                                    *d = v;
-                                }
-                            }
+    /// cols (n·P, k·k·C_in) of the n channels-last images `xt` (n, H, W, C_in).
+    fn im2col(&self, xt: &[f32], n: usize, cols: &mut [f32]) {
+        let (c, k, patch) = (self.c_in, self.k, self.patch());
+        for j in 0..n {
+            let img = &xt[j * self.in_image()..][..self.in_image()];
+            for oy in 0..self.oh {
+                let (ylo, yhi, iy0) = self.inside(oy, self.h);
+                for ox in 0..self.ow {
+                    let (xlo, xhi, ix0) = self.inside(ox, self.w);
+                    let row = (j * self.oh + oy) * self.ow + ox;
+                    let dst = &mut cols[row * patch..][..patch];
+                    for ki in 0..k {
+                        let seg = &mut dst[ki * k * c..][..k * c];
+                        if ki < ylo || ki >= yhi {
+                            seg.fill(0.0);
+                            continue;
                         }
+                        let src = ((iy0 + ki - ylo) * self.w + ix0) * c;
+                        seg[..xlo * c].fill(0.0);
+                        seg[xlo * c..xhi * c].copy_from_slice(&img[src..][..(xhi - xlo) * c]);
+                        seg[xhi * c..].fill(0.0);
                     }
                 }
             }
         }
     }
 
-    /// dx += col2im(dcols) for the n images of `dx` (the adjoint of [`Geometry::im2col`]).
-    fn col2im_add(&self, dcols: &[f32], n: usize, dx: &mut [f32]) {
-        let (plane, oplane, ncols) = (self.in_plane(), self.out_plane(), n * self.out_plane());
-        for c in 0..self.c_in {
-            for ki in 0..self.k {
-                for kj in 0..self.k {
-                    let row = (c * self.k + ki) * self.k + kj;
-                    let src_row = &dcols[row * ncols..(row + 1) * ncols];
-                    for j in 0..n {
-                        let dst = &mut dx[(j * self.c_in + c) * plane..][..plane];
-                        for oy in 0..self.oh {
-                            let Some(iy) = self.source(oy, ki, self.h) else {
-                                continue;
-                            };
-                            let src = &src_row[j * oplane + oy * self.ow..][..self.ow];
-                            let dst_row = &mut dst[iy * self.w..][..self.w];
-                            let (lo, hi) = self.inside(kj);
-                            if lo == hi {
-                                continue;
-                            }
-                            let first = lo * self.stride + kj - self.pad;
-                            let targets = dst_row[first..].iter_mut().step_by(self.stride);
-                            for (d, &v) in targets.zip(&src[lo..hi]) {
-                                *d += v;
-                            }
+    /// dxt += col2im(dcols) for n channels-last images (the adjoint of [`Geometry::im2col`]).
+    fn col2im_add(&self, dcols: &[f32], n: usize, dxt: &mut [f32]) {
+        let (c, k, patch) = (self.c_in, self.k, self.patch());
+        for j in 0..n {
+            let img = &mut dxt[j * self.in_image()..][..self.in_image()];
+            for oy in 0..self.oh {
+                let (ylo, yhi, iy0) = self.inside(oy, self.h);
+                for ox in 0..self.ow {
+                    let (xlo, xhi, ix0) = self.inside(ox, self.w);
+                    let row = (j * self.oh + oy) * self.ow + ox;
+                    let src = &dcols[row * patch..][..patch];
+                    for ki in ylo..yhi {
+                        let dst = ((iy0 + ki - ylo) * self.w + ix0) * c;
+                        let run = &src[(ki * k + xlo) * c..(ki * k + xhi) * c];
+                        for (d, &v) in img[dst..][..run.len()].iter_mut().zip(run) {
+                            *d += v;
                         }
                     }
                 }
             }
         }
     }
+}
+
+/// n images (n, C, P) ↔ (n, P, C): channels first to channels last, or back with C and P
+/// swapped.
+fn transpose_images(src: &[f32], n: usize, c: usize, p: usize, dst: &mut [f32]) {
+    for j in 0..n {
+        transpose(
+            &src[j * c * p..][..c * p],
+            c,
+            p,
+            &mut dst[j * c * p..][..c * p],
+        );
+    }
+}
+
+thread_local! {
+    /// This thread's scratch buffers, kept between calls (see [`with_scratch`]).
+    static SCRATCH: Cell<Vec<Vec<f32>>> = const { Cell::new(Vec::new()) };
+}
+
+/// Runs `f` on N scratch buffers of this thread with the given lengths, their contents
+/// arbitrary. The buffers are taken out of the thread's store for the call and put back
+/// after, so a nested call gets fresh ones.
+fn with_scratch<R, const N: usize>(lens: [usize; N], f: impl FnOnce([&mut [f32]; N]) -> R) -> R {
+    let mut bufs = SCRATCH.with(Cell::take);
+    bufs.resize_with(bufs.len().max(N), Vec::new);
+    for (b, &len) in bufs.iter_mut().zip(&lens) {
+        if b.len() < len {
+            b.resize(len, 0.0);
+        }
+    }
+    let mut it = bufs.iter_mut().zip(lens).map(|(b, len)| &mut b[..len]);
+    let slices: [&mut [f32]; N] = std::array::from_fn(|_| it.next().expect("N buffers"));
+    let r = f(slices);
+    SCRATCH.with(|s| s.set(bufs));
+    r
 }
 
 /// `conv2d(x, w)` for CPU f32 tensors x (B, C_in, H, W) and w (C_out, C_in, k, k) with zero
 /// `padding` and `stride`: (B, C_out, H', W').
 pub(crate) fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
     let geo = Geometry::new(x.dims(), w.dims(), stride, padding)?;
-    x.contiguous()?.apply_op2(&w.contiguous()?, Conv2d { geo })
+    x.contiguous()?.apply_op2(
+        &w.contiguous()?,
+        Conv2d {
+            geo,
+            wt: OnceLock::new(),
+        },
+    )
 }
 
 struct Conv2d {
     geo: Geometry,
+    /// The weight in patch order, see [`Conv2d::weight_t`].
+    wt: OnceLock<Vec<f32>>,
+}
+
+impl Conv2d {
+    /// W (C_out, C_in, k, k) as Wt (k·k·C_in, C_out), rows in patch order (ki, kj, c):
+    /// computed once, in the forward, and kept for the backward.
+    fn weight_t(&self, w: &[f32]) -> &[f32] {
+        self.wt.get_or_init(|| {
+            let g = self.geo;
+            let mut by_channel = vec![0f32; w.len()]; // rows in order (c, ki, kj)
+            transpose(w, g.c_out, g.patch(), &mut by_channel);
+            let mut wt = vec![0f32; w.len()];
+            reorder_rows(&by_channel, g.c_in, g.k * g.k, g.c_out, &mut wt);
+            wt
+        })
+    }
+}
+
+/// The rows of a matrix of `a · b` rows of `len` floats, from order (i, j) (i < a, j < b)
+/// to order (j, i).
+fn reorder_rows(src: &[f32], a: usize, b: usize, len: usize, dst: &mut [f32]) {
+    for i in 0..a {
+        for j in 0..b {
+            dst[(j * a + i) * len..][..len].copy_from_slice(&src[(i * b + j) * len..][..len]);
+        }
+    }
 }
 
 impl CustomOp2 for Conv2d {
@@ -212,37 +264,42 @@ impl CustomOp2 for Conv2d {
     ) -> Result<(CpuStorage, Shape)> {
         let g = self.geo;
         let (x, w) = (f32_slice(xs, xl)?, f32_slice(ws, wl)?);
-        let out_image = g.c_out * g.out_plane();
-        let mut y = vec![0f32; g.batch * out_image];
+        let wt = self.weight_t(w);
+        let (hw, p) = (g.h * g.w, g.out_plane());
+        let mut y = vec![0f32; g.batch * g.out_image()];
         let y_ptr = SendPtr(y.as_mut_ptr());
         g.groups().par_iter().for_each(|&(i0, i1)| {
             let n = i1 - i0;
-            let ncols = n * g.out_plane();
-            let mut cols = vec![0f32; g.ckk() * ncols];
-            g.im2col(&x[i0 * g.c_in * g.in_plane()..], n, &mut cols);
-            let mut out = vec![0f32; g.c_out * ncols];
-            // SAFETY: W is (C_out, C_in·k·k), cols (C_in·k·k, ncols) and out (C_out, ncols),
-            // each a whole live Vec or slice; out overlaps neither operand.
-            unsafe {
-                sgemm(
-                    g.c_out,
-                    ncols,
-                    g.ckk(),
-                    out.as_mut_ptr(),
-                    ncols,
-                    1,
-                    MatRef::new(w.as_ptr(), g.ckk() as isize, 1),
-                    MatRef::new(cols.as_ptr(), ncols as isize, 1),
-                    1.0,
-                    false,
-                )
-            };
-            // SAFETY: this group owns images i0..i1 of y (n · out_image floats from
-            // i0 · out_image), which no other group reads or writes; y outlives the tasks.
-            let yg = unsafe {
-                std::slice::from_raw_parts_mut(y_ptr.get().add(i0 * out_image), n * out_image)
-            };
-            scatter(&out, n, g.c_out, g.out_plane(), yg);
+            let lens = [n * g.in_image(), n * p * g.patch(), n * g.out_image()];
+            with_scratch(lens, |[xt, cols, yt]| {
+                transpose_images(&x[i0 * g.in_image()..], n, g.c_in, hw, xt);
+                g.im2col(xt, n, cols);
+                // SAFETY: cols is (n·P, patch), Wt (patch, C_out) and yt (n·P, C_out), each
+                // a whole live buffer; yt overlaps neither operand.
+                unsafe {
+                    sgemm(
+                        n * p,
+                        g.c_out,
+                        g.patch(),
+                        yt.as_mut_ptr(),
+                        g.c_out,
+                        1,
+                        MatRef::new(cols.as_ptr(), g.patch() as isize, 1),
+                        MatRef::new(wt.as_ptr(), g.c_out as isize, 1),
+                        1.0,
+                        false,
+                    )
+                };
+                // SAFETY: this group owns images i0..i1 of y (n · out_image floats from
+                // i0 · out_image), which no other group reads or writes; y outlives the tasks.
+                let yg = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        y_ptr.get().add(i0 * g.out_image()),
+                        n * g.out_image(),
+                    )
+                };
+                transpose_images(yt, n, p, g.c_out, yg);
+            })
         });
         let shape = Shape::from((g.batch, g.c_out, g.oh, g.ow));
         Ok((CpuStorage::F32(y), shape))
@@ -256,105 +313,89 @@ impl CustomOp2 for Conv2d {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let g = self.geo;
-        let in_image = g.c_in * g.in_plane();
-        let out_image = g.c_out * g.out_plane();
-        let mut dx = vec![0f32; g.batch * in_image];
+        let (hw, p, patch) = (g.h * g.w, g.out_plane(), g.patch());
+        let mut dx = vec![0f32; g.batch * g.in_image()];
         let dx_ptr = SendPtr(dx.as_mut_ptr());
         let partials = with_f32([x, w, grad], |[x, w, gy]| {
+            let wt = self.weight_t(w);
             g.groups()
                 .par_iter()
                 .map(|&(i0, i1)| {
                     let n = i1 - i0;
-                    let ncols = n * g.out_plane();
-                    let mut gt = vec![0f32; g.c_out * ncols];
-                    gather(
-                        &gy[i0 * out_image..][..n * out_image],
-                        n,
-                        g.c_out,
-                        g.out_plane(),
-                        &mut gt,
-                    );
-                    let mut cols = vec![0f32; g.ckk() * ncols];
-                    g.im2col(&x[i0 * in_image..], n, &mut cols);
-                    let mut dw = vec![0f32; g.c_out * g.ckk()];
-                    let mut dcols = vec![0f32; g.ckk() * ncols];
-                    let gm = MatRef::new(gt.as_ptr(), ncols as isize, 1); // (C_out, ncols)
-                    let colsm = MatRef::new(cols.as_ptr(), ncols as isize, 1); // (ckk, ncols)
-                    let wm = MatRef::new(w.as_ptr(), g.ckk() as isize, 1); // (C_out, ckk)
-                                                                           // SAFETY: the views match their Vecs' shapes (G (C_out, ncols), cols
-                                                                           // (ckk, ncols), W (C_out, ckk)); dw (C_out, ckk) and dcols (ckk, ncols)
-                                                                           // are fresh and overlap no operand.
-                    unsafe {
-                        sgemm(
-                            g.c_out,
-                            g.ckk(),
-                            ncols,
-                            dw.as_mut_ptr(),
-                            g.ckk(),
-                            1,
-                            gm,
-                            colsm.t(),
-                            1.0,
-                            false,
-                        );
-                        sgemm(
-                            g.ckk(),
-                            ncols,
-                            g.c_out,
-                            dcols.as_mut_ptr(),
-                            ncols,
-                            1,
-                            wm.t(),
-                            gm,
-                            1.0,
-                            false,
-                        );
-                    }
-                    // SAFETY: this group owns images i0..i1 of dx (n · in_image floats from
-                    // i0 · in_image, zeroed), which no other group reads or writes.
-                    let dxg = unsafe {
-                        std::slice::from_raw_parts_mut(
-                            dx_ptr.get().add(i0 * in_image),
-                            n * in_image,
-                        )
-                    };
-                    g.col2im_add(&dcols, n, dxg);
-                    dw
+                    let mut dwt = vec![0f32; patch * g.c_out];
+                    let lens = [
+                        n * g.in_image(),
+                        n * p * patch,
+                        n * g.out_image(),
+                        n * p * patch,
+                    ];
+                    with_scratch(lens, |[xt, cols, gt, dcols]| {
+                        transpose_images(&x[i0 * g.in_image()..], n, g.c_in, hw, xt);
+                        g.im2col(xt, n, cols);
+                        transpose_images(&gy[i0 * g.out_image()..], n, g.c_out, p, gt);
+                        let gm = MatRef::new(gt.as_ptr(), g.c_out as isize, 1); // (n·P, C_out)
+                        let colsm = MatRef::new(cols.as_ptr(), patch as isize, 1); // (n·P, patch)
+                        let wm = MatRef::new(wt.as_ptr(), g.c_out as isize, 1); // (patch, C_out)
+                                                                                // SAFETY: the views match their buffers' shapes; dwt (patch, C_out)
+                                                                                // and dcols (n·P, patch) are this task's own and overlap no operand.
+                        unsafe {
+                            sgemm(
+                                patch,
+                                g.c_out,
+                                n * p,
+                                dwt.as_mut_ptr(),
+                                g.c_out,
+                                1,
+                                colsm.t(),
+                                gm,
+                                1.0,
+                                false,
+                            );
+                            sgemm(
+                                n * p,
+                                patch,
+                                g.c_out,
+                                dcols.as_mut_ptr(),
+                                patch,
+                                1,
+                                gm,
+                                wm.t(),
+                                1.0,
+                                false,
+                            );
+                        }
+                        // xt is free again: the group's dx in channels-last order.
+                        xt.fill(0.0);
+                        g.col2im_add(dcols, n, xt);
+                        // SAFETY: this group owns images i0..i1 of dx (n · in_image floats
+                        // from i0 · in_image), which no other group reads or writes.
+                        let dxg = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                dx_ptr.get().add(i0 * g.in_image()),
+                                n * g.in_image(),
+                            )
+                        };
+                        transpose_images(xt, n, hw, g.c_in, dxg);
+                    });
+                    dwt
                 })
                 .collect::<Vec<_>>()
         })?;
         let mut parts = partials.into_iter();
-        let mut dw = parts
-            .next()
-            .unwrap_or_else(|| vec![0f32; g.c_out * g.ckk()]);
-        for p in parts {
-            dw.iter_mut().zip(&p).for_each(|(a, b)| *a += b);
+        let mut dwt = parts.next().unwrap_or_else(|| vec![0f32; patch * g.c_out]);
+        for part in parts {
+            dwt.iter_mut().zip(&part).for_each(|(a, b)| *a += b);
         }
+        // dWt (patch, C_out) back to W's layout (C_out, C_in, k, k).
+        let mut by_channel = vec![0f32; dwt.len()];
+        reorder_rows(&dwt, g.k * g.k, g.c_in, g.c_out, &mut by_channel);
+        let mut dw = vec![0f32; dwt.len()];
+        transpose(&by_channel, patch, g.c_out, &mut dw);
         let dev = x.device();
         Ok((
             Some(Tensor::from_vec(dx, (g.batch, g.c_in, g.h, g.w), dev)?),
             Some(Tensor::from_vec(dw, (g.c_out, g.c_in, g.k, g.k), dev)?),
         ))
-    }
-}
-
-/// (C, n·P) grouped by channel → n images of (C, P).
-fn scatter(grouped: &[f32], n: usize, c: usize, plane: usize, images: &mut [f32]) {
-    for j in 0..n {
-        for ch in 0..c {
-            images[(j * c + ch) * plane..][..plane]
-                .copy_from_slice(&grouped[ch * n * plane + j * plane..][..plane]);
-        }
-    }
-}
-
-/// n images of (C, P) → (C, n·P) grouped by channel.
-fn gather(images: &[f32], n: usize, c: usize, plane: usize, grouped: &mut [f32]) {
-    for j in 0..n {
-        for ch in 0..c {
-            grouped[ch * n * plane + j * plane..][..plane]
-                .copy_from_slice(&images[(j * c + ch) * plane..][..plane]);
-        }
     }
 }
 

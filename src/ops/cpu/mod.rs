@@ -12,7 +12,8 @@
 //! `linear`, `softmax`); what they share: `par` (parallel blocks and output buffers),
 //! `simd` (the instruction-set dispatch), `math` (lane reductions, `exp`), `storage` (f32
 //! slices of candle data), `settings` (the `VIT_*` environment switches, read once),
-//! `matrix` (the strided matrix view), `gemm` (the matrix-multiply provider) over `sgemm`
+//! `matrix` (the strided matrix view), `transpose` (layout changes), `gemm` (the
+//! matrix-multiply provider) over `sgemm`
 //! (our AVX-512 kernel).
 //!
 //! The one place in the crate, with `runtime`, where unsafe code is allowed (the crate
@@ -46,6 +47,7 @@ mod softmax;
 mod storage;
 #[cfg(test)]
 mod testing;
+mod transpose;
 
 pub(crate) use add::add;
 pub(crate) use attention::attention;

@@ -499,7 +499,7 @@ pub(crate) unsafe fn sgemm_packed(
 
 /// The mask of the first `lanes` (≤ 16) lanes.
 #[inline(always)]
-fn mask(lanes: usize) -> __mmask16 {
+pub(super) fn mask(lanes: usize) -> __mmask16 {
     if lanes >= 16 {
         0xffff
     } else {
@@ -763,7 +763,7 @@ unsafe fn transpose_into(
 
 /// The transpose of a 16 × 16 block held as 16 row vectors.
 #[target_feature(enable = "avx512f")]
-fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
+pub(super) fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
     // 32-bit interleave of row pairs, then 64-bit interleave of pairs of pairs: vector
     // 4i+e then holds, in each 128-bit lane l, element 4l+e of rows 4i..4i+4.
     let mut t = [_mm512_setzero_ps(); 16];
