@@ -203,7 +203,7 @@ impl Conv {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = crate::ops::conv2d(x, &self.weight, 1, 1)?; // (B, C_out, H, W)
         let b = self.bias.reshape((1, self.bias.dim(0)?, 1, 1))?;
-        Ok(y.broadcast_add(&b)?.relu()?)
+        crate::ops::relu(&y.broadcast_add(&b)?)
     }
 }
 

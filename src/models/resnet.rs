@@ -557,7 +557,7 @@ impl ResBlock {
         for (i, cb) in self.convs.iter().enumerate() {
             y = cb.forward(&y, mode)?;
             if i < last {
-                y = y.relu()?;
+                y = ops::relu(&y)?;
             }
         }
         let y = self.drop_path.forward(&y, mode)?;
@@ -565,7 +565,7 @@ impl ResBlock {
             Some(d) => d.forward(x, mode)?,
             None => x.clone(),
         };
-        Ok((y + shortcut)?.relu()?)
+        ops::add_relu(&y, &shortcut)
     }
 }
 
@@ -630,7 +630,7 @@ impl ResNet {
     /// before the pool.
     fn stem(&self, x: &Tensor, mode: &Mode) -> Result<Tensor> {
         super::check_images(x, &self.cfg)?;
-        Ok(self.stem.forward(x, mode)?.relu()?)
+        ops::relu(&self.stem.forward(x, mode)?)
     }
 
     /// Stage `s` (0-based) on `x`; the stem's pool in front of the first.

@@ -147,6 +147,24 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     Ok((a + b)?)
 }
 
+/// `max(x, 0)`, with PyTorch's gradient (passed where the output is positive).
+/// Parallel kernel on the CPU in f32 (`ops::cpu`), candle's relu elsewhere.
+pub fn relu(x: &Tensor) -> Result<Tensor> {
+    if cpu::eligible(x) {
+        return Ok(cpu::relu(x)?);
+    }
+    Ok(x.relu()?)
+}
+
+/// `max(a + b, 0)` for tensors of one shape (a ResNet block's output).
+/// Parallel kernel on the CPU in f32 (`ops::cpu`), candle ops elsewhere.
+pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if cpu::eligible(a) && cpu::eligible(b) && a.dims() == b.dims() {
+        return Ok(cpu::add_relu(a, b)?);
+    }
+    Ok((a + b)?.relu()?)
+}
+
 /// Softmax over the last dimension, max-subtracted for stability.
 /// Fused kernel on the CPU in f32 (`ops::cpu`), composed candle ops elsewhere.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {

@@ -10,15 +10,18 @@
 //! folded into scale and shift by the caller; backward dx = g·scale_c, dscale = Σ g·x,
 //! dshift = Σ g.
 //!
-//! Every sum over a channel runs in one task in a fixed order, so results never depend on
-//! the number of threads.
+//! Every sum over a channel runs in one task in a fixed order (per plane over the fixed
+//! lanes of `math`, in f32; across planes in f64), so results never depend on the number of
+//! threads or the instruction set.
 
 use std::sync::{Arc, Mutex};
 
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::math::{dot, lane_sum, lane_sum2, sum};
 use super::par::SendPtr;
+use super::simd::simd;
 use super::storage::{f32_slice, with_f32};
 
 /// (B, C, plane) of an NCHW shape.
@@ -40,6 +43,8 @@ fn planes(
 
 /// Runs `f(c, out_planes)` for every channel in parallel, where `out_planes` are channel c's
 /// B planes of a new (B, C, plane) buffer; returns the buffer and what each call returned.
+/// `f` runs through [`simd!`], compiled for the widest vectors the CPU has (mark the closure
+/// `#[inline(always)]`).
 fn per_channel<R: Send>(
     (b, ch, plane): (usize, usize, usize),
     f: impl Fn(usize, &mut [&mut [f32]]) -> R + Sync,
@@ -60,7 +65,7 @@ fn per_channel<R: Send>(
                     }
                 })
                 .collect();
-            f(c, &mut planes)
+            simd!(f(c, &mut planes))
         })
         .collect();
     (out, results)
@@ -123,27 +128,29 @@ impl CustomOp3 for BatchNormTrain {
         let d = dims(xl.dims())?;
         let n = (d.0 * d.2) as f64;
         let eps = self.eps;
-        let (y, stats) = per_channel(d, |c, out| {
-            let mut sum = 0f64;
-            for p in planes(x, c, d) {
-                sum += p.iter().map(|&v| v as f64).sum::<f64>();
-            }
-            let mean = sum / n.max(1.0);
-            let mut sq = 0f64;
-            for p in planes(x, c, d) {
-                sq += p.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>();
-            }
-            let var = sq / n.max(1.0);
-            let inv = 1.0 / (var + eps).sqrt();
-            let scale = (w[c] as f64 * inv) as f32;
-            let shift = (b[c] as f64 - mean * w[c] as f64 * inv) as f32;
-            for (i, p) in planes(x, c, d).enumerate() {
-                for (o, &v) in out[i].iter_mut().zip(p) {
-                    *o = v * scale + shift;
+        let (y, stats) = per_channel(
+            d,
+            #[inline(always)]
+            |c, out| {
+                // Per plane in f32 lanes, across planes in f64.
+                let total: f64 = planes(x, c, d).map(|p| sum(p) as f64).sum();
+                let mean = total / n.max(1.0);
+                let m = mean as f32;
+                let sq: f64 = planes(x, c, d)
+                    .map(|p| lane_sum(p, |v| (v - m) * (v - m)) as f64)
+                    .sum();
+                let var = sq / n.max(1.0);
+                let inv = 1.0 / (var + eps).sqrt();
+                let scale = (w[c] as f64 * inv) as f32;
+                let shift = (b[c] as f64 - mean * w[c] as f64 * inv) as f32;
+                for (i, p) in planes(x, c, d).enumerate() {
+                    for (o, &v) in out[i].iter_mut().zip(p) {
+                        *o = v * scale + shift;
+                    }
                 }
-            }
-            (mean as f32, var as f32, inv as f32)
-        });
+                (mean as f32, var as f32, inv as f32)
+            },
+        );
         *self.stats.lock().expect("batch-norm statistics") = Some((
             stats.iter().map(|s| s.0).collect(),
             stats.iter().map(|s| s.1).collect(),
@@ -166,24 +173,27 @@ impl CustomOp3 for BatchNormTrain {
         let d = dims(x.dims())?;
         let n = (d.0 * d.2) as f64;
         let (dx, sums) = with_f32([x, w, g], |[x, w, g]| {
-            per_channel(d, |c, out| {
-                let (mu, iv) = (mean[c], inv[c]);
-                let (mut sg, mut sgx) = (0f64, 0f64);
-                for (px, pg) in planes(x, c, d).zip(planes(g, c, d)) {
-                    for (&v, &gv) in px.iter().zip(pg) {
-                        sg += gv as f64;
-                        sgx += (gv * (v - mu) * iv) as f64;
+            per_channel(
+                d,
+                #[inline(always)]
+                |c, out| {
+                    let (mu, iv) = (mean[c], inv[c]);
+                    let (mut sg, mut sgx) = (0f64, 0f64);
+                    for (px, pg) in planes(x, c, d).zip(planes(g, c, d)) {
+                        sg += sum(pg) as f64;
+                        sgx += lane_sum2(px, pg, |v, gv| gv * (v - mu)) as f64;
                     }
-                }
-                let (mg, mgx) = ((sg / n) as f32, (sgx / n) as f32);
-                let k = w[c] * iv;
-                for (i, (px, pg)) in planes(x, c, d).zip(planes(g, c, d)).enumerate() {
-                    for ((o, &v), &gv) in out[i].iter_mut().zip(px).zip(pg) {
-                        *o = k * (gv - mg - (v - mu) * iv * mgx);
+                    let sgx = sgx * iv as f64; // Σ g·x̂
+                    let (mg, mgx) = ((sg / n) as f32, (sgx / n) as f32);
+                    let k = w[c] * iv;
+                    for (i, (px, pg)) in planes(x, c, d).zip(planes(g, c, d)).enumerate() {
+                        for ((o, &v), &gv) in out[i].iter_mut().zip(px).zip(pg) {
+                            *o = k * (gv - mg - (v - mu) * iv * mgx);
+                        }
                     }
-                }
-                (sgx as f32, sg as f32)
-            })
+                    (sgx as f32, sg as f32)
+                },
+            )
         })?;
         let dev = x.device();
         let dw: Vec<f32> = sums.iter().map(|s| s.0).collect();
@@ -230,13 +240,17 @@ impl CustomOp3 for ChannelAffine {
     ) -> Result<(CpuStorage, Shape)> {
         let (x, scale, shift) = (f32_slice(xs, xl)?, f32_slice(ss, sl)?, f32_slice(hs, hl)?);
         let d = dims(xl.dims())?;
-        let (y, _) = per_channel(d, |c, out| {
-            for (i, p) in planes(x, c, d).enumerate() {
-                for (o, &v) in out[i].iter_mut().zip(p) {
-                    *o = v * scale[c] + shift[c];
+        let (y, _) = per_channel(
+            d,
+            #[inline(always)]
+            |c, out| {
+                for (i, p) in planes(x, c, d).enumerate() {
+                    for (o, &v) in out[i].iter_mut().zip(p) {
+                        *o = v * scale[c] + shift[c];
+                    }
                 }
-            }
-        });
+            },
+        );
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
 
@@ -250,17 +264,21 @@ impl CustomOp3 for ChannelAffine {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = dims(x.dims())?;
         let (dx, sums) = with_f32([x, scale, g], |[x, scale, g]| {
-            per_channel(d, |c, out| {
-                let (mut sg, mut sgx) = (0f64, 0f64);
-                for (i, (px, pg)) in planes(x, c, d).zip(planes(g, c, d)).enumerate() {
-                    for ((o, &v), &gv) in out[i].iter_mut().zip(px).zip(pg) {
-                        *o = gv * scale[c];
-                        sg += gv as f64;
-                        sgx += (gv * v) as f64;
+            per_channel(
+                d,
+                #[inline(always)]
+                |c, out| {
+                    let (mut sg, mut sgx) = (0f64, 0f64);
+                    for (i, (px, pg)) in planes(x, c, d).zip(planes(g, c, d)).enumerate() {
+                        sg += sum(pg) as f64;
+                        sgx += dot(pg, px) as f64;
+                        for (o, &gv) in out[i].iter_mut().zip(pg) {
+                            *o = gv * scale[c];
+                        }
                     }
-                }
-                (sgx as f32, sg as f32)
-            })
+                    (sgx as f32, sg as f32)
+                },
+            )
         })?;
         let dev = x.device();
         let c = d.1;

@@ -11,7 +11,7 @@ const LANES: usize = 16;
 
 /// Σ f(a_i, b_i) over the shorter length, with [`LANES`] interleaved partial sums.
 #[inline(always)]
-fn lane_sum2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+pub(super) fn lane_sum2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
     let n = a.len().min(b.len());
     let (ac, at) = a[..n].as_chunks::<LANES>();
     let (bc, bt) = b[..n].as_chunks::<LANES>();

@@ -9,7 +9,7 @@
 //! the per-block partial sums in block order: results are bit-for-bit reproducible.
 //!
 //! One file per kernel (`add`, `attention`, `batch_norm`, `conv`, `cross_entropy`, `gelu`, `layer_norm`,
-//! `linear`, `softmax`); what they share: `par` (parallel blocks and output buffers),
+//! `linear`, `relu`, `softmax`); what they share: `par` (parallel blocks and output buffers),
 //! `simd` (the instruction-set dispatch), `math` (lane reductions, `exp`), `storage` (f32
 //! slices of candle data), `settings` (the `VIT_*` environment switches, read once),
 //! `matrix` (the strided matrix view), `transpose` (layout changes), `gemm` (the
@@ -39,6 +39,7 @@ mod linear;
 mod math;
 mod matrix;
 mod par;
+mod relu;
 mod settings;
 #[cfg(target_arch = "x86_64")]
 mod sgemm;
@@ -58,6 +59,7 @@ pub(crate) use gelu::gelu;
 pub(crate) use gemm::provider as matmul_provider;
 pub(crate) use layer_norm::layer_norm;
 pub(crate) use linear::{linear, Activation, PackedWeight};
+pub(crate) use relu::{add_relu, relu};
 pub(crate) use simd::{simd_level, SimdLevel};
 pub(crate) use softmax::softmax_last_dim;
 
