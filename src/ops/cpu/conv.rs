@@ -21,9 +21,11 @@
 //! activation. Scratch buffers are per thread and reused from call to call, never zeroed:
 //! every element is written before it is read.
 //!
-//! Groups run in parallel on rayon's pool; their boundaries depend only on the shape, each
-//! group's dx is its own, and the groups' partial dW are added in group order, so results
-//! never depend on the number of threads. cols is recomputed in backward rather than kept
+//! Groups run in parallel on rayon's pool; their boundaries depend only on the shape and
+//! each group's y and dx are its own. In backward, the groups are cut into at most
+//! [`MAX_CHUNKS`] runs of consecutive groups (by count only); each run accumulates its dW in
+//! group order, and the runs' dW are added in run order, so results never depend on the
+//! number of threads. cols is recomputed in backward rather than kept
 //! (it is k² times the input).
 
 use std::cell::Cell;
@@ -34,7 +36,7 @@ use rayon::prelude::*;
 
 use super::gemm::sgemm;
 use super::matrix::MatRef;
-use super::par::SendPtr;
+use super::par::{new_blocks, SendPtr, BLOCK_ELEMS};
 use super::storage::{f32_slice, with_f32};
 use super::transpose::transpose;
 
@@ -240,6 +242,40 @@ impl Conv2d {
     }
 }
 
+/// Most chunks the backward cuts the groups into: each accumulates its groups' dW in one
+/// buffer, and the chunks' buffers are added at the end.
+const MAX_CHUNKS: usize = 16;
+
+/// The group ranges [a, b) of the chunks of `groups` groups: at most [`MAX_CHUNKS`], sizes
+/// differing by at most one, a function of the count only.
+fn chunks(groups: usize) -> Vec<(usize, usize)> {
+    let n = groups.clamp(1, MAX_CHUNKS);
+    (0..n)
+        .map(|i| (i * groups / n, (i + 1) * groups / n))
+        .filter(|(a, b)| a < b)
+        .collect()
+}
+
+/// Σ of the buffers, added in order element by element (in parallel blocks, each element's
+/// order fixed); zeros of `len` when there are none.
+fn sum_in_order(mut parts: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
+    if parts.is_empty() {
+        return vec![0f32; len];
+    }
+    let mut total = parts.remove(0);
+    total
+        .par_chunks_mut(BLOCK_ELEMS)
+        .enumerate()
+        .for_each(|(bi, block)| {
+            for part in &parts {
+                for (t, &v) in block.iter_mut().zip(&part[bi * BLOCK_ELEMS..]) {
+                    *t += v;
+                }
+            }
+        });
+    total
+}
+
 /// The rows of a matrix of `a · b` rows of `len` floats, from order (i, j) (i < a, j < b)
 /// to order (j, i).
 fn reorder_rows(src: &[f32], a: usize, b: usize, len: usize, dst: &mut [f32]) {
@@ -266,9 +302,11 @@ impl CustomOp2 for Conv2d {
         let (x, w) = (f32_slice(xs, xl)?, f32_slice(ws, wl)?);
         let wt = self.weight_t(w);
         let (hw, p) = (g.h * g.w, g.out_plane());
-        let mut y = vec![0f32; g.batch * g.out_image()];
-        let y_ptr = SendPtr(y.as_mut_ptr());
-        g.groups().par_iter().for_each(|&(i0, i1)| {
+        let groups = g.groups();
+        let per = groups.first().map_or(1, |&(i0, i1)| i1 - i0);
+        // Block i of y is group i's images.
+        let y = new_blocks(g.batch * g.out_image(), per * g.out_image(), |gi, yg| {
+            let (i0, i1) = groups[gi];
             let n = i1 - i0;
             let lens = [n * g.in_image(), n * p * g.patch(), n * g.out_image()];
             with_scratch(lens, |[xt, cols, yt]| {
@@ -290,14 +328,6 @@ impl CustomOp2 for Conv2d {
                         false,
                     )
                 };
-                // SAFETY: this group owns images i0..i1 of y (n · out_image floats from
-                // i0 · out_image), which no other group reads or writes; y outlives the tasks.
-                let yg = unsafe {
-                    std::slice::from_raw_parts_mut(
-                        y_ptr.get().add(i0 * g.out_image()),
-                        n * g.out_image(),
-                    )
-                };
                 transpose_images(yt, n, p, g.c_out, yg);
             })
         });
@@ -316,76 +346,78 @@ impl CustomOp2 for Conv2d {
         let (hw, p, patch) = (g.h * g.w, g.out_plane(), g.patch());
         let mut dx = vec![0f32; g.batch * g.in_image()];
         let dx_ptr = SendPtr(dx.as_mut_ptr());
+        let groups = g.groups();
         let partials = with_f32([x, w, grad], |[x, w, gy]| {
             let wt = self.weight_t(w);
-            g.groups()
-                .par_iter()
-                .map(|&(i0, i1)| {
-                    let n = i1 - i0;
+            let wm = MatRef::new(wt.as_ptr(), g.c_out as isize, 1); // (patch, C_out)
+            chunks(groups.len())
+                .into_par_iter()
+                .map(|(a, b)| {
+                    // This chunk's dWt, its groups' products accumulated in order.
                     let mut dwt = vec![0f32; patch * g.c_out];
-                    let lens = [
-                        n * g.in_image(),
-                        n * p * patch,
-                        n * g.out_image(),
-                        n * p * patch,
-                    ];
-                    with_scratch(lens, |[xt, cols, gt, dcols]| {
-                        transpose_images(&x[i0 * g.in_image()..], n, g.c_in, hw, xt);
-                        g.im2col(xt, n, cols);
-                        transpose_images(&gy[i0 * g.out_image()..], n, g.c_out, p, gt);
-                        let gm = MatRef::new(gt.as_ptr(), g.c_out as isize, 1); // (n·P, C_out)
-                        let colsm = MatRef::new(cols.as_ptr(), patch as isize, 1); // (n·P, patch)
-                        let wm = MatRef::new(wt.as_ptr(), g.c_out as isize, 1); // (patch, C_out)
-                                                                                // SAFETY: the views match their buffers' shapes; dwt (patch, C_out)
-                                                                                // and dcols (n·P, patch) are this task's own and overlap no operand.
-                        unsafe {
-                            sgemm(
-                                patch,
-                                g.c_out,
-                                n * p,
-                                dwt.as_mut_ptr(),
-                                g.c_out,
-                                1,
-                                colsm.t(),
-                                gm,
-                                1.0,
-                                false,
-                            );
-                            sgemm(
-                                n * p,
-                                patch,
-                                g.c_out,
-                                dcols.as_mut_ptr(),
-                                patch,
-                                1,
-                                gm,
-                                wm.t(),
-                                1.0,
-                                false,
-                            );
-                        }
-                        // xt is free again: the group's dx in channels-last order.
-                        xt.fill(0.0);
-                        g.col2im_add(dcols, n, xt);
-                        // SAFETY: this group owns images i0..i1 of dx (n · in_image floats
-                        // from i0 · in_image), which no other group reads or writes.
-                        let dxg = unsafe {
-                            std::slice::from_raw_parts_mut(
-                                dx_ptr.get().add(i0 * g.in_image()),
-                                n * g.in_image(),
-                            )
-                        };
-                        transpose_images(xt, n, hw, g.c_in, dxg);
-                    });
+                    for (k, &(i0, i1)) in groups[a..b].iter().enumerate() {
+                        let n = i1 - i0;
+                        let lens = [
+                            n * g.in_image(),
+                            n * p * patch,
+                            n * g.out_image(),
+                            n * p * patch,
+                        ];
+                        with_scratch(lens, |[xt, cols, gt, dcols]| {
+                            transpose_images(&x[i0 * g.in_image()..], n, g.c_in, hw, xt);
+                            g.im2col(xt, n, cols);
+                            transpose_images(&gy[i0 * g.out_image()..], n, g.c_out, p, gt);
+                            let gm = MatRef::new(gt.as_ptr(), g.c_out as isize, 1); // (n·P, C_out)
+                            let cm = MatRef::new(cols.as_ptr(), patch as isize, 1); // (n·P, patch)
+                                                                                    // SAFETY: the views match their buffers' shapes; dwt (patch,
+                                                                                    // C_out) and dcols (n·P, patch) are this task's own and overlap
+                                                                                    // no operand.
+                            unsafe {
+                                sgemm(
+                                    patch,
+                                    g.c_out,
+                                    n * p,
+                                    dwt.as_mut_ptr(),
+                                    g.c_out,
+                                    1,
+                                    cm.t(),
+                                    gm,
+                                    1.0,
+                                    k > 0,
+                                );
+                                sgemm(
+                                    n * p,
+                                    patch,
+                                    g.c_out,
+                                    dcols.as_mut_ptr(),
+                                    patch,
+                                    1,
+                                    gm,
+                                    wm.t(),
+                                    1.0,
+                                    false,
+                                );
+                            }
+                            // xt is free again: the group's dx in channels-last order.
+                            xt.fill(0.0);
+                            g.col2im_add(dcols, n, xt);
+                            // SAFETY: this group owns images i0..i1 of dx (n · in_image
+                            // floats from i0 · in_image), which no other group reads or
+                            // writes; dx outlives the tasks.
+                            let dxg = unsafe {
+                                std::slice::from_raw_parts_mut(
+                                    dx_ptr.get().add(i0 * g.in_image()),
+                                    n * g.in_image(),
+                                )
+                            };
+                            transpose_images(xt, n, hw, g.c_in, dxg);
+                        });
+                    }
                     dwt
                 })
                 .collect::<Vec<_>>()
         })?;
-        let mut parts = partials.into_iter();
-        let mut dwt = parts.next().unwrap_or_else(|| vec![0f32; patch * g.c_out]);
-        for part in parts {
-            dwt.iter_mut().zip(&part).for_each(|(a, b)| *a += b);
-        }
+        let dwt = sum_in_order(partials, patch * g.c_out);
         // dWt (patch, C_out) back to W's layout (C_out, C_in, k, k).
         let mut by_channel = vec![0f32; dwt.len()];
         reorder_rows(&dwt, g.k * g.k, g.c_in, g.c_out, &mut by_channel);
@@ -415,7 +447,7 @@ mod tests {
 
     /// (batch, C_in, H, W, C_out, k, stride, padding): 1×1, 3×3 and 7×7 kernels, strides 1
     /// and 2, odd and even sizes (equal remainders on both axes, where candle's backward is
-    /// right), several groups and one image larger than a group.
+    /// right), several groups, several groups per chunk, and one image larger than a group.
     const CASES: &[[usize; 8]] = &[
         [1, 1, 1, 1, 1, 1, 1, 0],
         [2, 3, 5, 5, 4, 3, 1, 1],
@@ -425,6 +457,7 @@ mod tests {
         [40, 3, 4, 4, 6, 3, 1, 1],
         [2, 2, 20, 18, 3, 3, 1, 1],
         [2, 1, 1, 1, 2, 7, 2, 3], // a 1×1 image under a 7×7 kernel: most offsets outside
+        [40, 2, 16, 16, 3, 3, 1, 1], // 40 groups in 16 chunks: dW accumulated across groups
         [1, 2, 3, 3, 2, 7, 2, 3],
     ];
 
@@ -467,11 +500,12 @@ mod tests {
         }
     }
 
-    /// The same numbers on one thread as on several: groups, not threads, split the work.
+    /// The same numbers on one thread as on several: groups and chunks, not threads, split
+    /// the work (40 groups of one 16×16 image, in 16 chunks of two or three).
     #[test]
     fn results_do_not_depend_on_the_thread_count() {
-        let inp = vec![rand(&[40, 3, 6, 6], 1.0, 1), rand(&[4, 3, 3, 3], 0.5, 2)];
-        let cot = cotangent(&[40, 4, 6, 6], 3);
+        let inp = vec![rand(&[40, 3, 16, 16], 1.0, 1), rand(&[4, 3, 3, 3], 0.5, 2)];
+        let cot = cotangent(&[40, 4, 16, 16], 3);
         let run = || value_and_grads(fused(1, 1), &inp, &cot);
         let (y1, g1) = rayon::ThreadPoolBuilder::new()
             .num_threads(1)
