@@ -44,30 +44,39 @@ fn planes(
 /// Runs `f(c, out_planes)` for every channel in parallel, where `out_planes` are channel c's
 /// B planes of a new (B, C, plane) buffer; returns the buffer and what each call returned.
 /// `f` runs through [`simd!`], compiled for the widest vectors the CPU has (mark the closure
-/// `#[inline(always)]`).
+/// `#[inline(always)]`). Each task zeroes its own planes just before `f` gets them, in
+/// parallel and while they are in cache, instead of the whole buffer being zeroed on the
+/// calling thread while the pool waits.
 fn per_channel<R: Send>(
     (b, ch, plane): (usize, usize, usize),
     f: impl Fn(usize, &mut [&mut [f32]]) -> R + Sync,
 ) -> (Vec<f32>, Vec<R>) {
-    let mut out = vec![0f32; b * ch * plane];
+    let len = b * ch * plane;
+    let mut out: Vec<f32> = Vec::with_capacity(len);
     let ptr = SendPtr(out.as_mut_ptr());
     let results = (0..ch)
         .into_par_iter()
         .map(|c| {
             let mut planes: Vec<&mut [f32]> = (0..b)
                 .map(|i| {
-                    // SAFETY: plane (i, c) lies inside `out` (i < b, c < ch) and is disjoint
-                    // from every other plane; channel c's task is the only one that touches
-                    // channel c's planes, and `out` outlives the tasks (the slices live only
-                    // in this closure).
+                    // SAFETY: plane (i, c) lies inside `out`'s allocation of `len` floats
+                    // (i < b, c < ch) and is disjoint from every other plane; channel c's task
+                    // is the only one that touches channel c's planes, and `out` outlives the
+                    // tasks (the slices live only in this closure). The plane is zeroed before
+                    // the slice is formed, so the slice holds initialised f32s.
                     unsafe {
-                        std::slice::from_raw_parts_mut(ptr.get().add((i * ch + c) * plane), plane)
+                        let p = ptr.get().add((i * ch + c) * plane);
+                        std::ptr::write_bytes(p, 0, plane);
+                        std::slice::from_raw_parts_mut(p, plane)
                     }
                 })
                 .collect();
             simd!(f(c, &mut planes))
         })
         .collect();
+    // SAFETY: the channels' planes cover all `len` floats (every (i, c) for i < b, c < ch),
+    // each zeroed by its task above, which have all finished; len ≤ capacity.
+    unsafe { out.set_len(len) };
     (out, results)
 }
 

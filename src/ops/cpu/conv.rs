@@ -344,7 +344,8 @@ impl CustomOp2 for Conv2d {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let g = self.geo;
         let (hw, p, patch) = (g.h * g.w, g.out_plane(), g.patch());
-        let mut dx = vec![0f32; g.batch * g.in_image()];
+        // Uninitialised: each group zeroes its own images, in its task, before adding to them.
+        let mut dx: Vec<f32> = Vec::with_capacity(g.batch * g.in_image());
         let dx_ptr = SendPtr(dx.as_mut_ptr());
         let groups = g.groups();
         let partials = with_f32([x, w, grad], |[x, w, gy]| {
@@ -402,13 +403,13 @@ impl CustomOp2 for Conv2d {
                             xt.fill(0.0);
                             g.col2im_add(dcols, n, xt);
                             // SAFETY: this group owns images i0..i1 of dx (n · in_image
-                            // floats from i0 · in_image), which no other group reads or
-                            // writes; dx outlives the tasks.
+                            // floats from i0 · in_image, inside its allocation), which no
+                            // other group reads or writes; dx outlives the tasks. They are
+                            // zeroed before the slice is formed.
                             let dxg = unsafe {
-                                std::slice::from_raw_parts_mut(
-                                    dx_ptr.get().add(i0 * g.in_image()),
-                                    n * g.in_image(),
-                                )
+                                let p = dx_ptr.get().add(i0 * g.in_image());
+                                std::ptr::write_bytes(p, 0, n * g.in_image());
+                                std::slice::from_raw_parts_mut(p, n * g.in_image())
                             };
                             transpose_images(xt, n, hw, g.c_in, dxg);
                         });
@@ -417,6 +418,9 @@ impl CustomOp2 for Conv2d {
                 })
                 .collect::<Vec<_>>()
         })?;
+        // SAFETY: the groups cover images 0..batch, and each group's task (all finished)
+        // zeroed and then wrote its n · in_image floats; len ≤ capacity.
+        unsafe { dx.set_len(g.batch * g.in_image()) };
         let dwt = sum_in_order(partials, patch * g.c_out);
         // dWt (patch, C_out) back to W's layout (C_out, C_in, k, k).
         let mut by_channel = vec![0f32; dwt.len()];
