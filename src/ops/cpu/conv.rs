@@ -344,6 +344,9 @@ impl CustomOp2 for Conv2d {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let g = self.geo;
         let (hw, p, patch) = (g.h * g.w, g.out_plane(), g.patch());
+        // The input's gradient only where something upstream needs it (not for the images
+        // under a stem).
+        let need_dx = x.track_op();
         // Uninitialised: each group zeroes its own images, in its task, before adding to them.
         let mut dx: Vec<f32> = Vec::with_capacity(g.batch * g.in_image());
         let dx_ptr = SendPtr(dx.as_mut_ptr());
@@ -386,18 +389,23 @@ impl CustomOp2 for Conv2d {
                                     1.0,
                                     k > 0,
                                 );
-                                sgemm(
-                                    n * p,
-                                    patch,
-                                    g.c_out,
-                                    dcols.as_mut_ptr(),
-                                    patch,
-                                    1,
-                                    gm,
-                                    wm.t(),
-                                    1.0,
-                                    false,
-                                );
+                                if need_dx {
+                                    sgemm(
+                                        n * p,
+                                        patch,
+                                        g.c_out,
+                                        dcols.as_mut_ptr(),
+                                        patch,
+                                        1,
+                                        gm,
+                                        wm.t(),
+                                        1.0,
+                                        false,
+                                    );
+                                }
+                            }
+                            if !need_dx {
+                                return;
                             }
                             // xt is free again: the group's dx in channels-last order.
                             xt.fill(0.0);
@@ -418,9 +426,11 @@ impl CustomOp2 for Conv2d {
                 })
                 .collect::<Vec<_>>()
         })?;
-        // SAFETY: the groups cover images 0..batch, and each group's task (all finished)
-        // zeroed and then wrote its n · in_image floats; len ≤ capacity.
-        unsafe { dx.set_len(g.batch * g.in_image()) };
+        if need_dx {
+            // SAFETY: the groups cover images 0..batch, and each group's task (all finished)
+            // zeroed and then wrote its n · in_image floats; len ≤ capacity.
+            unsafe { dx.set_len(g.batch * g.in_image()) };
+        }
         let dwt = sum_in_order(partials, patch * g.c_out);
         // dWt (patch, C_out) back to W's layout (C_out, C_in, k, k).
         let mut by_channel = vec![0f32; dwt.len()];
@@ -428,8 +438,12 @@ impl CustomOp2 for Conv2d {
         let mut dw = vec![0f32; dwt.len()];
         transpose(&by_channel, patch, g.c_out, &mut dw);
         let dev = x.device();
+        let dx = match need_dx {
+            true => Some(Tensor::from_vec(dx, (g.batch, g.c_in, g.h, g.w), dev)?),
+            false => None,
+        };
         Ok((
-            Some(Tensor::from_vec(dx, (g.batch, g.c_in, g.h, g.w), dev)?),
+            dx,
             Some(Tensor::from_vec(dw, (g.c_out, g.c_in, g.k, g.k), dev)?),
         ))
     }
@@ -502,6 +516,20 @@ mod tests {
                 assert!(max_rel_diff(&gf[j], &fd) < 1e-4, "grad {j}");
             }
         }
+    }
+
+    /// An input that needs no gradient (the images under a stem) gets none, and the
+    /// weight's gradient is the same as when it does.
+    #[test]
+    fn no_input_gradient_where_none_is_needed() {
+        let (x, w) = (rand(&[3, 2, 9, 9], 1.0, 4), rand(&[5, 2, 3, 3], 0.5, 5));
+        let wv = candle_core::Var::from_tensor(&w).unwrap();
+        let y = super::conv2d(&x, wv.as_tensor(), 1, 1).unwrap();
+        let cot = cotangent(&[3, 5, 9, 9], 6);
+        let grads = (&y * &cot).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(&x).is_none());
+        let (_, both) = value_and_grads(fused(1, 1), &[x, w], &cot);
+        assert_eq!(flat(grads.get(wv.as_tensor()).unwrap()), flat(&both[1]));
     }
 
     /// The same numbers on one thread as on several: groups and chunks, not threads, split
