@@ -4,7 +4,7 @@
 
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
-use super::par::new_row_blocks;
+use super::par::map2;
 use super::storage::f32_slice;
 
 /// `a + b` for CPU f32 tensors of the same shape.
@@ -30,16 +30,11 @@ impl CustomOp2 for Add {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (a, b) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?);
-        // Elementwise: rows of one element, in blocks.
-        let y = new_row_blocks(
-            a.len(),
-            1,
+        let y = map2(
+            a,
+            b,
             #[inline(always)]
-            |i0, block| {
-                for ((y, &a), &b) in block.iter_mut().zip(&a[i0..]).zip(&b[i0..]) {
-                    *y = a + b;
-                }
-            },
+            |a, b| a + b,
         );
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }

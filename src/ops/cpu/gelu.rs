@@ -7,7 +7,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use std::f32::consts::FRAC_1_SQRT_2;
 
 use super::math::exp;
-use super::par::new_row_blocks;
+use super::par::{map1, map2};
 use super::storage::{f32_slice, with_f32};
 
 /// 1/√(2π), the standard normal density at 0.
@@ -79,16 +79,10 @@ impl CustomOp1 for Gelu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l)?;
-        // Elementwise: treat the data as rows of one element each, in blocks.
-        let y = new_row_blocks(
-            x.len(),
-            1,
+        let y = map1(
+            x,
             #[inline(always)]
-            |i0, block| {
-                for (y, &x) in block.iter_mut().zip(&x[i0..]) {
-                    *y = x * cdf(x);
-                }
-            },
+            |x| x * cdf(x),
         );
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
@@ -96,15 +90,11 @@ impl CustomOp1 for Gelu {
     /// dx = g ⊙ GELU'(x).
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let dx = with_f32([x, g], |[x, g]| {
-            new_row_blocks(
-                x.len(),
-                1,
+            map2(
+                x,
+                g,
                 #[inline(always)]
-                |i0, block| {
-                    for ((dx, &x), &g) in block.iter_mut().zip(&x[i0..]).zip(&g[i0..]) {
-                        *dx = g * derivative(x);
-                    }
-                },
+                |x, g| g * derivative(x),
             )
         })?;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))

@@ -124,6 +124,44 @@ where
     new_blocks(len, rows * width, |i, block| simd!(f(i * rows, block)))
 }
 
+/// A new buffer of `f(x_i)`, element by element in parallel blocks (see [`new_row_blocks`];
+/// pass `f` as an `#[inline(always)]` closure).
+#[inline(always)]
+pub(super) fn map1<F>(x: &[f32], f: F) -> Vec<f32>
+where
+    F: Fn(f32) -> f32 + Sync + Send,
+{
+    new_row_blocks(
+        x.len(),
+        1,
+        #[inline(always)]
+        |i0, block| {
+            for (y, &x) in block.iter_mut().zip(&x[i0..]) {
+                *y = f(x);
+            }
+        },
+    )
+}
+
+/// A new buffer of `f(a_i, b_i)` over `a`'s length (`b` at least as long), element by
+/// element in parallel blocks (see [`map1`]).
+#[inline(always)]
+pub(super) fn map2<F>(a: &[f32], b: &[f32], f: F) -> Vec<f32>
+where
+    F: Fn(f32, f32) -> f32 + Sync + Send,
+{
+    new_row_blocks(
+        a.len(),
+        1,
+        #[inline(always)]
+        |i0, block| {
+            for ((y, &a), &b) in block.iter_mut().zip(&a[i0..]).zip(&b[i0..]) {
+                *y = f(a, b);
+            }
+        },
+    )
+}
+
 /// As [`new_row_blocks`] over an existing buffer, collecting one value per block, in block
 /// order.
 pub(super) fn map_row_blocks<F, R>(out: &mut [f32], width: usize, f: F) -> Vec<R>

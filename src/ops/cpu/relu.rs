@@ -5,7 +5,7 @@
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
-use super::par::new_row_blocks;
+use super::par::{map1, map2};
 use super::storage::{f32_slice, with_f32};
 
 /// `max(x, 0)` for a CPU f32 tensor.
@@ -24,15 +24,11 @@ pub(crate) fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// g where y > 0, else 0: the input gradient of both ops.
 fn pass_positive(y: &Tensor, g: &Tensor) -> Result<Tensor> {
     let dx = with_f32([y, g], |[y, g]| {
-        new_row_blocks(
-            y.len(),
-            1,
+        map2(
+            y,
+            g,
             #[inline(always)]
-            |i0, block| {
-                for ((d, &y), &g) in block.iter_mut().zip(&y[i0..]).zip(&g[i0..]) {
-                    *d = if y > 0.0 { g } else { 0.0 };
-                }
-            },
+            |y, g| if y > 0.0 { g } else { 0.0 },
         )
     })?;
     Tensor::from_vec(dx, y.shape(), y.device())
@@ -47,15 +43,10 @@ impl CustomOp1 for Relu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l)?;
-        let y = new_row_blocks(
-            x.len(),
-            1,
+        let y = map1(
+            x,
             #[inline(always)]
-            |i0, block| {
-                for (y, &x) in block.iter_mut().zip(&x[i0..]) {
-                    *y = x.max(0.0);
-                }
-            },
+            |x| x.max(0.0),
         );
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
@@ -80,15 +71,11 @@ impl CustomOp2 for AddRelu {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (a, b) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?);
-        let y = new_row_blocks(
-            a.len(),
-            1,
+        let y = map2(
+            a,
+            b,
             #[inline(always)]
-            |i0, block| {
-                for ((y, &a), &b) in block.iter_mut().zip(&a[i0..]).zip(&b[i0..]) {
-                    *y = (a + b).max(0.0);
-                }
-            },
+            |a, b| (a + b).max(0.0),
         );
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
