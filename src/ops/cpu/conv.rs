@@ -36,7 +36,7 @@ use rayon::prelude::*;
 
 use super::gemm::sgemm;
 use super::matrix::MatRef;
-use super::par::{new_blocks, SendPtr, BLOCK_ELEMS};
+use super::par::{new_blocks, sum_in_order, SendPtr};
 use super::storage::{f32_slice, with_f32};
 use super::transpose::transpose;
 
@@ -254,26 +254,6 @@ fn chunks(groups: usize) -> Vec<(usize, usize)> {
         .map(|i| (i * groups / n, (i + 1) * groups / n))
         .filter(|(a, b)| a < b)
         .collect()
-}
-
-/// Σ of the buffers, added in order element by element (in parallel blocks, each element's
-/// order fixed); zeros of `len` when there are none.
-fn sum_in_order(mut parts: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
-    if parts.is_empty() {
-        return vec![0f32; len];
-    }
-    let mut total = parts.remove(0);
-    total
-        .par_chunks_mut(BLOCK_ELEMS)
-        .enumerate()
-        .for_each(|(bi, block)| {
-            for part in &parts {
-                for (t, &v) in block.iter_mut().zip(&part[bi * BLOCK_ELEMS..]) {
-                    *t += v;
-                }
-            }
-        });
-    total
 }
 
 /// The rows of a matrix of `a · b` rows of `len` floats, from order (i, j) (i < a, j < b)

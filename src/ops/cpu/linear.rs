@@ -17,7 +17,7 @@ use rayon::prelude::*;
 use super::gelu;
 use super::gemm::{own_kernel_for, sgemm, sgemm_packed, Epilogue, PackedB, MR};
 use super::matrix::MatRef;
-use super::par::{new_blocks, new_ranges_uninit, SendPtr};
+use super::par::{new_blocks, new_ranges_uninit, sum_in_order, SendPtr};
 use super::simd::simd;
 use super::storage::{f32_slice, with_f32};
 
@@ -245,14 +245,8 @@ impl CustomOp3 for Linear {
                 })
                 .collect::<Vec<_>>()
         })?;
-        let mut parts = partials.into_iter();
-        let (mut dw, mut db) = parts
-            .next()
-            .unwrap_or_else(|| (vec![0f32; n * k], vec![0f32; n]));
-        for (pw, pb) in parts {
-            dw.iter_mut().zip(&pw).for_each(|(a, b)| *a += b);
-            db.iter_mut().zip(&pb).for_each(|(a, b)| *a += b);
-        }
+        let (pw, pb): (Vec<_>, Vec<_>) = partials.into_iter().unzip();
+        let (dw, db) = (sum_in_order(pw, n * k), sum_in_order(pb, n));
         let dev = x.device();
         Ok((
             Some(Tensor::from_vec(dx, (rows, k), dev)?),

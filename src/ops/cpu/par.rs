@@ -180,3 +180,24 @@ where
             .collect()
     }
 }
+
+/// Σ of the buffers (partial sums of the chunks of a reduction), added in buffer order
+/// element by element: the same bits as a serial loop over them, computed in parallel
+/// blocks. Zeros of `len` when there are none.
+pub(super) fn sum_in_order(mut parts: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
+    if parts.is_empty() {
+        return vec![0f32; len];
+    }
+    let mut total = parts.remove(0);
+    total
+        .par_chunks_mut(BLOCK_ELEMS)
+        .enumerate()
+        .for_each(|(bi, block)| {
+            for part in &parts {
+                for (t, &v) in block.iter_mut().zip(&part[bi * BLOCK_ELEMS..]) {
+                    *t += v;
+                }
+            }
+        });
+    total
+}
