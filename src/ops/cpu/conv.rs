@@ -37,6 +37,7 @@ use rayon::prelude::*;
 use super::gemm::sgemm;
 use super::matrix::MatRef;
 use super::par::{new_blocks, sum_in_order, SendPtr};
+use super::simd::simd;
 use super::storage::{f32_slice, with_f32};
 use super::transpose::transpose;
 
@@ -149,6 +150,8 @@ impl Geometry {
     }
 
     /// dxt += col2im(dcols) for n channels-last images (the adjoint of [`Geometry::im2col`]).
+    /// Call it through [`simd!`], so its additions use the widest vectors the CPU has.
+    #[inline(always)]
     fn col2im_add(&self, dcols: &[f32], n: usize, dxt: &mut [f32]) {
         let (c, k, patch) = (self.c_in, self.k, self.patch());
         for j in 0..n {
@@ -389,7 +392,7 @@ impl CustomOp2 for Conv2d {
                             }
                             // xt is free again: the group's dx in channels-last order.
                             xt.fill(0.0);
-                            g.col2im_add(dcols, n, xt);
+                            simd!(g.col2im_add(dcols, n, xt));
                             // SAFETY: this group owns images i0..i1 of dx (n · in_image
                             // floats from i0 · in_image, inside its allocation), which no
                             // other group reads or writes; dx outlives the tasks. They are
