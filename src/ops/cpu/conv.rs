@@ -354,11 +354,12 @@ impl CustomOp2 for Conv2d {
                             transpose_images(&x[i0 * g.in_image()..], n, g.c_in, hw, xt);
                             g.im2col(xt, n, cols);
                             transpose_images(&gy[i0 * g.out_image()..], n, g.c_out, p, gt);
-                            let gm = MatRef::new(gt.as_ptr(), g.c_out as isize, 1); // (n·P, C_out)
-                            let cm = MatRef::new(cols.as_ptr(), patch as isize, 1); // (n·P, patch)
-                                                                                    // SAFETY: the views match their buffers' shapes; dwt (patch,
-                                                                                    // C_out) and dcols (n·P, patch) are this task's own and overlap
-                                                                                    // no operand.
+                            // G (n·P, C_out) and cols (n·P, patch), row-major.
+                            let gm = MatRef::new(gt.as_ptr(), g.c_out as isize, 1);
+                            let cm = MatRef::new(cols.as_ptr(), patch as isize, 1);
+                            // SAFETY: the views match their buffers' shapes; dwt (patch,
+                            // C_out) and dcols (n·P, patch) are this task's own and overlap
+                            // no operand.
                             unsafe {
                                 sgemm(
                                     patch,
