@@ -101,11 +101,16 @@ impl Geometry {
         self.c_out * self.out_plane()
     }
 
-    /// The image ranges of the groups: a function of the shape only.
-    fn groups(&self) -> Vec<(usize, usize)> {
-        let per = GROUP_COLUMNS
+    /// Images per group (the last group may have fewer): a function of the shape only.
+    fn per_group(&self) -> usize {
+        GROUP_COLUMNS
             .div_ceil(self.out_plane().max(1))
-            .clamp(1, self.batch.max(1));
+            .clamp(1, self.batch.max(1))
+    }
+
+    /// The image ranges of the groups: consecutive runs of [`Geometry::per_group`] images.
+    fn groups(&self) -> Vec<(usize, usize)> {
+        let per = self.per_group();
         (0..self.batch)
             .step_by(per)
             .map(|i| (i, (i + per).min(self.batch)))
@@ -286,34 +291,37 @@ impl CustomOp2 for Conv2d {
         let wt = self.weight_t(w);
         let (hw, p) = (g.h * g.w, g.out_plane());
         let groups = g.groups();
-        let per = groups.first().map_or(1, |&(i0, i1)| i1 - i0);
         // Block i of y is group i's images.
-        let y = new_blocks(g.batch * g.out_image(), per * g.out_image(), |gi, yg| {
-            let (i0, i1) = groups[gi];
-            let n = i1 - i0;
-            let lens = [n * g.in_image(), n * p * g.patch(), n * g.out_image()];
-            with_scratch(lens, |[xt, cols, yt]| {
-                transpose_images(&x[i0 * g.in_image()..], n, g.c_in, hw, xt);
-                g.im2col(xt, n, cols);
-                // SAFETY: cols is (n·P, patch), Wt (patch, C_out) and yt (n·P, C_out), each
-                // a whole live buffer; yt overlaps neither operand.
-                unsafe {
-                    sgemm(
-                        n * p,
-                        g.c_out,
-                        g.patch(),
-                        yt.as_mut_ptr(),
-                        g.c_out,
-                        1,
-                        MatRef::new(cols.as_ptr(), g.patch() as isize, 1),
-                        MatRef::new(wt.as_ptr(), g.c_out as isize, 1),
-                        1.0,
-                        false,
-                    )
-                };
-                transpose_images(yt, n, p, g.c_out, yg);
-            })
-        });
+        let y = new_blocks(
+            g.batch * g.out_image(),
+            g.per_group() * g.out_image(),
+            |gi, yg| {
+                let (i0, i1) = groups[gi];
+                let n = i1 - i0;
+                let lens = [n * g.in_image(), n * p * g.patch(), n * g.out_image()];
+                with_scratch(lens, |[xt, cols, yt]| {
+                    transpose_images(&x[i0 * g.in_image()..], n, g.c_in, hw, xt);
+                    g.im2col(xt, n, cols);
+                    // SAFETY: cols is (n·P, patch), Wt (patch, C_out) and yt (n·P, C_out), each
+                    // a whole live buffer; yt overlaps neither operand.
+                    unsafe {
+                        sgemm(
+                            n * p,
+                            g.c_out,
+                            g.patch(),
+                            yt.as_mut_ptr(),
+                            g.c_out,
+                            1,
+                            MatRef::new(cols.as_ptr(), g.patch() as isize, 1),
+                            MatRef::new(wt.as_ptr(), g.c_out as isize, 1),
+                            1.0,
+                            false,
+                        )
+                    };
+                    transpose_images(yt, n, p, g.c_out, yg);
+                })
+            },
+        );
         let shape = Shape::from((g.batch, g.c_out, g.oh, g.ow));
         Ok((CpuStorage::F32(y), shape))
     }
