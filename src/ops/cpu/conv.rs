@@ -34,7 +34,7 @@ use std::sync::OnceLock;
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::gemm::sgemm;
+use super::gemm::{own_kernel_for, sgemm, sgemm_packed, Epilogue, PackedB};
 use super::matrix::MatRef;
 use super::par::{new_blocks, sum_in_order, SendPtr};
 use super::simd::simd;
@@ -274,6 +274,47 @@ fn reorder_rows(src: &[f32], a: usize, b: usize, len: usize, dst: &mut [f32]) {
     }
 }
 
+/// The right-hand side B (k, n) of one product per group, the same for every group of a
+/// call (the weight): packed once for all of them where our own kernel runs the groups'
+/// products ([`own_kernel_for`] of a full group's shape), passed to [`sgemm`] as it is
+/// otherwise. Either way a product rounds as [`sgemm`] would round it.
+enum SharedRhs {
+    Packed(PackedB),
+    Plain { k: usize, n: usize, rhs: MatRef },
+}
+
+impl SharedRhs {
+    /// # Safety
+    /// `rhs` must cover its (k, n) matrix inside one live allocation that outlives the
+    /// value, unmodified meanwhile.
+    unsafe fn new(group_rows: usize, k: usize, n: usize, rhs: MatRef) -> SharedRhs {
+        if k > 0 && n > 0 && own_kernel_for(group_rows, n, k) {
+            // SAFETY: own_kernel_for checked avx512f; the view is the caller's.
+            SharedRhs::Packed(unsafe { PackedB::new(k, n, rhs) })
+        } else {
+            SharedRhs::Plain { k, n, rhs }
+        }
+    }
+
+    /// dst (m, n), row stride n, = lhs (m, k) · B.
+    ///
+    /// # Safety
+    /// `lhs` must cover (m, k) and `dst` (m, n) inside live allocations; dst overlaps
+    /// neither operand and no one else writes it.
+    unsafe fn product(&self, m: usize, lhs: MatRef, dst: *mut f32) {
+        // SAFETY: the caller's contract, and new's for B.
+        unsafe {
+            match *self {
+                SharedRhs::Packed(ref b) => {
+                    let epi = Epilogue::new(None, false);
+                    sgemm_packed(m, dst, b.n(), 1, lhs, b, 1.0, false, epi)
+                }
+                SharedRhs::Plain { k, n, rhs } => sgemm(m, n, k, dst, n, 1, lhs, rhs, 1.0, false),
+            }
+        }
+    }
+}
+
 impl CustomOp2 for Conv2d {
     fn name(&self) -> &'static str {
         "vit-conv2d"
@@ -288,8 +329,10 @@ impl CustomOp2 for Conv2d {
     ) -> Result<(CpuStorage, Shape)> {
         let g = self.geo;
         let (x, w) = (f32_slice(xs, xl)?, f32_slice(ws, wl)?);
-        let wt = self.weight_t(w);
         let (hw, p) = (g.h * g.w, g.out_plane());
+        let wm = MatRef::new(self.weight_t(w).as_ptr(), g.c_out as isize, 1); // (patch, C_out)
+                                                                              // SAFETY: Wt lives in self.wt, unchanged, as long as the op.
+        let wt = unsafe { SharedRhs::new(g.per_group() * p, g.patch(), g.c_out, wm) };
         let groups = g.groups();
         // Block i of y is group i's images.
         let y = new_blocks(
@@ -302,21 +345,11 @@ impl CustomOp2 for Conv2d {
                 with_scratch(lens, |[xt, cols, yt]| {
                     transpose_images(&x[i0 * g.in_image()..], n, g.c_in, hw, xt);
                     g.im2col(xt, n, cols);
-                    // SAFETY: cols is (n·P, patch), Wt (patch, C_out) and yt (n·P, C_out), each
-                    // a whole live buffer; yt overlaps neither operand.
+                    // SAFETY: cols is (n·P, patch) and yt (n·P, C_out), whole live buffers; yt
+                    // overlaps neither operand.
                     unsafe {
-                        sgemm(
-                            n * p,
-                            g.c_out,
-                            g.patch(),
-                            yt.as_mut_ptr(),
-                            g.c_out,
-                            1,
-                            MatRef::new(cols.as_ptr(), g.patch() as isize, 1),
-                            MatRef::new(wt.as_ptr(), g.c_out as isize, 1),
-                            1.0,
-                            false,
-                        )
+                        let cm = MatRef::new(cols.as_ptr(), g.patch() as isize, 1);
+                        wt.product(n * p, cm, yt.as_mut_ptr())
                     };
                     transpose_images(yt, n, p, g.c_out, yg);
                 })
@@ -343,8 +376,11 @@ impl CustomOp2 for Conv2d {
         let dx_ptr = SendPtr(dx.as_mut_ptr());
         let groups = g.groups();
         let partials = with_f32([x, w, grad], |[x, w, gy]| {
-            let wt = self.weight_t(w);
-            let wm = MatRef::new(wt.as_ptr(), g.c_out as isize, 1); // (patch, C_out)
+            let wm = MatRef::new(self.weight_t(w).as_ptr(), g.c_out as isize, 1); // (patch, C_out)
+                                                                                  // dcols = G · Wtᵀ for every group: Wtᵀ (C_out, patch) shared, packed once.
+                                                                                  // SAFETY: Wt lives in self.wt, unchanged, as long as the op.
+            let wtt = need_dx
+                .then(|| unsafe { SharedRhs::new(g.per_group() * p, g.c_out, patch, wm.t()) });
             chunks(groups.len())
                 .into_par_iter()
                 .map(|(a, b)| {
@@ -381,19 +417,8 @@ impl CustomOp2 for Conv2d {
                                     1.0,
                                     k > 0,
                                 );
-                                if need_dx {
-                                    sgemm(
-                                        n * p,
-                                        patch,
-                                        g.c_out,
-                                        dcols.as_mut_ptr(),
-                                        patch,
-                                        1,
-                                        gm,
-                                        wm.t(),
-                                        1.0,
-                                        false,
-                                    );
+                                if let Some(wtt) = &wtt {
+                                    wtt.product(n * p, gm, dcols.as_mut_ptr());
                                 }
                             }
                             if !need_dx {
@@ -473,23 +498,41 @@ mod tests {
 
     #[test]
     fn matches_candles_convolution_values_and_gradients() {
-        for (i, &[b, c, h, w, co, k, s, p]) in CASES.iter().enumerate() {
-            let seed = i as u64 * 3;
-            let inp = vec![
-                rand(&[b, c, h, w], 1.0, seed),
-                rand(&[co, c, k, k], 0.5, seed + 1),
-            ];
-            let y = fused(s, p)(&inp);
-            let (oh, ow) = ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1);
-            let cot = cotangent(&[b, co, oh, ow], seed);
-            let (yf, gf) = value_and_grads(fused(s, p), &inp, &cot);
-            let (yc, gc) = value_and_grads(composed(s, p), &inp, &cot);
-            assert_eq!(y.dims(), yc.dims());
-            assert!(max_rel_diff(&yf, &yc) < 1e-5, "case {i} forward");
-            for j in 0..2 {
-                let tol = 1e-4 * (1.0 + (b * oh * ow) as f64).sqrt();
-                assert!(max_rel_diff(&gf[j], &gc[j]) < tol, "case {i} grad {j}");
-            }
+        for (i, case) in CASES.iter().enumerate() {
+            matches_candle(i, *case);
+        }
+    }
+
+    /// Large enough for our own kernel where the CPU has avx512f: the weight packed once for
+    /// every group in forward, its transpose once in backward. Two 12×12 images per group,
+    /// the last group one image, 128 → 256 channels.
+    #[test]
+    fn large_layers_match_candles_convolution() {
+        let (rows, patch, c_out) = (2 * 144, 128 * 9, 256);
+        let own =
+            super::own_kernel_for(rows, c_out, patch) && super::own_kernel_for(rows, patch, c_out);
+        assert!(own || !is_avx512f());
+        matches_candle(0, [3, 128, 12, 12, c_out, 3, 1, 1]);
+    }
+
+    /// Case `[b, c, h, w, co, k, s, p]` of the fused convolution against candle's, values
+    /// and both gradients.
+    fn matches_candle(i: usize, [b, c, h, w, co, k, s, p]: [usize; 8]) {
+        let seed = i as u64 * 3;
+        let inp = vec![
+            rand(&[b, c, h, w], 1.0, seed),
+            rand(&[co, c, k, k], 0.5, seed + 1),
+        ];
+        let y = fused(s, p)(&inp);
+        let (oh, ow) = ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1);
+        let cot = cotangent(&[b, co, oh, ow], seed);
+        let (yf, gf) = value_and_grads(fused(s, p), &inp, &cot);
+        let (yc, gc) = value_and_grads(composed(s, p), &inp, &cot);
+        assert_eq!(y.dims(), yc.dims());
+        assert!(max_rel_diff(&yf, &yc) < 1e-5, "case {i} forward");
+        for j in 0..2 {
+            let tol = 1e-4 * (1.0 + (b * oh * ow) as f64).sqrt();
+            assert!(max_rel_diff(&gf[j], &gc[j]) < tol, "case {i} grad {j}");
         }
     }
 

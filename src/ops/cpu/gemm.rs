@@ -97,6 +97,11 @@ impl PackedB {
     pub(crate) unsafe fn new(_k: usize, _n: usize, _rhs: MatRef) -> PackedB {
         unreachable!("no packed sgemm on this architecture")
     }
+
+    /// Never called (see [`PackedB`]).
+    pub(crate) fn n(&self) -> usize {
+        match *self {}
+    }
 }
 
 /// Stand-in for our kernel's `sgemm_packed` where it is not compiled: no [`PackedB`] exists

@@ -477,19 +477,6 @@ mod tests {
         assert!(grads.get(v.as_tensor()).is_some());
     }
 
-    /// Whether the CPU has avx512f and nothing steers away from our kernel.
-    fn is_avx512f() -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use super::super::settings::{settings, BlasChoice, GemmChoice};
-            std::arch::is_x86_feature_detected!("avx512f")
-                && settings().gemm == GemmChoice::Vit
-                && settings().blas == BlasChoice::None
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        false
-    }
-
     #[test]
     fn gradients_match_central_differences() {
         for act in [Activation::Identity, Activation::Gelu] {

@@ -433,6 +433,11 @@ impl PackedB {
             unsafe { Vec::from_raw_parts(buf.as_mut_ptr().cast::<Line>(), lines, buf.capacity()) };
         PackedB { k, n, kc, nc, buf }
     }
+
+    /// Columns of B.
+    pub(crate) fn n(&self) -> usize {
+        self.n
+    }
 }
 
 /// [`sgemm`] with the right-hand side packed beforehand, and an epilogue:

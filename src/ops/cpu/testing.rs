@@ -114,3 +114,17 @@ pub const SHAPES: &[&[usize]] = &[
     &[300, 64],  // several rayon blocks at width 64
     &[1, 20000], // one row wider than a block
 ];
+
+/// Whether the CPU has avx512f and nothing steers the matrix products away from our own
+/// kernel (so a test of a large shape runs on it).
+pub fn is_avx512f() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::settings::{settings, BlasChoice, GemmChoice};
+        std::arch::is_x86_feature_detected!("avx512f")
+            && settings().gemm == GemmChoice::Vit
+            && settings().blas == BlasChoice::None
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
