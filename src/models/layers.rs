@@ -122,7 +122,9 @@ impl LayerNorm {
     }
 }
 
-/// A 2-D convolution without bias (the ResNets'; the bias is the following BatchNorm's).
+/// A 2-D convolution without bias (the ResNets'; the bias is the following BatchNorm's), on
+/// channels-last images (B, H, W, C); the weight is PyTorch's (C_out, C_in, k, k), so
+/// checkpoints are timm's unchanged.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     pub weight: Tensor, // (C_out, C_in, k, k)
@@ -146,14 +148,15 @@ impl Conv2d {
         })
     }
 
-    /// (B, C_in, H, W) → (B, C_out, H', W').
+    /// (B, H, W, C_in) → (B, H', W', C_out).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::conv2d(x, &self.weight, self.stride, self.padding)
+        ops::conv2d_nhwc(x, &self.weight, self.stride, self.padding)
     }
 }
 
-/// Batch normalisation over (B, C, H, W) with running statistics (PyTorch `BatchNorm2d`):
-/// training normalises by the batch's statistics and moves the running ones towards them
+/// Batch normalisation over channels-last (B, H, W, C) with running statistics (PyTorch
+/// `BatchNorm2d`, whose tensors are (B, C, H, W): the same per-channel statistics, and
+/// the same names and values in a checkpoint): training normalises by the batch's statistics and moves the running ones towards them
 /// by `momentum`; evaluation normalises by the running ones.
 ///
 /// The running statistics are buffers, not parameters: no gradient, no optimizer. When the
@@ -208,7 +211,7 @@ impl BatchNorm2d {
         ]
     }
 
-    /// (B, C, H, W) → (B, C, H, W).
+    /// (B, H, W, C) → (B, H, W, C).
     pub fn forward(&self, x: &Tensor, mode: &Mode) -> Result<Tensor> {
         if !mode.is_training() {
             return ops::batch_norm_eval(
@@ -220,7 +223,7 @@ impl BatchNorm2d {
                 self.eps,
             );
         }
-        let (b, _, h, w) = x.dims4()?;
+        let (b, h, w, _) = x.dims4()?;
         let n = b * h * w;
         if n < 2 {
             return Err(crate::Error::Invalid(format!(
@@ -412,8 +415,8 @@ mod tests {
     #[test]
     fn shard_passes_commit_in_any_order_as_the_whole_batch() {
         let dev = Device::Cpu;
-        let a = (Tensor::randn(0f32, 1.0, (3, 2, 4, 5), &dev).unwrap() * 2.0).unwrap();
-        let b = (Tensor::randn(0f32, 1.0, (5, 2, 4, 5), &dev).unwrap() + 1.0).unwrap();
+        let a = (Tensor::randn(0f32, 1.0, (3, 4, 5, 2), &dev).unwrap() * 2.0).unwrap();
+        let b = (Tensor::randn(0f32, 1.0, (5, 4, 5, 2), &dev).unwrap() + 1.0).unwrap();
         let train = Mode::Train(None);
         let run = |parts: &[&Tensor]| {
             let (varmap, bn) = batch_norm(2);
@@ -432,9 +435,11 @@ mod tests {
         // PyTorch's update by hand for the whole batch: 0.9·running + 0.1·batch, unbiased.
         let all = Tensor::cat(&[&a, &b], 0)
             .unwrap()
-            .transpose(0, 1)
+            .reshape((8 * 4 * 5, 2))
             .unwrap()
-            .flatten_from(1)
+            .t()
+            .unwrap()
+            .contiguous()
             .unwrap();
         let v = all.get(0).unwrap().to_vec1::<f32>().unwrap();
         let n = v.len() as f32;
@@ -444,7 +449,7 @@ mod tests {
         assert!((whole.1[0] - (0.9 * 2.0 + 0.1 * var)).abs() < 1e-4);
         // One value per channel cannot be normalised in training.
         let (_, bn) = batch_norm(2);
-        let one = Tensor::zeros((1, 2, 1, 1), DType::F32, &dev).unwrap();
+        let one = Tensor::zeros((1, 1, 1, 2), DType::F32, &dev).unwrap();
         let e = bn.forward(&one, &train).unwrap_err().to_string();
         assert!(e.contains("more than one value per channel"), "{e}");
         assert!(bn.forward(&one, &Mode::Eval).is_ok());

@@ -9,7 +9,7 @@
 //! For small images (28×28, 32×32) the stem is a 3×3 convolution with stride 1 and no pool
 //! (`stem = "small"`, as CIFAR ResNets do), keeping the resolution the stages need.
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{Device, Tensor};
 use candle_nn::VarBuilder;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -550,7 +550,7 @@ impl ResBlock {
         })
     }
 
-    /// (B, C_in, H, W) → relu(branch(x) + shortcut(x)) (B, C_out, H/s, W/s).
+    /// (B, H, W, C_in) → relu(branch(x) + shortcut(x)) (B, H/s, W/s, C_out).
     fn forward(&self, x: &Tensor, mode: &mut Mode) -> Result<Tensor> {
         let last = self.convs.len() - 1;
         let mut y = x.clone();
@@ -626,17 +626,19 @@ impl ResNet {
         })
     }
 
-    /// Images (B, C, H, W) → the stem's output after its ReLU (B, stem_width, H', W'),
-    /// before the pool.
+    /// Images (B, C, H, W) → the stem's output after its ReLU, channels last
+    /// (B, H', W', stem_width), before the pool. The network runs channels last from here
+    /// on (the layout of the fused convolution, see `ops::conv2d_nhwc`).
     fn stem(&self, x: &Tensor, mode: &Mode) -> Result<Tensor> {
         super::check_images(x, &self.cfg)?;
-        ops::relu(&self.stem.forward(x, mode)?)
+        let x = x.permute((0, 2, 3, 1))?; // (B, H, W, C)
+        ops::relu(&self.stem.forward(&x, mode)?)
     }
 
     /// Stage `s` (0-based) on `x`; the stem's pool in front of the first.
     fn stage(&self, s: usize, x: &Tensor, mode: &mut Mode) -> Result<Tensor> {
         let mut x = if s == 0 && self.cfg.stem == Stem::Imagenet {
-            ops::max_pool_3x3_s2_after_relu(x)? // (B, C, ⌈H/2⌉, ⌈W/2⌉)
+            ops::max_pool_3x3_s2_after_relu(x)? // (B, ⌈H/2⌉, ⌈W/2⌉, C)
         } else {
             x.clone()
         };
@@ -664,18 +666,18 @@ impl Classifier for ResNet {
         Ok(())
     }
 
-    /// Images → the last stage's feature map (B, C, h, w).
+    /// Images → the last stage's feature map (B, C, h, w), channels first as timm's.
     fn forward_features_t(&self, x: &Tensor, mode: &mut Mode) -> Result<Tensor> {
         let mut x = self.stem(x, mode)?;
         for s in 0..self.stage_ends.len() {
             x = self.stage(s, &x, mode)?;
         }
-        Ok(x)
+        Ok(x.permute((0, 3, 1, 2))?) // (B, C, h, w)
     }
 
     /// Feature map (B, C, h, w) → global average pool (B, C) → logits (B, classes).
     fn forward_head_t(&self, feats: &Tensor, _mode: &mut Mode) -> Result<Tensor> {
-        let pooled = feats.flatten_from(2)?.mean(D::Minus1)?; // (B, C)
+        let pooled = feats.mean((2, 3))?; // (B, C)
         match &self.fc {
             Some(fc) => fc.forward(&pooled),
             None => Ok(pooled),
@@ -693,7 +695,12 @@ impl Classifier for ResNet {
             x = self.stage(s, &x, mode)?;
             levels.push(x.clone());
         }
-        let logits = self.forward_head(&x)?;
+        // Channels first, as timm gives them: (B, C, h, w).
+        let levels = levels
+            .iter()
+            .map(|l| l.permute((0, 3, 1, 2))?.contiguous())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let logits = self.forward_head(&levels[levels.len() - 1])?;
         Ok(Intermediates {
             logits,
             blocks: indices.iter().map(|&i| levels[i].clone()).collect(),

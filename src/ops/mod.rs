@@ -293,11 +293,11 @@ fn bernoulli_mask(shape: &[usize], p: f64, rng: &mut ChaCha8Rng, dev: &Device) -
     Ok(Tensor::from_vec(v, shape, dev)?.to_dtype(DType::F32)?)
 }
 
-/// Batch normalisation's training forward over x (B, C, H, W) with weight and bias (C,):
-/// each channel normalised by the batch's statistics over its B·H·W values, then scaled and
-/// shifted. Returns y, and the batch mean and biased batch variance (C,), detached (what the
-/// running statistics move towards). Fused kernel on the CPU in f32 (`ops/cpu/batch_norm.rs`),
-/// composed candle ops elsewhere.
+/// Batch normalisation's training forward over channels-last x (B, H, W, C) with weight and
+/// bias (C,): each channel normalised by the batch's statistics over its B·H·W values, then
+/// scaled and shifted. Returns y, and the batch mean and biased batch variance (C,),
+/// detached (what the running statistics move towards). Fused kernel on the CPU in f32
+/// (`ops/cpu/batch_norm.rs`), composed candle ops elsewhere.
 pub fn batch_norm_train(
     x: &Tensor,
     weight: &Tensor,
@@ -314,20 +314,20 @@ pub fn batch_norm_train(
             Tensor::from_vec(var, c, dev)?,
         ));
     }
-    let c = weight.dim(0)?;
-    let mean = x.mean_keepdim((0, 2, 3))?; // (1, C, 1, 1)
+    let mean = x.mean_keepdim((0, 1, 2))?; // (1, 1, 1, C)
     let centred = x.broadcast_sub(&mean)?;
-    let var = centred.sqr()?.mean_keepdim((0, 2, 3))?; // (1, C, 1, 1), biased
+    let var = centred.sqr()?.mean_keepdim((0, 1, 2))?; // (1, 1, 1, C), biased
     let inv_std = (var.clone() + eps)?.sqrt()?.recip()?;
     let y = centred
         .broadcast_mul(&inv_std)?
-        .broadcast_mul(&weight.reshape((1, c, 1, 1))?)?
-        .broadcast_add(&bias.reshape((1, c, 1, 1))?)?;
+        .broadcast_mul(weight)?
+        .broadcast_add(bias)?;
     Ok((y, mean.flatten_all()?.detach(), var.flatten_all()?.detach()))
 }
 
-/// Batch normalisation's evaluation forward over x (B, C, H, W): by the running statistics
-/// (C,), folded with weight and bias into one scale and shift per channel.
+/// Batch normalisation's evaluation forward over channels-last x (B, H, W, C): by the
+/// running statistics (C,), folded with weight and bias into one scale and shift per
+/// channel.
 pub fn batch_norm_eval(
     x: &Tensor,
     weight: &Tensor,
@@ -342,19 +342,17 @@ pub fn batch_norm_eval(
     if cpu::eligible(x) && cpu::eligible(&scale) {
         return Ok(cpu::channel_affine(x, &scale, &shift)?);
     }
-    let c = scale.dim(0)?;
-    Ok(x.broadcast_mul(&scale.reshape((1, c, 1, 1))?)?
-        .broadcast_add(&shift.reshape((1, c, 1, 1))?)?)
+    Ok(x.broadcast_mul(&scale)?.broadcast_add(&shift)?)
 }
 
 /// Max-pooling with a 3×3 window, stride 2 and padding 1 (ResNet's stem pool), of a
-/// non-negative `x` (B, C, H, W), as it is after a ReLU: the padding is zeros, which then
-/// equals PyTorch's −∞ padding. Output (B, C, ⌈H/2⌉, ⌈W/2⌉). Composed of slices and
-/// element-wise maxima, so it records gradients (candle's own pool does not for a window
-/// larger than its stride).
+/// non-negative channels-last `x` (B, H, W, C), as it is after a ReLU: the padding is
+/// zeros, which then equals PyTorch's −∞ padding. Output (B, ⌈H/2⌉, ⌈W/2⌉, C). Composed of
+/// slices and element-wise maxima, so it records gradients (candle's own pool does not for
+/// a window larger than its stride).
 pub fn max_pool_3x3_s2_after_relu(x: &Tensor) -> Result<Tensor> {
-    let x = pool_3_2_along(x, 2)?; // (B, C, ⌈H/2⌉, W)
-    pool_3_2_along(&x, 3) // (B, C, ⌈H/2⌉, ⌈W/2⌉)
+    let x = pool_3_2_along(x, 1)?; // (B, ⌈H/2⌉, W, C)
+    pool_3_2_along(&x, 2) // (B, ⌈H/2⌉, ⌈W/2⌉, C)
 }
 
 /// out[i] = max(xp[2i], xp[2i+1], xp[2i+2]) along `dim` of the zero-padded xp.
@@ -380,9 +378,21 @@ fn pool_3_2_along(x: &Tensor, dim: usize) -> Result<Tensor> {
 /// ops elsewhere.
 pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
     if cpu::eligible(x) && cpu::eligible(w) {
-        return Ok(cpu::conv2d(x, w, stride, padding)?);
+        return Ok(cpu::conv2d(x, w, stride, padding, false)?);
     }
     conv2d_composed(x, w, stride, padding)
+}
+
+/// [`conv2d`] on channels-last images: x (B, H, W, C_in) → (B, H', W', C_out), the weight
+/// still PyTorch's (C_out, C_in, k, k). The fused CPU kernel works channels last, so this
+/// layout spares it a transpose of every input, output and gradient; elsewhere candle's
+/// convolution between two permutes.
+pub fn conv2d_nhwc(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    if cpu::eligible(x) && cpu::eligible(w) {
+        return Ok(cpu::conv2d(x, w, stride, padding, true)?);
+    }
+    let y = conv2d_composed(&x.permute((0, 3, 1, 2))?.contiguous()?, w, stride, padding)?;
+    Ok(y.permute((0, 2, 3, 1))?)
 }
 
 /// [`conv2d`] from candle's convolution, made differentiable for every input size:
@@ -506,7 +516,10 @@ mod tests {
         for (h, w) in [(1, 1), (2, 3), (5, 4), (6, 7)] {
             let x = Tensor::rand(0f32, 1.0, (2, 3, h, w), &dev).unwrap();
             let v = candle_core::Var::from_tensor(&x).unwrap();
-            let y = max_pool_3x3_s2_after_relu(v.as_tensor()).unwrap();
+            // Pooled channels last, compared channels first.
+            let nhwc = v.as_tensor().permute((0, 2, 3, 1)).unwrap();
+            let y = max_pool_3x3_s2_after_relu(&nhwc).unwrap();
+            let y = y.permute((0, 3, 1, 2)).unwrap().contiguous().unwrap();
             let (oh, ow) = (h.div_ceil(2), w.div_ceil(2));
             assert_eq!(y.dims(), &[2, 3, oh, ow]);
             let flat = x.reshape((6, h * w)).unwrap().to_vec2::<f32>().unwrap();
@@ -552,6 +565,46 @@ mod tests {
             assert_eq!(u.len(), v.len());
             for (p, q) in u.iter().zip(v) {
                 assert!((p - q).abs() < 1e-4 * (1.0 + q.abs()), "{p} vs {q}");
+            }
+        }
+    }
+
+    /// The channels-last convolution equals the channels-first one on permuted tensors, in
+    /// value and both gradients: the fused kernel (f32) and the composed ops (f64, as on
+    /// other devices).
+    #[test]
+    fn channels_last_convolution_matches_channels_first() {
+        let dev = Device::Cpu;
+        for dtype in [DType::F32, DType::F64] {
+            let x = Tensor::randn(0f32, 1.0, (2, 3, 9, 8), &dev).unwrap();
+            let x = Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
+            let w = Tensor::randn(0f32, 0.3, (4, 3, 3, 3), &dev).unwrap();
+            let w = Var::from_tensor(&w.to_dtype(dtype).unwrap()).unwrap();
+            let c = Tensor::randn(0f32, 1.0, (2, 4, 5, 4), &dev).unwrap();
+            let c = c.to_dtype(dtype).unwrap();
+            let flat = |t: &Tensor| {
+                let t = t.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+                t.to_vec1::<f64>().unwrap()
+            };
+            let first = conv2d(x.as_tensor(), w.as_tensor(), 2, 1).unwrap();
+            let nhwc = x.as_tensor().permute((0, 2, 3, 1)).unwrap();
+            let last = conv2d_nhwc(&nhwc, w.as_tensor(), 2, 1).unwrap();
+            let last = last.permute((0, 3, 1, 2)).unwrap();
+            let mut grads = vec![];
+            for y in [&first, &last] {
+                assert_eq!(y.dims(), &[2, 4, 5, 4]);
+                let g = (y * &c).unwrap().sum_all().unwrap().backward().unwrap();
+                let gx = flat(g.get(x.as_tensor()).unwrap());
+                grads.push((flat(y), gx, flat(g.get(w.as_tensor()).unwrap())));
+            }
+            let (a, b) = (&grads[0], &grads[1]);
+            for (u, v) in [(&a.0, &b.0), (&a.1, &b.1), (&a.2, &b.2)] {
+                for (p, q) in u.iter().zip(v) {
+                    assert!(
+                        (p - q).abs() < 1e-5 * (1.0 + q.abs()),
+                        "{dtype:?}: {p} vs {q}"
+                    );
+                }
             }
         }
     }

@@ -1,8 +1,8 @@
-//! Fused batch normalisation over NCHW f32 tensors, one task per channel.
+//! Fused batch normalisation over channels-last f32 tensors (B, H, W, C), as N = B·H·W rows
+//! of C channels.
 //!
-//! Training ([`batch_norm_train`]): per channel c over its N = B·H·W values, the mean μ and
-//! the biased variance σ² (sums in f64, in a fixed order), then y = (x − μ)·w/√(σ² + ε) + b
-//! in the same task while the channel is in cache. Backward, with x̂ = (x − μ)/√(σ² + ε):
+//! Training ([`batch_norm_train`]): per channel c over its N values, the mean μ and the
+//! biased variance σ², then y = (x − μ)·w/√(σ² + ε) + b. Backward, with x̂ = (x − μ)/√(σ² + ε):
 //!
 //!   db = Σ g,   dw = Σ g·x̂,   dx = w/√(σ² + ε) · (g − db/N − x̂·dw/N)
 //!
@@ -10,8 +10,11 @@
 //! folded into scale and shift by the caller; backward dx = g·scale_c, dscale = Σ g·x,
 //! dshift = Σ g.
 //!
-//! Every sum over a channel runs in one task in a fixed order (per plane over the fixed
-//! lanes of `math`, in f32; across planes in f64), so results never depend on the number of
+//! Every pass runs over blocks of whole rows ([`rows_per_block`] of C, about 64 KiB) in
+//! parallel, with the channels as the vector lanes. A block's sums are per channel in f32
+//! (its mean, then the squares about that mean while the block is in cache); the blocks'
+//! are combined in block order in f64 (Chan et al.'s pairwise update for the variance).
+//! Blocks are a function of the shape only, so results never depend on the number of
 //! threads or the instruction set.
 
 use std::sync::{Arc, Mutex};
@@ -19,68 +22,135 @@ use std::sync::{Arc, Mutex};
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::math::{dot, lane_sum, lane_sum2, sum};
-use super::par::SendPtr;
+use super::par::{new_row_blocks, rows_per_block};
 use super::simd::simd;
 use super::storage::{f32_slice, with_f32};
 
-/// (B, C, plane) of an NCHW shape.
-fn dims(shape: &[usize]) -> Result<(usize, usize, usize)> {
+/// (rows N, channels C) of a channels-last shape (…, C).
+fn dims(shape: &[usize]) -> Result<(usize, usize)> {
     match *shape {
-        [b, c, h, w] => Ok((b, c, h * w)),
-        _ => bail!("batch norm: expected (B, C, H, W), got {shape:?}"),
+        [b, h, w, c] => Ok((b * h * w, c)),
+        _ => bail!("batch norm: expected (B, H, W, C), got {shape:?}"),
     }
 }
 
-/// The values of channel `c` of `x`, plane by plane (B planes of `plane`).
-fn planes(
-    x: &[f32],
-    c: usize,
-    (b, ch, plane): (usize, usize, usize),
-) -> impl Iterator<Item = &[f32]> {
-    (0..b).map(move |i| &x[(i * ch + c) * plane..][..plane])
-}
-
-/// Runs `f(c, out_planes)` for every channel in parallel, where `out_planes` are channel c's
-/// B planes of a new (B, C, plane) buffer; returns the buffer and what each call returned.
-/// `f` runs through [`simd!`], compiled for the widest vectors the CPU has (mark the closure
-/// `#[inline(always)]`). Each task zeroes its own planes just before `f` gets them, in
-/// parallel and while they are in cache, instead of the whole buffer being zeroed on the
-/// calling thread while the pool waits.
-fn per_channel<R: Send>(
-    (b, ch, plane): (usize, usize, usize),
-    f: impl Fn(usize, &mut [&mut [f32]]) -> R + Sync,
-) -> (Vec<f32>, Vec<R>) {
-    let len = b * ch * plane;
-    let mut out: Vec<f32> = Vec::with_capacity(len);
-    let ptr = SendPtr(out.as_mut_ptr());
-    let results = (0..ch)
+/// `f(rows, block)` over consecutive blocks of whole rows of the (N, C) matrices, in
+/// parallel, through [`simd!`] (mark the closure `#[inline(always)]`): what each block
+/// returned, in block order. `rows` is the block's row range.
+fn per_block<R: Send>(
+    (n, c): (usize, usize),
+    f: impl Fn(std::ops::Range<usize>) -> R + Sync + Send,
+) -> Vec<R> {
+    let rows = rows_per_block(c);
+    (0..n.div_ceil(rows))
         .into_par_iter()
-        .map(|c| {
-            let mut planes: Vec<&mut [f32]> = (0..b)
-                .map(|i| {
-                    // SAFETY: plane (i, c) lies inside `out`'s allocation of `len` floats
-                    // (i < b, c < ch) and is disjoint from every other plane; channel c's task
-                    // is the only one that touches channel c's planes, and `out` outlives the
-                    // tasks (the slices live only in this closure). The plane is zeroed before
-                    // the slice is formed, so the slice holds initialised f32s.
-                    unsafe {
-                        let p = ptr.get().add((i * ch + c) * plane);
-                        std::ptr::write_bytes(p, 0, plane);
-                        std::slice::from_raw_parts_mut(p, plane)
-                    }
-                })
-                .collect();
-            simd!(f(c, &mut planes))
-        })
-        .collect();
-    // SAFETY: the channels' planes cover all `len` floats (every (i, c) for i < b, c < ch),
-    // each zeroed by its task above, which have all finished; len ≤ capacity.
-    unsafe { out.set_len(len) };
-    (out, results)
+        .map(|i| simd!(f(i * rows..((i + 1) * rows).min(n))))
+        .collect()
 }
 
-/// Training-mode batch normalisation of x (B, C, H, W) with weight and bias (C,): returns y
+/// Σ over the rows `rows` of `f(a, b, p)`, per channel (p is the channel's entry of `p`),
+/// in f32 lanes: the channels' sums of one block.
+#[inline(always)]
+fn column_sums(
+    a: &[f32],
+    b: &[f32],
+    p: &[f32],
+    rows: std::ops::Range<usize>,
+    f: impl Fn(f32, f32, f32) -> f32,
+) -> Vec<f32> {
+    let c = p.len();
+    let mut acc = vec![0f32; c];
+    for r in rows {
+        let (ar, br) = (&a[r * c..][..c], &b[r * c..][..c]);
+        for (((s, &x), &y), &p) in acc.iter_mut().zip(ar).zip(br).zip(p) {
+            *s += f(x, y, p);
+        }
+    }
+    acc
+}
+
+/// Per channel, the batch mean and biased variance of x (N, C): each block's mean and sum
+/// of squares about it, combined in block order in f64.
+fn moments(x: &[f32], (n, c): (usize, usize)) -> (Vec<f64>, Vec<f64>) {
+    let blocks = per_block(
+        (n, c),
+        #[inline(always)]
+        |rows: std::ops::Range<usize>| {
+            let len = rows.len() as f32;
+            let zeros = vec![0f32; c];
+            let sums = column_sums(x, x, &zeros, rows.clone(), |v, _, _| v);
+            let mean: Vec<f32> = sums.iter().map(|s| s / len).collect();
+            let m2 = column_sums(x, x, &mean, rows.clone(), |v, _, m| (v - m) * (v - m));
+            (rows.len(), mean, m2)
+        },
+    );
+    // Chan et al.: merging (n_a, μ_a, M2_a) with (n_b, μ_b, M2_b) gives
+    // μ = μ_a + δ·n_b/n, M2 = M2_a + M2_b + δ²·n_a·n_b/n, with δ = μ_b − μ_a.
+    let (mut count, mut mean, mut m2) = (0f64, vec![0f64; c], vec![0f64; c]);
+    for (len, bm, bm2) in blocks {
+        let nb = len as f64;
+        let total = count + nb;
+        for j in 0..c {
+            let delta = bm[j] as f64 - mean[j];
+            mean[j] += delta * nb / total;
+            m2[j] += bm2[j] as f64 + delta * delta * count * nb / total;
+        }
+        count = total;
+    }
+    let var = m2.iter().map(|v| v / count.max(1.0)).collect();
+    (mean, var)
+}
+
+/// Per channel, Σ of `f(a, b, p)` over all rows (p: the channel's entry of `p`): the
+/// blocks' f32 sums added in block order in f64.
+fn channel_sums(
+    a: &[f32],
+    b: &[f32],
+    p: &[f32],
+    n: usize,
+    f: impl Fn(f32, f32, f32) -> f32 + Sync + Send + Copy,
+) -> Vec<f64> {
+    let c = p.len();
+    let blocks = per_block(
+        (n, c),
+        #[inline(always)]
+        |rows| column_sums(a, b, p, rows, f),
+    );
+    let mut total = vec![0f64; c];
+    for part in blocks {
+        for (t, v) in total.iter_mut().zip(part) {
+            *t += v as f64;
+        }
+    }
+    total
+}
+
+/// A new (N, C) buffer of `f(a, b, p, q, r)` element by element (p, q, r: the channel's
+/// entries of the three parameter slices), in parallel blocks of rows.
+fn per_element(
+    a: &[f32],
+    b: &[f32],
+    [p, q, r]: [&[f32]; 3],
+    f: impl Fn(f32, f32, f32, f32, f32) -> f32 + Sync + Send,
+) -> Vec<f32> {
+    let c = p.len();
+    new_row_blocks(
+        a.len(),
+        c,
+        #[inline(always)]
+        |row0, block| {
+            let (a, b) = (&a[row0 * c..], &b[row0 * c..]);
+            for ((yr, ar), br) in block.chunks_exact_mut(c).zip(a.chunks(c)).zip(b.chunks(c)) {
+                let params = p.iter().zip(q).zip(r);
+                for (((y, &x), &v), ((&p, &q), &r)) in yr.iter_mut().zip(ar).zip(br).zip(params) {
+                    *y = f(x, v, p, q, r);
+                }
+            }
+        },
+    )
+}
+
+/// Training-mode batch normalisation of x (B, H, W, C) with weight and bias (C,): returns y
 /// and the batch mean and biased variance of each channel.
 pub(crate) fn batch_norm_train(
     x: &Tensor,
@@ -88,7 +158,7 @@ pub(crate) fn batch_norm_train(
     bias: &Tensor,
     eps: f64,
 ) -> Result<(Tensor, Vec<f32>, Vec<f32>)> {
-    let (_, c, _) = dims(x.dims())?;
+    let (_, c) = dims(x.dims())?;
     if weight.dims1()? != c || bias.dims1()? != c {
         bail!(
             "batch norm: weight {:?} and bias {:?} for {c} channels",
@@ -135,35 +205,18 @@ impl CustomOp3 for BatchNormTrain {
     ) -> Result<(CpuStorage, Shape)> {
         let (x, w, b) = (f32_slice(xs, xl)?, f32_slice(ws, wl)?, f32_slice(bs, bl)?);
         let d = dims(xl.dims())?;
-        let n = (d.0 * d.2) as f64;
-        let eps = self.eps;
-        let (y, stats) = per_channel(
-            d,
-            #[inline(always)]
-            |c, out| {
-                // Per plane in f32 lanes, across planes in f64.
-                let total: f64 = planes(x, c, d).map(|p| sum(p) as f64).sum();
-                let mean = total / n.max(1.0);
-                let m = mean as f32;
-                let sq: f64 = planes(x, c, d)
-                    .map(|p| lane_sum(p, |v| (v - m) * (v - m)) as f64)
-                    .sum();
-                let var = sq / n.max(1.0);
-                let inv = 1.0 / (var + eps).sqrt();
-                let scale = (w[c] as f64 * inv) as f32;
-                let shift = (b[c] as f64 - mean * w[c] as f64 * inv) as f32;
-                for (i, p) in planes(x, c, d).enumerate() {
-                    for (o, &v) in out[i].iter_mut().zip(p) {
-                        *o = v * scale + shift;
-                    }
-                }
-                (mean as f32, var as f32, inv as f32)
-            },
-        );
+        let (mean, var) = moments(x, d);
+        let inv: Vec<f64> = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
+        let scale: Vec<f32> = (0..d.1).map(|j| (w[j] as f64 * inv[j]) as f32).collect();
+        let shift: Vec<f32> = (0..d.1)
+            .map(|j| (b[j] as f64 - mean[j] * w[j] as f64 * inv[j]) as f32)
+            .collect();
+        let zeros = vec![0f32; d.1];
+        let y = per_element(x, x, [&scale, &shift, &zeros], |v, _, s, t, _| v * s + t);
         *self.stats.lock().expect("batch-norm statistics") = Some((
-            stats.iter().map(|s| s.0).collect(),
-            stats.iter().map(|s| s.1).collect(),
-            stats.iter().map(|s| s.2).collect(),
+            mean.iter().map(|&v| v as f32).collect(),
+            var.iter().map(|&v| v as f32).collect(),
+            inv.iter().map(|&v| v as f32).collect(),
         ));
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
@@ -180,33 +233,28 @@ impl CustomOp3 for BatchNormTrain {
             bail!("batch norm backward: no statistics from forward")
         };
         let d = dims(x.dims())?;
-        let n = (d.0 * d.2) as f64;
-        let (dx, sums) = with_f32([x, w, g], |[x, w, g]| {
-            per_channel(
-                d,
-                #[inline(always)]
-                |c, out| {
-                    let (mu, iv) = (mean[c], inv[c]);
-                    let (mut sg, mut sgx) = (0f64, 0f64);
-                    for (px, pg) in planes(x, c, d).zip(planes(g, c, d)) {
-                        sg += sum(pg) as f64;
-                        sgx += lane_sum2(px, pg, |v, gv| gv * (v - mu)) as f64;
-                    }
-                    let sgx = sgx * iv as f64; // Σ g·x̂
-                    let (mg, mgx) = ((sg / n) as f32, (sgx / n) as f32);
-                    let k = w[c] * iv;
-                    for (i, (px, pg)) in planes(x, c, d).zip(planes(g, c, d)).enumerate() {
-                        for ((o, &v), &gv) in out[i].iter_mut().zip(px).zip(pg) {
-                            *o = k * (gv - mg - (v - mu) * iv * mgx);
-                        }
-                    }
-                    (sgx as f32, sg as f32)
-                },
-            )
+        let n = d.0 as f64;
+        let (dx, dw, db) = with_f32([x, w, g], |[x, w, g]| {
+            let zeros = vec![0f32; d.1];
+            let sg = channel_sums(g, g, &zeros, d.0, |gv, _, _| gv);
+            let sgx = channel_sums(x, g, &mean, d.0, |v, gv, m| gv * (v - m));
+            // Per channel, with k = w/√(σ² + ε), Σg/N and Σg·x̂/N:
+            // dx = k·(g − Σg/N − x̂·Σg·x̂/N) = k·g + a·x + b, a = −k·r·Σg·x̂/N with
+            // r = 1/√(σ² + ε), b = −k·Σg/N − a·μ.
+            let dw: Vec<f32> = (0..d.1).map(|j| (sgx[j] * inv[j] as f64) as f32).collect();
+            let (mut k, mut a, mut b) = (vec![0f32; d.1], vec![0f32; d.1], vec![0f32; d.1]);
+            for j in 0..d.1 {
+                let kj = w[j] as f64 * inv[j] as f64;
+                let aj = -kj * inv[j] as f64 * dw[j] as f64 / n;
+                k[j] = kj as f32;
+                a[j] = aj as f32;
+                b[j] = (-kj * sg[j] / n - aj * mean[j] as f64) as f32;
+            }
+            let dx = per_element(x, g, [&k, &a, &b], |v, gv, k, a, b| gv * k + v * a + b);
+            let db: Vec<f32> = sg.iter().map(|&s| s as f32).collect();
+            (dx, dw, db)
         })?;
         let dev = x.device();
-        let dw: Vec<f32> = sums.iter().map(|s| s.0).collect();
-        let db: Vec<f32> = sums.iter().map(|s| s.1).collect();
         let c = d.1;
         Ok((
             Some(Tensor::from_vec(dx, x.dims(), dev)?),
@@ -216,10 +264,10 @@ impl CustomOp3 for BatchNormTrain {
     }
 }
 
-/// y = x·scale_c + shift_c for x (B, C, H, W) and scale, shift (C,): evaluation-mode batch
+/// y = x·scale_c + shift_c for x (B, H, W, C) and scale, shift (C,): evaluation-mode batch
 /// normalisation once the running statistics are folded in.
 pub(crate) fn channel_affine(x: &Tensor, scale: &Tensor, shift: &Tensor) -> Result<Tensor> {
-    let (_, c, _) = dims(x.dims())?;
+    let (_, c) = dims(x.dims())?;
     if scale.dims1()? != c || shift.dims1()? != c {
         bail!(
             "channel affine: scale {:?} and shift {:?} for {c} channels",
@@ -249,17 +297,8 @@ impl CustomOp3 for ChannelAffine {
     ) -> Result<(CpuStorage, Shape)> {
         let (x, scale, shift) = (f32_slice(xs, xl)?, f32_slice(ss, sl)?, f32_slice(hs, hl)?);
         let d = dims(xl.dims())?;
-        let (y, _) = per_channel(
-            d,
-            #[inline(always)]
-            |c, out| {
-                for (i, p) in planes(x, c, d).enumerate() {
-                    for (o, &v) in out[i].iter_mut().zip(p) {
-                        *o = v * scale[c] + shift[c];
-                    }
-                }
-            },
-        );
+        let zeros = vec![0f32; d.1];
+        let y = per_element(x, x, [scale, shift, &zeros], |v, _, s, t, _| v * s + t);
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
 
@@ -272,37 +311,20 @@ impl CustomOp3 for ChannelAffine {
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = dims(x.dims())?;
-        let (dx, sums) = with_f32([x, scale, g], |[x, scale, g]| {
-            per_channel(
-                d,
-                #[inline(always)]
-                |c, out| {
-                    let (mut sg, mut sgx) = (0f64, 0f64);
-                    for (i, (px, pg)) in planes(x, c, d).zip(planes(g, c, d)).enumerate() {
-                        sg += sum(pg) as f64;
-                        sgx += dot(pg, px) as f64;
-                        for (o, &gv) in out[i].iter_mut().zip(pg) {
-                            *o = gv * scale[c];
-                        }
-                    }
-                    (sgx as f32, sg as f32)
-                },
-            )
+        let (dx, dscale, dshift) = with_f32([x, scale, g], |[x, scale, g]| {
+            let zeros = vec![0f32; d.1];
+            let dx = per_element(g, g, [scale, &zeros, &zeros], |gv, _, s, _, _| gv * s);
+            let dscale = channel_sums(x, g, &zeros, d.0, |v, gv, _| gv * v);
+            let dshift = channel_sums(g, g, &zeros, d.0, |gv, _, _| gv);
+            let f32s = |v: Vec<f64>| v.into_iter().map(|s| s as f32).collect::<Vec<_>>();
+            (dx, f32s(dscale), f32s(dshift))
         })?;
         let dev = x.device();
         let c = d.1;
         Ok((
             Some(Tensor::from_vec(dx, x.dims(), dev)?),
-            Some(Tensor::from_vec(
-                sums.iter().map(|s| s.0).collect::<Vec<_>>(),
-                c,
-                dev,
-            )?),
-            Some(Tensor::from_vec(
-                sums.iter().map(|s| s.1).collect::<Vec<_>>(),
-                c,
-                dev,
-            )?),
+            Some(Tensor::from_vec(dscale, c, dev)?),
+            Some(Tensor::from_vec(dshift, c, dev)?),
         ))
     }
 }
@@ -321,17 +343,13 @@ mod tests {
     /// Training-mode normalisation from candle ops: any dtype (the f64 oracle too).
     fn composed(t: &[Tensor]) -> Tensor {
         let (x, w, b) = (&t[0], &t[1], &t[2]);
-        let c = w.dim(0).unwrap();
-        let mean = x.mean_keepdim((0, 2, 3)).unwrap();
+        let mean = x.mean_keepdim((0, 1, 2)).unwrap();
         let xc = x.broadcast_sub(&mean).unwrap();
-        let var = xc.sqr().unwrap().mean_keepdim((0, 2, 3)).unwrap();
+        let var = xc.sqr().unwrap().mean_keepdim((0, 1, 2)).unwrap();
         let xn = xc
             .broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
             .unwrap();
-        xn.broadcast_mul(&w.reshape((1, c, 1, 1)).unwrap())
-            .unwrap()
-            .broadcast_add(&b.reshape((1, c, 1, 1)).unwrap())
-            .unwrap()
+        xn.broadcast_mul(w).unwrap().broadcast_add(b).unwrap()
     }
 
     fn affine(t: &[Tensor]) -> Tensor {
@@ -339,22 +357,29 @@ mod tests {
     }
 
     fn affine_composed(t: &[Tensor]) -> Tensor {
-        let c = t[1].dim(0).unwrap();
-        t[0].broadcast_mul(&t[1].reshape((1, c, 1, 1)).unwrap())
+        t[0].broadcast_mul(&t[1])
             .unwrap()
-            .broadcast_add(&t[2].reshape((1, c, 1, 1)).unwrap())
+            .broadcast_add(&t[2])
             .unwrap()
     }
 
-    const SHAPES: &[[usize; 4]] = &[[2, 1, 1, 1], [3, 2, 5, 4], [8, 5, 7, 7], [64, 3, 4, 4]];
+    /// (B, H, W, C): one value per sample, odd sizes, more rows than one block (16384 / C),
+    /// and channels past one vector's lanes.
+    const SHAPES: &[[usize; 4]] = &[
+        [2, 1, 1, 1],
+        [3, 5, 4, 2],
+        [8, 7, 7, 5],
+        [64, 4, 4, 3],
+        [4, 16, 16, 70],
+    ];
 
     #[test]
     fn matches_composed_values_and_gradients_and_the_statistics() {
-        for (i, &[b, c, h, w]) in SHAPES.iter().enumerate() {
+        for (i, &[b, h, w, c]) in SHAPES.iter().enumerate() {
             let s = i as u64 * 5;
-            let x = (rand(&[b, c, h, w], 2.0, s) + 0.5).unwrap();
+            let x = (rand(&[b, h, w, c], 2.0, s) + 0.5).unwrap();
             let inp = vec![x.clone(), rand(&[c], 1.0, s + 1), rand(&[c], 1.0, s + 2)];
-            let cot = cotangent(&[b, c, h, w], s);
+            let cot = cotangent(&[b, h, w, c], s);
             for (f, g) in [
                 (
                     fused as fn(&[Tensor]) -> Tensor,
@@ -364,23 +389,23 @@ mod tests {
             ] {
                 let (yf, gf) = value_and_grads(f, &inp, &cot);
                 let (yc, gc) = value_and_grads(g, &inp, &cot);
-                assert!(max_rel_diff(&yf, &yc) < 1e-4, "{b}x{c}x{h}x{w} forward");
+                assert!(max_rel_diff(&yf, &yc) < 1e-4, "{b}x{h}x{w}x{c} forward");
                 for j in 0..3 {
                     let tol = 1e-4 * (1.0 + (b * h * w) as f64).sqrt();
                     assert!(
                         max_rel_diff(&gf[j], &gc[j]) < tol,
-                        "{b}x{c}x{h}x{w} grad {j}"
+                        "{b}x{h}x{w}x{c} grad {j}"
                     );
                 }
             }
             let (_, mean, var) = super::batch_norm_train(&inp[0], &inp[1], &inp[2], 1e-5).unwrap();
-            let m = x.mean_keepdim((0, 2, 3)).unwrap().flatten_all().unwrap();
+            let m = x.mean_keepdim((0, 1, 2)).unwrap().flatten_all().unwrap();
             let v = x
-                .broadcast_sub(&x.mean_keepdim((0, 2, 3)).unwrap())
+                .broadcast_sub(&x.mean_keepdim((0, 1, 2)).unwrap())
                 .unwrap()
                 .sqr()
                 .unwrap();
-            let v = v.mean_keepdim((0, 2, 3)).unwrap().flatten_all().unwrap();
+            let v = v.mean_keepdim((0, 1, 2)).unwrap().flatten_all().unwrap();
             let close = |a: &[f32], b: &Tensor| {
                 let b = b.to_vec1::<f32>().unwrap();
                 a.iter()
@@ -394,11 +419,11 @@ mod tests {
     #[test]
     fn gradients_match_finite_differences() {
         let inp = vec![
-            rand(&[3, 2, 2, 3], 1.0, 1),
+            rand(&[3, 2, 3, 2], 1.0, 1),
             rand(&[2], 1.0, 2),
             rand(&[2], 1.0, 3),
         ];
-        let cot = cotangent(&[3, 2, 2, 3], 4);
+        let cot = cotangent(&[3, 2, 3, 2], 4);
         for (f, g) in [
             (
                 fused as fn(&[Tensor]) -> Tensor,
@@ -412,6 +437,30 @@ mod tests {
                 let fd = fd[j].to_dtype(DType::F32).unwrap();
                 assert!(max_rel_diff(&gf[j], &fd) < 1e-3, "grad {j}");
             }
+        }
+    }
+
+    /// The same bits on one thread as on several: blocks of rows, not threads, split the
+    /// sums (100 blocks of 256 rows at 64 channels).
+    #[test]
+    fn results_do_not_depend_on_the_thread_count() {
+        let inp = vec![
+            rand(&[100, 16, 16, 64], 1.0, 1),
+            rand(&[64], 1.0, 2),
+            rand(&[64], 1.0, 3),
+        ];
+        let cot = cotangent(&[100, 16, 16, 64], 4);
+        let on = |threads: usize| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(|| value_and_grads(fused, &inp, &cot))
+        };
+        let ((y1, g1), (y3, g3)) = (on(1), on(3));
+        assert_eq!(flat(&y1), flat(&y3));
+        for j in 0..3 {
+            assert_eq!(flat(&g1[j]), flat(&g3[j]));
         }
     }
 }
