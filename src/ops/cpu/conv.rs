@@ -638,12 +638,18 @@ mod tests {
             let inp = vec![rand(&[b, c, h, w], 1.0, 7), rand(&[co, c, k, k], 0.5, 8)];
             let (oh, ow) = ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1);
             let cot = cotangent(&[b, co, oh, ow], 9);
-            let (_, gf) = value_and_grads(fused(s, p), &inp, &cot);
             let f64_conv = |t: &[Tensor]| t[0].conv2d(&t[1], p, s, 1, 1).unwrap();
             let fd = finite_diff(f64_conv, &inp, &cot);
-            for j in 0..2 {
-                let fd = fd[j].to_dtype(DType::F32).unwrap();
-                assert!(max_rel_diff(&gf[j], &fd) < 1e-4, "grad {j}");
+            let first = value_and_grads(fused(s, p), &inp, &cot).1;
+            let last = value_and_grads(fused_nhwc(s, p), &inp, &cot).1;
+            for (layout, gf) in [("first", first), ("last", last)] {
+                for j in 0..2 {
+                    let fd = fd[j].to_dtype(DType::F32).unwrap();
+                    assert!(
+                        max_rel_diff(&gf[j], &fd) < 1e-4,
+                        "channels {layout} grad {j}"
+                    );
+                }
             }
         }
     }
