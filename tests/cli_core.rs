@@ -43,6 +43,20 @@ fn info_lists_presets_with_timm_parameter_counts() {
     );
 }
 
+/// `info --config` takes a training recipe as well as a model config: the recipe's
+/// `[model]` table or its preset.
+#[test]
+fn info_shows_the_model_of_a_recipe() {
+    let recipe = |name: &str| format!("{}/recipes/{name}", env!("CARGO_MANIFEST_DIR"));
+    for (file, count) in [
+        ("resnet10-quarter-fmnist.toml", "parameters 308,538"),
+        ("deit-fmnist-distilled.toml", "parameters 206,740"),
+    ] {
+        let out = ok(&["info", "--config", &recipe(file)]);
+        assert!(out.contains(count), "{file}: {out}");
+    }
+}
+
 #[test]
 fn predict_timm_checkpoint_prints_timm_logits() {
     let want = load("predict/expected.safetensors");

@@ -4,12 +4,14 @@ use std::path::PathBuf;
 
 use clap::Args;
 use vit::models::{presets, Architecture, ModelConfig};
+use vit::train::Recipe;
 
 #[derive(Debug, Args)]
 pub struct InfoArgs {
     /// Preset to show in detail; without it, all presets are listed.
     preset: Option<String>,
-    /// Show this config file instead of a preset.
+    /// Show the model of this file instead of a preset: a model config (TOML or JSON) or a
+    /// training recipe (`vit train --config`).
     #[arg(long, conflicts_with = "preset")]
     config: Option<PathBuf>,
 }
@@ -17,7 +19,7 @@ pub struct InfoArgs {
 pub fn run(a: InfoArgs) -> anyhow::Result<()> {
     let cfg = match (&a.preset, &a.config) {
         (Some(name), _) => ModelConfig::preset(name)?,
-        (_, Some(path)) => ModelConfig::from_file(path)?,
+        (_, Some(path)) => Recipe::model_of_file(path)?,
         _ => {
             return print_table();
         }

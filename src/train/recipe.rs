@@ -151,6 +151,23 @@ impl Recipe {
             .map_err(|e| Error::format(path, e.to_string().lines().collect::<Vec<_>>().join(" ")))
     }
 
+    /// The model a file describes, for `vit info --config`: a model config (TOML or JSON, as
+    /// [`ModelConfig::from_file`]) or a training recipe (its `[model]` table or preset, with
+    /// its overrides). A TOML file with a `model` table, or a `preset`, `dataset` or
+    /// `epochs` key, is read as a recipe, and its errors are a recipe's.
+    pub fn model_of_file(path: &Path) -> Result<ModelConfig> {
+        let text = crate::files::read_text(path)?;
+        let is_json = path.extension().is_some_and(|e| e == "json");
+        let recipe_keys = ["model", "preset", "dataset", "epochs"];
+        let is_recipe = !is_json
+            && toml::from_str::<toml::Table>(&text)
+                .is_ok_and(|t| recipe_keys.iter().any(|k| t.contains_key(*k)));
+        match is_recipe {
+            true => Self::from_toml(&text, path)?.model_config(),
+            false => ModelConfig::from_text(&text, path),
+        }
+    }
+
     /// The recipe saved in a run folder (for `--resume`).
     pub fn of_run(dir: &Path) -> Result<Self> {
         let path = dir.join(super::RECIPE);
