@@ -155,9 +155,10 @@ impl Conv2d {
 }
 
 /// Batch normalisation over channels-last (B, H, W, C) with running statistics (PyTorch
-/// `BatchNorm2d`, whose tensors are (B, C, H, W): the same per-channel statistics, and
-/// the same names and values in a checkpoint): training normalises by the batch's statistics and moves the running ones towards them
-/// by `momentum`; evaluation normalises by the running ones.
+/// `BatchNorm2d`, whose tensors are (B, C, H, W): the same per-channel statistics, and the
+/// same names and values in a checkpoint): training normalises by the batch's statistics
+/// and moves the running ones towards them by `momentum`; evaluation normalises by the
+/// running ones.
 ///
 /// The running statistics are buffers, not parameters: no gradient, no optimizer. When the
 /// network is built from trainable variables they are variables too, updated in place (as

@@ -695,15 +695,15 @@ impl Classifier for ResNet {
             x = self.stage(s, &x, mode)?;
             levels.push(x.clone());
         }
-        // Channels first, as timm gives them: (B, C, h, w).
-        let levels = levels
+        let logits = self.forward_head(&x.permute((0, 3, 1, 2))?)?;
+        // The levels asked for, channels first as timm gives them: (B, C, h, w).
+        let blocks = indices
             .iter()
-            .map(|l| l.permute((0, 3, 1, 2))?.contiguous())
+            .map(|&i| levels[i].permute((0, 3, 1, 2))?.contiguous())
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let logits = self.forward_head(&levels[levels.len() - 1])?;
         Ok(Intermediates {
             logits,
-            blocks: indices.iter().map(|&i| levels[i].clone()).collect(),
+            blocks,
             attention: vec![],
         })
     }
