@@ -1,4 +1,4 @@
-//! The layers every model is built from, in timm's naming: `Linear`, `LayerNorm`, `Mlp`,
+//! The layers every model is built from, in timm's naming: `PatchEmbed`, `Linear`, `LayerNorm`, `Mlp`,
 //! multi-head `Attention`, `Dropout` and `DropPath`, the convolution networks' `Conv2d` and
 //! `BatchNorm2d`, and the forward [`Mode`] (evaluation, or training with its random stream). Numerics come from [`crate::ops`] only.
 
@@ -97,6 +97,43 @@ impl Linear {
     /// `gelu(forward(x))`, fused where the device allows.
     pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
         ops::linear_cached(x, &self.weight, self.bias.as_ref(), true, &self.packed)
+    }
+}
+
+/// Cuts the image into P×P patches and projects each to D: a stride-P convolution,
+/// done as a reshape and one matrix product.
+#[derive(Debug, Clone)]
+pub struct PatchEmbed {
+    pub weight: Tensor, // (D, C, P, P), as timm's conv `patch_embed.proj.weight`
+    pub bias: Tensor,   // (D,)
+    pub patch_size: usize,
+}
+
+impl PatchEmbed {
+    /// D = `dim` outputs from `in_channels`-channel patches of side `patch`; tensors at
+    /// `proj.weight` and `proj.bias` under `vb`.
+    pub fn new(vb: &VarBuilder, dim: usize, in_channels: usize, patch: usize) -> Result<Self> {
+        let vb = vb.pp("proj");
+        let (d, c, p) = (dim, in_channels, patch);
+        Ok(PatchEmbed {
+            weight: vb.get((d, c, p, p), "weight")?,
+            bias: vb.get(d, "bias")?,
+            patch_size: p,
+        })
+    }
+
+    /// (B, C, H, W) → (B, N, D) with N = (H/P)·(W/P), patches in row-major order.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let p = self.patch_size;
+        let (gh, gw) = (h / p, w / p);
+        let patches = x
+            .reshape(vec![b, c, gh, p, gw, p])? // (B, C, gh, P, gw, P)
+            .permute(vec![0, 2, 4, 1, 3, 5])? // (B, gh, gw, C, P, P)
+            .reshape((b, gh * gw, c * p * p))?; // (B, N, C·P·P)
+        let d = self.weight.dim(0)?;
+        let w = self.weight.reshape((d, c * p * p))?; // (D, C·P·P)
+        ops::linear(&patches, &w, Some(&self.bias)) // (B, N, D)
     }
 }
 

@@ -10,7 +10,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::layers::{
-    normal, trunc_normal, Attention, DropPath, Dropout, LayerNorm, Linear, Mlp, Mode,
+    normal, trunc_normal, Attention, DropPath, Dropout, LayerNorm, Linear, Mlp, Mode, PatchEmbed,
 };
 use super::{Architecture, Classifier, Intermediates, ModelConfig, Preprocess, Preset, Tokens};
 use crate::{ops, Error, Result};
@@ -569,41 +569,6 @@ const fn ours(name: &'static str, config: fn() -> ViTConfig) -> Preset<ViTConfig
     }
 }
 
-/// Cuts the image into P×P patches and projects each to D: a stride-P convolution,
-/// done as a reshape and one matrix product.
-#[derive(Debug, Clone)]
-pub struct PatchEmbed {
-    pub weight: Tensor, // (D, C, P, P), as timm's conv `patch_embed.proj.weight`
-    pub bias: Tensor,   // (D,)
-    pub patch_size: usize,
-}
-
-impl PatchEmbed {
-    fn new(vb: &VarBuilder, cfg: &ViTConfig) -> Result<Self> {
-        let vb = vb.pp("proj");
-        let (d, c, p) = (cfg.embed_dim, cfg.in_channels, cfg.patch_size);
-        Ok(PatchEmbed {
-            weight: vb.get((d, c, p, p), "weight")?,
-            bias: vb.get(d, "bias")?,
-            patch_size: p,
-        })
-    }
-
-    /// (B, C, H, W) → (B, N, D) with N = (H/P)·(W/P), patches in row-major order.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
-        let p = self.patch_size;
-        let (gh, gw) = (h / p, w / p);
-        let patches = x
-            .reshape(vec![b, c, gh, p, gw, p])? // (B, C, gh, P, gw, P)
-            .permute(vec![0, 2, 4, 1, 3, 5])? // (B, gh, gw, C, P, P)
-            .reshape((b, gh * gw, c * p * p))?; // (B, N, C·P·P)
-        let d = self.weight.dim(0)?;
-        let w = self.weight.reshape((d, c * p * p))?; // (D, C·P·P)
-        ops::linear(&patches, &w, Some(&self.bias)) // (B, N, D)
-    }
-}
-
 /// One transformer block: attention and MLP, each a residual branch with stochastic depth.
 #[derive(Debug, Clone)]
 pub struct Block {
@@ -729,7 +694,12 @@ impl VisionTransformer {
             .transpose()?;
         Ok(VisionTransformer {
             cfg: cfg.clone(),
-            patch_embed: PatchEmbed::new(&vb.pp("patch_embed"), cfg)?,
+            patch_embed: PatchEmbed::new(
+                &vb.pp("patch_embed"),
+                cfg.embed_dim,
+                cfg.in_channels,
+                cfg.patch_size,
+            )?,
             cls_token,
             dist_token,
             pos_embed,
