@@ -200,6 +200,47 @@ fn attention_composed(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> 
     merge_heads(&probs.matmul(&v)?)
 }
 
+/// [`attention`] with an additive bias on the scores before the softmax:
+/// softmax(scale · q kᵀ + A) v, where `bias` is (G, heads, T, T) and batch item b takes
+/// block b mod G (Swin: the relative position bias plus, for shifted windows, each window's
+/// mask; batch items are image-major windows). The bias receives a gradient.
+/// Fused kernel on the CPU in f32 (`ops::cpu`), composed candle ops elsewhere.
+pub fn attention_biased(qkv: &Tensor, bias: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    if cpu::eligible(qkv) && cpu::eligible(bias) {
+        return Ok(cpu::attention_biased(qkv, bias, heads, scale)?);
+    }
+    attention_biased_composed(qkv, bias, heads, scale)
+}
+
+/// [`attention_biased`] from candle ops: any device and dtype.
+fn attention_biased_composed(
+    qkv: &Tensor,
+    bias: &Tensor,
+    heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let (q, k, v) = split_heads(qkv, heads)?;
+    let scores = add_attention_bias(&(q * scale)?.matmul(&k.t()?)?, bias)?;
+    merge_heads(&softmax_composed(&scores)?.matmul(&v)?)
+}
+
+/// Scores (B, heads, T, T) plus `bias` (G, heads, T, T), batch item b taking block b mod G.
+pub fn add_attention_bias(scores: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let (b, h, t, t2) = scores.dims4()?;
+    let g = bias.dim(0)?;
+    if g == 0 || b % g != 0 || bias.dims()[1..] != [h, t, t2] {
+        return Err(crate::Error::Invalid(format!(
+            "attention bias {:?} does not fit scores {:?}",
+            bias.dims(),
+            scores.dims()
+        )));
+    }
+    Ok(scores
+        .reshape((b / g, g, h, t, t2))?
+        .broadcast_add(&bias.unsqueeze(0)?)?
+        .reshape((b, h, t, t2))?)
+}
+
 /// (B, T, 3·D) → q, k, v, each (B, heads, T, D/heads) and contiguous.
 pub fn split_heads(qkv: &Tensor, heads: usize) -> Result<(Tensor, Tensor, Tensor)> {
     let (b, t, d3) = qkv.dims3()?;

@@ -51,7 +51,7 @@ mod testing;
 mod transpose;
 
 pub(crate) use add::add;
-pub(crate) use attention::attention;
+pub(crate) use attention::{attention, attention_biased};
 pub(crate) use batch_norm::{batch_norm_train, channel_affine};
 pub(crate) use conv::conv2d;
 pub(crate) use cross_entropy::cross_entropy;
