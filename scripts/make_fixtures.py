@@ -28,12 +28,17 @@ each fixture contains:
                    small-image stem (3x3 stride 1, no pool); eval-mode logits/features/
                    stage outputs, and one training-mode pass: logits, loss, every
                    parameter's gradient and the running statistics after it
-  timm_param_counts.json  parameter counts of standard timm ViTs, DeiTs and ResNets
+  swin_tiny/       timm Swin Transformers at small widths: `pad` (a 20x12 input, 3x3 windows:
+                   padded maps, shifts in one direction only, odd sizes merged) and `fmnist`
+                   (28x28x1, 2x2 patches, 7x7 windows: swin_fmnist's first two stages); eval
+                   logits/features/stage outputs, one training pass with every parameter's
+                   gradient, and timm's state-dict key order
+  timm_param_counts.json  parameter counts of standard timm ViTs, DeiTs, ResNets and Swins
                    (num_classes=1000)
 
 `scripts/make_fixtures.py NAME...` remakes only the named parts (timm_tiny, timm_meanpool,
 hf_tiny+predict, grad_tiny, imagenet_classes, deit_tiny, cnn_simple, resnet_tiny,
-param_counts).
+swin_tiny, param_counts).
 
 All parameters are perturbed after construction (LayerNorm weights 1 + 0.1*randn,
 biases 0.02*randn, other tensors get noise) so that no weight is trivially 0 or 1.
@@ -320,6 +325,62 @@ def make_resnet_tiny():
                 torch.randn(4, 1, 13, 11))
 
 
+# ------------------------------------------------------------------ A5. swin_tiny
+def swin_case(d, tag, model, cfg, x):
+    """Weights and config as `{tag}.safetensors` / `{tag}.json`, timm's state-dict keys in
+    order as `{tag}_keys.json`; eval outputs (logits, NHWC features, NCHW stage outputs),
+    then one training-mode pass (no dropout, no drop-path) with every parameter's gradient
+    in `{tag}_expected.safetensors`."""
+    perturb(model)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    save(sd, os.path.join(d, f"{tag}.safetensors"))
+    write_json(list(sd.keys()), os.path.join(d, f"{tag}_keys.json"))
+    write_json(cfg, os.path.join(d, f"{tag}.json"))
+    model.eval()
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        exp = {"input": x, "logits": model.forward_head(feats), "features": feats}
+        _, levels = model.forward_intermediates(x)
+        for i, t in enumerate(levels):
+            exp[f"level{i}"] = t
+    model.train()
+    y = torch.arange(x.shape[0]) % cfg["num_classes"]
+    logits = model(x)
+    loss = F.cross_entropy(logits, y)
+    loss.backward()
+    exp.update({"labels": y.to(torch.int64), "train_logits": logits.detach(),
+                "train_loss": loss.detach().reshape(1)})
+    for name, p in model.named_parameters():
+        exp[f"grad.{name}"] = p.grad
+    save(exp, os.path.join(d, f"{tag}_expected.safetensors"))
+
+
+def make_swin_tiny():
+    from timm.models.swin_transformer import SwinTransformer
+    d = out_dir("swin_tiny")
+    seed(15)
+    # 10x6 patch grid, window 3: stage 0 padded to 12x6 and shifted both ways; stage 1
+    # (5x3) shifted along rows only; stage 2 (3x2) one 3x2 window; no qkv bias.
+    pad = SwinTransformer(img_size=(20, 12), patch_size=2, in_chans=2, num_classes=3,
+                          embed_dim=8, depths=(2, 2, 1), num_heads=(2, 2, 4), window_size=3,
+                          mlp_ratio=2.0, qkv_bias=False, drop_path_rate=0.0)
+    swin_case(d, "pad", pad,
+              dict(arch="swin", image_size=[20, 12], in_channels=2, num_classes=3,
+                   patch_size=2, embed_dim=8, depths=[2, 2, 1], num_heads=[2, 2, 4],
+                   window_size=3, mlp_ratio=2.0, qkv_bias=False),
+              torch.randn(3, 2, 20, 12))
+    # The swin_fmnist geometry (its first two stages) at a smaller width.
+    seed(16)
+    fm = SwinTransformer(img_size=28, patch_size=2, in_chans=1, num_classes=10, embed_dim=8,
+                         depths=(2, 2), num_heads=(1, 2), window_size=7,
+                         drop_path_rate=0.0)
+    swin_case(d, "fmnist", fm,
+              dict(arch="swin", image_size=[28, 28], in_channels=1, num_classes=10,
+                   patch_size=2, embed_dim=8, depths=[2, 2], num_heads=[1, 2],
+                   window_size=7),
+              torch.randn(2, 1, 28, 28))
+
+
 # ------------------------------------------------------------ B. timm_meanpool
 def make_timm_meanpool():
     seed(2)
@@ -479,7 +540,9 @@ VARIANTS = ["vit_tiny_patch16_224", "vit_small_patch16_224", "vit_small_patch32_
             "vit_large_patch16_224", "vit_huge_patch14_224",
             "deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224",
             "deit_tiny_distilled_patch16_224", "deit_small_distilled_patch16_224",
-            "deit_base_distilled_patch16_224", "resnet18", "resnet34", "resnet50"]
+            "deit_base_distilled_patch16_224", "resnet18", "resnet34", "resnet50",
+            "swin_tiny_patch4_window7_224", "swin_small_patch4_window7_224",
+            "swin_base_patch4_window7_224"]
 
 
 def param_counts():
@@ -516,6 +579,8 @@ def main():
         make_cnn_simple()
     if run("resnet_tiny"):
         make_resnet_tiny()
+    if run("swin_tiny"):
+        make_swin_tiny()
     if run("param_counts"):
         print("timm parameter counts (num_classes=1000):")
         param_counts()
@@ -526,7 +591,7 @@ def main():
             total += size
             print(f"  {os.path.relpath(os.path.join(dirpath, f), ROOT):55s} {size:>9,d} B")
     print(f"fixtures total {total:,d} B")
-    assert total < 3_000_000
+    assert total < 3_200_000
 
 
 if __name__ == "__main__":

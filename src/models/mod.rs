@@ -13,6 +13,7 @@ pub mod cnn;
 pub mod layers;
 mod preprocess;
 pub mod resnet;
+pub mod swin;
 pub mod vit;
 
 use std::path::Path;
@@ -27,6 +28,7 @@ pub use cnn::{CnnConfig, SimpleCnn};
 pub use layers::Mode;
 pub use preprocess::Preprocess;
 pub use resnet::{ResNet, ResNetConfig};
+pub use swin::{SwinConfig, SwinTransformer};
 pub use vit::{ViTConfig, VisionTransformer};
 
 /// How a model's tokens lie on the image, for models that cut it into patches: what
@@ -177,6 +179,7 @@ pub enum ModelConfig {
     Vit(ViTConfig),
     Cnn(CnnConfig),
     Resnet(ResNetConfig),
+    Swin(SwinConfig),
 }
 
 /// `match` over the variants of [`ModelConfig`], binding the inner config to `$c`.
@@ -187,6 +190,7 @@ macro_rules! each_arch {
             ModelConfig::Vit($c) => $body,
             ModelConfig::Cnn($c) => $body,
             ModelConfig::Resnet($c) => $body,
+            ModelConfig::Swin($c) => $body,
         }
     };
 }
@@ -251,6 +255,10 @@ fn registry() -> impl Iterator<Item = (&'static str, Preprocess, ModelConfig)> {
         .chain(resnet::PRESETS.iter().map(|p| {
             let c = (p.config)();
             (p.name, (p.pretrained)(&c), ModelConfig::Resnet(c))
+        }))
+        .chain(swin::PRESETS.iter().map(|p| {
+            let c = (p.config)();
+            (p.name, (p.pretrained)(&c), ModelConfig::Swin(c))
         }))
 }
 
@@ -350,6 +358,7 @@ impl ModelConfig {
             ModelConfig::Vit(_) => "vit",
             ModelConfig::Cnn(_) => "cnn",
             ModelConfig::Resnet(_) => "resnet",
+            ModelConfig::Swin(_) => "swin",
         }
     }
 
@@ -357,7 +366,7 @@ impl ModelConfig {
     pub fn as_vit(&self) -> Option<&ViTConfig> {
         match self {
             ModelConfig::Vit(c) => Some(c),
-            ModelConfig::Cnn(_) | ModelConfig::Resnet(_) => None,
+            ModelConfig::Cnn(_) | ModelConfig::Resnet(_) | ModelConfig::Swin(_) => None,
         }
     }
 
