@@ -1187,3 +1187,68 @@ fn a_resnet_trains_and_resumes_exactly_with_its_batch_norm_statistics() {
     ]);
     assert!(eval.contains("100 images: accuracy"), "{eval}");
 }
+
+#[test]
+fn a_swin_trains_resumes_exactly_and_fine_tunes_from_timm_weights() {
+    // A tiny Swin: a 14x14 map in 7x7 windows (shifted in the second block), then 7x7.
+    let (dir, recipe) = setup("epochs = 2\nval_size = 50\n");
+    let text = std::fs::read_to_string(&recipe).unwrap();
+    let text = format!(
+        "{}[model]\narch = \"swin\"\nimage_size = [28, 28]\nin_channels = 1\n\
+         num_classes = 10\npatch_size = 2\nembed_dim = 8\ndepths = [2, 1]\n\
+         num_heads = [1, 2]\nwindow_size = 7\nmlp_ratio = 2.0\n",
+        &text[..text.find("[model]").unwrap()]
+    );
+    std::fs::write(&recipe, text).unwrap();
+    let (full, _) = resumed_equals_uninterrupted(dir.path(), &recipe);
+    let ck = full.join("checkpoint-last.safetensors");
+    let data = dir.path().join("data");
+    let eval = ok(&["eval", "--checkpoint", p(&ck), "--data-dir", p(&data)]);
+    assert!(eval.contains("100 images: accuracy"), "{eval}");
+
+    // timm's weights (the parity fixture, 10 classes) fine-tuned on a 3-class folder: a
+    // new head.fc, the rest loaded.
+    let imgs = dir.path().join("imgs");
+    gray_folder(&imgs, 3, 8);
+    let ft_recipe = dir.path().join("ft.toml");
+    let timm_cfg = std::fs::read_to_string(common::fixture("swin_tiny/fmnist.json")).unwrap();
+    let model: toml::Value = serde_json::from_str(&timm_cfg).unwrap();
+    let ft_text = format!(
+        "dataset = \"folder:{}\"\nbatch_size = 7\nval_size = 3\nepochs = 1\n\n[model]\n{}",
+        imgs.display(),
+        toml::to_string(&model).unwrap()
+    );
+    std::fs::write(&ft_recipe, ft_text).unwrap();
+    let ft = dir.path().join("ft");
+    let init = common::fixture("swin_tiny/fmnist.safetensors");
+    let out = vit(&[
+        "train",
+        "--config",
+        p(&ft_recipe),
+        "--init",
+        p(&init),
+        "--out",
+        p(&ft),
+        "--quiet",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("head.fc dropped: the checkpoint has 10 classes, the config 3"),
+        "{err}"
+    );
+    let image = imgs.join("test/c2/0.png");
+    let ft_ck = ft.join("checkpoint-last.safetensors");
+    let pred = ok(&["predict", "--weights", p(&ft_ck), p(&image)]);
+    assert!(pred.contains("1. "), "{pred}");
+    // Attention pictures need a global attention: a Swin's is per window, which says so.
+    let e = fails(&[
+        "attention",
+        "--weights",
+        p(&ft_ck),
+        p(&image),
+        "--out",
+        p(&dir.path().join("attn")),
+    ]);
+    assert!(e.contains("swin"), "{e}");
+}
