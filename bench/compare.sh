@@ -8,7 +8,8 @@
 #
 # Environment: ROUNDS (3), ITERS (10), WARMUP (2), THREADS (2), VENV (.venv; created and filled
 # with torch (CPU), timm, onnxruntime and onnx where they are not importable), TORCH_INDEX (the
-# CPU wheel index tried first for torch), WORKLOADS ("train-fm infer-b16 train-resnet").
+# CPU wheel index tried first for torch), WORKLOADS ("train-fm infer-b16 train-resnet
+# infer-swin-t").
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -18,7 +19,7 @@ WARMUP=${WARMUP:-2}
 THREADS=${THREADS:-2}
 VENV=${VENV:-.venv}
 TORCH_INDEX=${TORCH_INDEX:-https://download.pytorch.org/whl/cpu}
-WORKLOADS=${WORKLOADS:-train-fm infer-b16 train-resnet}
+WORKLOADS=${WORKLOADS:-train-fm infer-b16 train-resnet infer-swin-t}
 PY="$VENV/bin/python"
 
 say() { echo "compare.sh: $*" >&2; }
@@ -57,7 +58,7 @@ for w in $WORKLOADS; do
         RAYON_NUM_THREADS=$THREADS \
             "$VIT" bench --workload "$w" --iters "$ITERS" --warmup "$WARMUP" --profile \
             --format json >"$OUT/ours-$w-$r.json"
-        if [ "$w" = infer-b16 ]; then
+        if [ "${w#infer-}" != "$w" ]; then
             say "$w round $r/$ROUNDS: pytorch, then onnxruntime"
         else
             say "$w round $r/$ROUNDS: pytorch"
@@ -89,10 +90,11 @@ for w in workloads:
     ort_provider = ort[0]["provider"] if ort else ort_provider
     o = med([x["images_per_second"]["median"] for x in ours])
     t = med([x["images_per_second"]["median"] for x in pt])
-    x = med([x["images_per_second"]["median"] for x in ort]) if w == "infer-b16" else None
+    infer = w.startswith("infer-")
+    x = med([x["images_per_second"]["median"] for x in ort]) if infer else None
     rss = lambda rs: med([r["peak_rss_bytes"] for r in rs if r.get("peak_rss_bytes") is not None])
     rows.append(
-        f"| {w} | {num(o)} | {num(t)} | {num(x) if w == 'infer-b16' else '—'} | "
+        f"| {w} | {num(o)} | {num(t)} | {num(x) if infer else '—'} | "
         f"{o / t:.2f} | {mib(rss(ours))} | {mib(rss(pt))} |"
     )
     phase = lambda rs, i: med([r["phases"][i]["median_ms"] for r in rs if r.get("phases")])

@@ -11,11 +11,12 @@
   infer-b16  ViT-B/16 (vit_base_patch16_224 dims) forward on 8 random 3x224x224 images under
              inference_mode; then the same model exported to ONNX and run in ONNX Runtime
              (2 intra-op threads) when onnxruntime is importable.
+  infer-swin-t  the same for timm's swin_tiny_patch4_window7_224 (random weights).
 
 Each iteration is timed after --warmup untimed ones. Prints one JSON object with the fields
 of `vit bench --format json`: images_per_second and step_ms as {median, min, max},
 iteration_ms, peak_rss_bytes (getrusage maxrss, taken before ONNX Runtime starts), threads,
-provider, phases; for infer-b16 also "onnxruntime" (an object like the above, or null with
+provider, phases; for the infer- workloads also "onnxruntime" (an object like the above, or null with
 "onnxruntime_skipped" saying why).
 """
 
@@ -130,12 +131,15 @@ def train_fm(args, resnet=False):
     return model, batch, time_loop(step, args.warmup, args.iters, batch, phases)
 
 
-def infer_b16(args):
+def infer(args, swin=False):
     torch.manual_seed(0)
-    model = VisionTransformer(
-        img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768, depth=12,
-        num_heads=12, mlp_ratio=4.0, qkv_bias=True, global_pool="token",
-    ).eval()
+    if swin:
+        model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False).eval()
+    else:
+        model = VisionTransformer(
+            img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768, depth=12,
+            num_heads=12, mlp_ratio=4.0, qkv_bias=True, global_pool="token",
+        ).eval()
     batch = 8
     x = torch.rand(batch, 3, 224, 224) * 2 - 1
 
@@ -180,7 +184,7 @@ def export_onnx(model, x, path):
     raise RuntimeError("; ".join(errors))
 
 
-def onnxruntime_b16(model, batch, args):
+def onnxruntime_infer(model, batch, args):
     """ONNX Runtime on the exported model: (result, None) or (None, why it was skipped)."""
     try:
         import onnxruntime as ort
@@ -188,7 +192,7 @@ def onnxruntime_b16(model, batch, args):
         return None, f"onnxruntime is not importable ({e})"
     x = torch.rand(batch, 3, 224, 224) * 2 - 1
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "vit_b16.onnx")
+        path = os.path.join(tmp, "model.onnx")
         try:
             exporter = export_onnx(model, x, path)
         except Exception as e:  # noqa: BLE001
@@ -220,11 +224,11 @@ def onnxruntime_b16(model, batch, args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workload", required=True, choices=["train-fm", "infer-b16", "train-resnet"])
+    ap.add_argument("--workload", required=True, choices=["train-fm", "infer-b16", "train-resnet", "infer-swin-t"])
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--no-onnxruntime", action="store_true", help="skip ONNX Runtime (infer-b16)")
+    ap.add_argument("--no-onnxruntime", action="store_true", help="skip ONNX Runtime (inference)")
     args = ap.parse_args()
     if args.iters < 1 or args.warmup < 0 or args.threads < 1:
         ap.error("need --iters >= 1, --warmup >= 0 and --threads >= 1")
@@ -233,7 +237,8 @@ def main():
     run = {
         "train-fm": train_fm,
         "train-resnet": lambda a: train_fm(a, resnet=True),
-        "infer-b16": infer_b16,
+        "infer-b16": infer,
+        "infer-swin-t": lambda a: infer(a, swin=True),
     }[args.workload]
     model, batch, r = run(args)
     out = {
@@ -248,8 +253,8 @@ def main():
         "threads": torch.get_num_threads(),
         "provider": torch_provider(),
     }
-    if args.workload == "infer-b16" and not args.no_onnxruntime:
-        out["onnxruntime"], why = onnxruntime_b16(model, batch, args)
+    if args.workload.startswith("infer-") and not args.no_onnxruntime:
+        out["onnxruntime"], why = onnxruntime_infer(model, batch, args)
         if why:
             out["onnxruntime_skipped"] = why
     print(json.dumps(out))

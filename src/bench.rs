@@ -41,10 +41,17 @@ pub enum Workload {
     /// One AdamW training step of `resnet18_fmnist` (ResNet-18, 3×3 stride-1 stem, no
     /// pool) on 128 random 1×28×28 images.
     TrainResnet,
+    /// `swin_tiny_patch4_window7_224` forward on 8 random 3×224×224 images, no gradient.
+    InferSwinT,
 }
 
 impl Workload {
-    pub const ALL: [Workload; 3] = [Workload::TrainFm, Workload::InferB16, Workload::TrainResnet];
+    pub const ALL: [Workload; 4] = [
+        Workload::TrainFm,
+        Workload::InferB16,
+        Workload::TrainResnet,
+        Workload::InferSwinT,
+    ];
 
     /// The name on the command line and in reports.
     pub fn name(self) -> &'static str {
@@ -52,14 +59,17 @@ impl Workload {
             Workload::TrainFm => "train-fm",
             Workload::InferB16 => "infer-b16",
             Workload::TrainResnet => "train-resnet",
+            Workload::InferSwinT => "infer-swin-t",
         }
     }
 
     /// The architecture.
     pub fn config(self) -> ModelConfig {
-        match self.vit_config() {
-            Some(c) => ModelConfig::Vit(c),
-            None => ModelConfig::preset("resnet18_fmnist").expect("a registered preset"),
+        let preset = |name| ModelConfig::preset(name).expect("a registered preset");
+        match (self, self.vit_config()) {
+            (_, Some(c)) => ModelConfig::Vit(c),
+            (Workload::InferSwinT, None) => preset("swin_tiny_patch4_window7_224"),
+            _ => preset("resnet18_fmnist"),
         }
     }
 
@@ -73,7 +83,7 @@ impl Workload {
             }),
             // timm vit_base_patch16_224.
             Workload::InferB16 => Some(ViTConfig::timm(224, 16, 768, 12, 12)),
-            Workload::TrainResnet => None,
+            Workload::TrainResnet | Workload::InferSwinT => None,
         }
     }
 
@@ -81,12 +91,18 @@ impl Workload {
     pub fn batch(self) -> usize {
         match self {
             Workload::TrainFm | Workload::TrainResnet => 128,
-            Workload::InferB16 => 8,
+            Workload::InferB16 | Workload::InferSwinT => 8,
         }
     }
 
     /// What one iteration does, in words.
     pub fn description(self) -> String {
+        if self == Workload::InferSwinT {
+            return format!(
+                "swin_tiny_patch4_window7_224 forward, no gradient: batch {} of 3x224x224",
+                self.batch()
+            );
+        }
         let Some(c) = self.vit_config() else {
             return format!(
                 "one AdamW training step: batch {} of 1x28x28, resnet18_fmnist (ResNet-18, \
@@ -96,7 +112,9 @@ impl Workload {
         };
         let what = match self {
             Workload::TrainFm | Workload::TrainResnet => "one AdamW training step",
-            Workload::InferB16 => "vit_base_patch16_224 forward, no gradient",
+            Workload::InferB16 | Workload::InferSwinT => {
+                "vit_base_patch16_224 forward, no gradient"
+            }
         };
         format!(
             "{what}: batch {} of {}x{}x{}, width {}, depth {}, {} heads, MLP {}",
@@ -117,7 +135,7 @@ impl Workload {
             Workload::TrainFm | Workload::TrainResnet => {
                 &["forward + loss", "backward", "optimizer (clip + AdamW)"]
             }
-            Workload::InferB16 => &["forward"],
+            Workload::InferB16 | Workload::InferSwinT => &["forward"],
         }
     }
 }
@@ -309,7 +327,7 @@ impl Runner {
                     y: Tensor::from_vec(labels, b, dev)?,
                 }
             }
-            Workload::InferB16 => Runner::Infer {
+            Workload::InferB16 | Workload::InferSwinT => Runner::Infer {
                 // Plain tensors, not `Var`s: candle records no graph.
                 model: cfg.init_model(0, dev)?,
                 x,
@@ -498,6 +516,7 @@ mod tests {
         assert!(c.qkv_bias && c.pool == crate::models::vit::Pool::Cls);
         assert_eq!(Workload::InferB16.config().num_params(), 86_567_656);
         assert_eq!(Workload::TrainResnet.config().arch(), "resnet");
+        assert_eq!(Workload::InferSwinT.config().num_params(), 28_288_354);
     }
 
     #[test]

@@ -9,8 +9,8 @@ use super::ReportFormat as Format;
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// train-fm (one AdamW step of a ViT, batch 128 of 28x28x1, width 192, depth 12),
-    /// train-resnet (the same for resnet18_fmnist) or infer-b16 (ViT-B/16 forward, batch 8 of
-    /// 224x224x3).
+    /// train-resnet (the same for resnet18_fmnist), infer-b16 (ViT-B/16 forward, batch 8 of
+    /// 224x224x3) or infer-swin-t (Swin-T forward, the same batch).
     #[arg(long)]
     workload: String,
     /// Timed iterations.
