@@ -107,6 +107,20 @@ pub struct Intermediates {
     pub attention: Vec<Tensor>,
 }
 
+/// What [`Classifier::window_attention`] returns for one block of a model that attends
+/// within local windows (Swin).
+#[derive(Debug, Clone)]
+pub struct WindowMap {
+    /// The block in timm's naming (`layers.1.blocks.0`).
+    pub name: String,
+    /// (B, heads, h, w): for each token of the block's map, the attention it receives
+    /// averaged over the queries of its window, with the window shift undone.
+    pub received: Tensor,
+    /// Window (rows, columns) and its shift, in tokens of the block's map.
+    pub window: (usize, usize),
+    pub shift: (usize, usize),
+}
+
 /// A network that classifies images, as the tool runs it. Forward passes follow timm:
 /// `forward_features` (image → features), `forward_head` (features → logits), `forward`
 /// (both); the `_t` forms take the [`Mode`] (training draws dropout from its stream).
@@ -118,6 +132,11 @@ pub trait Classifier: Send + Sync + std::fmt::Debug {
     /// Evaluation forward that also returns what the blocks listed in `indices` (0-based)
     /// computed (timm's `forward_intermediates`, DINOv2's `get_intermediate_layers`).
     fn forward_intermediates(&self, x: &Tensor, indices: &[usize]) -> Result<Intermediates>;
+    /// For models that attend within local windows (Swin): evaluation logits and every
+    /// block's [`WindowMap`], in order. `None` for the others.
+    fn window_attention(&self, _x: &Tensor) -> Result<Option<(Tensor, Vec<WindowMap>)>> {
+        Ok(None)
+    }
     /// The position embedding (1, T, D) added to the tokens, for models that have one.
     fn pos_embed(&self) -> Option<&Tensor> {
         None

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use super::layers::{trunc_normal, DropPath, Dropout, LayerNorm, Linear, Mlp, Mode, PatchEmbed};
 use super::vit::check_indices;
-use super::{Architecture, Classifier, Intermediates, ModelConfig, Preprocess, Preset};
+use super::{Architecture, Classifier, Intermediates, ModelConfig, Preprocess, Preset, WindowMap};
 use crate::{ops, Error, Result};
 
 fn default_channels() -> usize {
@@ -660,6 +660,14 @@ impl WindowAttention {
         self.proj_drop.forward(&self.proj.forward(&out)?, mode)
     }
 
+    /// Evaluation forward that also returns the probabilities (B·nW, heads, N, N).
+    fn forward_with_probs(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+        let qkv = self.qkv.forward(x)?;
+        let (v, probs) = self.probs(&qkv, &self.scores_bias(mask)?)?;
+        let out = ops::merge_heads(&probs.matmul(&v)?)?;
+        Ok((self.proj.forward(&out)?, probs.detach()))
+    }
+
     /// v (B·nW, heads, N, hd) and softmax(scale · q kᵀ + bias) (B·nW, heads, N, N).
     fn probs(&self, qkv: &Tensor, bias: &Tensor) -> Result<(Tensor, Tensor)> {
         let (q, k, v) = ops::split_heads(qkv, self.heads)?; // each (B·nW, heads, N, hd)
@@ -686,45 +694,74 @@ struct SwinBlock {
 impl SwinBlock {
     /// (B, H, W, C) → (B, H, W, C).
     fn forward(&self, x: &Tensor, mode: &mut Mode) -> Result<Tensor> {
+        let windows = self.split_windows(&self.norm1.forward(x)?)?; // (B·nW, N, C)
+        let a = self.attn.forward(&windows, self.mask.as_ref(), mode)?;
+        let a = self.merge_windows(&a, x.dims4()?)?; // (B, H, W, C)
+        self.mlp_branch(x, &a, mode)
+    }
+
+    /// Evaluation forward that also returns what the block's attention shows: for each
+    /// token, the attention it receives averaged over the queries of its window, on the
+    /// block's map with the shift undone, (B, heads, H, W).
+    fn forward_with_map(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let windows = self.split_windows(&self.norm1.forward(x)?)?;
+        let (a, probs) = self.attn.forward_with_probs(&windows, self.mask.as_ref())?;
+        let dims = x.dims4()?;
+        let a = self.merge_windows(&a, dims)?;
+        // (B·nW, heads, N, N) → mean over queries, channels last → (B·nW, N, heads).
+        let received = probs.mean(2)?.transpose(1, 2)?.contiguous()?;
+        let received = self.merge_windows(&received, dims)?; // (B, H, W, heads)
+        let y = self.mlp_branch(x, &a, &mut Mode::Eval)?;
+        Ok((y, received.permute((0, 3, 1, 2))?.contiguous()?))
+    }
+
+    /// x + drop_path(a), then x + drop_path(mlp(norm2 x)): (B, H, W, C).
+    fn mlp_branch(&self, x: &Tensor, a: &Tensor, mode: &mut Mode) -> Result<Tensor> {
         let (b, h, w, c) = x.dims4()?;
-        let a = self.windowed_attention(&self.norm1.forward(x)?, mode)?;
-        let x = ops::add(x, &self.drop_path.forward(&a, mode)?)?.reshape((b, h * w, c))?;
+        let x = ops::add(x, &self.drop_path.forward(a, mode)?)?.reshape((b, h * w, c))?;
         let m = self.mlp.forward(&self.norm2.forward(&x)?, mode)?;
         Ok(ops::add(&x, &self.drop_path.forward(&m, mode)?)?.reshape((b, h, w, c))?)
     }
 
-    /// Roll by the shift, pad to whole windows, attend within each window, and undo all
-    /// three: (B, H, W, C) → (B, H, W, C).
-    fn windowed_attention(&self, x: &Tensor, mode: &mut Mode) -> Result<Tensor> {
+    /// The map rolled by minus the shift, padded to whole windows and cut into them:
+    /// (B, H, W, C) → (B·nW, N, C), windows image-major and row-major.
+    fn split_windows(&self, x: &Tensor) -> Result<Tensor> {
         let (b, h, w, c) = x.dims4()?;
-        let ((wh, ww), (sh, sw)) = (self.window, self.shift);
-        let roll = |x: Tensor, by: isize| -> Result<Tensor> {
-            let mut x = x;
-            for (dim, s) in [(1, sh), (2, sw)] {
-                if s > 0 {
-                    x = x.roll((by * s as isize) as i32, dim)?;
-                }
-            }
-            Ok(x)
-        };
-        let x = roll(x.clone(), -1)?;
+        let (wh, ww) = self.window;
+        let x = self.roll(x.clone(), -1)?;
         let (hp, wp) = (h.div_ceil(wh) * wh, w.div_ceil(ww) * ww);
         let x = x
             .pad_with_zeros(1, 0, hp - h)?
             .pad_with_zeros(2, 0, wp - w)?;
-        let (nh, nw) = (hp / wh, wp / ww);
-        let windows = x
-            .reshape((b, nh, wh, nw, ww, c))?
+        Ok(x.reshape((b, hp / wh, wh, wp / ww, ww, c))?
             .permute((0, 1, 3, 2, 4, 5))? // (B, nh, nw, wh, ww, C)
-            .reshape((b * nh * nw, wh * ww, c))?; // (B·nW, N, C)
-        let out = self.attn.forward(&windows, self.mask.as_ref(), mode)?;
-        let x = out
-            .reshape((b, nh, nw, wh, ww, c))?
+            .reshape((b * (hp / wh) * (wp / ww), wh * ww, c))?)
+    }
+
+    /// The inverse of [`SwinBlock::split_windows`] for windows of K channels: (B·nW, N, K) →
+    /// (B, H, W, K) for a map of `dims` (B, H, W, _).
+    fn merge_windows(&self, x: &Tensor, dims: (usize, usize, usize, usize)) -> Result<Tensor> {
+        let (b, h, w, _) = dims;
+        let k = x.dim(2)?;
+        let (wh, ww) = self.window;
+        let (nh, nw) = (h.div_ceil(wh), w.div_ceil(ww));
+        let x = x
+            .reshape((b, nh, nw, wh, ww, k))?
             .permute((0, 1, 3, 2, 4, 5))?
-            .reshape((b, hp, wp, c))?
+            .reshape((b, nh * wh, nw * ww, k))?
             .narrow(1, 0, h)?
-            .narrow(2, 0, w)?; // (B, H, W, C)
-        roll(x, 1)
+            .narrow(2, 0, w)?; // (B, H, W, K)
+        self.roll(x, 1)
+    }
+
+    /// The map rolled by `sign` times the shift along rows and columns.
+    fn roll(&self, mut x: Tensor, sign: isize) -> Result<Tensor> {
+        for (dim, s) in [(1, self.shift.0), (2, self.shift.1)] {
+            if s > 0 {
+                x = x.roll((sign * s as isize) as i32, dim)?;
+            }
+        }
+        Ok(x)
     }
 }
 
@@ -910,9 +947,32 @@ impl Classifier for SwinTransformer {
             attention: vec![],
         })
     }
+
+    fn window_attention(&self, x: &Tensor) -> Result<Option<(Tensor, Vec<WindowMap>)>> {
+        let mode = &mut Mode::Eval;
+        let mut x = self.embed(x)?;
+        let mut maps = Vec::new();
+        for (i, stage) in self.layers.iter().enumerate() {
+            if let Some(d) = &stage.downsample {
+                x = d.forward(&x)?;
+            }
+            for (j, block) in stage.blocks.iter().enumerate() {
+                let (y, received) = block.forward_with_map(&x)?;
+                x = y;
+                maps.push(WindowMap {
+                    name: format!("layers.{i}.blocks.{j}"),
+                    received,
+                    window: block.window,
+                    shift: block.shift,
+                });
+            }
+        }
+        let logits = self.forward_head_t(&self.norm.forward(&x)?, mode)?;
+        Ok(Some((logits, maps)))
+    }
 }
 
-/// The shifted-window masks of a config's stages, for tests and pictures: (stage,
+/// The shifted-window masks of a config's stages, for tests: (stage,
 /// (nW, N, N) values) of each stage whose windows shift.
 #[cfg(test)]
 fn masks(cfg: &SwinConfig) -> Vec<(usize, Vec<f32>)> {
@@ -1106,6 +1166,46 @@ mod tests {
             assert!(diff < 1e-5, "{diff}");
         }
         assert!(m.layers[0].blocks[1].mask.is_some());
+    }
+
+    /// Window maps: one per block, on the block's map, each window's values summing to 1
+    /// (every window is full here: no padding), the logits those of `forward`.
+    #[test]
+    fn window_maps_cover_every_block_and_sum_to_one_per_window() {
+        let cfg = SwinConfig {
+            image_size: [24, 12],
+            ..tiny()
+        };
+        let m = ModelConfig::Swin(cfg).init_model(2, &Device::Cpu).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 2, 24, 12), &Device::Cpu).unwrap();
+        let (logits, maps) = m.window_attention(&x).unwrap().unwrap();
+        let diff = (logits - m.forward(&x).unwrap()).unwrap().abs().unwrap();
+        assert!(diff.max_all().unwrap().to_scalar::<f32>().unwrap() < 1e-6);
+        let names: Vec<&str> = maps.iter().map(|w| w.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "layers.0.blocks.0",
+                "layers.0.blocks.1",
+                "layers.1.blocks.0",
+                "layers.1.blocks.1",
+                "layers.2.blocks.0"
+            ]
+        );
+        let first = &maps[1];
+        assert_eq!(first.received.dims(), &[2, 2, 12, 6]);
+        assert_eq!((first.window, first.shift), ((3, 3), (1, 1)));
+        // Sum over each unshifted window of block 0 (3x3 tiles from the corner): 1.
+        let v: Vec<f32> = maps[0].received.flatten_all().unwrap().to_vec1().unwrap();
+        for (b, h) in [(0, 0), (1, 1)] {
+            let plane = &v[(b * 2 + h) * 72..][..72];
+            for (wr, wc) in [(0, 0), (1, 1), (3, 0)] {
+                let s: f32 = (0..9)
+                    .map(|t| plane[(wr * 3 + t / 3) * 6 + wc * 3 + t % 3])
+                    .sum();
+                assert!((s - 1.0).abs() < 1e-5, "{s}");
+            }
+        }
     }
 
     /// Training-mode forward and backward through every kind of stage (padded, shifted,
