@@ -1241,14 +1241,42 @@ fn a_swin_trains_resumes_exactly_and_fine_tunes_from_timm_weights() {
     let ft_ck = ft.join("checkpoint-last.safetensors");
     let pred = ok(&["predict", "--weights", p(&ft_ck), p(&image)]);
     assert!(pred.contains("1. "), "{pred}");
-    // Attention pictures need a global attention: a Swin's is per window, which says so.
+    // Window attention pictures: the last of its 4 blocks by default; rollout does not
+    // apply across stages of different token counts, which it says.
+    let attn = dir.path().join("attn");
+    let out = ok(&[
+        "attention",
+        "--weights",
+        p(&ft_ck),
+        p(&image),
+        "--out",
+        p(&attn),
+    ]);
+    assert!(out.contains("window_attention_block3.png"), "{out}");
+    assert!(attn.join("window_attention_block3.png").exists());
+    let all = ok(&[
+        "attention",
+        "--weights",
+        p(&ft_ck),
+        p(&image),
+        "--out",
+        p(&attn),
+        "--method",
+        "all",
+    ]);
+    assert!(all.contains("window_attention_all_blocks.png"), "{all}");
     let e = fails(&[
         "attention",
         "--weights",
         p(&ft_ck),
         p(&image),
         "--out",
-        p(&dir.path().join("attn")),
+        p(&attn),
+        "--method",
+        "rollout",
     ]);
-    assert!(e.contains("swin"), "{e}");
+    assert!(
+        e.contains("rollout needs one set of tokens") && e.contains("swin"),
+        "{e}"
+    );
 }

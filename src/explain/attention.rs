@@ -14,7 +14,7 @@ use crate::{Error, Result};
 
 /// Panels of the attention pictures are magnified (nearest neighbour, integer factor, at
 /// most 8) until their longer side reaches this many pixels.
-const PANEL_PX: u32 = 192;
+pub(super) const PANEL_PX: u32 = 192;
 
 /// What `vit attention` draws.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -98,6 +98,12 @@ pub fn attention(
     out_dir: &Path,
 ) -> Result<Explained> {
     let cfg = &predictor.config;
+    check_numbers(opts)?;
+    if cfg.tokens().is_none() {
+        if let Some(done) = super::window_attention(predictor, image_path, opts, out_dir)? {
+            return Ok(done);
+        }
+    }
     let g = Geometry::of(cfg)?;
     let (depth, heads) = match cfg.attention_heads() {
         Some(heads) => (cfg.depth(), heads),
@@ -189,8 +195,8 @@ pub fn attention(
     Ok(Explained { files, notes })
 }
 
-/// Checks the numeric options and the layer and head against the model.
-fn check_options(o: &AttentionOptions, depth: usize, heads: usize) -> Result<()> {
+/// Checks the numeric options.
+fn check_numbers(o: &AttentionOptions) -> Result<()> {
     if !(0.0..1.0).contains(&o.discard_ratio) {
         return Err(Error::Invalid(format!(
             "discard ratio must lie in [0, 1), got {}",
@@ -203,6 +209,11 @@ fn check_options(o: &AttentionOptions, depth: usize, heads: usize) -> Result<()>
             o.alpha
         )));
     }
+    Ok(())
+}
+
+/// Checks the layer and head against the model.
+fn check_options(o: &AttentionOptions, depth: usize, heads: usize) -> Result<()> {
     if let Some(l) = o.layer.filter(|&l| l >= depth) {
         return Err(Error::Invalid(format!(
             "layer {l} does not exist: the model has {depth} layers (valid: 0..={})",
@@ -219,7 +230,7 @@ fn check_options(o: &AttentionOptions, depth: usize, heads: usize) -> Result<()>
 }
 
 /// A note when the evaluation transform changes the image's channels for the model.
-fn channel_note(img: &DynamicImage, channels: usize) -> Option<String> {
+pub(super) fn channel_note(img: &DynamicImage, channels: usize) -> Option<String> {
     let color = img.color().has_color();
     match (channels, color) {
         (1, true) => Some(
@@ -236,7 +247,7 @@ fn channel_note(img: &DynamicImage, channels: usize) -> Option<String> {
 }
 
 /// "predicted: NAME (P%)" for picture titles, or nothing for a model without a head.
-fn prediction_label(logits: &Tensor, p: &Predictor) -> Result<String> {
+pub(super) fn prediction_label(logits: &Tensor, p: &Predictor) -> Result<String> {
     if p.config.num_classes() == 0 {
         return Ok(String::new());
     }
