@@ -1241,6 +1241,20 @@ fn a_swin_trains_resumes_exactly_and_fine_tunes_from_timm_weights() {
     let ft_ck = ft.join("checkpoint-last.safetensors");
     let pred = ok(&["predict", "--weights", p(&ft_ck), p(&image)]);
     assert!(pred.contains("1. "), "{pred}");
+    // At 8 px the first stage's 4x4 map shrinks the window (and its bias table): refused,
+    // saying why.
+    let e = fails(&[
+        "predict",
+        "--weights",
+        p(&ft_ck),
+        p(&image),
+        "--img-size",
+        "8",
+    ]);
+    assert!(
+        e.contains("relative_position_bias_table") && e.contains("window"),
+        "{e}"
+    );
     // Window attention pictures: the last of its 4 blocks by default; rollout does not
     // apply across stages of different token counts, which it says.
     let attn = dir.path().join("attn");

@@ -302,10 +302,19 @@ impl Checkpoint {
                 None => missing.push(name.clone()),
                 Some(_) if resample_pos && name == "pos_embed" => {}
                 Some(t) if t.dims() != shape.as_slice() => {
+                    // A Swin's table is sized by its window, which a stage smaller than the
+                    // window shrinks to the stage's map.
+                    let hint = if name.ends_with("relative_position_bias_table") {
+                        ": at this image size the block's attention window differs from the \
+                         checkpoint's; use the image size it was trained at (resizing \
+                         relative position tables is not supported)"
+                    } else {
+                        ""
+                    };
                     return Err(err(format!(
-                        "tensor {name}: expected {shape:?}, found {:?}",
+                        "tensor {name}: expected {shape:?}, found {:?}{hint}",
                         t.dims()
-                    )))
+                    )));
                 }
                 Some(_) => {}
             }
