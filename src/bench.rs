@@ -362,6 +362,8 @@ impl Runner {
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelProfile {
     pub name: String,
+    /// Input size [height, width] measured.
+    pub image_size: [usize; 2],
     pub params: usize,
     /// Forward-pass GFLOPs of one image (a multiply-add counted as 2).
     pub gflops: f64,
@@ -420,6 +422,7 @@ pub fn profile_model(
     let ips: Vec<f64> = many.iter().map(|t| batch as f64 * 1e3 / t).collect();
     Ok(ModelProfile {
         name: name.to_string(),
+        image_size: cfg.image_size(),
         params: cfg.num_params(),
         gflops: cfg.flops() as f64 / 1e9,
         output_shape,
@@ -428,6 +431,49 @@ pub fn profile_model(
         batch,
         peak_rss_bytes: if reset { peak_rss_bytes() } else { None },
     })
+}
+
+/// How cost grows with image size: GFLOPs per image and the latency of one image against
+/// the pixel count, one line per model (rows of the same `name` at several sizes, in order),
+/// two plots side by side. Global attention (a ViT), quadratic in the tokens, bends
+/// upwards; windowed attention (Swin) is a straight line, as a CNN's.
+pub fn scaling_picture(rows: &[ModelProfile]) -> Result<image::RgbImage> {
+    let mut names: Vec<&str> = Vec::new();
+    for r in rows {
+        if !names.contains(&r.name.as_str()) {
+            names.push(&r.name);
+        }
+    }
+    let series = |y: &dyn Fn(&ModelProfile) -> f64| -> Vec<(String, Vec<(f32, f32)>)> {
+        names
+            .iter()
+            .map(|&n| {
+                let pts = rows
+                    .iter()
+                    .filter(|r| r.name == n)
+                    .map(|r| {
+                        let pixels = (r.image_size[0] * r.image_size[1]) as f32 / 1e3;
+                        (pixels, y(r) as f32)
+                    })
+                    .collect();
+                (n.to_string(), pts)
+            })
+            .collect()
+    };
+    let side = "pixels per image (thousands)";
+    let flops = crate::viz::line_plot(&series(&|r| r.gflops), "GFLOPs per image", side, "GFLOPs")?;
+    let time = crate::viz::line_plot(
+        &series(&|r| r.latency_ms.median),
+        "Latency of one image (median)",
+        side,
+        "ms",
+    )?;
+    crate::viz::image_grid(
+        &[(String::new(), flops), (String::new(), time)],
+        2,
+        "Cost against image size",
+        None,
+    )
 }
 
 /// Resets this process's peak resident memory to its current size (Linux: writing 5 to

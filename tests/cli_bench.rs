@@ -96,3 +96,57 @@ fn bench_bad_input_gives_one_clear_line() {
     let e = fails(&["bench", "--workload", "infer-b16", "--iters", "0"]);
     assert!(e.contains("at least 1") && e.contains("--iters"), "{e}");
 }
+
+#[test]
+fn compare_measures_presets_at_several_sizes_and_draws_the_scaling() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = |format: &'static str| {
+        let out = dir.path().to_str().unwrap().to_string();
+        vec![
+            "compare".to_string(),
+            "--presets".into(),
+            "vit_fmnist,swin_fmnist".into(),
+            "--sizes".into(),
+            "28,56".into(),
+            "--batch".into(),
+            "2".into(),
+            "--iters".into(),
+            "1".into(),
+            "--warmup".into(),
+            "0".into(),
+            "--format".into(),
+            format.into(),
+            "--out".into(),
+            out,
+        ]
+    };
+    let run = |format| {
+        let a = args(format);
+        common::ok(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let rows: Vec<Value> = serde_json::from_str(&run("json")).unwrap();
+    let at = |name: &str, size: u64| {
+        rows.iter()
+            .find(|r| r["name"] == name && r["image_size"][0] == size)
+            .unwrap_or_else(|| panic!("{name} at {size}"))
+    };
+    assert_eq!(rows.len(), 4);
+    let growth = |name: &str| {
+        let (small, big) = (at(name, 28), at(name, 56));
+        positive(&big["latency_ms"]["median"], "latency");
+        positive(&big["gflops"], "gflops") / positive(&small["gflops"], "gflops")
+    };
+    // Four times the pixels: more than four times the FLOPs for the ViT (its attention is
+    // quadratic in tokens); a little less for the Swin, whose last stage at 28 px rounds a
+    // 3.5x3.5 map up to 4x4.
+    let (v, s) = (growth("vit_fmnist"), growth("swin_fmnist"));
+    assert!(v > 4.0 && (3.0..4.0).contains(&s), "{v} {s}");
+    assert!(dir.path().join("scaling.png").exists());
+    let text = run("text");
+    assert!(text.contains("56x56") && text.contains("wrote "), "{text}");
+    let e = common::fails(&["compare", "--presets", "vit_fmnist", "--sizes", "30"]);
+    assert!(
+        e.contains("vit_fmnist at 30x30") && e.contains("not divisible"),
+        "{e}"
+    );
+}

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
 use vit::bench::profile_model;
+use vit::models::Architecture;
 use vit::train::{compare_picture, compare_runs, table};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -25,6 +26,10 @@ pub struct CompareArgs {
     /// GFLOPs, output shape, latency of one image, throughput at --batch, peak memory).
     #[arg(long, value_delimiter = ',')]
     presets: Vec<String>,
+    /// Measure each preset at each of these square image sizes (--presets) instead of its
+    /// own, and draw scaling.png: GFLOPs and latency against image size.
+    #[arg(long, value_delimiter = ',', requires = "presets")]
+    sizes: Vec<usize>,
     /// Batch of the throughput measurement (--presets).
     #[arg(long, default_value_t = 32)]
     batch: usize,
@@ -63,14 +68,32 @@ fn presets(a: &CompareArgs) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for name in &a.presets {
         let cfg = vit::ModelConfig::preset(name)?;
-        rows.push(profile_model(name, &cfg, a.batch, a.iters, a.warmup)?);
+        if a.sizes.is_empty() {
+            rows.push(profile_model(name, &cfg, a.batch, a.iters, a.warmup)?);
+        }
+        for &s in &a.sizes {
+            let mut c = cfg.clone();
+            c.set_image_size([s, s]);
+            c.validate()
+                .map_err(|e| anyhow::anyhow!("{name} at {s}x{s}: {e}"))?;
+            rows.push(profile_model(name, &c, a.batch, a.iters, a.warmup)?);
+        }
     }
+    let picture = if a.sizes.is_empty() {
+        None
+    } else {
+        std::fs::create_dir_all(&a.out).map_err(|e| vit::Error::io(&a.out, e))?;
+        let png = a.out.join("scaling.png");
+        vit::viz::save_png(&vit::bench::scaling_picture(&rows)?, &png)?;
+        Some(png)
+    };
     if a.format == Format::Json {
         out!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
     let head = [
         "preset".to_string(),
+        "size".into(),
         "params".into(),
         "GFLOPs".into(),
         "output".into(),
@@ -83,6 +106,7 @@ fn presets(a: &CompareArgs) -> anyhow::Result<()> {
         .map(|r| {
             vec![
                 r.name.clone(),
+                format!("{}x{}", r.image_size[0], r.image_size[1]),
                 r.params.to_string(),
                 format!("{:.3}", r.gflops),
                 format!("{:?}", r.output_shape),
@@ -99,8 +123,23 @@ fn presets(a: &CompareArgs) -> anyhow::Result<()> {
         for c in &cells {
             out!("| {} |", c.join(" | "));
         }
-        return Ok(());
+    } else {
+        print_aligned(&head, &cells)?;
+        out!(
+            "(untrained weights; median of {} timed runs after {} warm-up; {} threads)",
+            a.iters,
+            a.warmup,
+            candle_core::utils::get_num_threads()
+        );
     }
+    if let Some(png) = picture {
+        out!("wrote {}", png.display());
+    }
+    Ok(())
+}
+
+/// The table with columns aligned: the first to the left, the others to the right.
+fn print_aligned(head: &[String], cells: &[Vec<String>]) -> anyhow::Result<()> {
     let width: Vec<usize> = (0..head.len())
         .map(|i| {
             cells
@@ -124,15 +163,9 @@ fn presets(a: &CompareArgs) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join("  ")
     };
-    out!("{}", line(&head));
-    for c in &cells {
+    out!("{}", line(head));
+    for c in cells {
         out!("{}", line(c));
     }
-    out!(
-        "(untrained weights; median of {} timed runs after {} warm-up; {} threads)",
-        a.iters,
-        a.warmup,
-        candle_core::utils::get_num_threads()
-    );
     Ok(())
 }
