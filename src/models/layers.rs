@@ -159,12 +159,13 @@ impl LayerNorm {
     }
 }
 
-/// A 2-D convolution without bias (the ResNets'; the bias is the following BatchNorm's), on
-/// channels-last images (B, H, W, C); the weight is PyTorch's (C_out, C_in, k, k), so
-/// checkpoints are timm's unchanged.
+/// A 2-D convolution on channels-last images (B, H, W, C), without bias (the ResNets'; the
+/// bias is the following BatchNorm's) or with one (PVT's); the weight is PyTorch's
+/// (C_out, C_in, k, k), so checkpoints are timm's unchanged.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
-    pub weight: Tensor, // (C_out, C_in, k, k)
+    pub weight: Tensor,       // (C_out, C_in, k, k)
+    pub bias: Option<Tensor>, // (C_out,)
     pub stride: usize,
     pub padding: usize,
 }
@@ -180,14 +181,36 @@ impl Conv2d {
     ) -> Result<Self> {
         Ok(Conv2d {
             weight: vb.get((c_out, c_in, k, k), "weight")?,
+            bias: None,
             stride,
             padding: k / 2,
         })
     }
 
+    /// A k×k convolution with a bias and the given padding.
+    pub fn with_bias(
+        vb: &VarBuilder,
+        c_out: usize,
+        c_in: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        Ok(Conv2d {
+            weight: vb.get((c_out, c_in, k, k), "weight")?,
+            bias: Some(vb.get(c_out, "bias")?),
+            stride,
+            padding,
+        })
+    }
+
     /// (B, H, W, C_in) → (B, H', W', C_out).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::conv2d_nhwc(x, &self.weight, self.stride, self.padding)
+        let y = ops::conv2d_nhwc(x, &self.weight, self.stride, self.padding)?;
+        match &self.bias {
+            Some(b) => Ok(y.broadcast_add(b)?),
+            None => Ok(y),
+        }
     }
 }
 

@@ -386,6 +386,28 @@ pub fn batch_norm_eval(
     Ok(x.broadcast_mul(&scale)?.broadcast_add(&shift)?)
 }
 
+/// Depth-wise 3×3 convolution with padding 1 and a bias (PVT v2's `dwconv`, PyTorch's
+/// `Conv2d(C, C, 3, padding=1, groups=C)`) of a channels-last `x` (B, H, W, C); `weight` is
+/// PyTorch's (C, 1, 3, 3). Composed of nine shifted slices, each scaled per channel, so it
+/// records gradients on every device.
+pub fn depthwise_conv3x3_nhwc(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let (_, h, w, c) = x.dims4()?;
+    let taps = weight.reshape((c, 9))?.t()?.contiguous()?; // (9, C)
+    let xp = x.pad_with_zeros(1, 1, 1)?.pad_with_zeros(2, 1, 1)?; // (B, H+2, W+2, C)
+    let mut y = bias
+        .reshape((1, 1, 1, c))?
+        .broadcast_as(x.shape())?
+        .contiguous()?;
+    for i in 0..3 {
+        for j in 0..3 {
+            let tap = taps.get(i * 3 + j)?; // (C,)
+            let shifted = xp.narrow(1, i, h)?.narrow(2, j, w)?;
+            y = (y + shifted.broadcast_mul(&tap)?)?;
+        }
+    }
+    Ok(y)
+}
+
 /// Max-pooling with a 3×3 window, stride 2 and padding 1 (ResNet's stem pool), of a
 /// non-negative channels-last `x` (B, H, W, C), as it is after a ReLU: the padding is
 /// zeros, which then equals PyTorch's −∞ padding. Output (B, ⌈H/2⌉, ⌈W/2⌉, C). Composed of
@@ -460,6 +482,42 @@ fn conv2d_composed(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Against candle's grouped convolution (channels first), values and, by finite
+    /// differences of the f64 form, gradients.
+    #[test]
+    fn depthwise_matches_a_grouped_convolution() {
+        use candle_core::{DType, Device, Var};
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f64, 1.0, (2, 5, 4, 3), &dev).unwrap();
+        let w = Tensor::randn(0f64, 1.0, (3, 1, 3, 3), &dev).unwrap();
+        let b = Tensor::randn(0f64, 1.0, 3, &dev).unwrap();
+        let got = depthwise_conv3x3_nhwc(&x, &w, &b).unwrap();
+        let nchw = x.permute((0, 3, 1, 2)).unwrap().contiguous().unwrap();
+        let want = nchw
+            .conv2d(&w, 1, 1, 1, 3)
+            .unwrap()
+            .broadcast_add(&b.reshape((1, 3, 1, 1)).unwrap())
+            .unwrap()
+            .permute((0, 2, 3, 1))
+            .unwrap();
+        let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f64>().unwrap() < 1e-12);
+        // Every tap's weight and the bias get gradients: d(sum y)/d bias = B·H·W.
+        let (wv, bv) = (Var::from_tensor(&w).unwrap(), Var::from_tensor(&b).unwrap());
+        let y = depthwise_conv3x3_nhwc(&x.to_dtype(DType::F64).unwrap(), &wv, &bv).unwrap();
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let gb = g.get(bv.as_tensor()).unwrap().to_vec1::<f64>().unwrap();
+        assert!(gb.iter().all(|&v| (v - 40.0).abs() < 1e-9), "{gb:?}");
+        let gw = g.get(wv.as_tensor()).unwrap().abs().unwrap();
+        assert!(gw
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()
+            .iter()
+            .all(|&v| v > 0.0));
+    }
     use candle_core::Var;
 
     fn t(v: &[f32], shape: &[usize]) -> Tensor {
