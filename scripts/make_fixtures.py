@@ -33,12 +33,16 @@ each fixture contains:
                    (28x28x1, 2x2 patches, 7x7 windows: swin_fmnist's first two stages); eval
                    logits/features/stage outputs, one training pass with every parameter's
                    gradient, and timm's state-dict key order
-  timm_param_counts.json  parameter counts of standard timm ViTs, DeiTs, ResNets and Swins
+  pvt_tiny/        a timm PVT v2 at small widths on a 30x22 input (spatial reduction 2 in the
+                   first stage, none in the second; depth-wise convolutions in the MLPs):
+                   eval logits/features/stage outputs, one training pass with every
+                   parameter's gradient, and timm's state-dict key order
+  timm_param_counts.json  parameter counts of standard timm ViTs, DeiTs, ResNets, Swins, PVTs
                    (num_classes=1000)
 
 `scripts/make_fixtures.py NAME...` remakes only the named parts (timm_tiny, timm_meanpool,
 hf_tiny+predict, grad_tiny, imagenet_classes, deit_tiny, cnn_simple, resnet_tiny,
-swin_tiny, param_counts).
+swin_tiny, pvt_tiny, param_counts).
 
 All parameters are perturbed after construction (LayerNorm weights 1 + 0.1*randn,
 biases 0.02*randn, other tensors get noise) so that no weight is trivially 0 or 1.
@@ -327,7 +331,7 @@ def make_resnet_tiny():
 
 # ------------------------------------------------------------------ A5. swin_tiny
 def swin_case(d, tag, model, cfg, x):
-    """Weights and config as `{tag}.safetensors` / `{tag}.json`, timm's state-dict keys in
+    """(Swin and PVT.) Weights and config as `{tag}.safetensors` / `{tag}.json`, timm's state-dict keys in
     order as `{tag}_keys.json`; eval outputs (logits, NHWC features, NCHW stage outputs),
     then one training-mode pass (no dropout, no drop-path) with every parameter's gradient
     in `{tag}_expected.safetensors`."""
@@ -379,6 +383,21 @@ def make_swin_tiny():
                    patch_size=2, embed_dim=8, depths=[2, 2], num_heads=[1, 2],
                    window_size=7),
               torch.randn(2, 1, 28, 28))
+
+
+# ------------------------------------------------------------------- A6. pvt_tiny
+def make_pvt_tiny():
+    from timm.models.pvt_v2 import PyramidVisionTransformerV2
+    d = out_dir("pvt_tiny")
+    seed(17)
+    model = PyramidVisionTransformerV2(in_chans=2, num_classes=3, depths=(2, 1),
+                                       embed_dims=(8, 12), num_heads=(2, 3), sr_ratios=(2, 1),
+                                       mlp_ratios=(2.0, 1.5))
+    swin_case(d, "pvt", model,
+              dict(arch="pvt", image_size=[30, 22], in_channels=2, num_classes=3,
+                   depths=[2, 1], embed_dims=[8, 12], num_heads=[2, 3], sr_ratios=[2, 1],
+                   mlp_ratios=[2.0, 1.5]),
+              torch.randn(3, 2, 30, 22))
 
 
 # ------------------------------------------------------------ B. timm_meanpool
@@ -542,7 +561,7 @@ VARIANTS = ["vit_tiny_patch16_224", "vit_small_patch16_224", "vit_small_patch32_
             "deit_tiny_distilled_patch16_224", "deit_small_distilled_patch16_224",
             "deit_base_distilled_patch16_224", "resnet18", "resnet34", "resnet50",
             "swin_tiny_patch4_window7_224", "swin_small_patch4_window7_224",
-            "swin_base_patch4_window7_224"]
+            "swin_base_patch4_window7_224", "pvt_v2_b0", "pvt_v2_b1", "pvt_v2_b2"]
 
 
 def param_counts():
@@ -581,6 +600,8 @@ def main():
         make_resnet_tiny()
     if run("swin_tiny"):
         make_swin_tiny()
+    if run("pvt_tiny"):
+        make_pvt_tiny()
     if run("param_counts"):
         print("timm parameter counts (num_classes=1000):")
         param_counts()

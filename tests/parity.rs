@@ -257,79 +257,93 @@ fn resnet_presets_have_timms_parameter_counts() {
     }
 }
 
-/// timm Swin Transformers at small widths (`swin_tiny/{pad,fmnist}`: padded maps, shifts
-/// in one direction, odd sizes merged; the swin_fmnist geometry): our parameter list in
-/// timm's state-dict order, evaluation outputs, and one training-mode pass with every
-/// parameter's gradient, as PyTorch's.
-#[test]
-fn swins_match_timm_in_evaluation_and_training() {
+/// A timm model of the hierarchical family (`{dir}/{tag}`: weights, config, timm's key order,
+/// expected outputs): our parameter list in timm's state-dict order, evaluation logits,
+/// features and stage outputs, and one training-mode pass with every parameter's gradient,
+/// as PyTorch's.
+fn check_hierarchical(dir: &str, tag: &str, arch: &str) {
     use vit::models::Mode;
     use vit::train::Trainable;
-    for tag in ["pad", "fmnist"] {
-        let cfg = ModelConfig::from_file(&fixture(&format!("swin_tiny/{tag}.json"))).unwrap();
-        assert_eq!(cfg.arch(), "swin");
-        let keys: Vec<String> = serde_json::from_str(
-            &std::fs::read_to_string(fixture(&format!("swin_tiny/{tag}_keys.json"))).unwrap(),
-        )
+    let cfg = ModelConfig::from_file(&fixture(&format!("{dir}/{tag}.json"))).unwrap();
+    assert_eq!(cfg.arch(), arch);
+    let keys: Vec<String> = serde_json::from_str(
+        &std::fs::read_to_string(fixture(&format!("{dir}/{tag}_keys.json"))).unwrap(),
+    )
+    .unwrap();
+    let ours: Vec<String> = cfg.state_shapes().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(ours, keys, "{tag}: parameter order");
+    let ck = Checkpoint::load(&fixture(&format!("{dir}/{tag}.safetensors"))).unwrap();
+    let (tensors, warnings) = ck.fit(&cfg, PosResample::Timm, None).unwrap();
+    assert!(warnings.is_empty() && ck.ignored.is_empty(), "{warnings:?}");
+    let want = load(&format!("{dir}/{tag}_expected.safetensors"));
+    let x = &want["input"];
+    let name = |n: &str| format!("{tag} {n}");
+    let m = cfg
+        .build(VarBuilder::from_tensors(
+            tensors.clone(),
+            DType::F32,
+            &Device::Cpu,
+        ))
         .unwrap();
-        let ours: Vec<String> = cfg.state_shapes().into_iter().map(|(n, _)| n).collect();
-        assert_eq!(ours, keys, "{tag}: parameter order");
-        let ck = Checkpoint::load(&fixture(&format!("swin_tiny/{tag}.safetensors"))).unwrap();
-        let (tensors, warnings) = ck.fit(&cfg, PosResample::Timm, None).unwrap();
-        assert!(warnings.is_empty() && ck.ignored.is_empty(), "{warnings:?}");
-        let want = load(&format!("swin_tiny/{tag}_expected.safetensors"));
-        let x = &want["input"];
-        let name = |n: &str| format!("{tag} {n}");
-        let m = cfg
-            .build(VarBuilder::from_tensors(
-                tensors.clone(),
-                DType::F32,
-                &Device::Cpu,
-            ))
-            .unwrap();
+    assert_close(
+        &name("logits"),
+        &m.forward(x).unwrap(),
+        &want["logits"],
+        1e-4,
+    );
+    let feats = m.forward_features(x).unwrap();
+    assert_close(&name("features"), &feats, &want["features"], 1e-4);
+    let levels: Vec<usize> = (0..cfg.depth()).collect();
+    let taken = m.forward_intermediates(x, &levels).unwrap();
+    for (i, t) in taken.blocks.iter().enumerate() {
         assert_close(
-            &name("logits"),
-            &m.forward(x).unwrap(),
-            &want["logits"],
+            &name(&format!("level{i}")),
+            t,
+            &want[&format!("level{i}")],
             1e-4,
         );
-        let feats = m.forward_features(x).unwrap();
-        assert_close(&name("features"), &feats, &want["features"], 1e-4);
-        let levels: Vec<usize> = (0..cfg.depth()).collect();
-        let taken = m.forward_intermediates(x, &levels).unwrap();
-        for (i, t) in taken.blocks.iter().enumerate() {
-            assert_close(
-                &name(&format!("level{i}")),
-                t,
-                &want[&format!("level{i}")],
-                1e-4,
-            );
-        }
+    }
 
-        let net = Trainable::new(&cfg, &tensors, &Device::Cpu).unwrap();
-        let logits = net.model.forward_t(x, &mut Mode::Train(None)).unwrap();
-        assert_close(&name("train_logits"), &logits, &want["train_logits"], 1e-4);
-        let labels = want["labels"].to_dtype(DType::U32).unwrap();
-        let loss = vit::ops::cross_entropy(&logits, &labels, 0.0).unwrap();
-        let loss_1 = loss.reshape(1).unwrap();
-        assert_close(&name("loss"), &loss_1, &want["train_loss"], 1e-5);
-        let grads = loss.backward().unwrap();
-        assert_eq!(net.params.len(), keys.len());
-        for (n, var) in &net.params {
-            let g = grads.get(var.as_tensor()).unwrap();
-            assert_close(
-                &name(&format!("grad {n}")),
-                g,
-                &want[&format!("grad.{n}")],
-                1e-4,
-            );
-        }
+    let net = Trainable::new(&cfg, &tensors, &Device::Cpu).unwrap();
+    let logits = net.model.forward_t(x, &mut Mode::Train(None)).unwrap();
+    assert_close(&name("train_logits"), &logits, &want["train_logits"], 1e-4);
+    let labels = want["labels"].to_dtype(DType::U32).unwrap();
+    let loss = vit::ops::cross_entropy(&logits, &labels, 0.0).unwrap();
+    let loss_1 = loss.reshape(1).unwrap();
+    assert_close(&name("loss"), &loss_1, &want["train_loss"], 1e-5);
+    let grads = loss.backward().unwrap();
+    assert_eq!(net.params.len(), keys.len());
+    for (n, var) in &net.params {
+        let g = grads.get(var.as_tensor()).unwrap();
+        assert_close(
+            &name(&format!("grad {n}")),
+            g,
+            &want[&format!("grad.{n}")],
+            1e-4,
+        );
     }
 }
 
-/// timm's parameter counts for Swin-T, -S, -B (`timm_param_counts.json`).
+/// timm Swin Transformers at small widths (`swin_tiny/{pad,fmnist}`: padded maps, shifts
+/// in one direction, odd sizes merged; the swin_fmnist geometry).
 #[test]
-fn swin_presets_have_timms_parameter_counts() {
+fn swins_match_timm_in_evaluation_and_training() {
+    for tag in ["pad", "fmnist"] {
+        check_hierarchical("swin_tiny", tag, "swin");
+    }
+}
+
+/// A timm PVT v2 at small widths (`pvt_tiny/pvt`: spatial reduction, depth-wise
+/// convolutions, a non-square input whose sides the strided embeddings round up).
+#[test]
+fn pvt_matches_timm_in_evaluation_and_training() {
+    check_hierarchical("pvt_tiny", "pvt", "pvt");
+}
+
+/// timm's parameter counts for Swin-T, -S, -B and PVT v2 b0, b1, b2
+/// (`timm_param_counts.json`).
+#[test]
+fn swin_and_pvt_presets_have_timms_parameter_counts() {
     let counts: std::collections::HashMap<String, usize> =
         serde_json::from_str(&std::fs::read_to_string(fixture("timm_param_counts.json")).unwrap())
             .unwrap();
@@ -337,6 +351,9 @@ fn swin_presets_have_timms_parameter_counts() {
         "swin_tiny_patch4_window7_224",
         "swin_small_patch4_window7_224",
         "swin_base_patch4_window7_224",
+        "pvt_v2_b0",
+        "pvt_v2_b1",
+        "pvt_v2_b2",
     ] {
         let cfg = ModelConfig::preset(name).unwrap();
         assert_eq!(cfg.num_params(), counts[name], "{name}");

@@ -12,6 +12,7 @@
 pub mod cnn;
 pub mod layers;
 mod preprocess;
+pub mod pvt;
 pub mod resnet;
 pub mod swin;
 pub mod vit;
@@ -27,6 +28,7 @@ use crate::{Error, Result};
 pub use cnn::{CnnConfig, SimpleCnn};
 pub use layers::Mode;
 pub use preprocess::Preprocess;
+pub use pvt::{PvtConfig, PyramidVisionTransformer};
 pub use resnet::{ResNet, ResNetConfig};
 pub use swin::{SwinConfig, SwinTransformer};
 pub use vit::{ViTConfig, VisionTransformer};
@@ -199,6 +201,7 @@ pub enum ModelConfig {
     Cnn(CnnConfig),
     Resnet(ResNetConfig),
     Swin(SwinConfig),
+    Pvt(PvtConfig),
 }
 
 /// `match` over the variants of [`ModelConfig`], binding the inner config to `$c`.
@@ -210,6 +213,7 @@ macro_rules! each_arch {
             ModelConfig::Cnn($c) => $body,
             ModelConfig::Resnet($c) => $body,
             ModelConfig::Swin($c) => $body,
+            ModelConfig::Pvt($c) => $body,
         }
     };
 }
@@ -278,6 +282,10 @@ fn registry() -> impl Iterator<Item = (&'static str, Preprocess, ModelConfig)> {
         .chain(swin::PRESETS.iter().map(|p| {
             let c = (p.config)();
             (p.name, (p.pretrained)(&c), ModelConfig::Swin(c))
+        }))
+        .chain(pvt::PRESETS.iter().map(|p| {
+            let c = (p.config)();
+            (p.name, (p.pretrained)(&c), ModelConfig::Pvt(c))
         }))
 }
 
@@ -378,6 +386,7 @@ impl ModelConfig {
             ModelConfig::Cnn(_) => "cnn",
             ModelConfig::Resnet(_) => "resnet",
             ModelConfig::Swin(_) => "swin",
+            ModelConfig::Pvt(_) => "pvt",
         }
     }
 
@@ -385,7 +394,10 @@ impl ModelConfig {
     pub fn as_vit(&self) -> Option<&ViTConfig> {
         match self {
             ModelConfig::Vit(c) => Some(c),
-            ModelConfig::Cnn(_) | ModelConfig::Resnet(_) | ModelConfig::Swin(_) => None,
+            ModelConfig::Cnn(_)
+            | ModelConfig::Resnet(_)
+            | ModelConfig::Swin(_)
+            | ModelConfig::Pvt(_) => None,
         }
     }
 
