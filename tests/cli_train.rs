@@ -1294,3 +1294,34 @@ fn a_swin_trains_resumes_exactly_and_fine_tunes_from_timm_weights() {
         "{e}"
     );
 }
+
+#[test]
+fn a_pvt_trains_resumes_exactly_and_says_what_attention_pictures_it_lacks() {
+    // A tiny PVT v2: 7x7 then 4x4 maps, keys from a 3x3 reduction in the first stage.
+    let (dir, recipe) = setup("epochs = 2\nval_size = 50\n");
+    let text = std::fs::read_to_string(&recipe).unwrap();
+    let text = format!(
+        "{}[model]\narch = \"pvt\"\nimage_size = [28, 28]\nin_channels = 1\n\
+         num_classes = 10\ndepths = [1, 1]\nembed_dims = [8, 16]\nnum_heads = [1, 2]\n\
+         sr_ratios = [2, 1]\nmlp_ratios = [2.0, 2.0]\n",
+        &text[..text.find("[model]").unwrap()]
+    );
+    std::fs::write(&recipe, text).unwrap();
+    let (full, _) = resumed_equals_uninterrupted(dir.path(), &recipe);
+    let ck = full.join("checkpoint-last.safetensors");
+    let data = dir.path().join("data");
+    let eval = ok(&["eval", "--checkpoint", p(&ck), "--data-dir", p(&data)]);
+    assert!(eval.contains("100 images: accuracy"), "{eval}");
+    let image = common::fixture("predict/image_rgb.png");
+    let pred = ok(&["predict", "--weights", p(&ck), p(&image)]);
+    assert!(pred.contains("1. "), "{pred}");
+    let e = fails(&[
+        "attention",
+        "--weights",
+        p(&ck),
+        p(&image),
+        "--out",
+        p(dir.path()),
+    ]);
+    assert!(e.contains("a pvt model has no patch tokens"), "{e}");
+}
