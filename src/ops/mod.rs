@@ -388,9 +388,18 @@ pub fn batch_norm_eval(
 
 /// Depth-wise 3×3 convolution with padding 1 and a bias (PVT v2's `dwconv`, PyTorch's
 /// `Conv2d(C, C, 3, padding=1, groups=C)`) of a channels-last `x` (B, H, W, C); `weight` is
-/// PyTorch's (C, 1, 3, 3). Composed of nine shifted slices, each scaled per channel, so it
-/// records gradients on every device.
+/// PyTorch's (C, 1, 3, 3).
+/// Fused kernel on the CPU in f32 (`ops::cpu`), composed candle ops elsewhere.
 pub fn depthwise_conv3x3_nhwc(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if cpu::eligible(x) && cpu::eligible(weight) && cpu::eligible(bias) {
+        return Ok(cpu::depthwise_conv3x3(x, weight, bias)?);
+    }
+    depthwise_conv3x3_composed(x, weight, bias)
+}
+
+/// [`depthwise_conv3x3_nhwc`] from candle ops (nine shifted slices, each scaled per
+/// channel): any device and dtype.
+fn depthwise_conv3x3_composed(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let (_, h, w, c) = x.dims4()?;
     let taps = weight.reshape((c, 9))?.t()?.contiguous()?; // (9, C)
     let xp = x.pad_with_zeros(1, 1, 1)?.pad_with_zeros(2, 1, 1)?; // (B, H+2, W+2, C)
@@ -492,7 +501,7 @@ mod tests {
         let x = Tensor::randn(0f64, 1.0, (2, 5, 4, 3), &dev).unwrap();
         let w = Tensor::randn(0f64, 1.0, (3, 1, 3, 3), &dev).unwrap();
         let b = Tensor::randn(0f64, 1.0, 3, &dev).unwrap();
-        let got = depthwise_conv3x3_nhwc(&x, &w, &b).unwrap();
+        let got = depthwise_conv3x3_composed(&x, &w, &b).unwrap();
         let nchw = x.permute((0, 3, 1, 2)).unwrap().contiguous().unwrap();
         let want = nchw
             .conv2d(&w, 1, 1, 1, 3)

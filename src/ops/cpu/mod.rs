@@ -8,7 +8,7 @@
 //! shape, never on the thread count, and reductions over rows (LayerNorm's dweight/dbias) add
 //! the per-block partial sums in block order: results are bit-for-bit reproducible.
 //!
-//! One file per kernel (`add`, `attention`, `batch_norm`, `conv`, `cross_entropy`, `gelu`, `layer_norm`,
+//! One file per kernel (`add`, `attention`, `batch_norm`, `conv`, `cross_entropy`, `depthwise`, `gelu`, `layer_norm`,
 //! `linear`, `relu`, `softmax`); what they share: `par` (parallel blocks and output buffers),
 //! `simd` (the instruction-set dispatch), `math` (lane reductions, `exp`), `storage` (f32
 //! slices of candle data), `settings` (the `VIT_*` environment switches, read once),
@@ -32,6 +32,7 @@ mod attention;
 mod batch_norm;
 mod conv;
 mod cross_entropy;
+mod depthwise;
 mod gelu;
 mod gemm;
 mod layer_norm;
@@ -55,6 +56,7 @@ pub(crate) use attention::{attention, attention_biased};
 pub(crate) use batch_norm::{batch_norm_train, channel_affine};
 pub(crate) use conv::conv2d;
 pub(crate) use cross_entropy::cross_entropy;
+pub(crate) use depthwise::depthwise_conv3x3;
 pub(crate) use gelu::gelu;
 pub(crate) use gemm::provider as matmul_provider;
 pub(crate) use layer_norm::layer_norm;
