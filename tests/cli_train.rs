@@ -1266,8 +1266,8 @@ fn a_swin_trains_resumes_exactly_and_fine_tunes_from_timm_weights() {
         "--out",
         p(&attn),
     ]);
-    assert!(out.contains("window_attention_block3.png"), "{out}");
-    assert!(attn.join("window_attention_block3.png").exists());
+    assert!(out.contains("local_attention_block3.png"), "{out}");
+    assert!(attn.join("local_attention_block3.png").exists());
     let all = ok(&[
         "attention",
         "--weights",
@@ -1278,7 +1278,7 @@ fn a_swin_trains_resumes_exactly_and_fine_tunes_from_timm_weights() {
         "--method",
         "all",
     ]);
-    assert!(all.contains("window_attention_all_blocks.png"), "{all}");
+    assert!(all.contains("local_attention_all_blocks.png"), "{all}");
     let e = fails(&[
         "attention",
         "--weights",
@@ -1296,7 +1296,7 @@ fn a_swin_trains_resumes_exactly_and_fine_tunes_from_timm_weights() {
 }
 
 #[test]
-fn a_pvt_trains_resumes_exactly_and_says_what_attention_pictures_it_lacks() {
+fn a_pvt_trains_resumes_exactly_and_draws_its_reduced_key_attention() {
     // A tiny PVT v2: 7x7 then 4x4 maps, keys from a 3x3 reduction in the first stage.
     let (dir, recipe) = setup("epochs = 2\nval_size = 50\n");
     let text = std::fs::read_to_string(&recipe).unwrap();
@@ -1315,13 +1315,29 @@ fn a_pvt_trains_resumes_exactly_and_says_what_attention_pictures_it_lacks() {
     let image = common::fixture("predict/image_rgb.png");
     let pred = ok(&["predict", "--weights", p(&ck), p(&image)]);
     assert!(pred.contains("1. "), "{pred}");
+    // The attention its reduced keys receive, for the last of its two blocks; no rollout.
+    let attn = dir.path().join("attn");
+    let out = ok(&[
+        "attention",
+        "--weights",
+        p(&ck),
+        p(&image),
+        "--out",
+        p(&attn),
+    ]);
+    assert!(out.contains("local_attention_block1.png"), "{out}");
     let e = fails(&[
         "attention",
         "--weights",
         p(&ck),
         p(&image),
         "--out",
-        p(dir.path()),
+        p(&attn),
+        "--method",
+        "rollout",
     ]);
-    assert!(e.contains("a pvt model has no patch tokens"), "{e}");
+    assert!(
+        e.contains("rollout needs one set of tokens") && e.contains("pvt"),
+        "{e}"
+    );
 }

@@ -100,7 +100,7 @@ pub fn attention(
     let cfg = &predictor.config;
     check_numbers(opts)?;
     if cfg.tokens().is_none() {
-        if let Some(done) = super::window_attention(predictor, image_path, opts, out_dir)? {
+        if let Some(done) = super::local_attention(predictor, image_path, opts, out_dir)? {
             return Ok(done);
         }
     }

@@ -1,13 +1,13 @@
 //! See what the model sees: the logic behind `vit patches`, `vit attention` and
 //! `vit pos-embed`. Each function prepares the numbers (image, captured attention, position
 //! embeddings), draws them with [`crate::viz`], writes PNG/`.npy` files and returns their paths.
-//! One file per command: `patches.rs`, `attention.rs` (with `window_attention.rs`, its
-//! pictures for windowed models), `pos_embed.rs`; this file holds what they share (the token geometry, the display image, file writing).
+//! One file per command: `patches.rs`, `attention.rs` (with `local_attention.rs`, its
+//! pictures for Swin and PVT), `pos_embed.rs`; this file holds what they share (the token geometry, the display image, file writing).
 
 mod attention;
+mod local_attention;
 mod patches;
 mod pos_embed;
-mod window_attention;
 
 use std::path::{Path, PathBuf};
 
@@ -19,9 +19,9 @@ use crate::viz;
 use crate::{Error, Result};
 
 pub use attention::{attention, AttentionOptions, Method};
+use local_attention::local_attention;
 pub use patches::{patches, MAX_PATCHES};
 pub use pos_embed::pos_embed;
-use window_attention::window_attention;
 
 /// What a command produced: the files written, in order, and things the user should know
 /// (a crop that was applied, a fallback that was used, an option that was ignored).

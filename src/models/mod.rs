@@ -109,18 +109,29 @@ pub struct Intermediates {
     pub attention: Vec<Tensor>,
 }
 
-/// What [`Classifier::window_attention`] returns for one block of a model that attends
-/// within local windows (Swin).
+/// What [`Classifier::local_attention`] returns for one block of a model whose attention
+/// is not over one global set of tokens (Swin's windows, PVT's reduced keys).
 #[derive(Debug, Clone)]
-pub struct WindowMap {
+pub struct LocalAttention {
     /// The block in timm's naming (`layers.1.blocks.0`).
     pub name: String,
-    /// (B, heads, h, w): for each token of the block's map, the attention it receives
-    /// averaged over the queries of its window, with the window shift undone.
+    /// (B, heads, h, w) over the map of the block's keys: for each key, the attention it
+    /// receives averaged over the queries that see it (Swin: the queries of its window,
+    /// with the shift undone; PVT: every query of the stage, over the reduced map).
     pub received: Tensor,
-    /// Window (rows, columns) and its shift, in tokens of the block's map.
-    pub window: (usize, usize),
-    pub shift: (usize, usize),
+    pub cells: Cells,
+}
+
+/// How a [`LocalAttention`]'s keys lie on the block's token map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cells {
+    /// Swin: a key per token; windows of `size` (rows, columns) tokens, shifted by `shift`.
+    Windows {
+        size: (usize, usize),
+        shift: (usize, usize),
+    },
+    /// PVT: a key per `ratio`×`ratio` tokens of the map (spatial reduction).
+    Reduced { ratio: usize },
 }
 
 /// A network that classifies images, as the tool runs it. Forward passes follow timm:
@@ -134,9 +145,10 @@ pub trait Classifier: Send + Sync + std::fmt::Debug {
     /// Evaluation forward that also returns what the blocks listed in `indices` (0-based)
     /// computed (timm's `forward_intermediates`, DINOv2's `get_intermediate_layers`).
     fn forward_intermediates(&self, x: &Tensor, indices: &[usize]) -> Result<Intermediates>;
-    /// For models that attend within local windows (Swin): evaluation logits and every
-    /// block's [`WindowMap`], in order. `None` for the others.
-    fn window_attention(&self, _x: &Tensor) -> Result<Option<(Tensor, Vec<WindowMap>)>> {
+    /// For models whose attention is not over one global set of tokens (Swin, PVT):
+    /// evaluation logits and every block's [`LocalAttention`], in order. `None` for the
+    /// others.
+    fn local_attention(&self, _x: &Tensor) -> Result<Option<(Tensor, Vec<LocalAttention>)>> {
         Ok(None)
     }
     /// The position embedding (1, T, D) added to the tokens, for models that have one.

@@ -22,7 +22,9 @@ use serde::{Deserialize, Serialize};
 
 use super::layers::{normal, trunc_normal, Conv2d, DropPath, Dropout, LayerNorm, Linear, Mode};
 use super::vit::check_indices;
-use super::{Architecture, Classifier, Intermediates, ModelConfig, Preprocess, Preset};
+use super::{
+    Architecture, Cells, Classifier, Intermediates, LocalAttention, ModelConfig, Preprocess, Preset,
+};
 use crate::{ops, Error, Result};
 
 /// PyTorch's `nn.LayerNorm` epsilon (embeddings, reduction).
@@ -527,6 +529,11 @@ impl SrAttention {
 
     /// (B, H, W, C) → (B, H, W, C).
     fn forward(&self, x: &Tensor, mode: &mut Mode) -> Result<Tensor> {
+        Ok(self.attend(x, mode)?.0)
+    }
+
+    /// The output, and the probabilities (B, heads, N, M) over the M reduced keys.
+    fn attend(&self, x: &Tensor, mode: &mut Mode) -> Result<(Tensor, Tensor)> {
         let (b, h, w, c) = x.dims4()?;
         let hd = c / self.heads;
         let heads = |t: Tensor, n: usize| -> Result<Tensor> {
@@ -548,12 +555,24 @@ impl SrAttention {
             .permute((2, 0, 3, 1, 4))?;
         let (k, v) = (kv.get(0)?.contiguous()?, kv.get(1)?.contiguous()?); // (B, heads, M, hd)
         let scores = (q * self.scale)?.matmul(&k.t()?)?; // (B, heads, N, M)
-        let probs = self
-            .attn_drop
-            .forward(&ops::softmax_last_dim(&scores)?, mode)?;
-        let out = ops::merge_heads(&probs.matmul(&v)?)?; // (B, N, C)
+        let probs = ops::softmax_last_dim(&scores)?;
+        let dropped = self.attn_drop.forward(&probs, mode)?;
+        let out = ops::merge_heads(&dropped.matmul(&v)?)?; // (B, N, C)
         let out = self.proj_drop.forward(&self.proj.forward(&out)?, mode)?;
-        Ok(out.reshape((b, h, w, c))?)
+        Ok((out.reshape((b, h, w, c))?, probs))
+    }
+
+    /// Evaluation forward that also returns the attention each reduced key receives,
+    /// averaged over all queries: (B, heads, H/R, W/R).
+    fn forward_with_received(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, h, w, _) = x.dims4()?;
+        let (out, probs) = self.attend(x, &mut Mode::Eval)?;
+        let r = self.sr.as_ref().map_or(1, |(conv, _)| conv.stride);
+        let received = probs
+            .detach()
+            .mean(2)?
+            .reshape((b, self.heads, h / r, w / r))?;
+        Ok((out, received))
     }
 }
 
@@ -602,7 +621,18 @@ impl Block {
     /// (B, H, W, C) → (B, H, W, C).
     fn forward(&self, x: &Tensor, mode: &mut Mode) -> Result<Tensor> {
         let a = self.attn.forward(&self.norm1.forward(x)?, mode)?;
-        let x = ops::add(x, &self.drop_path.forward(&a, mode)?)?;
+        self.mlp_branch(x, &a, mode)
+    }
+
+    /// Evaluation forward that also returns the attention its reduced keys receive.
+    fn forward_with_received(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (a, received) = self.attn.forward_with_received(&self.norm1.forward(x)?)?;
+        Ok((self.mlp_branch(x, &a, &mut Mode::Eval)?, received))
+    }
+
+    /// x + drop_path(a), then x + drop_path(mlp(norm2 x)).
+    fn mlp_branch(&self, x: &Tensor, a: &Tensor, mode: &mut Mode) -> Result<Tensor> {
+        let x = ops::add(x, &self.drop_path.forward(a, mode)?)?;
         let m = self.mlp.forward(&self.norm2.forward(&x)?, mode)?;
         ops::add(&x, &self.drop_path.forward(&m, mode)?)
     }
@@ -738,6 +768,27 @@ impl Classifier for PyramidVisionTransformer {
             attention: vec![],
         })
     }
+
+    fn local_attention(&self, x: &Tensor) -> Result<Option<(Tensor, Vec<LocalAttention>)>> {
+        super::check_images(x, &self.cfg)?;
+        let mut x = x.permute((0, 2, 3, 1))?; // (B, H, W, C)
+        let mut maps = Vec::new();
+        for (i, (stage, spec)) in self.stages.iter().zip(self.cfg.stages()).enumerate() {
+            x = stage.embed.forward(&x)?;
+            for (j, block) in stage.blocks.iter().enumerate() {
+                let (y, received) = block.forward_with_received(&x)?;
+                x = y;
+                maps.push(LocalAttention {
+                    name: format!("stages.{i}.blocks.{j}"),
+                    received,
+                    cells: Cells::Reduced { ratio: spec.sr },
+                });
+            }
+            x = stage.norm.forward(&x)?;
+        }
+        let logits = self.forward_head(&x.permute((0, 3, 1, 2))?)?;
+        Ok(Some((logits, maps)))
+    }
 }
 
 #[cfg(test)]
@@ -869,5 +920,17 @@ mod tests {
         }
         let taken = m.forward_intermediates(&x, &[1]).unwrap();
         assert_eq!(taken.blocks[0].dims(), &[2, 12, 4, 3]);
+        // The keys' maps: 4x3 after a reduction by 2 of the 8x6 map, then 4x3 itself; each
+        // query's row sums to 1, so a map averaged over queries sums to 1.
+        let (logits, maps) = m.local_attention(&x).unwrap().unwrap();
+        let diff = (logits - m.forward(&x).unwrap()).unwrap().abs().unwrap();
+        assert!(diff.max_all().unwrap().to_scalar::<f32>().unwrap() < 1e-6);
+        let dims: Vec<&[usize]> = maps.iter().map(|a| a.received.dims()).collect();
+        assert_eq!(dims, [&[2, 2, 4, 3][..], &[2, 2, 4, 3], &[2, 3, 4, 3]]);
+        assert_eq!(maps[0].cells, Cells::Reduced { ratio: 2 });
+        let sums = maps[2].received.sum((2, 3)).unwrap().flatten_all().unwrap();
+        for v in sums.to_vec1::<f32>().unwrap() {
+            assert!((v - 1.0).abs() < 1e-5, "{v}");
+        }
     }
 }

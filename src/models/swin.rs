@@ -22,7 +22,9 @@ use serde::{Deserialize, Serialize};
 
 use super::layers::{trunc_normal, DropPath, Dropout, LayerNorm, Linear, Mlp, Mode, PatchEmbed};
 use super::vit::check_indices;
-use super::{Architecture, Classifier, Intermediates, ModelConfig, Preprocess, Preset, WindowMap};
+use super::{
+    Architecture, Cells, Classifier, Intermediates, LocalAttention, ModelConfig, Preprocess, Preset,
+};
 use crate::{ops, Error, Result};
 
 fn default_channels() -> usize {
@@ -948,7 +950,7 @@ impl Classifier for SwinTransformer {
         })
     }
 
-    fn window_attention(&self, x: &Tensor) -> Result<Option<(Tensor, Vec<WindowMap>)>> {
+    fn local_attention(&self, x: &Tensor) -> Result<Option<(Tensor, Vec<LocalAttention>)>> {
         let mode = &mut Mode::Eval;
         let mut x = self.embed(x)?;
         let mut maps = Vec::new();
@@ -959,11 +961,13 @@ impl Classifier for SwinTransformer {
             for (j, block) in stage.blocks.iter().enumerate() {
                 let (y, received) = block.forward_with_map(&x)?;
                 x = y;
-                maps.push(WindowMap {
+                maps.push(LocalAttention {
                     name: format!("layers.{i}.blocks.{j}"),
                     received,
-                    window: block.window,
-                    shift: block.shift,
+                    cells: Cells::Windows {
+                        size: block.window,
+                        shift: block.shift,
+                    },
                 });
             }
         }
@@ -1178,7 +1182,7 @@ mod tests {
         };
         let m = ModelConfig::Swin(cfg).init_model(2, &Device::Cpu).unwrap();
         let x = Tensor::randn(0f32, 1.0, (2, 2, 24, 12), &Device::Cpu).unwrap();
-        let (logits, maps) = m.window_attention(&x).unwrap().unwrap();
+        let (logits, maps) = m.local_attention(&x).unwrap().unwrap();
         let diff = (logits - m.forward(&x).unwrap()).unwrap().abs().unwrap();
         assert!(diff.max_all().unwrap().to_scalar::<f32>().unwrap() < 1e-6);
         let names: Vec<&str> = maps.iter().map(|w| w.name.as_str()).collect();
@@ -1194,7 +1198,11 @@ mod tests {
         );
         let first = &maps[1];
         assert_eq!(first.received.dims(), &[2, 2, 12, 6]);
-        assert_eq!((first.window, first.shift), ((3, 3), (1, 1)));
+        let windows = Cells::Windows {
+            size: (3, 3),
+            shift: (1, 1),
+        };
+        assert_eq!(first.cells, windows);
         // Sum over each unshifted window of block 0 (3x3 tiles from the corner): 1.
         let v: Vec<f32> = maps[0].received.flatten_all().unwrap().to_vec1().unwrap();
         for (b, h) in [(0, 0), (1, 1)] {

@@ -1,7 +1,8 @@
-//! `vit attention` for models that attend within local windows (Swin): each block's
-//! attention, per window, stitched back onto the image with the window shift undone. A
-//! window has no class token, so a block's map shows, for each token, the attention it
-//! receives averaged over the queries of its window ([`crate::models::WindowMap`]).
+//! `vit attention` for models whose attention is not over one global set of tokens: Swin
+//! (each block's attention within its windows, stitched back onto the image with the
+//! window shift undone) and PVT (the attention its spatially reduced keys receive). With no
+//! class token, a block's map shows, for each key, the attention it receives averaged over
+//! the queries that see it ([`crate::models::LocalAttention`]).
 
 use std::path::{Path, PathBuf};
 
@@ -9,25 +10,29 @@ use image::{imageops, RgbImage};
 
 use super::attention::{channel_note, prediction_label, AttentionOptions, Method, PANEL_PX};
 use super::{create_dir, display_image, save, Explained};
-use crate::models::{Architecture, WindowMap};
+use crate::models::{Architecture, Cells, LocalAttention};
 use crate::predict::{eval_transform, load_image, Predictor};
 use crate::viz::{self, MapGridOpts};
 use crate::{Error, Result};
 
-/// Draws the window attention of `predictor`'s model on one image, or `None` when the
-/// model has no window attention. Files written to `out_dir`, by method:
+/// Draws the local attention of `predictor`'s model on one image, or `None` when the model
+/// has none. Files written to `out_dir`, by method:
 ///
-/// * `Cls`: `window_attention_block{L}.png` — top row the input and block L's map per head
+/// * `Cls`: `local_attention_block{L}.png` — top row the input and block L's map per head
 ///   and their mean (or the one `head`), each divided by its maximum; bottom row the input
-///   with the block's windows drawn where they lie on the image (shifted blocks: offset by
-///   the shift) and the maps laid over it. L counts blocks over all stages, default the
-///   last.
-/// * `All`: `window_attention_all_blocks.png` — the mean-of-heads map of every block, on
-///   the first stage's grid (later stages' coarser maps repeated).
+///   with the block's cells drawn where they lie on the image (Swin: its windows, offset by
+///   the shift in shifted blocks; PVT: the area each reduced key pools) and the maps laid
+///   over it. L counts blocks over all stages, default the last.
+/// * `All`: `local_attention_all_blocks.png` — the mean-of-heads map of every block, on
+///   the first block's grid (coarser maps repeated).
 /// * `Rollout` does not apply: the stages have different token counts.
-/// * With `save_raw`: `window_attention_block{L}.npy`, shape (heads, h, w), for every block
+/// * With `save_raw`: `local_attention_block{L}.npy`, shape (heads, h, w), for every block
 ///   drawn.
-pub fn window_attention(
+///
+/// Maps are spread over the whole image. Where a PVT's ratio does not divide its map (a
+/// 7×7 map reduced by 2 gives 3×3 keys over 6×6 tokens), the last rows and columns of
+/// tokens reach no key and the picture stretches the keys over them.
+pub fn local_attention(
     predictor: &Predictor,
     image_path: &Path,
     opts: &AttentionOptions,
@@ -36,7 +41,7 @@ pub fn window_attention(
     let cfg = &predictor.config;
     if opts.method == Method::Rollout {
         // Only a model with window attention gets here: say why rollout does not apply.
-        let probe = predictor.model.window_attention(&zero_input(predictor)?)?;
+        let probe = predictor.model.local_attention(&zero_input(predictor)?)?;
         if probe.is_some() {
             return Err(Error::Invalid(format!(
                 "rollout needs one set of tokens through every layer, but a {} model's \
@@ -51,7 +56,7 @@ pub fn window_attention(
     let x = eval_transform(&img, cfg, &predictor.preprocess)?;
     let Some((logits, blocks)) = predictor
         .model
-        .window_attention(&x.to_device(&predictor.device)?)?
+        .local_attention(&x.to_device(&predictor.device)?)?
     else {
         return Ok(None);
     };
@@ -81,11 +86,16 @@ pub fn window_attention(
             format!("{what} — {predicted}")
         }
     };
-    notes.push(
-        "window attention has no class token: maps show the attention each token receives, \
-         averaged over the queries of its window, with the window shift undone"
+    notes.push(match blocks[0].cells {
+        Cells::Windows { .. } => "window attention has no class token: maps show the \
+                                  attention each token receives, averaged over the queries of \
+                                  its window, with the window shift undone"
             .into(),
-    );
+        Cells::Reduced { .. } => "spatial-reduction attention has no class token: maps show \
+                                  the attention each reduced key receives, averaged over all \
+                                  queries"
+            .into(),
+    });
 
     create_dir(out_dir)?;
     let mut files = Vec::new();
@@ -120,7 +130,7 @@ pub fn window_attention(
     if opts.save_raw {
         for l in drawn {
             let b = Block::of(&blocks[l])?;
-            let path = out_dir.join(format!("window_attention_block{l}.npy"));
+            let path = out_dir.join(format!("local_attention_block{l}.npy"));
             viz::write_npy(&path, &[b.heads, b.h, b.w], &b.values)?;
             files.push(path);
         }
@@ -145,12 +155,11 @@ struct Block {
     w: usize,
     /// (heads, h, w).
     values: Vec<f32>,
-    window: (usize, usize),
-    shift: (usize, usize),
+    cells: Cells,
 }
 
 impl Block {
-    fn of(m: &WindowMap) -> Result<Self> {
+    fn of(m: &LocalAttention) -> Result<Self> {
         let r = m.received.get(0)?; // (heads, h, w)
         let (heads, h, w) = r.dims3()?;
         Ok(Block {
@@ -158,8 +167,7 @@ impl Block {
             h,
             w,
             values: r.flatten_all()?.to_vec1::<f32>()?,
-            window: m.window,
-            shift: m.shift,
+            cells: m.cells,
         })
     }
 
@@ -192,7 +200,7 @@ fn normalised(v: &[f32]) -> Vec<f32> {
 }
 
 /// Maps per head and their mean for one block, bare and over the image (see
-/// [`window_attention`]).
+/// [`local_attention`]).
 fn draw_block(
     b: &Block,
     big: &RgbImage,
@@ -223,17 +231,28 @@ fn draw_block(
     for (label, m) in &maps {
         panels.push((label.clone(), bare(m)));
     }
-    panels.push(("windows".to_string(), with_windows(big, b)));
+    let cells = match b.cells {
+        Cells::Windows { .. } => "windows",
+        Cells::Reduced { .. } => "keys",
+    };
+    panels.push((cells.to_string(), with_cells(big, b)));
     for (label, m) in &maps {
         let o = viz::overlay(big, m, b.h, b.w, opts.alpha, opts.colormap)?;
         panels.push((format!("{label} overlay"), o));
     }
-    let what = format!(
-        "{title}: attention received within {}x{} windows{} (each map ÷ its max)",
-        b.window.0,
-        b.window.1,
-        if b.shift != (0, 0) { ", shifted" } else { "" }
-    );
+    let what = match b.cells {
+        Cells::Windows { size, shift } => format!(
+            "{title}: attention received within {}x{} windows{} (each map ÷ its max)",
+            size.0,
+            size.1,
+            if shift != (0, 0) { ", shifted" } else { "" }
+        ),
+        Cells::Reduced { ratio } => format!(
+            "{title}: attention received by {}x{} keys, each pooling {ratio}x{ratio} tokens \
+             (mean over queries; each map ÷ its max)",
+            b.h, b.w
+        ),
+    };
     let pic = viz::image_grid(
         &panels,
         maps.len() + 1,
@@ -243,17 +262,21 @@ fn draw_block(
     save(
         &pic,
         out,
-        &format!("window_attention_block{layer}.png"),
+        &format!("local_attention_block{layer}.png"),
         files,
     )
 }
 
-/// The image with the block's window boundaries: window rows start at token rows r with
-/// r ≡ shift (mod window), as the roll put them.
-fn with_windows(big: &RgbImage, b: &Block) -> RgbImage {
+/// The image with the block's cell boundaries: Swin's windows, whose rows start at token
+/// rows r with r ≡ shift (mod window), as the roll put them; PVT's reduced keys, one cell
+/// of the map each.
+fn with_cells(big: &RgbImage, b: &Block) -> RgbImage {
     let mut img = big.clone();
     let (w, h) = img.dimensions();
-    let ((wh, ww), (sh, sw)) = (b.window, b.shift);
+    let ((wh, ww), (sh, sw)) = match b.cells {
+        Cells::Windows { size, shift } => (size, shift),
+        Cells::Reduced { .. } => ((1, 1), (0, 0)),
+    };
     // The first pixel of token row r (column c) of the block's map.
     let row_px = |r: usize| (r * h as usize / b.h) as u32;
     let col_px = |c: usize| (c * w as usize / b.w) as u32;
@@ -273,9 +296,9 @@ fn with_windows(big: &RgbImage, b: &Block) -> RgbImage {
     img
 }
 
-/// The mean-of-heads map of every block on one grid (see [`window_attention`]).
+/// The mean-of-heads map of every block on one grid (see [`local_attention`]).
 fn draw_all(
-    blocks: &[WindowMap],
+    blocks: &[LocalAttention],
     title: &dyn Fn(String) -> String,
     opts: &AttentionOptions,
     out: &Path,
@@ -294,7 +317,7 @@ fn draw_all(
         maps.push((String::new(), up));
     }
     let o = MapGridOpts {
-        title: title("Window attention of every block, mean of heads".into()),
+        title: title("Attention of every block, mean of heads".into()),
         cols: blocks.len().min(6),
         cell_px: (96 / gh.max(gw) as u32).clamp(1, 16),
         colormap: opts.colormap,
@@ -304,7 +327,7 @@ fn draw_all(
         number_axes: true,
     };
     let pic = viz::map_grid(&maps, gh, gw, &o)?;
-    save(&pic, out, "window_attention_all_blocks.png", files)
+    save(&pic, out, "local_attention_all_blocks.png", files)
 }
 
 #[cfg(test)]
@@ -341,14 +364,18 @@ mod tests {
             .collect();
         assert_eq!(
             names,
-            ["window_attention_block1.png", "window_attention_block1.npy"]
+            ["local_attention_block1.png", "local_attention_block1.npy"]
         );
         assert!(r.notes.iter().any(|n| n.contains("window shift undone")));
-        let (shape, data) = read_npy(&dir.path().join("window_attention_block1.npy"));
+        let (shape, data) = read_npy(&dir.path().join("local_attention_block1.npy"));
         assert_eq!(shape, [1, 14, 14]);
         let x = p.input(&image()).unwrap();
-        let (_, maps) = p.model.window_attention(&x).unwrap().unwrap();
-        assert_eq!(maps[1].shift, (3, 3));
+        let (_, maps) = p.model.local_attention(&x).unwrap().unwrap();
+        let windows = Cells::Windows {
+            size: (7, 7),
+            shift: (3, 3),
+        };
+        assert_eq!(maps[1].cells, windows);
         let want = maps[1]
             .received
             .flatten_all()
