@@ -72,6 +72,15 @@ pub enum Error {
 /// The library's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// A config error naming the first of `rates` (dropout, stochastic depth) outside [0, 1),
+/// NaN included.
+pub fn check_rates<'a>(rates: impl IntoIterator<Item = (&'a str, f64)>) -> Result<()> {
+    match rates.into_iter().find(|(_, p)| !(0.0..1.0).contains(p)) {
+        Some((name, p)) => Err(Error::Config(format!("{name} must be in [0, 1), got {p}"))),
+        None => Ok(()),
+    }
+}
+
 /// A config error naming the first of `fields` that is not a finite number (NaN passes no
 /// range comparison, so each field is checked and named here first).
 pub fn check_finite<'a>(fields: impl IntoIterator<Item = (&'a str, f64)>) -> Result<()> {

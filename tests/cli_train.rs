@@ -38,6 +38,19 @@ fn setup(extra: &str) -> (tempfile::TempDir, std::path::PathBuf) {
     (dir, recipe)
 }
 
+/// As [`setup`], with `model` (the lines of a `[model]` table on 28×28×1 images, 10
+/// classes) in place of the recipe's ViT.
+fn setup_model(extra: &str, model: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let (dir, recipe) = setup(extra);
+    let text = std::fs::read_to_string(&recipe).unwrap();
+    let text = format!(
+        "{}[model]\nimage_size = [28, 28]\nin_channels = 1\nnum_classes = 10\n{model}",
+        &text[..text.find("[model]").unwrap()]
+    );
+    std::fs::write(&recipe, text).unwrap();
+    (dir, recipe)
+}
+
 #[test]
 fn training_lowers_the_loss_and_writes_the_run() {
     let (dir, recipe) = setup("epochs = 6\nval_size = 50\n");
@@ -1155,15 +1168,11 @@ fn the_documents_cnn_trains_evaluates_and_compares_with_a_vit() {
 fn a_resnet_trains_and_resumes_exactly_with_its_batch_norm_statistics() {
     // A tiny ResNet with the small-image stem; batch 16 runs as two shards, each
     // normalised by its own statistics, the running ones moved once per micro-batch.
-    let (dir, recipe) = setup("epochs = 2\nval_size = 50\n");
-    let text = std::fs::read_to_string(&recipe).unwrap();
-    let text = format!(
-        "{}[model]\narch = \"resnet\"\nimage_size = [28, 28]\nin_channels = 1\n\
-         num_classes = 10\nblock = \"basic\"\nlayers = [1, 1]\nchannels = [4, 8]\n\
+    let (dir, recipe) = setup_model(
+        "epochs = 2\nval_size = 50\n",
+        "arch = \"resnet\"\nblock = \"basic\"\nlayers = [1, 1]\nchannels = [4, 8]\n\
          stem_width = 4\nstem = \"small\"\n",
-        &text[..text.find("[model]").unwrap()]
     );
-    std::fs::write(&recipe, text).unwrap();
     let (full, _) = resumed_equals_uninterrupted(dir.path(), &recipe);
     let ck = weights(&full.join("checkpoint-last.safetensors"));
     // The running statistics are in the checkpoint and have moved from their start.
@@ -1191,15 +1200,11 @@ fn a_resnet_trains_and_resumes_exactly_with_its_batch_norm_statistics() {
 #[test]
 fn a_swin_trains_resumes_exactly_and_fine_tunes_from_timm_weights() {
     // A tiny Swin: a 14x14 map in 7x7 windows (shifted in the second block), then 7x7.
-    let (dir, recipe) = setup("epochs = 2\nval_size = 50\n");
-    let text = std::fs::read_to_string(&recipe).unwrap();
-    let text = format!(
-        "{}[model]\narch = \"swin\"\nimage_size = [28, 28]\nin_channels = 1\n\
-         num_classes = 10\npatch_size = 2\nembed_dim = 8\ndepths = [2, 1]\n\
+    let (dir, recipe) = setup_model(
+        "epochs = 2\nval_size = 50\n",
+        "arch = \"swin\"\npatch_size = 2\nembed_dim = 8\ndepths = [2, 1]\n\
          num_heads = [1, 2]\nwindow_size = 7\nmlp_ratio = 2.0\n",
-        &text[..text.find("[model]").unwrap()]
     );
-    std::fs::write(&recipe, text).unwrap();
     let (full, _) = resumed_equals_uninterrupted(dir.path(), &recipe);
     let ck = full.join("checkpoint-last.safetensors");
     let data = dir.path().join("data");
@@ -1298,15 +1303,11 @@ fn a_swin_trains_resumes_exactly_and_fine_tunes_from_timm_weights() {
 #[test]
 fn a_pvt_trains_resumes_exactly_and_draws_its_reduced_key_attention() {
     // A tiny PVT v2: 7x7 then 4x4 maps, keys from a 3x3 reduction in the first stage.
-    let (dir, recipe) = setup("epochs = 2\nval_size = 50\n");
-    let text = std::fs::read_to_string(&recipe).unwrap();
-    let text = format!(
-        "{}[model]\narch = \"pvt\"\nimage_size = [28, 28]\nin_channels = 1\n\
-         num_classes = 10\ndepths = [1, 1]\nembed_dims = [8, 16]\nnum_heads = [1, 2]\n\
+    let (dir, recipe) = setup_model(
+        "epochs = 2\nval_size = 50\n",
+        "arch = \"pvt\"\ndepths = [1, 1]\nembed_dims = [8, 16]\nnum_heads = [1, 2]\n\
          sr_ratios = [2, 1]\nmlp_ratios = [2.0, 2.0]\n",
-        &text[..text.find("[model]").unwrap()]
     );
-    std::fs::write(&recipe, text).unwrap();
     let (full, _) = resumed_equals_uninterrupted(dir.path(), &recipe);
     let ck = full.join("checkpoint-last.safetensors");
     let data = dir.path().join("data");

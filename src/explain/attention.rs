@@ -14,7 +14,7 @@ use crate::{Error, Result};
 
 /// Panels of the attention pictures are magnified (nearest neighbour, integer factor, at
 /// most 8) until their longer side reaches this many pixels.
-pub(super) const PANEL_PX: u32 = 192;
+const PANEL_PX: u32 = 192;
 
 /// What `vit attention` draws.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -160,15 +160,7 @@ pub fn attention(
         );
     }
     let predicted = prediction_label(&logits, predictor)?;
-    let scale = PANEL_PX
-        .div_ceil(input.width().max(input.height()).max(1))
-        .clamp(1, 8);
-    let big = imageops::resize(
-        &input,
-        input.width() * scale,
-        input.height() * scale,
-        imageops::FilterType::Nearest,
-    );
+    let (big, scale) = magnified(&input);
     let ctx = Ctx {
         g,
         heads,
@@ -227,6 +219,19 @@ fn check_options(o: &AttentionOptions, depth: usize, heads: usize) -> Result<()>
         )));
     }
     Ok(())
+}
+
+/// The input magnified for the panels (nearest neighbour, by an integer factor of at most 8,
+/// until its longer side reaches [`PANEL_PX`]), and the factor.
+pub(super) fn magnified(input: &RgbImage) -> (RgbImage, u32) {
+    let scale = PANEL_PX
+        .div_ceil(input.width().max(input.height()).max(1))
+        .clamp(1, 8);
+    let (w, h) = (input.width() * scale, input.height() * scale);
+    (
+        imageops::resize(input, w, h, imageops::FilterType::Nearest),
+        scale,
+    )
 }
 
 /// A note when the evaluation transform changes the image's channels for the model.

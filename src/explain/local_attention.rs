@@ -6,9 +6,9 @@
 
 use std::path::{Path, PathBuf};
 
-use image::{imageops, RgbImage};
+use image::RgbImage;
 
-use super::attention::{channel_note, prediction_label, AttentionOptions, Method, PANEL_PX};
+use super::attention::{channel_note, magnified, prediction_label, AttentionOptions, Method};
 use super::{create_dir, display_image, save, Explained};
 use crate::models::{Architecture, Cells, LocalAttention};
 use crate::predict::{eval_transform, load_image, Predictor};
@@ -69,15 +69,7 @@ pub fn local_attention(
     }
     let layer = opts.layer.unwrap_or(depth - 1);
     let input = display_image(&x, &predictor.preprocess)?;
-    let scale = PANEL_PX
-        .div_ceil(input.width().max(input.height()).max(1))
-        .clamp(1, 8);
-    let big = imageops::resize(
-        &input,
-        input.width() * scale,
-        input.height() * scale,
-        imageops::FilterType::Nearest,
-    );
+    let (big, _) = magnified(&input);
     let predicted = prediction_label(&logits, predictor)?;
     let title = |what: String| {
         if predicted.is_empty() {

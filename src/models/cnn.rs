@@ -14,10 +14,6 @@ use super::vit::check_indices;
 use super::{Architecture, Classifier, Intermediates, ModelConfig, Preprocess, Preset};
 use crate::{Error, Result};
 
-fn default_channels() -> usize {
-    3
-}
-
 fn default_widths() -> Vec<usize> {
     vec![64, 128, 256, 512]
 }
@@ -29,7 +25,7 @@ pub struct CnnConfig {
     /// Input size as [height, width] in pixels.
     pub image_size: [usize; 2],
     /// Input channels: 3 for RGB, 1 for grayscale. Default 3.
-    #[serde(default = "default_channels")]
+    #[serde(default = "super::default_channels")]
     pub in_channels: usize,
     /// Classes of the linear classifier.
     pub num_classes: usize,

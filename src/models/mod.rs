@@ -188,6 +188,18 @@ pub trait Classifier: Send + Sync + std::fmt::Debug {
     }
 }
 
+/// Serde defaults the architectures' configs share: 3 input channels, flags on, an MLP 4
+/// times as wide as its input.
+fn default_channels() -> usize {
+    3
+}
+fn default_true() -> bool {
+    true
+}
+fn default_mlp_ratio() -> f64 {
+    4.0
+}
+
 /// An error unless `x` is a batch (B, C, H, W) of the config's channels and image size.
 fn check_images(x: &Tensor, cfg: &impl Architecture) -> Result<()> {
     let [h, w] = cfg.image_size();
@@ -522,6 +534,57 @@ fn one_line(s: &str) -> String {
         .filter(|l| !l.is_empty())
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// What the architectures' tests share.
+#[cfg(test)]
+pub(crate) mod testutil {
+    use candle_core::{DType, Device, Tensor, Var};
+    use candle_nn::{VarBuilder, VarMap};
+
+    use super::{Architecture, Classifier, Mode, ModelConfig};
+
+    /// Builds `cfg` from trainable variables (fresh parameters from `seed`), runs `x`
+    /// forward in training mode and the cross-entropy against `labels` backward, and
+    /// asserts that every parameter gets a finite, non-zero gradient. Returns the network.
+    pub fn every_parameter_gets_a_gradient(
+        cfg: &ModelConfig,
+        seed: u64,
+        x: &Tensor,
+        labels: &[u32],
+    ) -> Box<dyn Classifier> {
+        let dev = Device::Cpu;
+        let varmap = VarMap::new();
+        for (name, t) in cfg.init_params(seed, &dev).unwrap() {
+            let var = Var::from_tensor(&t).unwrap();
+            varmap.data().lock().unwrap().insert(name, var);
+        }
+        let m = cfg
+            .build(VarBuilder::from_varmap(&varmap, DType::F32, &dev))
+            .unwrap();
+        let logits = m.forward_t(x, &mut Mode::Train(None)).unwrap();
+        assert_eq!(logits.dims(), &[labels.len(), cfg.num_classes()]);
+        let y = Tensor::new(labels, &dev).unwrap();
+        let grads = crate::ops::cross_entropy(&logits, &y, 0.0)
+            .unwrap()
+            .backward()
+            .unwrap();
+        let data = varmap.data().lock().unwrap();
+        assert_eq!(data.len(), cfg.param_shapes().len());
+        for (name, var) in data.iter() {
+            let norm = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{name} got no gradient"))
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(norm > 0.0 && norm.is_finite(), "{name}: {norm}");
+        }
+        m
+    }
 }
 
 #[cfg(test)]

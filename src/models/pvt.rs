@@ -32,12 +32,6 @@ const EPS_TORCH: f64 = 1e-5;
 /// timm's `LayerNorm` epsilon (blocks, stage norms).
 const EPS_TIMM: f64 = 1e-6;
 
-fn default_channels() -> usize {
-    3
-}
-fn default_true() -> bool {
-    true
-}
 fn default_sr() -> Vec<usize> {
     vec![8, 4, 2, 1]
 }
@@ -53,7 +47,7 @@ pub struct PvtConfig {
     /// Input size as [height, width] in pixels.
     pub image_size: [usize; 2],
     /// Input channels: 3 for RGB, 1 for grayscale. Default 3.
-    #[serde(default = "default_channels")]
+    #[serde(default = "super::default_channels")]
     pub in_channels: usize,
     /// Classes of `head`; 0 means no classifier (the model returns pooled features).
     pub num_classes: usize,
@@ -70,7 +64,7 @@ pub struct PvtConfig {
     #[serde(default = "default_mlp")]
     pub mlp_ratios: Vec<f64>,
     /// Bias on q and kv. Default true.
-    #[serde(default = "default_true")]
+    #[serde(default = "super::default_true")]
     pub qkv_bias: bool,
     /// Dropout on attention probabilities.
     #[serde(default)]
@@ -329,16 +323,12 @@ impl Architecture for PvtConfig {
                 ));
             }
         }
-        for (name, p) in [
+        crate::error::check_rates([
             ("attn_dropout", self.attn_dropout),
             ("proj_dropout", self.proj_dropout),
             ("head_dropout", self.head_dropout),
             ("drop_path", self.drop_path),
-        ] {
-            if !(0.0..1.0).contains(&p) {
-                return bad(format!("{name} must be in [0, 1), got {p}"));
-            }
-        }
+        ])?;
         if self.checked_flops().is_none() {
             return bad(format!(
                 "image_size {h}x{w} with these widths needs more than 2^64 FLOPs per image"
@@ -793,9 +783,8 @@ impl Classifier for PyramidVisionTransformer {
 
 #[cfg(test)]
 mod tests {
+    use super::super::testutil;
     use super::*;
-    use candle_core::{DType, Var};
-    use candle_nn::VarMap;
 
     fn tiny() -> PvtConfig {
         PvtConfig {
@@ -883,41 +872,9 @@ mod tests {
     /// gradient.
     #[test]
     fn every_parameter_receives_a_gradient() {
-        let cfg = ModelConfig::Pvt(tiny());
-        let dev = Device::Cpu;
-        let varmap = VarMap::new();
-        for (name, t) in cfg.init_params(4, &dev).unwrap() {
-            varmap
-                .data()
-                .lock()
-                .unwrap()
-                .insert(name, Var::from_tensor(&t).unwrap());
-        }
-        let m = cfg
-            .build(VarBuilder::from_varmap(&varmap, DType::F32, &dev))
-            .unwrap();
-        let x = Tensor::randn(0f32, 1.0, (2, 2, 30, 22), &dev).unwrap();
-        let logits = m.forward_t(&x, &mut Mode::Train(None)).unwrap();
-        assert_eq!(logits.dims(), &[2, 3]);
-        let y = Tensor::new(&[0u32, 2], &dev).unwrap();
-        let grads = ops::cross_entropy(&logits, &y, 0.0)
-            .unwrap()
-            .backward()
-            .unwrap();
-        let data = varmap.data().lock().unwrap();
-        assert_eq!(data.len(), cfg.param_shapes().len());
-        for (name, var) in data.iter() {
-            let norm = grads
-                .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("{name} got no gradient"))
-                .abs()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(norm > 0.0 && norm.is_finite(), "{name}: {norm}");
-        }
+        let x = Tensor::randn(0f32, 1.0, (2, 2, 30, 22), &Device::Cpu).unwrap();
+        let m =
+            testutil::every_parameter_gets_a_gradient(&ModelConfig::Pvt(tiny()), 4, &x, &[0, 2]);
         let taken = m.forward_intermediates(&x, &[1]).unwrap();
         assert_eq!(taken.blocks[0].dims(), &[2, 12, 4, 3]);
         // The keys' maps: 4x3 after a reduction by 2 of the 8x6 map, then 4x3 itself; each

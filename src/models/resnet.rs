@@ -51,10 +51,6 @@ pub enum Stem {
     Small,
 }
 
-fn default_channels() -> usize {
-    3
-}
-
 fn default_widths() -> Vec<usize> {
     vec![64, 128, 256, 512]
 }
@@ -70,7 +66,7 @@ pub struct ResNetConfig {
     /// Input size as [height, width] in pixels.
     pub image_size: [usize; 2],
     /// Input channels: 3 for RGB, 1 for grayscale. Default 3.
-    #[serde(default = "default_channels")]
+    #[serde(default = "super::default_channels")]
     pub in_channels: usize,
     /// Classes of `fc`; 0 means no classifier (the model returns pooled features).
     pub num_classes: usize,

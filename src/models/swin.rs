@@ -27,15 +27,6 @@ use super::{
 };
 use crate::{ops, Error, Result};
 
-fn default_channels() -> usize {
-    3
-}
-fn default_true() -> bool {
-    true
-}
-fn default_mlp_ratio() -> f64 {
-    4.0
-}
 fn default_eps() -> f64 {
     1e-5
 }
@@ -48,7 +39,7 @@ pub struct SwinConfig {
     /// Input size as [height, width] in pixels, divisible by `patch_size`.
     pub image_size: [usize; 2],
     /// Input channels: 3 for RGB, 1 for grayscale. Default 3.
-    #[serde(default = "default_channels")]
+    #[serde(default = "super::default_channels")]
     pub in_channels: usize,
     /// Classes of `head.fc`; 0 means no classifier (the model returns pooled features).
     pub num_classes: usize,
@@ -63,10 +54,10 @@ pub struct SwinConfig {
     /// Side M of the attention windows (7 in timm's presets).
     pub window_size: usize,
     /// MLP hidden width as a multiple of the stage width. Default 4.
-    #[serde(default = "default_mlp_ratio")]
+    #[serde(default = "super::default_mlp_ratio")]
     pub mlp_ratio: f64,
     /// Bias on the qkv projection. Default true.
-    #[serde(default = "default_true")]
+    #[serde(default = "super::default_true")]
     pub qkv_bias: bool,
     /// Dropout on attention probabilities.
     #[serde(default)]
@@ -361,16 +352,12 @@ impl Architecture for SwinConfig {
                 self.layer_norm_eps
             ));
         }
-        for (name, p) in [
+        crate::error::check_rates([
             ("attn_dropout", self.attn_dropout),
             ("proj_dropout", self.proj_dropout),
             ("head_dropout", self.head_dropout),
             ("drop_path", self.drop_path),
-        ] {
-            if !(0.0..1.0).contains(&p) {
-                return bad(format!("{name} must be in [0, 1), got {p}"));
-            }
-        }
+        ])?;
         if self.checked_flops().is_none() {
             return bad(format!(
                 "image_size {h}x{w} with these widths needs more than 2^64 FLOPs per image"
@@ -990,9 +977,9 @@ fn masks(cfg: &SwinConfig) -> Vec<(usize, Vec<f32>)> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::testutil;
     use super::*;
-    use candle_core::{DType, Var};
-    use candle_nn::VarMap;
+    use candle_core::DType;
 
     fn tiny() -> SwinConfig {
         SwinConfig {
@@ -1221,41 +1208,9 @@ mod tests {
     /// non-zero gradient.
     #[test]
     fn every_parameter_receives_a_gradient() {
-        let cfg = ModelConfig::Swin(tiny());
-        let dev = Device::Cpu;
-        let varmap = VarMap::new();
-        for (name, t) in cfg.init_params(3, &dev).unwrap() {
-            varmap
-                .data()
-                .lock()
-                .unwrap()
-                .insert(name, Var::from_tensor(&t).unwrap());
-        }
-        let m = cfg
-            .build(VarBuilder::from_varmap(&varmap, DType::F32, &dev))
-            .unwrap();
-        let x = Tensor::randn(0f32, 1.0, (2, 2, 20, 12), &dev).unwrap();
-        let logits = m.forward_t(&x, &mut Mode::Train(None)).unwrap();
-        assert_eq!(logits.dims(), &[2, 3]);
-        let y = Tensor::new(&[0u32, 2], &dev).unwrap();
-        let grads = ops::cross_entropy(&logits, &y, 0.0)
-            .unwrap()
-            .backward()
-            .unwrap();
-        let data = varmap.data().lock().unwrap();
-        assert_eq!(data.len(), cfg.param_shapes().len());
-        for (name, var) in data.iter() {
-            let norm = grads
-                .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("{name} got no gradient"))
-                .abs()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(norm > 0.0 && norm.is_finite(), "{name}: {norm}");
-        }
+        let x = Tensor::randn(0f32, 1.0, (2, 2, 20, 12), &Device::Cpu).unwrap();
+        let m =
+            testutil::every_parameter_gets_a_gradient(&ModelConfig::Swin(tiny()), 3, &x, &[0, 2]);
         let taken = m.forward_intermediates(&x, &[0, 2]).unwrap();
         assert_eq!(taken.blocks[0].dims(), &[2, 8, 10, 6]);
         assert_eq!(taken.blocks[1].dims(), &[2, 32, 3, 2]);

@@ -49,14 +49,8 @@ pub enum NormPlacement {
     Post,
 }
 
-fn default_true() -> bool {
-    true
-}
 fn default_eps() -> f64 {
     1e-6
-}
-fn default_mlp_ratio() -> f64 {
-    4.0
 }
 fn default_pool() -> Pool {
     Pool::Cls
@@ -66,9 +60,6 @@ fn default_pos_embed() -> PosEmbed {
 }
 fn default_norm() -> NormPlacement {
     NormPlacement::Pre
-}
-fn default_channels() -> usize {
-    3
 }
 
 /// A Vision Transformer's architecture. Field names follow timm where timm has one.
@@ -81,7 +72,7 @@ pub struct ViTConfig {
     /// Side of the square patches, in pixels. Both image sides must be multiples of it.
     pub patch_size: usize,
     /// Input channels: 3 for RGB, 1 for grayscale. Default 3.
-    #[serde(default = "default_channels")]
+    #[serde(default = "super::default_channels")]
     pub in_channels: usize,
     /// Classes of the linear head; 0 means no head (the model returns pooled features).
     pub num_classes: usize,
@@ -92,10 +83,10 @@ pub struct ViTConfig {
     /// Attention heads; must divide `embed_dim`.
     pub num_heads: usize,
     /// MLP hidden width = floor(embed_dim · mlp_ratio). Default 4.
-    #[serde(default = "default_mlp_ratio")]
+    #[serde(default = "super::default_mlp_ratio")]
     pub mlp_ratio: f64,
     /// Whether the fused qkv projection has a bias. Default true.
-    #[serde(default = "default_true")]
+    #[serde(default = "super::default_true")]
     pub qkv_bias: bool,
     /// Pooling: "cls" (default) or "mean".
     #[serde(default = "default_pool")]
@@ -108,7 +99,7 @@ pub struct ViTConfig {
     #[serde(default = "default_pos_embed")]
     pub pos_embed: PosEmbed,
     /// Whether a class token is prepended. Default true.
-    #[serde(default = "default_true")]
+    #[serde(default = "super::default_true")]
     pub class_token: bool,
     /// DeiT's distillation token after the class token, read by a second head
     /// (`head_dist`); the two heads' logits are averaged (timm `VisionTransformerDistilled`).
@@ -261,17 +252,13 @@ impl ViTConfig {
                 self.layer_norm_eps
             ));
         }
-        for (name, p) in [
+        crate::error::check_rates([
             ("embed_dropout", self.embed_dropout),
             ("attn_dropout", self.attn_dropout),
             ("proj_dropout", self.proj_dropout),
             ("head_dropout", self.head_dropout),
             ("drop_path", self.drop_path),
-        ] {
-            if !(0.0..1.0).contains(&p) {
-                return bad(format!("{name} must be in [0, 1), got {p}"));
-            }
-        }
+        ])?;
         Ok(())
     }
 
