@@ -200,6 +200,28 @@ fn default_mlp_ratio() -> f64 {
     4.0
 }
 
+/// A config error unless `depths` (the field `depths_name`) lists 1 to 8 stages of 1 to 64
+/// blocks each and every `(field, length)` of `per_stage` gives one value per stage.
+fn check_stages(depths_name: &str, depths: &[usize], per_stage: &[(&str, usize)]) -> Result<()> {
+    let stages = depths.len();
+    if !(1..=8).contains(&stages) {
+        return Err(Error::Config(format!(
+            "{depths_name} must list 1 to 8 stages, got {stages}"
+        )));
+    }
+    if let Some((name, len)) = per_stage.iter().find(|(_, len)| *len != stages) {
+        return Err(Error::Config(format!(
+            "{name} must give one value per stage: {depths_name} has {stages}, {name} {len}"
+        )));
+    }
+    match depths.iter().find(|&&n| !(1..=64).contains(&n)) {
+        Some(n) => Err(Error::Config(format!(
+            "each stage must have 1 to 64 blocks, got {n}"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// An error unless `x` is a batch (B, C, H, W) of the config's channels and image size.
 fn check_images(x: &Tensor, cfg: &impl Architecture) -> Result<()> {
     let [h, w] = cfg.image_size();

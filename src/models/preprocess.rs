@@ -41,6 +41,17 @@ impl Preprocess {
         }
     }
 
+    /// ImageNet's mean and std (timm's `IMAGENET_DEFAULT_*`), bicubic, center crop
+    /// `crop_pct`: the preprocessing of timm's DeiT, ResNet, Swin and PVT weights.
+    pub fn imagenet(crop_pct: f64) -> Self {
+        Preprocess {
+            mean: vec![0.485, 0.456, 0.406],
+            std: vec![0.229, 0.224, 0.225],
+            crop_pct,
+            ..Preprocess::vit_default(3)
+        }
+    }
+
     /// Checks lengths against the channel count and value ranges.
     pub fn validate(&self, channels: usize) -> Result<()> {
         if self.mean.len() != channels || self.std.len() != channels {

@@ -202,12 +202,7 @@ impl PvtConfig {
 
 /// ImageNet's mean and std, bicubic, crop 0.9: timm's PVT v2 weights.
 fn timm_pretrained(_: &PvtConfig) -> Preprocess {
-    Preprocess {
-        mean: vec![0.485, 0.456, 0.406],
-        std: vec![0.229, 0.224, 0.225],
-        crop_pct: 0.9,
-        ..Preprocess::vit_default(3)
-    }
+    Preprocess::imagenet(0.9)
 }
 
 /// timm's PVT v2 b0, b1, b2, and ours for Fashion-MNIST.
@@ -246,25 +241,16 @@ pub const PRESETS: &[Preset<PvtConfig>] = &[
 impl Architecture for PvtConfig {
     fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
-        let stages = self.depths.len();
-        if !(1..=8).contains(&stages) {
-            return bad(format!("depths must list 1 to 8 stages, got {stages}"));
-        }
-        for (name, len) in [
-            ("embed_dims", self.embed_dims.len()),
-            ("num_heads", self.num_heads.len()),
-            ("sr_ratios", self.sr_ratios.len()),
-            ("mlp_ratios", self.mlp_ratios.len()),
-        ] {
-            if len != stages {
-                return bad(format!(
-                    "{name} must give one value per stage: depths has {stages}, {name} {len}"
-                ));
-            }
-        }
-        if let Some(&n) = self.depths.iter().find(|&&n| !(1..=64).contains(&n)) {
-            return bad(format!("each stage must have 1 to 64 blocks, got {n}"));
-        }
+        super::check_stages(
+            "depths",
+            &self.depths,
+            &[
+                ("embed_dims", self.embed_dims.len()),
+                ("num_heads", self.num_heads.len()),
+                ("sr_ratios", self.sr_ratios.len()),
+                ("mlp_ratios", self.mlp_ratios.len()),
+            ],
+        )?;
         if let Some(&d) = self
             .embed_dims
             .iter()

@@ -234,12 +234,7 @@ struct BlockSpec {
 /// ImageNet's mean and std, bicubic, crop 0.95: the preprocessing of timm's default
 /// ResNet weights (the `a1_in1k` recipe).
 fn timm_pretrained(_: &ResNetConfig) -> Preprocess {
-    Preprocess {
-        mean: vec![0.485, 0.456, 0.406],
-        std: vec![0.229, 0.224, 0.225],
-        crop_pct: 0.95,
-        ..Preprocess::vit_default(3)
-    }
+    Preprocess::imagenet(0.95)
 }
 
 /// timm's ResNets and our small-image variants.
@@ -276,19 +271,7 @@ pub const PRESETS: &[Preset<ResNetConfig>] = &[
 impl Architecture for ResNetConfig {
     fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
-        let stages = self.layers.len();
-        if !(1..=8).contains(&stages) {
-            return bad(format!("layers must list 1 to 8 stages, got {stages}"));
-        }
-        if self.channels.len() != stages {
-            return bad(format!(
-                "channels must give one width per stage: layers has {stages}, channels {}",
-                self.channels.len()
-            ));
-        }
-        if let Some(&n) = self.layers.iter().find(|&&n| !(1..=64).contains(&n)) {
-            return bad(format!("each stage must have 1 to 64 blocks, got {n}"));
-        }
+        super::check_stages("layers", &self.layers, &[("channels", self.channels.len())])?;
         let widths = self.channels.iter().chain([&self.stem_width]);
         if let Some(&c) = widths.into_iter().find(|&&c| c == 0 || c > 1 << 13) {
             return bad(format!(
@@ -764,7 +747,7 @@ mod tests {
                 channels: vec![4, 6],
                 ..t()
             },
-            "one width per stage",
+            "one value per stage",
         );
         check(
             ResNetConfig {

@@ -216,12 +216,7 @@ impl SwinConfig {
 
 /// ImageNet's mean and std, bicubic, crop 0.9: timm's Swin weights.
 fn timm_pretrained(_: &SwinConfig) -> Preprocess {
-    Preprocess {
-        mean: vec![0.485, 0.456, 0.406],
-        std: vec![0.229, 0.224, 0.225],
-        crop_pct: 0.9,
-        ..Preprocess::vit_default(3)
-    }
+    Preprocess::imagenet(0.9)
 }
 
 /// timm's Swin-T, -S, -B at 224 px, and ours for small images.
@@ -273,18 +268,11 @@ impl Architecture for SwinConfig {
     fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
         let stages = self.depths.len();
-        if !(1..=8).contains(&stages) {
-            return bad(format!("depths must list 1 to 8 stages, got {stages}"));
-        }
-        if self.num_heads.len() != stages {
-            return bad(format!(
-                "num_heads must give one count per stage: depths has {stages}, num_heads {}",
-                self.num_heads.len()
-            ));
-        }
-        if let Some(&n) = self.depths.iter().find(|&&n| !(1..=64).contains(&n)) {
-            return bad(format!("each stage must have 1 to 64 blocks, got {n}"));
-        }
+        super::check_stages(
+            "depths",
+            &self.depths,
+            &[("num_heads", self.num_heads.len())],
+        )?;
         let [h, w] = self.image_size;
         for (name, value, least, most) in [
             ("image_size", h.min(w), 1, 1 << 14),
@@ -1073,7 +1061,7 @@ mod tests {
                 num_heads: vec![2, 2],
                 ..tiny()
             },
-            "one count per stage",
+            "num_heads must give one value per stage",
         );
         check(
             SwinConfig {

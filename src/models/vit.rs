@@ -537,12 +537,7 @@ const fn deit(name: &'static str, config: fn() -> ViTConfig) -> Preset<ViTConfig
     Preset {
         name,
         config,
-        pretrained: |_| Preprocess {
-            mean: vec![0.485, 0.456, 0.406],
-            std: vec![0.229, 0.224, 0.225],
-            crop_pct: 0.9,
-            ..Preprocess::vit_default(3)
-        },
+        pretrained: |_| Preprocess::imagenet(0.9),
     }
 }
 
