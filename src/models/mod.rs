@@ -200,6 +200,21 @@ fn default_mlp_ratio() -> f64 {
     4.0
 }
 
+/// Stochastic-depth rate of block `j` of `total`: linear from 0 to `rate`
+/// (`torch.linspace(0, rate, total)`, as timm's hierarchical models).
+fn linear_rate(rate: f64, j: usize, total: usize) -> f64 {
+    if total <= 1 {
+        return 0.0;
+    }
+    rate * j as f64 / (total - 1) as f64
+}
+
+/// 2·Π`dims` (the FLOPs of that many multiply-adds), `None` beyond u64.
+fn mul_add_flops(dims: &[usize]) -> Option<u64> {
+    dims.iter()
+        .try_fold(2u64, |acc, &x| acc.checked_mul(x as u64))
+}
+
 /// A config error unless `depths` (the field `depths_name`) lists 1 to 8 stages of 1 to 64
 /// blocks each and every `(field, length)` of `per_stage` gives one value per stage.
 fn check_stages(depths_name: &str, depths: &[usize], per_stage: &[(&str, usize)]) -> Result<()> {

@@ -153,20 +153,13 @@ impl PvtConfig {
     }
 
     fn drop_path_rate(&self, j: usize) -> f64 {
-        let total: usize = self.depths.iter().sum();
-        if total <= 1 {
-            return 0.0;
-        }
-        self.drop_path * j as f64 / (total - 1) as f64
+        super::linear_rate(self.drop_path, j, self.depths.iter().sum())
     }
 
     /// Forward FLOPs of convolutions and matrix products (a multiply-add counts 2); `None`
     /// beyond u64.
     fn checked_flops(&self) -> Option<u64> {
-        let mul = |xs: &[usize]| {
-            xs.iter()
-                .try_fold(2u64, |acc, &x| acc.checked_mul(x as u64))
-        };
+        let mul = super::mul_add_flops;
         let mut total = 0u64;
         for (i, s) in self.stages().iter().enumerate() {
             let n = s.res.0 * s.res.1;

@@ -177,20 +177,13 @@ impl SwinConfig {
     /// Stochastic-depth rate of block `j` of all blocks: linear from 0 to `drop_path`
     /// (`torch.linspace`, as timm).
     fn drop_path_rate(&self, j: usize) -> f64 {
-        let total: usize = self.depths.iter().sum();
-        if total <= 1 {
-            return 0.0;
-        }
-        self.drop_path * j as f64 / (total - 1) as f64
+        super::linear_rate(self.drop_path, j, self.depths.iter().sum())
     }
 
     /// Forward FLOPs of the matrix products (a multiply-add counts 2; LayerNorm, softmax
     /// and additions not counted, as fvcore and timm's figures); `None` beyond u64.
     fn checked_flops(&self) -> Option<u64> {
-        let mul = |xs: &[usize]| {
-            xs.iter()
-                .try_fold(2u64, |acc, &x| acc.checked_mul(x as u64))
-        };
+        let mul = super::mul_add_flops;
         let (gh, gw) = self.grid();
         let p = self.patch_size;
         let mut total = mul(&[gh * gw, self.in_channels * p * p, self.embed_dim])?;
