@@ -158,6 +158,8 @@ const CASES: &[Case] = &[
     case("compare missing folder", &["compare", "{T}/no_such_run", "--out", "{T}/cmp"], "no_such_run"),
     case("compare unknown preset", &["compare", "--presets", "vit_fmnist,vit_fmnst"], "did you mean vit_fmnist"),
     case("compare batch zero", &["compare", "--presets", "vit_fmnist", "--batch", "0"], "batch of at least 1"),
+    case("compare sizes huge", &["compare", "--presets", "vit_fmnist", "--sizes", "28,4096"], "--sizes takes sides of 1 to 2048 px, got 4096"),
+    case("compare sizes zero", &["compare", "--presets", "vit_fmnist", "--sizes", "0"], "--sizes takes sides of 1 to 2048 px, got 0"),
     // info.
     case("info unknown preset", &["info", "vit_nonexistent_42"], "vit_nonexistent_42"),
     case("info config mlp_ratio nan", &["info", "--config", "{T}/cfg_mlp_nan.toml"], "mlp_ratio must be a finite number"),

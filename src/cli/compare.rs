@@ -27,7 +27,8 @@ pub struct CompareArgs {
     #[arg(long, value_delimiter = ',')]
     presets: Vec<String>,
     /// Measure each preset at each of these square image sizes (--presets) instead of its
-    /// own, and draw scaling.png: GFLOPs and latency against image size.
+    /// own, and draw scaling.png: GFLOPs and latency against image size. At most 2048 px
+    /// (a ViT's attention at 4096 px would need tens of GB).
     #[arg(long, value_delimiter = ',', requires = "presets")]
     sizes: Vec<usize>,
     /// Batch of the throughput measurement (--presets).
@@ -65,6 +66,9 @@ pub fn run(a: CompareArgs) -> anyhow::Result<()> {
 }
 
 fn presets(a: &CompareArgs) -> anyhow::Result<()> {
+    if let Some(s) = a.sizes.iter().find(|&&s| !(1..=2048).contains(&s)) {
+        anyhow::bail!("--sizes takes sides of 1 to 2048 px, got {s}");
+    }
     let mut rows = Vec::new();
     for name in &a.presets {
         let cfg = vit::ModelConfig::preset(name)?;
