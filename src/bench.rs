@@ -97,36 +97,32 @@ impl Workload {
 
     /// What one iteration does, in words.
     pub fn description(self) -> String {
-        if self == Workload::InferSwinT {
-            return format!(
+        let vit = |what: &str, c: ViTConfig| {
+            format!(
+                "{what}: batch {} of {}x{}x{}, width {}, depth {}, {} heads, MLP {}",
+                self.batch(),
+                c.in_channels,
+                c.image_size[0],
+                c.image_size[1],
+                c.embed_dim,
+                c.depth,
+                c.num_heads,
+                c.mlp_hidden_dim()
+            )
+        };
+        match (self, self.vit_config()) {
+            (Workload::TrainFm, Some(c)) => vit("one AdamW training step", c),
+            (Workload::InferB16, Some(c)) => vit("vit_base_patch16_224 forward, no gradient", c),
+            (Workload::InferSwinT, _) => format!(
                 "swin_tiny_patch4_window7_224 forward, no gradient: batch {} of 3x224x224",
                 self.batch()
-            );
-        }
-        let Some(c) = self.vit_config() else {
-            return format!(
+            ),
+            _ => format!(
                 "one AdamW training step: batch {} of 1x28x28, resnet18_fmnist (ResNet-18, \
                  3x3 stride-1 stem, no pool)",
                 self.batch()
-            );
-        };
-        let what = match self {
-            Workload::TrainFm | Workload::TrainResnet => "one AdamW training step",
-            Workload::InferB16 | Workload::InferSwinT => {
-                "vit_base_patch16_224 forward, no gradient"
-            }
-        };
-        format!(
-            "{what}: batch {} of {}x{}x{}, width {}, depth {}, {} heads, MLP {}",
-            self.batch(),
-            c.in_channels,
-            c.image_size[0],
-            c.image_size[1],
-            c.embed_dim,
-            c.depth,
-            c.num_heads,
-            c.mlp_hidden_dim()
-        )
+            ),
+        }
     }
 
     /// The phases [`BenchReport::phases`] lists, in order.
