@@ -131,9 +131,12 @@ impl Checkpoint {
         for (name, t) in raw {
             if let Some(rest) = name.strip_prefix(TRAIN_STATE_PREFIX) {
                 ck.train_state.insert(rest.to_string(), t);
-            } else if t.dtype().is_float() {
+            } else if t.dtype().is_float() && !name.ends_with(".attn_mask") {
                 ck.tensors.insert(name, t.to_dtype(DType::F32)?);
             } else {
+                // Integer tensors (BatchNorm's `num_batches_tracked`, Swin's
+                // `relative_position_index`) and Swin's shifted-window `attn_mask`, which
+                // older timm checkpoints hold: buffers the model computes, set aside.
                 ck.ignored.push(name);
             }
         }

@@ -328,3 +328,38 @@ fn hf_names_with_and_without_the_vit_prefix_map_to_timm() {
         .unwrap();
     assert_eq!(a, b);
 }
+
+/// Older timm Swin checkpoints also hold the buffers timm now computes (the relative
+/// position index, the shifted-window mask): set aside, and the rest fits.
+#[test]
+fn swin_buffers_in_a_checkpoint_are_set_aside() {
+    let cfg = ModelConfig::preset("swin_fmnist").unwrap();
+    let mut params: HashMap<String, Tensor> = cfg
+        .init_params(0, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .collect();
+    let dev = &Device::Cpu;
+    params.insert(
+        "layers.0.blocks.1.attn_mask".into(),
+        Tensor::zeros((4, 49, 49), DType::F32, dev).unwrap(),
+    );
+    params.insert(
+        "layers.0.blocks.0.attn.relative_position_index".into(),
+        Tensor::zeros((49, 49), DType::I64, dev).unwrap(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("swin.safetensors");
+    save(&path, &params, &HashMap::new(), &SaveMeta::default()).unwrap();
+    let ck = Checkpoint::load(&path).unwrap();
+    assert_eq!(
+        ck.ignored,
+        [
+            "layers.0.blocks.0.attn.relative_position_index",
+            "layers.0.blocks.1.attn_mask"
+        ]
+    );
+    let (tensors, warnings) = ck.fit(&cfg, PosResample::Timm, None).unwrap();
+    assert!(warnings.is_empty(), "{warnings:?}");
+    assert_eq!(tensors.len(), cfg.param_shapes().len());
+}
