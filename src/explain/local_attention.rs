@@ -39,18 +39,6 @@ pub fn local_attention(
     out_dir: &Path,
 ) -> Result<Option<Explained>> {
     let cfg = &predictor.config;
-    if opts.method == Method::Rollout {
-        // Only a model with window attention gets here: say why rollout does not apply.
-        let probe = predictor.model.local_attention(&zero_input(predictor)?)?;
-        if probe.is_some() {
-            return Err(Error::Invalid(format!(
-                "rollout needs one set of tokens through every layer, but a {} model's \
-                 stages have different token counts (patch merging): use --method cls or all",
-                cfg.arch()
-            )));
-        }
-        return Ok(None);
-    }
     let img = load_image(image_path)?;
     let mut notes: Vec<String> = channel_note(&img, cfg.in_channels()).into_iter().collect();
     let x = eval_transform(&img, cfg, &predictor.preprocess)?;
@@ -60,6 +48,13 @@ pub fn local_attention(
     else {
         return Ok(None);
     };
+    if opts.method == Method::Rollout {
+        return Err(Error::Invalid(format!(
+            "rollout needs one set of tokens through every layer, but a {} model's stages \
+             have different token counts: use --method cls or all",
+            cfg.arch()
+        )));
+    }
     let depth = blocks.len();
     if let Some(l) = opts.layer.filter(|&l| l >= depth) {
         return Err(Error::Invalid(format!(
@@ -128,16 +123,6 @@ pub fn local_attention(
         }
     }
     Ok(Some(Explained { files, notes }))
-}
-
-/// A zero image of the model's input size, for asking the model what it is.
-fn zero_input(p: &Predictor) -> Result<candle_core::Tensor> {
-    let [h, w] = p.config.image_size();
-    Ok(candle_core::Tensor::zeros(
-        (1, p.config.in_channels(), h, w),
-        candle_core::DType::F32,
-        &p.device,
-    )?)
 }
 
 /// One block's map of the first image, on the CPU.
