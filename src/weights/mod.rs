@@ -146,6 +146,7 @@ impl Checkpoint {
             ck.ignored.extend(ignored);
             hf::read_sidecars(&mut ck)?;
         }
+        swin_original_to_timm(&mut ck.tensors);
         ck.ignored.sort();
         ck.read_metadata()?;
         Ok(ck)
@@ -692,6 +693,34 @@ pub fn convert(
         }
     }
     Ok((written, warnings))
+}
+
+/// The original Swin Transformer checkpoints (Microsoft's) put patch merging at the end of a
+/// stage (`layers.0.downsample` exists) and the classifier at `head`; timm puts it at the
+/// start of the next stage and the classifier at `head.fc`. Renamed as timm's
+/// `checkpoint_filter_fn` does; any other checkpoint is left as it is.
+fn swin_original_to_timm(tensors: &mut HashMap<String, Tensor>) {
+    if !tensors.contains_key("layers.0.downsample.reduction.weight") {
+        return;
+    }
+    let renamed: Vec<(String, String)> = tensors
+        .keys()
+        .filter_map(|k| {
+            if let Some(rest) = k.strip_prefix("head.") {
+                return Some((k.clone(), format!("head.fc.{rest}")));
+            }
+            let rest = k.strip_prefix("layers.")?;
+            let (stage, tail) = rest.split_once('.')?;
+            let stage: usize = stage.parse().ok()?;
+            tail.starts_with("downsample.")
+                .then(|| (k.clone(), format!("layers.{}.{tail}", stage + 1)))
+        })
+        .collect();
+    let moved: Vec<(String, Tensor)> = renamed
+        .into_iter()
+        .filter_map(|(old, new)| Some((new, tensors.remove(&old)?)))
+        .collect();
+    tensors.extend(moved);
 }
 
 #[cfg(test)]

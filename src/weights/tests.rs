@@ -363,3 +363,43 @@ fn swin_buffers_in_a_checkpoint_are_set_aside() {
     assert!(warnings.is_empty(), "{warnings:?}");
     assert_eq!(tensors.len(), cfg.param_shapes().len());
 }
+
+/// Microsoft's original Swin layout (patch merging at the end of a stage, `head`) loads as
+/// timm's (merging at the start of the next stage, `head.fc`), tensor for tensor.
+#[test]
+fn original_swin_names_load_as_timms() {
+    let cfg = ModelConfig::preset("swin_fmnist").unwrap();
+    let timm: HashMap<String, Tensor> = cfg
+        .init_params(1, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .collect();
+    let original: HashMap<String, Tensor> = timm
+        .iter()
+        .map(|(k, t)| {
+            let k = if let Some(rest) = k.strip_prefix("head.fc.") {
+                format!("head.{rest}")
+            } else if let Some(tail) = k.strip_prefix("layers.1.downsample.") {
+                format!("layers.0.downsample.{tail}")
+            } else if let Some(tail) = k.strip_prefix("layers.2.downsample.") {
+                format!("layers.1.downsample.{tail}")
+            } else {
+                k.clone()
+            };
+            (k, t.clone())
+        })
+        .collect();
+    assert!(original.contains_key("layers.0.downsample.reduction.weight"));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("original.safetensors");
+    save(&path, &original, &HashMap::new(), &SaveMeta::default()).unwrap();
+    let (tensors, _) = Checkpoint::load(&path)
+        .unwrap()
+        .fit(&cfg, PosResample::Timm, None)
+        .unwrap();
+    assert_eq!(tensors.len(), timm.len());
+    for (k, t) in &timm {
+        let diff = (&tensors[k] - t).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{k}");
+    }
+}
