@@ -1197,6 +1197,25 @@ fn a_resnet_trains_and_resumes_exactly_with_its_batch_norm_statistics() {
     assert!(eval.contains("100 images: accuracy"), "{eval}");
 }
 
+/// `vit attention --method rollout` on a model whose stages differ in token count (an
+/// `arch` Swin or PVT checkpoint) fails with one line naming why.
+fn rollout_is_refused(ck: &Path, image: &Path, out: &Path, arch: &str) {
+    let e = fails(&[
+        "attention",
+        "--weights",
+        p(ck),
+        p(image),
+        "--out",
+        p(out),
+        "--method",
+        "rollout",
+    ]);
+    assert!(
+        e.contains("rollout needs one set of tokens") && e.contains(arch),
+        "{e}"
+    );
+}
+
 #[test]
 fn a_swin_trains_resumes_exactly_and_fine_tunes_from_timm_weights() {
     // A tiny Swin: a 14x14 map in 7x7 windows (shifted in the second block), then 7x7.
@@ -1284,20 +1303,7 @@ fn a_swin_trains_resumes_exactly_and_fine_tunes_from_timm_weights() {
         "all",
     ]);
     assert!(all.contains("local_attention_all_blocks.png"), "{all}");
-    let e = fails(&[
-        "attention",
-        "--weights",
-        p(&ft_ck),
-        p(&image),
-        "--out",
-        p(&attn),
-        "--method",
-        "rollout",
-    ]);
-    assert!(
-        e.contains("rollout needs one set of tokens") && e.contains("swin"),
-        "{e}"
-    );
+    rollout_is_refused(&ft_ck, &image, &attn, "swin");
 }
 
 #[test]
@@ -1327,18 +1333,5 @@ fn a_pvt_trains_resumes_exactly_and_draws_its_reduced_key_attention() {
         p(&attn),
     ]);
     assert!(out.contains("local_attention_block1.png"), "{out}");
-    let e = fails(&[
-        "attention",
-        "--weights",
-        p(&ck),
-        p(&image),
-        "--out",
-        p(&attn),
-        "--method",
-        "rollout",
-    ]);
-    assert!(
-        e.contains("rollout needs one set of tokens") && e.contains("pvt"),
-        "{e}"
-    );
+    rollout_is_refused(&ck, &image, &attn, "pvt");
 }
