@@ -37,12 +37,19 @@ each fixture contains:
                    first stage, none in the second; depth-wise convolutions in the MLPs):
                    eval logits/features/stage outputs, one training pass with every
                    parameter's gradient, and timm's state-dict key order
-  timm_param_counts.json  parameter counts of standard timm ViTs, DeiTs, ResNets, Swins, PVTs
-                   (num_classes=1000)
+  hybrid_tiny/     timm hybrid ViTs (HybridEmbed over a ResNetV2 of weight-standardised SAME
+                   convolutions and GroupNorm) at small widths: `r` (the 7x7 stem and two
+                   bottleneck stages on a 38x30 input: uneven and even padding, a strided
+                   stage, a block without downsample; 1x1 cells) and `deep` (the small-image
+                   presets' deep stem alone, 2x2 cells of its map); eval logits/features/
+                   the backbone's feature map, one training pass with every parameter's
+                   gradient, and timm's state-dict key order
+  timm_param_counts.json  parameter counts of standard timm ViTs, DeiTs, ResNets, Swins, PVTs,
+                   hybrid ViTs (num_classes=1000)
 
 `scripts/make_fixtures.py NAME...` remakes only the named parts (timm_tiny, timm_meanpool,
 hf_tiny+predict, grad_tiny, imagenet_classes, deit_tiny, cnn_simple, resnet_tiny,
-swin_tiny, pvt_tiny, param_counts).
+swin_tiny, pvt_tiny, hybrid_tiny, param_counts).
 
 All parameters are perturbed after construction (LayerNorm weights 1 + 0.1*randn,
 biases 0.02*randn, other tensors get noise) so that no weight is trivially 0 or 1.
@@ -400,6 +407,72 @@ def make_pvt_tiny():
               torch.randn(3, 2, 30, 22))
 
 
+# ---------------------------------------------------------------- A7. hybrid_tiny
+def hybrid_case(d, tag, model, cfg, x):
+    """A hybrid ViT as `swin_case` saves Swin and PVT, with the backbone's feature map
+    (NCHW) as `feature_map` instead of stage outputs."""
+    perturb(model)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    save(sd, os.path.join(d, f"{tag}.safetensors"))
+    write_json(list(sd.keys()), os.path.join(d, f"{tag}_keys.json"))
+    write_json(cfg, os.path.join(d, f"{tag}.json"))
+    model.eval()
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        exp = {"input": x, "logits": model.forward_head(feats), "features": feats,
+               "feature_map": model.patch_embed.backbone(x)}
+    model.train()
+    y = torch.arange(x.shape[0]) % cfg["num_classes"]
+    logits = model(x)
+    loss = F.cross_entropy(logits, y)
+    loss.backward()
+    exp.update({"labels": y.to(torch.int64), "train_logits": logits.detach(),
+                "train_loss": loss.detach().reshape(1)})
+    for name, p in model.named_parameters():
+        exp[f"grad.{name}"] = p.grad
+    save(exp, os.path.join(d, f"{tag}_expected.safetensors"))
+
+
+def make_hybrid_tiny():
+    from functools import partial
+    from timm.layers import GroupNormAct, HybridEmbed, StdConv2dSame
+    from timm.models.resnetv2 import ResNetV2, create_resnetv2_stem
+    d = out_dir("hybrid_tiny")
+    conv = partial(StdConv2dSame, eps=1e-8)
+    norm = partial(GroupNormAct, num_groups=4)
+    vit = dict(depth=1, num_heads=2, mlp_ratio=2.0, drop_path_rate=0.0)
+    # ResNetV2 stages (one block, then two; the second strided), the 7x7 stem; a 38x30
+    # image gives odd and even sides (19x15 after the stem's convolution, 10x8 after its
+    # pool, 5x4 after stage 1), so SAME padding is uneven and even in turn; 1x1 cells.
+    seed(18)
+    backbone = ResNetV2(layers=(1, 2), channels=(16, 32), in_chans=2, stem_chs=8,
+                        stem_type="same", preact=False, conv_layer=conv, norm_layer=norm,
+                        num_classes=0, global_pool="")
+    model = VisionTransformer(img_size=(38, 30), patch_size=1, in_chans=2, num_classes=3,
+                              embed_dim=16, embed_layer=partial(HybridEmbed, backbone=backbone),
+                              **vit)
+    bb = dict(layers=[1, 2], stem="same", stem_channels=8, channels=[16, 32], norm_groups=4)
+    hybrid_case(d, "r", model,
+                dict(arch="vit", image_size=[38, 30], patch_size=1, in_channels=2,
+                     num_classes=3, embed_dim=16, depth=1, num_heads=2, mlp_ratio=2.0,
+                     backbone=bb),
+                torch.randn(3, 2, 38, 30))
+    # The small-image presets' deep stem alone, cut into 2x2 cells (as vit_tiny_r_s16_p8
+    # cuts its stem's map into 8x8), on a grayscale 32x24 image: an 8x6 map, 4x3 tokens.
+    seed(19)
+    stem = create_resnetv2_stem(1, 16, stem_type="deep_same", preact=False, conv_layer=conv,
+                                norm_layer=norm)
+    model = VisionTransformer(img_size=(32, 24), patch_size=2, in_chans=1, num_classes=4,
+                              embed_dim=16, embed_layer=partial(HybridEmbed, backbone=stem),
+                              **vit)
+    bb = dict(layers=[], stem="deep_same", stem_channels=16, norm_groups=4)
+    hybrid_case(d, "deep", model,
+                dict(arch="vit", image_size=[32, 24], patch_size=2, in_channels=1,
+                     num_classes=4, embed_dim=16, depth=1, num_heads=2, mlp_ratio=2.0,
+                     backbone=bb),
+                torch.randn(2, 1, 32, 24))
+
+
 # ------------------------------------------------------------ B. timm_meanpool
 def make_timm_meanpool():
     seed(2)
@@ -561,7 +634,8 @@ VARIANTS = ["vit_tiny_patch16_224", "vit_small_patch16_224", "vit_small_patch32_
             "deit_tiny_distilled_patch16_224", "deit_small_distilled_patch16_224",
             "deit_base_distilled_patch16_224", "resnet18", "resnet34", "resnet50",
             "swin_tiny_patch4_window7_224", "swin_small_patch4_window7_224",
-            "swin_base_patch4_window7_224", "pvt_v2_b0", "pvt_v2_b1", "pvt_v2_b2"]
+            "swin_base_patch4_window7_224", "pvt_v2_b0", "pvt_v2_b1", "pvt_v2_b2",
+            "vit_tiny_r_s16_p8_224", "vit_small_r26_s32_224", "vit_base_r50_s16_384"]
 
 
 def param_counts():
@@ -602,6 +676,8 @@ def main():
         make_swin_tiny()
     if run("pvt_tiny"):
         make_pvt_tiny()
+    if run("hybrid_tiny"):
+        make_hybrid_tiny()
     if run("param_counts"):
         print("timm parameter counts (num_classes=1000):")
         param_counts()
@@ -612,7 +688,7 @@ def main():
             total += size
             print(f"  {os.path.relpath(os.path.join(dirpath, f), ROOT):55s} {size:>9,d} B")
     print(f"fixtures total {total:,d} B")
-    assert total < 3_200_000
+    assert total < 3_400_000
 
 
 if __name__ == "__main__":

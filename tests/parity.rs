@@ -257,11 +257,18 @@ fn resnet_presets_have_timms_parameter_counts() {
     }
 }
 
-/// A timm model of the hierarchical family (`{dir}/{tag}`: weights, config, timm's key order,
-/// expected outputs): our parameter list in timm's state-dict order, evaluation logits,
-/// features and stage outputs, and one training-mode pass with every parameter's gradient,
-/// as PyTorch's.
-fn check_hierarchical(dir: &str, tag: &str, arch: &str) {
+/// A timm model (`{dir}/{tag}`: weights, config, timm's key order, expected outputs): our
+/// parameter list in timm's state-dict order, evaluation logits, features and (for the
+/// hierarchical family) stage outputs, and one training-mode pass with every parameter's
+/// gradient, as PyTorch's. Returns the fitted tensors and the expected outputs.
+fn check_against_timm(
+    dir: &str,
+    tag: &str,
+    arch: &str,
+) -> (
+    std::collections::HashMap<String, candle_core::Tensor>,
+    std::collections::HashMap<String, candle_core::Tensor>,
+) {
     use vit::models::Mode;
     use vit::train::Trainable;
     let cfg = ModelConfig::from_file(&fixture(&format!("{dir}/{tag}.json"))).unwrap();
@@ -295,7 +302,8 @@ fn check_hierarchical(dir: &str, tag: &str, arch: &str) {
     assert_close(&name("features"), &feats, &want["features"], 1e-4);
     let levels: Vec<usize> = (0..cfg.depth()).collect();
     let taken = m.forward_intermediates(x, &levels).unwrap();
-    for (i, t) in taken.blocks.iter().enumerate() {
+    let staged = want.contains_key("level0");
+    for (i, t) in taken.blocks.iter().enumerate().filter(|_| staged) {
         assert_close(
             &name(&format!("level{i}")),
             t,
@@ -322,6 +330,7 @@ fn check_hierarchical(dir: &str, tag: &str, arch: &str) {
             1e-4,
         );
     }
+    (tensors, want)
 }
 
 /// timm Swin Transformers at small widths (`swin_tiny/{pad,fmnist}`: padded maps, shifts
@@ -329,7 +338,7 @@ fn check_hierarchical(dir: &str, tag: &str, arch: &str) {
 #[test]
 fn swins_match_timm_in_evaluation_and_training() {
     for tag in ["pad", "fmnist"] {
-        check_hierarchical("swin_tiny", tag, "swin");
+        check_against_timm("swin_tiny", tag, "swin");
     }
 }
 
@@ -337,13 +346,39 @@ fn swins_match_timm_in_evaluation_and_training() {
 /// convolutions, a non-square input whose sides the strided embeddings round up).
 #[test]
 fn pvt_matches_timm_in_evaluation_and_training() {
-    check_hierarchical("pvt_tiny", "pvt", "pvt");
+    check_against_timm("pvt_tiny", "pvt", "pvt");
 }
 
-/// timm's parameter counts for Swin-T, -S, -B and PVT v2 b0, b1, b2
+/// timm hybrid ViTs at small widths (`hybrid_tiny/{r,deep}`: ResNetV2 stages on the 7×7
+/// stem with uneven SAME padding, and the small-image presets' deep stem cut into 2×2
+/// cells), and the backbone's feature map itself.
+#[test]
+fn hybrid_vits_match_timm_in_evaluation_and_training() {
+    use vit::models::vit::Embed;
+    for tag in ["r", "deep"] {
+        let (tensors, want) = check_against_timm("hybrid_tiny", tag, "vit");
+        let cfg = ModelConfig::from_file(&fixture(&format!("hybrid_tiny/{tag}.json"))).unwrap();
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+        let m = vit::VisionTransformer::new(cfg.as_vit().unwrap(), vb).unwrap();
+        let Embed::Hybrid(embed) = &m.patch_embed else {
+            panic!("{tag}: a backbone in the config makes a hybrid")
+        };
+        let x = want["input"].permute((0, 2, 3, 1)).unwrap();
+        let map = embed.backbone.forward(&x).unwrap(); // (B, h, w, F)
+        let map = map.permute((0, 3, 1, 2)).unwrap();
+        assert_close(
+            &format!("{tag} feature map"),
+            &map,
+            &want["feature_map"],
+            1e-4,
+        );
+    }
+}
+
+/// timm's parameter counts for Swin-T, -S, -B, PVT v2 b0, b1, b2 and the hybrid ViTs
 /// (`timm_param_counts.json`).
 #[test]
-fn swin_and_pvt_presets_have_timms_parameter_counts() {
+fn swin_pvt_and_hybrid_presets_have_timms_parameter_counts() {
     let counts: std::collections::HashMap<String, usize> =
         serde_json::from_str(&std::fs::read_to_string(fixture("timm_param_counts.json")).unwrap())
             .unwrap();
@@ -354,6 +389,9 @@ fn swin_and_pvt_presets_have_timms_parameter_counts() {
         "pvt_v2_b0",
         "pvt_v2_b1",
         "pvt_v2_b2",
+        "vit_tiny_r_s16_p8_224",
+        "vit_small_r26_s32_224",
+        "vit_base_r50_s16_384",
     ] {
         let cfg = ModelConfig::preset(name).unwrap();
         assert_eq!(cfg.num_params(), counts[name], "{name}");

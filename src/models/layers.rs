@@ -1,6 +1,6 @@
 //! The layers every model is built from, in timm's naming: `PatchEmbed`, `Linear`, `LayerNorm`, `Mlp`,
 //! multi-head `Attention`, `Dropout` and `DropPath`, the convolution networks' `Conv2d` and
-//! `BatchNorm2d`, and the forward [`Mode`] (evaluation, or training with its random stream). Numerics come from [`crate::ops`] only.
+//! `BatchNorm2d`, the hybrid ViT backbone's `StdConv2d` and `GroupNorm`, and the forward [`Mode`] (evaluation, or training with its random stream). Numerics come from [`crate::ops`] only.
 
 use std::sync::{Arc, Mutex};
 
@@ -210,6 +210,102 @@ impl Conv2d {
         match &self.bias {
             Some(b) => Ok(y.broadcast_add(b)?),
             None => Ok(y),
+        }
+    }
+}
+
+/// A weight-standardised convolution with TensorFlow's "SAME" padding on channels-last
+/// images (timm's `StdConv2dSame`, BiT's and the hybrid ViT's): each output channel's
+/// weights are used as (w − mean)/√(var + eps) over their C_in·k·k values, so only their
+/// direction is learned. No bias. Output ⌈H/stride⌉ × ⌈W/stride⌉.
+#[derive(Debug, Clone)]
+pub struct StdConv2d {
+    pub weight: Tensor, // (C_out, C_in, k, k), as stored
+    pub stride: usize,
+    pub eps: f64,
+}
+
+impl StdConv2d {
+    /// timm's epsilon in the hybrid ViT's backbone.
+    pub const EPS: f64 = 1e-8;
+
+    pub fn new(
+        vb: &VarBuilder,
+        c_out: usize,
+        c_in: usize,
+        k: usize,
+        stride: usize,
+    ) -> Result<Self> {
+        Ok(StdConv2d {
+            weight: vb.get((c_out, c_in, k, k), "weight")?,
+            stride,
+            eps: Self::EPS,
+        })
+    }
+
+    /// The weight as the convolution uses it, standardised per output channel.
+    pub fn standardized_weight(&self) -> Result<Tensor> {
+        let (o, i, k, _) = self.weight.dims4()?;
+        let w = self.weight.reshape((o, i * k * k))?;
+        let centred = w.broadcast_sub(&w.mean_keepdim(1)?)?;
+        let var = centred.sqr()?.mean_keepdim(1)?; // biased, as timm's batch_norm trick
+        Ok(centred
+            .broadcast_div(&(var + self.eps)?.sqrt()?)?
+            .reshape((o, i, k, k))?)
+    }
+
+    /// (B, H, W, C_in) → (B, ⌈H/s⌉, ⌈W/s⌉, C_out).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, h, w, _) = x.dims4()?;
+        let k = self.weight.dim(2)?;
+        let (top, bottom) = ops::same_padding(h, k, self.stride);
+        let (left, right) = ops::same_padding(w, k, self.stride);
+        let weight = self.standardized_weight()?;
+        if top == bottom && left == right && top == left {
+            return ops::conv2d_nhwc(x, &weight, self.stride, top);
+        }
+        // Uneven padding (a stride-2 window over an even side): pad first, then convolve.
+        let x = x
+            .pad_with_zeros(1, top, bottom)?
+            .pad_with_zeros(2, left, right)?;
+        ops::conv2d_nhwc(&x, &weight, self.stride, 0)
+    }
+}
+
+/// Group normalisation over channels-last (B, H, W, C), optionally followed by a ReLU
+/// (timm's `GroupNormAct`, by default 32 groups, eps 1e-5): parameters `weight` and `bias`, no buffers,
+/// the same in training and evaluation.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    pub weight: Tensor, // (C,)
+    pub bias: Tensor,   // (C,)
+    pub groups: usize,
+    pub eps: f64,
+    pub relu: bool,
+}
+
+impl GroupNorm {
+    /// timm's defaults in ResNetV2.
+    pub const GROUPS: usize = 32;
+    pub const EPS: f64 = 1e-5;
+
+    pub fn new(vb: &VarBuilder, c: usize, groups: usize, relu: bool) -> Result<Self> {
+        Ok(GroupNorm {
+            weight: vb.get(c, "weight")?,
+            bias: vb.get(c, "bias")?,
+            groups,
+            eps: Self::EPS,
+            relu,
+        })
+    }
+
+    /// (B, H, W, C) → (B, H, W, C).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = ops::group_norm_nhwc(x, &self.weight, &self.bias, self.groups, self.eps)?;
+        if self.relu {
+            ops::relu(&y)
+        } else {
+            Ok(y)
         }
     }
 }

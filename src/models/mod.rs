@@ -10,6 +10,7 @@
 //! in `registry()`).
 
 pub mod cnn;
+pub mod hybrid;
 pub mod layers;
 mod preprocess;
 pub mod pvt;
@@ -482,10 +483,16 @@ impl ModelConfig {
     pub fn param_groups(&self) -> Vec<(String, usize)> {
         let mut groups: Vec<(String, usize)> = Vec::new();
         for (name, shape) in self.param_shapes() {
-            let parts: Vec<&str> = name.split('.').collect();
+            // A hybrid ViT's backbone counts its stem and each stage apart.
+            let (prefix, rest) = match name.strip_prefix("patch_embed.backbone.") {
+                Some(rest) if rest.starts_with("stages.") => ("patch_embed.backbone.", rest),
+                Some(_) => ("patch_embed.backbone.", "stem"),
+                None => ("", name.as_str()),
+            };
+            let parts: Vec<&str> = rest.split('.').collect();
             let key = match parts.get(1) {
-                Some(i) if i.parse::<usize>().is_ok() => format!("{}.{i}", parts[0]),
-                _ => parts[0].to_string(),
+                Some(i) if i.parse::<usize>().is_ok() => format!("{prefix}{}.{i}", parts[0]),
+                _ => format!("{prefix}{}", parts[0]),
             };
             let n: usize = shape.iter().product();
             match groups.last_mut() {

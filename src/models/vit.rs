@@ -1,7 +1,8 @@
 //! The Vision Transformer (Dosovitskiy et al. 2020) as timm builds it: patch embedding,
 //! class token, position embedding, transformer blocks, final norm, pooling, linear head.
 //! `ViTConfig` is the architecture as one flat serde struct with its named presets;
-//! struct nesting mirrors timm's checkpoint names.
+//! struct nesting mirrors timm's checkpoint names. With a `backbone` it is the paper's hybrid:
+//! the tokens come from a CNN's feature map (`hybrid.rs`) instead of the image's patches.
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -9,6 +10,7 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use super::hybrid::{HybridBackbone, HybridEmbed};
 use super::layers::{
     normal, trunc_normal, Attention, DropPath, Dropout, LayerNorm, Linear, Mlp, Mode, PatchEmbed,
 };
@@ -127,6 +129,10 @@ pub struct ViTConfig {
     /// Stochastic depth: the drop-path rate of the last block, rising linearly from 0. Default 0.
     #[serde(default)]
     pub drop_path: f64,
+    /// The hybrid ViT's CNN (timm's `HybridEmbed` backbone): when set, `patch_size` cuts its
+    /// feature map, not the image. Default none: the plain ViT.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backbone: Option<HybridBackbone>,
 }
 
 impl ViTConfig {
@@ -155,6 +161,22 @@ impl ViTConfig {
             proj_dropout: 0.0,
             head_dropout: 0.0,
             drop_path: 0.0,
+            backbone: None,
+        }
+    }
+
+    /// timm's hybrid: the ViT on `backbone`'s feature map, cut into `patch`×`patch` cells.
+    pub fn hybrid(
+        backbone: HybridBackbone,
+        img: usize,
+        patch: usize,
+        dim: usize,
+        depth: usize,
+        heads: usize,
+    ) -> Self {
+        ViTConfig {
+            backbone: Some(backbone),
+            ..ViTConfig::timm(img, patch, dim, depth, heads)
         }
     }
 
@@ -165,7 +187,17 @@ impl ViTConfig {
         if self.patch_size == 0 || h == 0 || w == 0 {
             return bad("image_size and patch_size must be positive".into());
         }
-        if h % self.patch_size != 0 || w % self.patch_size != 0 {
+        if let Some(bb) = &self.backbone {
+            bb.validate()?;
+            let (fh, fw) = bb.feature_size(self.image_size);
+            if fh % self.patch_size != 0 || fw % self.patch_size != 0 {
+                return bad(format!(
+                    "the backbone's {fh}x{fw} feature map (of a {h}x{w} image) is not \
+                     divisible by patch_size {}",
+                    self.patch_size
+                ));
+            }
+        } else if h % self.patch_size != 0 || w % self.patch_size != 0 {
             return bad(format!(
                 "image_size {h}x{w} is not divisible by patch_size {}",
                 self.patch_size
@@ -181,7 +213,7 @@ impl ViTConfig {
             ("num_classes", self.num_classes, 1 << 20),
             (
                 "tokens (image_size / patch_size)²",
-                (h / self.patch_size) * (w / self.patch_size),
+                self.num_patches(),
                 1 << 16,
             ),
         ] {
@@ -262,12 +294,21 @@ impl ViTConfig {
         Ok(())
     }
 
-    /// Patch grid as (rows, columns).
+    /// Patch grid as (rows, columns): of the image, or of the hybrid's feature map.
     pub fn grid(&self) -> (usize, usize) {
-        (
-            self.image_size[0] / self.patch_size,
-            self.image_size[1] / self.patch_size,
-        )
+        let (h, w) = match &self.backbone {
+            Some(bb) => bb.feature_size(self.image_size),
+            None => (self.image_size[0], self.image_size[1]),
+        };
+        (h / self.patch_size, w / self.patch_size)
+    }
+
+    /// Channels of what the patch projection cuts: the image's, or the feature map's.
+    pub fn patch_channels(&self) -> usize {
+        match &self.backbone {
+            Some(bb) => bb.feature_dim(),
+            None => self.in_channels,
+        }
     }
 
     /// Number of patches N.
@@ -291,9 +332,9 @@ impl ViTConfig {
         (self.embed_dim as f64 * self.mlp_ratio) as usize
     }
 
-    /// Flattened patch length C·P·P.
+    /// Flattened patch length C·P·P (C the feature map's channels in a hybrid).
     pub fn patch_dim(&self) -> usize {
-        self.in_channels * self.patch_size * self.patch_size
+        self.patch_channels() * self.patch_size * self.patch_size
     }
 
     /// Every parameter with its shape, in timm naming and timm's state-dict order.
@@ -312,7 +353,12 @@ impl ViTConfig {
         if self.distilled {
             add("dist_token".into(), vec![1, 1, d]);
         }
-        let (c, ps) = (self.in_channels, self.patch_size);
+        if let Some(bb) = &self.backbone {
+            for (name, shape) in bb.param_shapes("patch_embed.backbone", self.in_channels) {
+                add(name, shape);
+            }
+        }
+        let (c, ps) = (self.patch_channels(), self.patch_size);
         add("patch_embed.proj.weight".into(), vec![d, c, ps, ps]);
         add("patch_embed.proj.bias".into(), vec![d]);
         for i in 0..self.depth {
@@ -357,19 +403,24 @@ impl ViTConfig {
     pub fn shape_flow(&self) -> Vec<(String, Vec<usize>)> {
         let [h, w] = self.image_size;
         let (n, t, d) = (self.num_patches(), self.num_tokens(), self.embed_dim);
-        let mut flow = vec![
-            ("image".to_string(), vec![self.in_channels, h, w]),
-            (
+        let mut flow = vec![("image".to_string(), vec![self.in_channels, h, w])];
+        let (gh, gw) = self.grid();
+        if let Some(bb) = &self.backbone {
+            flow.extend(bb.shape_flow(self.image_size));
+            flow.push((
                 format!(
-                    "patches ({}x{} of {}px)",
-                    self.grid().0,
-                    self.grid().1,
-                    self.patch_size
+                    "feature-map cells ({gh}x{gw} of {p}x{p})",
+                    p = self.patch_size
                 ),
                 vec![n, self.patch_dim()],
-            ),
-            ("patch embedding".to_string(), vec![n, d]),
-        ];
+            ));
+        } else {
+            flow.push((
+                format!("patches ({gh}x{gw} of {}px)", self.patch_size),
+                vec![n, self.patch_dim()],
+            ));
+        }
+        flow.push(("patch embedding".to_string(), vec![n, d]));
         if self.distilled {
             flow.push(("+ class and distillation tokens".to_string(), vec![t, d]));
         } else if self.class_token {
@@ -393,7 +444,7 @@ impl ViTConfig {
     }
 
     /// Forward-pass floating-point operations for one image (a multiply-add counts 2),
-    /// counting the matrix products (patch embedding, qkv, attention scores and weighted sum,
+    /// counting the matrix products (a hybrid's backbone convolutions, patch embedding, qkv, attention scores and weighted sum,
     /// output projection, MLP, head); norms, softmax and activations are left out, as in
     /// timm's and fvcore's tables (which report half of this figure as MACs).
     /// Saturates at `u64::MAX`, which only a config [`ViTConfig::validate`] refuses reaches.
@@ -408,7 +459,10 @@ impl ViTConfig {
         let n = self.num_patches() as u64;
         let d = self.embed_dim as u64;
         let h = self.mlp_hidden_dim() as u64;
-        let embed = prod(&[2, n, self.patch_dim() as u64, d])?;
+        let mut embed = prod(&[2, n, self.patch_dim() as u64, d])?;
+        if let Some(bb) = &self.backbone {
+            embed = embed.checked_add(bb.flops(self.in_channels, self.image_size)?)?;
+        }
         let attn = prod(&[2, t, d, 3, d])?
             .checked_add(prod(&[2, 2, t, t, d])?)?
             .checked_add(prod(&[2, t, d, d])?)?;
@@ -491,6 +545,23 @@ pub const PRESETS: &[Preset<ViTConfig>] = &[
         distilled: true,
         ..ViTConfig::timm(224, 16, 768, 12, 12)
     }),
+    // timm's hybrids (the paper's §3.1): the ViT on a ResNetV2's feature map.
+    // vit_tiny_r_s16_p8_224: the stem alone (stride 4), 8×8 cells of its map: 6,337,704.
+    timm("vit_tiny_r_s16_p8_224", || {
+        ViTConfig::hybrid(HybridBackbone::resnetv2(&[]), 224, 8, 192, 12, 3)
+    }),
+    // vit_small_r26_s32_224: R26 (stride 32), 1×1 cells: 36,431,912.
+    timm("vit_small_r26_s32_224", || {
+        ViTConfig::hybrid(HybridBackbone::resnetv2(&[2, 2, 2, 2]), 224, 1, 384, 12, 6)
+    }),
+    // vit_base_r50_s16_384: the paper's R50+ViT-B/16, R50's first three stages (stride 16),
+    // fine-tuned at 384: 98,950,952. Its weights take the shorter side resized to 384 and
+    // the center (timm crop_pct 1.0).
+    Preset {
+        name: "vit_base_r50_s16_384",
+        config: || ViTConfig::hybrid(HybridBackbone::resnetv2(&[3, 4, 9]), 384, 1, 768, 12, 12),
+        pretrained: |_| Preprocess::vit_default(3),
+    },
     // Ours: Fashion-MNIST / MNIST, 28×28×1, 7×7 patches of 4 px. Sized to train to 90% test
     // accuracy on 2 CPU cores within minutes (see BENCHMARKS.md).
     ours("vit_fmnist", || ViTConfig {
@@ -507,6 +578,19 @@ pub const PRESETS: &[Preset<ViTConfig>] = &[
         distilled: true,
         ..ViTConfig::timm(28, 4, 64, 6, 4)
     }),
+    // Ours: vit_fmnist's transformer on a small CNN's 7×7 map instead of 4-px patches: three
+    // 3×3 convolutions (the first of stride 2) and a max-pool, 1×1 cells.
+    ours("hybrid_fmnist", || ViTConfig {
+        in_channels: 1,
+        num_classes: 10,
+        mlp_ratio: 2.0,
+        ..ViTConfig::hybrid(small_stem(), 28, 1, 64, 6, 4)
+    }),
+    // Ours: vit_cifar_tiny's transformer on the same stem's 8×8 map of a 32×32 image.
+    ours("hybrid_cifar", || ViTConfig {
+        num_classes: 10,
+        ..ViTConfig::hybrid(small_stem(), 32, 1, 192, 12, 3)
+    }),
     // Ours: CIFAR-10 at 32×32, 8×8 patches of 4 px, DeiT-Ti / DeiT-S widths.
     ours("vit_cifar_tiny", || ViTConfig {
         num_classes: 10,
@@ -517,6 +601,16 @@ pub const PRESETS: &[Preset<ViTConfig>] = &[
         ..ViTConfig::timm(32, 4, 384, 12, 6)
     }),
 ];
+
+/// The small-image hybrids' CNN: timm's deep "SAME" stem of 32, 32 and 64 channels (the
+/// first convolution of stride 2) and its 3×3 stride-2 max-pool: a quarter of the image's
+/// resolution, no stages.
+fn small_stem() -> HybridBackbone {
+    HybridBackbone {
+        stem: super::hybrid::Stem::DeepSame,
+        ..HybridBackbone::resnetv2(&[])
+    }
+}
 
 /// A timm preset with timm's default ViT pretrained preprocessing: mean and std 0.5,
 /// bicubic, the shorter side resized to size / 0.9, then the center cropped (crop_pct 0.9).
@@ -627,10 +721,28 @@ impl Block {
 
 /// The whole network. Build it with [`VisionTransformer::new`] from a `VarBuilder` holding
 /// tensors in timm naming (see [`crate::weights`] and [`init_params`]).
+/// Images to patch tokens: the paper's linear patch embedding, or the hybrid's CNN and
+/// projection (both timm's `patch_embed`).
+#[derive(Debug, Clone)]
+pub enum Embed {
+    Patches(PatchEmbed),
+    Hybrid(HybridEmbed),
+}
+
+impl Embed {
+    /// (B, C, H, W) → (B, N, D).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Embed::Patches(p) => p.forward(x),
+            Embed::Hybrid(h) => h.forward(x),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct VisionTransformer {
     pub cfg: ViTConfig,
-    pub patch_embed: PatchEmbed,
+    pub patch_embed: Embed,
     pub cls_token: Option<Tensor>, // (1, 1, D)
     /// DeiT's distillation token, (1, 1, D).
     pub dist_token: Option<Tensor>,
@@ -674,14 +786,14 @@ impl VisionTransformer {
             .distilled
             .then(|| vb.get((1, 1, d), "dist_token"))
             .transpose()?;
+        let (pe, c, p) = (vb.pp("patch_embed"), cfg.in_channels, cfg.patch_size);
+        let patch_embed = match &cfg.backbone {
+            Some(bb) => Embed::Hybrid(HybridEmbed::new(bb, &pe, d, c, p)?),
+            None => Embed::Patches(PatchEmbed::new(&pe, d, c, p)?),
+        };
         Ok(VisionTransformer {
             cfg: cfg.clone(),
-            patch_embed: PatchEmbed::new(
-                &vb.pp("patch_embed"),
-                cfg.embed_dim,
-                cfg.in_channels,
-                cfg.patch_size,
-            )?,
+            patch_embed,
             cls_token,
             dist_token,
             pos_embed,
@@ -857,7 +969,8 @@ impl Architecture for ViTConfig {
         Some(Tokens {
             prefix: self.num_prefix_tokens(),
             grid: self.grid(),
-            patch_size: self.patch_size,
+            // A hybrid's token covers its feature-map cell: the image over the grid.
+            patch_size: self.image_size[0] / self.grid().0.max(1),
             learned_pos_embed: self.pos_embed == PosEmbed::Learned,
         })
     }
@@ -921,14 +1034,25 @@ pub fn sincos_2d(cfg: &ViTConfig, dev: &Device) -> Result<Tensor> {
 /// Fresh parameters as timm initialises a ViT: linear weights and the position embedding
 /// trunc-normal(0, 0.02) cut at ±2, linear biases 0, LayerNorm 1 and 0, class token
 /// normal(0, 1e-6), patch projection PyTorch's conv default (uniform ±1/√fan_in for weight
-/// and bias). Drawn from ChaCha8 seeded with `seed`, so every machine gets the same model.
+/// and bias); a hybrid's backbone as timm's ResNetV2 (convolutions He-normal by fan-out,
+/// GroupNorm 1 and 0). Drawn from ChaCha8 seeded with `seed`, so every machine gets the same model.
 pub fn init_params(cfg: &ViTConfig, seed: u64, dev: &Device) -> Result<Vec<(String, Tensor)>> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let fan_in = cfg.patch_dim() as f32;
     let mut out = Vec::new();
     for (name, shape) in cfg.param_shapes() {
         let n: usize = shape.iter().product();
-        let values: Vec<f32> = if name.starts_with("patch_embed.") {
+        let values: Vec<f32> = if name.starts_with("patch_embed.backbone.") {
+            if shape.len() == 4 {
+                let fan_out = shape[0] * shape[2] * shape[3];
+                let std = (2.0 / fan_out as f32).sqrt();
+                (0..n).map(|_| normal(&mut rng) * std).collect()
+            } else if name.ends_with(".bias") {
+                vec![0.0; n]
+            } else {
+                vec![1.0; n] // GroupNorm weight
+            }
+        } else if name.starts_with("patch_embed.") {
             let bound = 1.0 / fan_in.sqrt();
             (0..n)
                 .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * bound)
@@ -979,6 +1103,9 @@ mod tests {
             ("deit_tiny_distilled_patch16_224", 5_910_800),
             ("deit_small_distilled_patch16_224", 22_436_432),
             ("deit_base_distilled_patch16_224", 87_338_192),
+            ("vit_tiny_r_s16_p8_224", 6_337_704),
+            ("vit_small_r26_s32_224", 36_431_912),
+            ("vit_base_r50_s16_384", 98_950_952),
         ];
         for (name, n) in want {
             assert_eq!(ModelConfig::preset(name).unwrap().num_params(), n, "{name}");
@@ -1024,6 +1151,78 @@ mod tests {
         assert_eq!(g[0], ("cls_token".to_string(), 192));
         assert_eq!(g[3], ("blocks.0".to_string(), 444_864));
         assert_eq!(g.len(), 3 + 12 + 2);
+    }
+
+    #[test]
+    fn hybrids_count_flops_and_parameters_per_backbone_stage() {
+        // torch.utils.flop_counter on timm's models (224 px; 384 for the R50).
+        for (name, gflops) in [
+            ("vit_tiny_r_s16_p8_224", 0.867_363_84),
+            ("vit_small_r26_s32_224", 6.927_702_016),
+            ("vit_base_r50_s16_384", 134.311_575_552),
+        ] {
+            let c = vit_preset(name);
+            let ours = c.flops() as f64 / 1e9;
+            assert!(
+                (ours / gflops - 1.0).abs() < 1e-3,
+                "{name}: {ours} vs {gflops}"
+            );
+        }
+        let c = ModelConfig::preset("vit_base_r50_s16_384").unwrap();
+        let g = c.param_groups();
+        assert_eq!(g.iter().map(|(_, n)| n).sum::<usize>(), c.num_params());
+        let names: Vec<&str> = g.iter().map(|(n, _)| n.as_str()).take(7).collect();
+        assert_eq!(
+            names,
+            [
+                "cls_token",
+                "pos_embed",
+                "patch_embed.backbone.stem",
+                "patch_embed.backbone.stages.0",
+                "patch_embed.backbone.stages.1",
+                "patch_embed.backbone.stages.2",
+                "patch_embed"
+            ]
+        );
+        assert_eq!(vit_preset("vit_base_r50_s16_384").num_tokens(), 577);
+        let tiny = vit_preset("vit_tiny_r_s16_p8_224");
+        assert_eq!((tiny.grid(), tiny.patch_dim()), ((7, 7), 64 * 8 * 8));
+    }
+
+    #[test]
+    fn a_hybrid_whose_map_the_cells_do_not_tile_is_refused() {
+        let mut c = vit_preset("hybrid_fmnist");
+        c.patch_size = 2;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains(
+                "backbone's 7x7 feature map (of a 28x28 image) is not divisible by patch_size 2"
+            ),
+            "{e}"
+        );
+        let mut c = vit_preset("hybrid_fmnist");
+        c.backbone.as_mut().unwrap().norm_groups = 5;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("backbone: a GroupNorm over 32 channels"), "{e}");
+    }
+
+    #[test]
+    fn every_hybrid_parameter_receives_a_gradient() {
+        let cfg = ModelConfig::Vit(ViTConfig {
+            depth: 1,
+            backbone: Some(HybridBackbone {
+                layers: vec![1, 1],
+                stem_channels: 8,
+                channels: vec![16, 32],
+                norm_groups: 4,
+                ..HybridBackbone::resnetv2(&[])
+            }),
+            ..vit_preset("hybrid_fmnist")
+        });
+        let x = Tensor::randn(0f32, 1.0, (2, 1, 28, 28), &Device::Cpu).unwrap();
+        super::super::testutil::every_parameter_gets_a_gradient(&cfg, 4, &x, &[3, 7]);
+        let small = ModelConfig::preset("hybrid_fmnist").unwrap();
+        super::super::testutil::every_parameter_gets_a_gradient(&small, 5, &x, &[1, 2]);
     }
 
     #[test]
@@ -1140,11 +1339,14 @@ mod tests {
         let cfg = tiny(Pool::Cls);
         let m = init_model(&cfg, 2, &Device::Cpu).unwrap();
         let x = Tensor::randn(0f32, 1.0, (1, 2, 8, 12), &Device::Cpu).unwrap();
-        let ours = m.patch_embed.forward(&x).unwrap(); // (1, 6, 8)
+        let Embed::Patches(pe) = &m.patch_embed else {
+            panic!("a plain ViT embeds patches")
+        };
+        let ours = pe.forward(&x).unwrap(); // (1, 6, 8)
         let conv = x
-            .conv2d(&m.patch_embed.weight, 0, 4, 1, 1)
+            .conv2d(&pe.weight, 0, 4, 1, 1)
             .unwrap()
-            .broadcast_add(&m.patch_embed.bias.reshape((1, 8, 1, 1)).unwrap())
+            .broadcast_add(&pe.bias.reshape((1, 8, 1, 1)).unwrap())
             .unwrap() // (1, 8, 2, 3)
             .flatten_from(2)
             .unwrap()

@@ -423,16 +423,33 @@ fn depthwise_conv3x3_composed(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Res
 /// slices and element-wise maxima, so it records gradients (candle's own pool does not for
 /// a window larger than its stride).
 pub fn max_pool_3x3_s2_after_relu(x: &Tensor) -> Result<Tensor> {
-    let x = pool_3_2_along(x, 1)?; // (B, ⌈H/2⌉, W, C)
-    pool_3_2_along(&x, 2) // (B, ⌈H/2⌉, ⌈W/2⌉, C)
+    let x = pool_3_2_along(x, 1, |_| 1)?; // (B, ⌈H/2⌉, W, C)
+    pool_3_2_along(&x, 2, |_| 1) // (B, ⌈H/2⌉, ⌈W/2⌉, C)
 }
 
-/// out[i] = max(xp[2i], xp[2i+1], xp[2i+2]) along `dim` of the zero-padded xp.
-fn pool_3_2_along(x: &Tensor, dim: usize) -> Result<Tensor> {
+/// [`max_pool_3x3_s2_after_relu`] with TensorFlow's "SAME" padding (timm's
+/// `MaxPool2dSame`, the hybrid ViT's stem pool): the one or two padded positions split as
+/// evenly as they can, the odd one at the end, so an even side is padded only behind.
+pub fn max_pool_3x3_s2_same_after_relu(x: &Tensor) -> Result<Tensor> {
+    let front = |len: usize| same_padding(len, 3, 2).0;
+    let x = pool_3_2_along(x, 1, front)?; // (B, ⌈H/2⌉, W, C)
+    pool_3_2_along(&x, 2, front) // (B, ⌈H/2⌉, ⌈W/2⌉, C)
+}
+
+/// TensorFlow's "SAME" padding of a side of `len` for a `k`-wide window at `stride`
+/// (timm's `pad_same`): (before, after), the output ⌈len/stride⌉ long.
+pub fn same_padding(len: usize, k: usize, stride: usize) -> (usize, usize) {
+    let total = ((len.div_ceil(stride) - 1) * stride + k).saturating_sub(len);
+    (total / 2, total - total / 2)
+}
+
+/// out[i] = max(xp[2i], xp[2i+1], xp[2i+2]) along `dim` of xp, x with `front(len)` zeros in
+/// front (0 or 1) and as many behind as the last window needs.
+fn pool_3_2_along(x: &Tensor, dim: usize, front: impl Fn(usize) -> usize) -> Result<Tensor> {
     let len = x.dim(dim)?;
     let out = len.div_ceil(2);
-    // One zero in front (the padding), zeros behind up to 2·out + 2 values.
-    let xp = x.pad_with_zeros(dim, 1, 2 * out + 1 - len)?;
+    let before = front(len);
+    let xp = x.pad_with_zeros(dim, before, 2 * out + 2 - len - before)?;
     let mut pairs = xp.dims().to_vec();
     pairs[dim] = out + 1;
     pairs.insert(dim + 1, 2);
@@ -442,6 +459,40 @@ fn pool_3_2_along(x: &Tensor, dim: usize) -> Result<Tensor> {
     let first = even.narrow(dim, 0, out)?;
     let next = even.narrow(dim, 1, out)?;
     Ok(first.maximum(&odd.narrow(dim, 0, out)?)?.maximum(&next)?)
+}
+
+/// Group normalisation (PyTorch's `GroupNorm`) of channels-last x (B, H, W, C): the C
+/// channels in `groups` consecutive groups, each image's group normalised by the mean and
+/// biased variance of its H·W·C/G values, then each channel scaled and shifted by weight
+/// and bias (C,). Fused kernel on the CPU in f32 (`ops/cpu/group_norm.rs`), composed candle
+/// ops elsewhere.
+pub fn group_norm_nhwc(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: usize,
+    eps: f64,
+) -> Result<Tensor> {
+    group_norm_composed(x, weight, bias, groups, eps)
+}
+
+/// [`group_norm_nhwc`] from candle ops: any device and dtype.
+fn group_norm_composed(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: usize,
+    eps: f64,
+) -> Result<Tensor> {
+    let (b, h, w, c) = x.dims4()?;
+    let xg = x.reshape((b, h * w, groups, c / groups))?; // (B, HW, G, C/G)
+    let mean = xg.mean_keepdim((1, 3))?; // (B, 1, G, 1)
+    let centred = xg.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim((1, 3))?; // biased
+    let y = centred
+        .broadcast_div(&(var + eps)?.sqrt()?)?
+        .reshape((b, h, w, c))?;
+    Ok(y.broadcast_mul(weight)?.broadcast_add(bias)?)
 }
 
 /// 2-D convolution (B, C_in, H, W) * (C_out, C_in, k, k) → (B, C_out, H', W') with zero

@@ -139,7 +139,7 @@ pub fn to_hf_names(timm: &HashMap<String, Tensor>) -> Result<HashMap<String, Ten
             "head.bias" => "classifier.bias",
             other => {
                 return Err(Error::Invalid(format!(
-                    "tensor {other} has no name in HuggingFace's ViT (which has no fc_norm and no DeiT distillation token)"
+                    "tensor {other} has no name in HuggingFace's ViT (which has no fc_norm, no DeiT distillation token and no hybrid backbone)"
                 )))
             }
         };
@@ -271,6 +271,13 @@ pub fn hf_config_json(cfg: &ViTConfig, class_names: Option<&[String]>) -> Result
     if cfg.fc_norm || !cfg.class_token || cfg.norm != NormPlacement::Pre {
         return Err(Error::Invalid(
             "HuggingFace's ViT has only pre-norm, class-token models without fc_norm".into(),
+        ));
+    }
+    if cfg.backbone.is_some() {
+        return Err(Error::Invalid(
+            "a hybrid ViT has no HuggingFace ViT naming (transformers' ViTHybrid is another \
+             model): keep timm's names"
+                .into(),
         ));
     }
     let labels: Vec<String> = match class_names {
