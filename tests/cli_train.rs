@@ -1335,3 +1335,97 @@ fn a_pvt_trains_resumes_exactly_and_draws_its_reduced_key_attention() {
     assert!(out.contains("local_attention_block1.png"), "{out}");
     rollout_is_refused(&ck, &image, &attn, "pvt");
 }
+
+#[test]
+fn a_hybrid_vit_trains_resumes_exactly_fine_tunes_from_timm_weights_and_draws_attention() {
+    // A tiny hybrid: the deep stem (8, 8, 16 channels) and one bottleneck stage on a 28x28
+    // image, a 7x7 map of 1x1 cells, then two blocks.
+    let (dir, recipe) = setup_model(
+        "epochs = 2\nval_size = 50\n",
+        "patch_size = 1\nembed_dim = 16\ndepth = 2\nnum_heads = 2\nmlp_ratio = 2.0\n\n\
+         [model.backbone]\nstem = \"deep_same\"\nstem_channels = 16\nlayers = [1]\n\
+         channels = [32]\nnorm_groups = 4\n",
+    );
+    let (full, _) = resumed_equals_uninterrupted(dir.path(), &recipe);
+    let ck = full.join("checkpoint-last.safetensors");
+    let data = dir.path().join("data");
+    let eval = ok(&["eval", "--checkpoint", p(&ck), "--data-dir", p(&data)]);
+    assert!(eval.contains("100 images: accuracy"), "{eval}");
+    let info = ok(&["info", "--config", p(&recipe)]);
+    assert!(
+        info.contains("patch_embed.backbone.stages.0") && info.contains("stage 0 (1 bottlenecks)"),
+        "{info}"
+    );
+
+    // timm's weights (the parity fixture: the deep stem in 2x2 cells, 4 classes) fine-tuned
+    // on a 3-class folder: a new head, the backbone and blocks loaded.
+    let imgs = dir.path().join("imgs");
+    gray_folder(&imgs, 3, 8);
+    let ft_recipe = dir.path().join("ft.toml");
+    let timm_cfg = std::fs::read_to_string(common::fixture("hybrid_tiny/deep.json")).unwrap();
+    let model: toml::Value = serde_json::from_str(&timm_cfg).unwrap();
+    // `[model]` with its `[model.backbone]` table.
+    let model = toml::Value::Table([("model".to_string(), model)].into_iter().collect());
+    let ft_text = format!(
+        "dataset = \"folder:{}\"\nbatch_size = 7\nval_size = 3\nepochs = 1\n\n{}",
+        imgs.display(),
+        toml::to_string(&model).unwrap()
+    );
+    std::fs::write(&ft_recipe, ft_text).unwrap();
+    let ft = dir.path().join("ft");
+    let init = common::fixture("hybrid_tiny/deep.safetensors");
+    let out = vit(&[
+        "train",
+        "--config",
+        p(&ft_recipe),
+        "--init",
+        p(&init),
+        "--out",
+        p(&ft),
+        "--quiet",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("head dropped: the checkpoint has 4 classes, the config 3"),
+        "{err}"
+    );
+    let image = imgs.join("test/c2/0.png");
+    let ft_ck = ft.join("checkpoint-last.safetensors");
+    let pred = ok(&["predict", "--weights", p(&ft_ck), p(&image)]);
+    assert!(pred.contains("1. "), "{pred}");
+    // At twice the resolution the feature map doubles and the position embedding follows.
+    let big = ok(&[
+        "predict",
+        "--weights",
+        p(&ck),
+        p(&image),
+        "--img-size",
+        "56",
+    ]);
+    assert!(big.contains("1. "), "{big}");
+    // An image size whose map the 2x2 cells do not tile: one line saying so.
+    let e = fails(&[
+        "predict",
+        "--weights",
+        p(&ft_ck),
+        p(&image),
+        "--img-size",
+        "36",
+    ]);
+    assert!(e.contains("not divisible by patch_size 2"), "{e}");
+
+    // Its tokens are one set, so attention maps and rollout apply as in a plain ViT.
+    let attn = dir.path().join("attn");
+    let out = ok(&[
+        "attention",
+        "--weights",
+        p(&ck),
+        p(&image),
+        "--out",
+        p(&attn),
+        "--method",
+        "rollout",
+    ]);
+    assert!(out.contains("rollout"), "{out}");
+}

@@ -473,6 +473,9 @@ pub fn group_norm_nhwc(
     groups: usize,
     eps: f64,
 ) -> Result<Tensor> {
+    if cpu::eligible(x) && cpu::eligible(weight) && cpu::eligible(bias) {
+        return Ok(cpu::group_norm(x, weight, bias, groups, eps)?);
+    }
     group_norm_composed(x, weight, bias, groups, eps)
 }
 

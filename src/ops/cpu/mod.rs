@@ -8,7 +8,7 @@
 //! shape, never on the thread count, and reductions over rows (LayerNorm's dweight/dbias) add
 //! the per-block partial sums in block order: results are bit-for-bit reproducible.
 //!
-//! One file per kernel (`add`, `attention`, `batch_norm`, `conv`, `cross_entropy`, `depthwise`, `gelu`, `layer_norm`,
+//! One file per kernel (`add`, `attention`, `batch_norm`, `conv`, `cross_entropy`, `depthwise`, `gelu`, `group_norm`, `layer_norm`,
 //! `linear`, `relu`, `softmax`); what they share: `par` (parallel blocks and output buffers),
 //! `simd` (the instruction-set dispatch), `math` (lane reductions, `exp`), `storage` (f32
 //! slices of candle data), `settings` (the `VIT_*` environment switches, read once),
@@ -35,6 +35,7 @@ mod cross_entropy;
 mod depthwise;
 mod gelu;
 mod gemm;
+mod group_norm;
 mod layer_norm;
 mod linear;
 mod math;
@@ -59,6 +60,7 @@ pub(crate) use cross_entropy::cross_entropy;
 pub(crate) use depthwise::depthwise_conv3x3;
 pub(crate) use gelu::gelu;
 pub(crate) use gemm::provider as matmul_provider;
+pub(crate) use group_norm::group_norm;
 pub(crate) use layer_norm::layer_norm;
 pub(crate) use linear::{linear, Activation, PackedWeight};
 pub(crate) use relu::{add_relu, relu};
