@@ -1404,6 +1404,27 @@ fn a_hybrid_vit_trains_resumes_exactly_fine_tunes_from_timm_weights_and_draws_at
         "56",
     ]);
     assert!(big.contains("1. "), "{big}");
+    // A hybrid's checkpoint under a plain ViT's preset, and a plain one under a hybrid's:
+    // one line naming the mismatch.
+    let e = fails(&[
+        "predict",
+        "--weights",
+        p(&ck),
+        p(&image),
+        "--preset",
+        "vit_fmnist",
+    ]);
+    assert!(e.contains("the checkpoint is a hybrid ViT"), "{e}");
+    let plain = common::fixture("timm_tiny/model.safetensors");
+    let e = fails(&[
+        "predict",
+        "--weights",
+        p(&plain),
+        p(&image),
+        "--preset",
+        "hybrid_fmnist",
+    ]);
+    assert!(e.contains("the config is a hybrid ViT"), "{e}");
     // An image size whose map the 2x2 cells do not tile: one line saying so.
     let e = fails(&[
         "predict",

@@ -242,6 +242,22 @@ impl Checkpoint {
                     .into()
             }));
         }
+        // Likewise a hybrid ViT's checkpoint for a plain ViT's config, or the reverse, would
+        // fail on the patch projection's shape.
+        let is_backbone = |n: &String| n.starts_with("patch_embed.backbone.");
+        let wants_backbone = cfg.as_vit().is_some_and(|v| v.backbone.is_some());
+        let has_backbone = tensors.keys().any(is_backbone);
+        if cfg.as_vit().is_some() && has_backbone != wants_backbone {
+            return Err(err(if wants_backbone {
+                "the config is a hybrid ViT (a backbone) but the checkpoint has no \
+                 patch_embed.backbone tensors: use a plain ViT preset or config"
+                    .into()
+            } else {
+                "the checkpoint is a hybrid ViT (it has patch_embed.backbone tensors): use a \
+                 hybrid preset (vit_*_r*, hybrid_*) or a [model.backbone] table in the config"
+                    .into()
+            }));
+        }
 
         // A position embedding of another grid is resampled to the config's grid, once
         // everything else is known to fit: the resampled one is as large as the config
