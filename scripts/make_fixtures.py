@@ -44,12 +44,18 @@ each fixture contains:
                    presets' deep stem alone, 2x2 cells of its map); eval logits/features/
                    the backbone's feature map, one training pass with every parameter's
                    gradient, and timm's state-dict key order
+  jax_tiny/        small random ViTs written in the layout of google-research/vision_transformer's
+                   .npz checkpoints (stored; `stem` and `r` deflated, as np.savez_compressed)
+                   and read back by timm's own `_load_weights` (which must give the original
+                   weights): `vit` (a plain ViT under the `opt/target/` prefix),
+                   `stem` (the stem-only hybrid), `r` (ResNetV2 stages; with our config, as
+                   GroupNorm's group count is not in the archive), each with timm's logits
   timm_param_counts.json  parameter counts of standard timm ViTs, DeiTs, ResNets, Swins, PVTs,
                    hybrid ViTs (num_classes=1000)
 
 `scripts/make_fixtures.py NAME...` remakes only the named parts (timm_tiny, timm_meanpool,
 hf_tiny+predict, grad_tiny, imagenet_classes, deit_tiny, cnn_simple, resnet_tiny,
-swin_tiny, pvt_tiny, hybrid_tiny, param_counts).
+swin_tiny, pvt_tiny, hybrid_tiny, jax_tiny, param_counts).
 
 All parameters are perturbed after construction (LayerNorm weights 1 + 0.1*randn,
 biases 0.02*randn, other tensors get noise) so that no weight is trivially 0 or 1.
@@ -473,6 +479,110 @@ def make_hybrid_tiny():
                 torch.randn(2, 1, 32, 24))
 
 
+# ------------------------------------------------------------------- A8. jax_tiny
+def jax_arrays(model, prefix=""):
+    """A timm ViT (plain or hybrid) in the layout of google-research/vision_transformer's .npz:
+    the inverse of timm's `_load_weights`."""
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    conv = lambda w: w.transpose(2, 3, 1, 0)  # noqa: E731  OIHW -> HWIO
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("patch_embed.backbone."):
+            rest = k[len("patch_embed.backbone."):]
+            rest = rest[len("stem."):] if rest.startswith("stem.") else rest
+            parts = rest.split(".")
+            if parts[0] in ("conv", "norm"):
+                name = {"conv.weight": "conv_root/kernel", "norm.weight": "gn_root/scale",
+                        "norm.bias": "gn_root/bias"}[rest]
+            else:  # stages.S.blocks.B.(conv1|norm1|downsample.conv|...).(weight|bias)
+                s, b = int(parts[1]), int(parts[3])
+                mod = ".".join(parts[4:-1])
+                mod = {"downsample.conv": "conv_proj", "downsample.norm": "gn_proj"}.get(
+                    mod, mod.replace("norm", "gn"))
+                leaf = {"weight": "kernel" if mod.startswith("conv") else "scale",
+                        "bias": "bias"}[parts[-1]]
+                name = f"block{s + 1}/unit{b + 1}/{mod}/{leaf}"
+            out[prefix + name] = conv(v) if v.ndim == 4 else v
+    out[prefix + "embedding/kernel"] = conv(sd["patch_embed.proj.weight"])
+    out[prefix + "embedding/bias"] = sd["patch_embed.proj.bias"]
+    out[prefix + "cls"] = sd["cls_token"]
+    out[prefix + "Transformer/posembed_input/pos_embedding"] = sd["pos_embed"]
+    out[prefix + "Transformer/encoder_norm/scale"] = sd["norm.weight"]
+    out[prefix + "Transformer/encoder_norm/bias"] = sd["norm.bias"]
+    out[prefix + "head/kernel"] = sd["head.weight"].T
+    out[prefix + "head/bias"] = sd["head.bias"]
+    d = sd["cls_token"].shape[-1]
+    for i, blk in enumerate(model.blocks):
+        heads = blk.attn.num_heads
+        p = f"{prefix}Transformer/encoderblock_{i}/"
+        mha = p + "MultiHeadDotProductAttention_1/"
+        g = lambda n: sd[f"blocks.{i}.{n}"]  # noqa: E731
+        out[p + "LayerNorm_0/scale"], out[p + "LayerNorm_0/bias"] = g("norm1.weight"), g("norm1.bias")
+        out[p + "LayerNorm_2/scale"], out[p + "LayerNorm_2/bias"] = g("norm2.weight"), g("norm2.bias")
+        w, bias = g("attn.qkv.weight"), g("attn.qkv.bias")
+        for j, part in enumerate(("query", "key", "value")):
+            out[mha + part + "/kernel"] = w[j * d:(j + 1) * d].T.reshape(d, heads, d // heads)
+            out[mha + part + "/bias"] = bias[j * d:(j + 1) * d].reshape(heads, d // heads)
+        out[mha + "out/kernel"] = g("attn.proj.weight").reshape(d, heads, d // heads).transpose(1, 2, 0)
+        out[mha + "out/bias"] = g("attn.proj.bias")
+        for r in range(2):
+            out[p + f"MlpBlock_3/Dense_{r}/kernel"] = g(f"mlp.fc{r + 1}.weight").T
+            out[p + f"MlpBlock_3/Dense_{r}/bias"] = g(f"mlp.fc{r + 1}.bias")
+    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+
+
+def jax_case(d, tag, make, cfg, x, prefix="", compressed=False):
+    """`{tag}.npz` in the JAX layout (written by np.savez, or np.savez_compressed), read back by timm's own `_load_weights` into a fresh model
+    (which must equal the original), and that model's logits."""
+    from timm.models.vision_transformer import _load_weights
+    model = make()
+    perturb(model)
+    path = os.path.join(d, f"{tag}.npz")
+    (np.savez_compressed if compressed else np.savez)(path, **jax_arrays(model, prefix))
+    loaded = make()
+    _load_weights(loaded, path)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    loaded.eval()
+    with torch.no_grad():
+        save({"input": x, "logits": loaded(x)}, os.path.join(d, f"{tag}_expected.safetensors"))
+    if cfg is not None:
+        write_json(cfg, os.path.join(d, f"{tag}.json"))
+
+
+def make_jax_tiny():
+    from functools import partial
+    from timm.layers import GroupNormAct, HybridEmbed, StdConv2dSame
+    from timm.models.resnetv2 import ResNetV2, create_resnetv2_stem
+    d = out_dir("jax_tiny")
+    conv = partial(StdConv2dSame, eps=1e-8)
+    # A plain ViT whose config the archive alone gives (patch 4 on 16 px, 2 blocks, 2 heads).
+    seed(20)
+    jax_case(d, "vit", lambda: VisionTransformer(
+        img_size=16, patch_size=4, num_classes=5, embed_dim=16, depth=2, num_heads=2,
+        mlp_ratio=2.0), None, torch.randn(1, 3, 16, 16), prefix="opt/target/")
+    # The stem-only hybrid (32 channels, GroupNorm's 32 groups), 2x2 cells: also self-describing.
+    seed(21)
+    jax_case(d, "stem", lambda: VisionTransformer(
+        img_size=16, patch_size=2, num_classes=4, embed_dim=16, depth=1, num_heads=2,
+        embed_layer=partial(HybridEmbed, backbone=create_resnetv2_stem(
+            3, 32, stem_type="same", preact=False, conv_layer=conv))), None,
+        torch.randn(1, 3, 16, 16), compressed=True)
+    # ResNetV2 stages at small widths (GroupNorm of 4 groups, which the archive cannot say:
+    # read with our config).
+    seed(22)
+    bb = dict(layers=[1, 2], stem="same", stem_channels=8, channels=[16, 32], norm_groups=4)
+    jax_case(d, "r", lambda: VisionTransformer(
+        img_size=16, patch_size=1, num_classes=3, embed_dim=16, depth=1, num_heads=2,
+        embed_layer=partial(HybridEmbed, backbone=ResNetV2(
+            layers=(1, 2), channels=(16, 32), stem_chs=8, stem_type="same", preact=False,
+            conv_layer=conv, norm_layer=partial(GroupNormAct, num_groups=4), num_classes=0,
+            global_pool=""))),
+        dict(arch="vit", image_size=[16, 16], patch_size=1, num_classes=3, embed_dim=16,
+             depth=1, num_heads=2, backbone=bb),
+        torch.randn(1, 3, 16, 16), compressed=True)
+
+
 # ------------------------------------------------------------ B. timm_meanpool
 def make_timm_meanpool():
     seed(2)
@@ -678,6 +788,8 @@ def main():
         make_pvt_tiny()
     if run("hybrid_tiny"):
         make_hybrid_tiny()
+    if run("jax_tiny"):
+        make_jax_tiny()
     if run("param_counts"):
         print("timm parameter counts (num_classes=1000):")
         param_counts()
@@ -688,7 +800,7 @@ def main():
             total += size
             print(f"  {os.path.relpath(os.path.join(dirpath, f), ROOT):55s} {size:>9,d} B")
     print(f"fixtures total {total:,d} B")
-    assert total < 3_400_000
+    assert total < 3_500_000
 
 
 if __name__ == "__main__":

@@ -304,3 +304,44 @@ fn convert_and_eval_create_missing_output_folders() {
     assert_eq!(v["images"].as_u64().unwrap(), 20);
     assert!(out.join("confusion.png").exists());
 }
+
+/// The paper's `.npz` checkpoints: predicted from, and converted to timm's safetensors, with
+/// no preset (the archive gives the model); damaged archives give one line each.
+#[test]
+fn jax_npz_checkpoints_predict_and_convert_without_a_preset() {
+    let tmp = tempfile::tempdir().unwrap();
+    let npz = fixture("jax_tiny/vit.npz");
+    let image = fixture("predict/image_rgb.png");
+    let direct = ok(&["predict", p(&image), "--weights", p(&npz), "--logits"]);
+    assert!(direct.contains("1. "), "{direct}");
+    let timm = tmp.path().join("vit.safetensors");
+    ok(&["convert", p(&npz), p(&timm)]);
+    let converted = ok(&["predict", p(&image), "--weights", p(&timm), "--logits"]);
+    assert_eq!(direct.replace(p(&npz), ""), converted.replace(p(&timm), ""));
+
+    // Cut short, not a zip at all, and a zip of something else.
+    let bytes = std::fs::read(&npz).unwrap();
+    let cut = tmp.path().join("cut.npz");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let text = tmp.path().join("text.npz");
+    std::fs::write(&text, "not an archive").unwrap();
+    let other = tmp.path().join("other.npz");
+    {
+        let f = std::fs::File::create(&other).unwrap();
+        let mut z = zip::ZipWriter::new(f);
+        let opts = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored);
+        z.start_file("x.npy", opts).unwrap();
+        std::io::Write::write_all(&mut z, b"\x93NUMPY\x01\x00").unwrap();
+        z.finish().unwrap();
+    }
+    for (bad, why) in [
+        (&cut, "not a readable .npz (zip) archive"),
+        (&text, "not a readable .npz (zip) archive"),
+        (&other, "array x: not a .npy array"),
+    ] {
+        let e = fails(&["predict", p(&image), "--weights", p(bad)]);
+        assert!(e.starts_with("error: ") && e.contains(why), "{e}");
+        assert_eq!(e.trim_end().lines().count(), 1, "{e}");
+    }
+}

@@ -1,8 +1,10 @@
 //! Checkpoints: safetensors in timm naming (ours, self-describing through metadata) and in
-//! HuggingFace naming (with `config.json` beside), both directions; fitting a checkpoint to
+//! HuggingFace naming (with `config.json` beside), both directions; the paper's JAX `.npz`
+//! (`npz.rs`), read; fitting a checkpoint to
 //! a config (position-embedding resampling, head replacement). `weights` never builds layers.
 
 mod hf;
+mod npz;
 pub mod resample;
 
 use std::collections::HashMap;
@@ -31,6 +33,8 @@ pub enum Naming {
     Timm,
     /// HuggingFace `ViTModel` / `ViTForImageClassification`.
     Hf,
+    /// The original JAX/Flax `.npz` of google-research/vision_transformer.
+    Jax,
 }
 
 /// A loaded checkpoint: model tensors renamed to timm naming, plus what it says about itself.
@@ -82,6 +86,9 @@ impl Checkpoint {
     /// Reads a safetensors checkpoint; recognises timm and HF naming. Corrupt or truncated
     /// files are errors naming the file.
     pub fn load(path: &Path) -> Result<Self> {
+        if npz::is_npz(path) {
+            return npz::load(path);
+        }
         let bytes = read_safetensors(path).map_err(|e| as_checkpoint_error(e, path))?;
         Self::from_bytes(&bytes, path)
     }
