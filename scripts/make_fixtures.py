@@ -343,11 +343,11 @@ def make_resnet_tiny():
 
 
 # ------------------------------------------------------------------ A5. swin_tiny
-def swin_case(d, tag, model, cfg, x):
-    """(Swin and PVT.) Weights and config as `{tag}.safetensors` / `{tag}.json`, timm's state-dict keys in
-    order as `{tag}_keys.json`; eval outputs (logits, NHWC features, NCHW stage outputs),
-    then one training-mode pass (no dropout, no drop-path) with every parameter's gradient
-    in `{tag}_expected.safetensors`."""
+def timm_case(d, tag, model, cfg, x, eval_extra):
+    """Weights and config as `{tag}.safetensors` / `{tag}.json`, timm's state-dict keys in
+    order as `{tag}_keys.json`; eval outputs (logits, features, and what `eval_extra(model, x)`
+    adds), then one training-mode pass (no dropout, no drop-path) with every parameter's
+    gradient in `{tag}_expected.safetensors`."""
     perturb(model)
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     save(sd, os.path.join(d, f"{tag}.safetensors"))
@@ -357,9 +357,7 @@ def swin_case(d, tag, model, cfg, x):
     with torch.no_grad():
         feats = model.forward_features(x)
         exp = {"input": x, "logits": model.forward_head(feats), "features": feats}
-        _, levels = model.forward_intermediates(x)
-        for i, t in enumerate(levels):
-            exp[f"level{i}"] = t
+        exp.update(eval_extra(model, x))
     model.train()
     y = torch.arange(x.shape[0]) % cfg["num_classes"]
     logits = model(x)
@@ -370,6 +368,12 @@ def swin_case(d, tag, model, cfg, x):
     for name, p in model.named_parameters():
         exp[f"grad.{name}"] = p.grad
     save(exp, os.path.join(d, f"{tag}_expected.safetensors"))
+
+
+def swin_case(d, tag, model, cfg, x):
+    """(Swin and PVT.) `timm_case` with the NCHW stage outputs as `level{i}`."""
+    timm_case(d, tag, model, cfg, x,
+              lambda m, x: {f"level{i}": t for i, t in enumerate(m.forward_intermediates(x)[1])})
 
 
 def make_swin_tiny():
@@ -415,28 +419,8 @@ def make_pvt_tiny():
 
 # ---------------------------------------------------------------- A7. hybrid_tiny
 def hybrid_case(d, tag, model, cfg, x):
-    """A hybrid ViT as `swin_case` saves Swin and PVT, with the backbone's feature map
-    (NCHW) as `feature_map` instead of stage outputs."""
-    perturb(model)
-    sd = {k: v.clone() for k, v in model.state_dict().items()}
-    save(sd, os.path.join(d, f"{tag}.safetensors"))
-    write_json(list(sd.keys()), os.path.join(d, f"{tag}_keys.json"))
-    write_json(cfg, os.path.join(d, f"{tag}.json"))
-    model.eval()
-    with torch.no_grad():
-        feats = model.forward_features(x)
-        exp = {"input": x, "logits": model.forward_head(feats), "features": feats,
-               "feature_map": model.patch_embed.backbone(x)}
-    model.train()
-    y = torch.arange(x.shape[0]) % cfg["num_classes"]
-    logits = model(x)
-    loss = F.cross_entropy(logits, y)
-    loss.backward()
-    exp.update({"labels": y.to(torch.int64), "train_logits": logits.detach(),
-                "train_loss": loss.detach().reshape(1)})
-    for name, p in model.named_parameters():
-        exp[f"grad.{name}"] = p.grad
-    save(exp, os.path.join(d, f"{tag}_expected.safetensors"))
+    """A hybrid ViT: `timm_case` with the backbone's feature map (NCHW) as `feature_map`."""
+    timm_case(d, tag, model, cfg, x, lambda m, x: {"feature_map": m.patch_embed.backbone(x)})
 
 
 def make_hybrid_tiny():

@@ -1216,6 +1216,46 @@ fn rollout_is_refused(ck: &Path, image: &Path, out: &Path, arch: &str) {
     );
 }
 
+/// Fine-tunes a timm parity fixture (`{fixture}.json` and `.safetensors`, a model of
+/// `classes` classes) on a 3-class folder of gray images with `--init` for one epoch, and
+/// checks that it says its `head` was replaced. Returns a test image of the folder and the
+/// run's last checkpoint.
+fn fine_tune_fixture(root: &Path, fixture: &str, head: &str, classes: usize) -> (PathBuf, PathBuf) {
+    let imgs = root.join("imgs");
+    gray_folder(&imgs, 3, 8);
+    let cfg = std::fs::read_to_string(common::fixture(&format!("{fixture}.json"))).unwrap();
+    let model: toml::Value = serde_json::from_str(&cfg).unwrap();
+    // `[model]`, with any table of its own (`[model.backbone]`).
+    let model = toml::Value::Table([("model".to_string(), model)].into_iter().collect());
+    let recipe = root.join("ft.toml");
+    let text = format!(
+        "dataset = \"folder:{}\"\nbatch_size = 7\nval_size = 3\nepochs = 1\n\n{}",
+        imgs.display(),
+        toml::to_string(&model).unwrap()
+    );
+    std::fs::write(&recipe, text).unwrap();
+    let ft = root.join("ft");
+    let init = common::fixture(&format!("{fixture}.safetensors"));
+    let out = vit(&[
+        "train",
+        "--config",
+        p(&recipe),
+        "--init",
+        p(&init),
+        "--out",
+        p(&ft),
+        "--quiet",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let replaced = format!("{head} dropped: the checkpoint has {classes} classes, the config 3");
+    assert!(err.contains(&replaced), "{err}");
+    (
+        imgs.join("test/c2/0.png"),
+        ft.join("checkpoint-last.safetensors"),
+    )
+}
+
 #[test]
 fn a_swin_trains_resumes_exactly_and_fine_tunes_from_timm_weights() {
     // A tiny Swin: a 14x14 map in 7x7 windows (shifted in the second block), then 7x7.
@@ -1232,37 +1272,7 @@ fn a_swin_trains_resumes_exactly_and_fine_tunes_from_timm_weights() {
 
     // timm's weights (the parity fixture, 10 classes) fine-tuned on a 3-class folder: a
     // new head.fc, the rest loaded.
-    let imgs = dir.path().join("imgs");
-    gray_folder(&imgs, 3, 8);
-    let ft_recipe = dir.path().join("ft.toml");
-    let timm_cfg = std::fs::read_to_string(common::fixture("swin_tiny/fmnist.json")).unwrap();
-    let model: toml::Value = serde_json::from_str(&timm_cfg).unwrap();
-    let ft_text = format!(
-        "dataset = \"folder:{}\"\nbatch_size = 7\nval_size = 3\nepochs = 1\n\n[model]\n{}",
-        imgs.display(),
-        toml::to_string(&model).unwrap()
-    );
-    std::fs::write(&ft_recipe, ft_text).unwrap();
-    let ft = dir.path().join("ft");
-    let init = common::fixture("swin_tiny/fmnist.safetensors");
-    let out = vit(&[
-        "train",
-        "--config",
-        p(&ft_recipe),
-        "--init",
-        p(&init),
-        "--out",
-        p(&ft),
-        "--quiet",
-    ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
-    assert!(
-        err.contains("head.fc dropped: the checkpoint has 10 classes, the config 3"),
-        "{err}"
-    );
-    let image = imgs.join("test/c2/0.png");
-    let ft_ck = ft.join("checkpoint-last.safetensors");
+    let (image, ft_ck) = fine_tune_fixture(dir.path(), "swin_tiny/fmnist", "head.fc", 10);
     let pred = ok(&["predict", "--weights", p(&ft_ck), p(&image)]);
     assert!(pred.contains("1. "), "{pred}");
     // At 8 px the first stage's 4x4 map shrinks the window (and its bias table): refused,
@@ -1359,39 +1369,7 @@ fn a_hybrid_vit_trains_resumes_exactly_fine_tunes_from_timm_weights_and_draws_at
 
     // timm's weights (the parity fixture: the deep stem in 2x2 cells, 4 classes) fine-tuned
     // on a 3-class folder: a new head, the backbone and blocks loaded.
-    let imgs = dir.path().join("imgs");
-    gray_folder(&imgs, 3, 8);
-    let ft_recipe = dir.path().join("ft.toml");
-    let timm_cfg = std::fs::read_to_string(common::fixture("hybrid_tiny/deep.json")).unwrap();
-    let model: toml::Value = serde_json::from_str(&timm_cfg).unwrap();
-    // `[model]` with its `[model.backbone]` table.
-    let model = toml::Value::Table([("model".to_string(), model)].into_iter().collect());
-    let ft_text = format!(
-        "dataset = \"folder:{}\"\nbatch_size = 7\nval_size = 3\nepochs = 1\n\n{}",
-        imgs.display(),
-        toml::to_string(&model).unwrap()
-    );
-    std::fs::write(&ft_recipe, ft_text).unwrap();
-    let ft = dir.path().join("ft");
-    let init = common::fixture("hybrid_tiny/deep.safetensors");
-    let out = vit(&[
-        "train",
-        "--config",
-        p(&ft_recipe),
-        "--init",
-        p(&init),
-        "--out",
-        p(&ft),
-        "--quiet",
-    ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
-    assert!(
-        err.contains("head dropped: the checkpoint has 4 classes, the config 3"),
-        "{err}"
-    );
-    let image = imgs.join("test/c2/0.png");
-    let ft_ck = ft.join("checkpoint-last.safetensors");
+    let (image, ft_ck) = fine_tune_fixture(dir.path(), "hybrid_tiny/deep", "head", 4);
     let pred = ok(&["predict", "--weights", p(&ft_ck), p(&image)]);
     assert!(pred.contains("1. "), "{pred}");
     // At twice the resolution the feature map doubles and the position embedding follows.

@@ -317,17 +317,6 @@ mod tests {
             rand(&[64], 1.0, 3),
         ];
         let cot = cotangent(&[6, 20, 20, 64], 4);
-        let on = |threads: usize| {
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap()
-                .install(|| value_and_grads(fused(32), &inp, &cot))
-        };
-        let ((y1, g1), (y3, g3)) = (on(1), on(3));
-        assert_eq!(flat(&y1), flat(&y3));
-        for j in 0..3 {
-            assert_eq!(flat(&g1[j]), flat(&g3[j]));
-        }
+        assert_thread_count_free(fused(32), &inp, &cot);
     }
 }

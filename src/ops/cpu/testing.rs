@@ -104,6 +104,27 @@ pub fn finite_diff(f: impl Fn(&[Tensor]) -> Tensor, inputs: &[Tensor], c: &Tenso
         .collect()
 }
 
+/// Asserts that `f`'s value and gradients ([`value_and_grads`]) are the same bits on a pool
+/// of one thread as on one of three: blocks of work, not threads, split the sums.
+pub fn assert_thread_count_free(
+    f: impl Fn(&[Tensor]) -> Tensor + Sync,
+    inputs: &[Tensor],
+    c: &Tensor,
+) {
+    let on = |threads: usize| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(|| value_and_grads(&f, inputs, c))
+    };
+    let ((y1, g1), (y3, g3)) = (on(1), on(3));
+    assert_eq!(flat(&y1), flat(&y3));
+    for (a, b) in g1.iter().zip(&g3) {
+        assert_eq!(flat(a), flat(b));
+    }
+}
+
 /// Shapes with odd row counts and widths, including 1.
 pub const SHAPES: &[&[usize]] = &[
     &[1, 1],
