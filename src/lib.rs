@@ -3,7 +3,7 @@
 //! Layers, bottom up: [`ops`] (differentiable kernels), [`models`] (the architectures, their
 //! configs and presets), [`weights`] (checkpoints), [`data`] (datasets), [`predict`]
 //! (checkpoint to model, inference on image files), [`train`], [`viz`] (pictures),
-//! [`explain`] (what the model sees), [`bench`] (timing).
+//! [`explain`] (what the model sees), [`onnx`] (export), [`bench`] (timing).
 //! The `vit` binary only parses arguments and prints.
 //!
 //! Unsafe code is confined by the compiler: it is denied here, for the whole crate, and
@@ -20,6 +20,7 @@ pub mod error;
 pub mod explain;
 pub mod files;
 pub mod models;
+pub mod onnx;
 pub mod ops;
 pub mod predict;
 #[allow(unsafe_code)] // libc::mallopt

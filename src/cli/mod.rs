@@ -17,6 +17,7 @@ mod bench;
 mod compare;
 mod convert;
 mod eval;
+mod export;
 mod info;
 mod patches;
 mod pos_embed;
@@ -44,6 +45,8 @@ enum Command {
     Predict(predict::PredictArgs),
     /// Rewrite a checkpoint in timm or HuggingFace naming.
     Convert(convert::ConvertArgs),
+    /// Write a checkpoint's model as an ONNX file (for ONNX Runtime, TensorRT, OpenVINO, ...).
+    Export(export::ExportArgs),
     /// Train a ViT (the default recipe: Fashion-MNIST with vit_fmnist).
     Train(Box<train::TrainArgs>),
     /// Evaluate a checkpoint on a dataset's test split.
@@ -67,6 +70,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Info(a) => info::run(a),
         Command::Predict(a) => predict::run(a),
         Command::Convert(a) => convert::run(a),
+        Command::Export(a) => export::run(a),
         Command::Train(a) => train::run(*a),
         Command::Eval(a) => eval::run(a),
         Command::Compare(a) => compare::run(a),
