@@ -50,12 +50,15 @@ each fixture contains:
                    weights): `vit` (a plain ViT under the `opt/target/` prefix),
                    `stem` (the stem-only hybrid), `r` (ResNetV2 stages; with our config, as
                    GroupNorm's group count is not in the archive), each with timm's logits
+  timm_hub/        a folder as timm's save_for_hf and the Hub's timm/* repos lay it out (a ViT with
+                   model_args, pretrained_cfg and label_names in config.json), with the logits of
+                   the model timm builds from the folder
   timm_param_counts.json  parameter counts of standard timm ViTs, DeiTs, ResNets, Swins, PVTs,
                    hybrid ViTs (num_classes=1000)
 
 `scripts/make_fixtures.py NAME...` remakes only the named parts (timm_tiny, timm_meanpool,
 hf_tiny+predict, grad_tiny, imagenet_classes, deit_tiny, cnn_simple, resnet_tiny,
-swin_tiny, pvt_tiny, hybrid_tiny, jax_tiny, param_counts).
+swin_tiny, pvt_tiny, hybrid_tiny, jax_tiny, timm_hub, param_counts).
 
 All parameters are perturbed after construction (LayerNorm weights 1 + 0.1*randn,
 biases 0.02*randn, other tensors get noise) so that no weight is trivially 0 or 1.
@@ -567,6 +570,25 @@ def make_jax_tiny():
         torch.randn(1, 3, 16, 16), compressed=True)
 
 
+# ------------------------------------------------------------------- A9. timm_hub
+def make_timm_hub():
+    """A folder as timm's `save_for_hf` (and the Hub's timm/* repos) lays it out: model.safetensors
+    and a config.json with architecture, model_args, pretrained_cfg and label_names; and the
+    logits of the model timm builds from that folder."""
+    from timm.models._hub import save_for_hf
+    d = out_dir("timm_hub")
+    seed(23)
+    kw = dict(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2, num_classes=3)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kw)
+    perturb(model)
+    save_for_hf(model, d, model_config={"label_names": ["cat", "dog", "fish"]}, model_args=kw,
+                safe_serialization=True)
+    again = timm.create_model(f"local-dir:{d}", pretrained=True).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        save({"input": x, "logits": again(x)}, os.path.join(d, "expected.safetensors"))
+
+
 # ------------------------------------------------------------ B. timm_meanpool
 def make_timm_meanpool():
     seed(2)
@@ -774,6 +796,8 @@ def main():
         make_hybrid_tiny()
     if run("jax_tiny"):
         make_jax_tiny()
+    if run("timm_hub"):
+        make_timm_hub()
     if run("param_counts"):
         print("timm parameter counts (num_classes=1000):")
         param_counts()
@@ -784,7 +808,7 @@ def main():
             total += size
             print(f"  {os.path.relpath(os.path.join(dirpath, f), ROOT):55s} {size:>9,d} B")
     print(f"fixtures total {total:,d} B")
-    assert total < 3_500_000
+    assert total < 3_600_000
 
 
 if __name__ == "__main__":

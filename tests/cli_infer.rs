@@ -305,6 +305,25 @@ fn convert_and_eval_create_missing_output_folders() {
     assert!(out.join("confusion.png").exists());
 }
 
+/// A timm checkpoint folder (as on the Hub) is given as `--weights DIR`, with no preset: its
+/// config.json names the model and its classes; an HF folder works the same. A folder without
+/// a model says so.
+#[test]
+fn a_timm_folder_predicts_with_its_class_names() {
+    let image = fixture("predict/image_rgb.png");
+    let out = ok(&["predict", p(&image), "--weights", p(&fixture("timm_hub"))]);
+    assert!(
+        ["cat", "dog", "fish"].iter().any(|n| out.contains(n)),
+        "{out}"
+    );
+    // transformers' layout, as a folder too.
+    let hf = ok(&["predict", p(&image), "--weights", p(&fixture("hf_tiny"))]);
+    assert!(hf.contains("1. "), "{hf}");
+    let empty = tempfile::tempdir().unwrap();
+    let e = fails(&["predict", p(&image), "--weights", p(empty.path())]);
+    assert!(e.contains("the folder holds no model.safetensors"), "{e}");
+}
+
 /// The paper's `.npz` checkpoints: predicted from, and converted to timm's safetensors, with
 /// no preset (the archive gives the model); damaged archives give one line each.
 #[test]

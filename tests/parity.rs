@@ -450,3 +450,41 @@ fn jax_npz_checkpoints_load_as_timm_loads_them() {
         assert_close(&format!("{tag} logits"), &got, &want["logits"], 1e-4);
     }
 }
+
+/// A folder as timm's `save_for_hf` and the Hub's timm/* repos lay it out (`timm_hub/`:
+/// model.safetensors, config.json with architecture, model_args, pretrained_cfg and
+/// label_names): no preset needed; the model timm builds from it, its preprocessing and
+/// class names.
+#[test]
+fn a_timm_hub_folder_describes_its_model() {
+    let dir = fixture("timm_hub");
+    let ck = Checkpoint::load(&dir).unwrap();
+    let cfg = ck.config.clone().unwrap();
+    let v = cfg.as_vit().unwrap();
+    assert_eq!(
+        (
+            v.image_size,
+            v.patch_size,
+            v.embed_dim,
+            v.depth,
+            v.num_heads,
+            v.num_classes
+        ),
+        ([32, 32], 8, 16, 1, 2, 3)
+    );
+    let pre = ck.preprocess.clone().unwrap();
+    assert_eq!((pre.crop_pct, pre.interpolation.as_str()), (0.9, "bicubic"));
+    assert_eq!(ck.class_names.clone().unwrap(), ["cat", "dog", "fish"]);
+    let (tensors, warnings) = ck.fit(&cfg, PosResample::Timm, None).unwrap();
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let m = cfg
+        .build(VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu))
+        .unwrap();
+    let want = load("timm_hub/expected.safetensors");
+    assert_close(
+        "logits",
+        &m.forward(&want["input"]).unwrap(),
+        &want["logits"],
+        1e-4,
+    );
+}

@@ -6,6 +6,7 @@
 mod hf;
 mod npz;
 pub mod resample;
+mod timm_hub;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -86,6 +87,20 @@ impl Checkpoint {
     /// Reads a safetensors checkpoint; recognises timm and HF naming. Corrupt or truncated
     /// files are errors naming the file.
     pub fn load(path: &Path) -> Result<Self> {
+        // A checkpoint folder (timm's or HF's layout, as on the Hub): its model.safetensors.
+        let file;
+        let path = if path.is_dir() {
+            file = path.join("model.safetensors");
+            if !file.is_file() {
+                return Err(Error::Checkpoint {
+                    path: path.to_path_buf(),
+                    msg: "the folder holds no model.safetensors".into(),
+                });
+            }
+            file.as_path()
+        } else {
+            path
+        };
         if npz::is_npz(path) {
             return npz::load(path);
         }
@@ -152,11 +167,37 @@ impl Checkpoint {
             ck.tensors = tensors;
             ck.ignored.extend(ignored);
             hf::read_sidecars(&mut ck)?;
+        } else {
+            ck.read_timm_config()?;
         }
         swin_original_to_timm(&mut ck.tensors);
         ck.ignored.sort();
         ck.read_metadata()?;
         Ok(ck)
+    }
+
+    /// timm's `config.json` beside a timm-named checkpoint (a timm Hub folder), when there is
+    /// one: the architecture, preprocessing and class names. Our metadata, read after,
+    /// overrides it.
+    fn read_timm_config(&mut self) -> Result<()> {
+        let p = self
+            .path
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join("config.json");
+        if !p.is_file() {
+            return Ok(());
+        }
+        let text = crate::files::read_text(&p)?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::format(&p, format!("invalid JSON: {e}")))?;
+        if timm_hub::is_timm_config(&v) {
+            let (cfg, pre, names) = timm_hub::from_timm_config(&v, &p)?;
+            self.config = Some(cfg);
+            self.preprocess = pre;
+            self.class_names = names;
+        }
+        Ok(())
     }
 
     fn read_metadata(&mut self) -> Result<()> {
