@@ -25,9 +25,12 @@ pub enum MethodArg {
 pub struct AttentionArgs {
     /// Image file (PNG or JPEG).
     image: PathBuf,
-    /// Checkpoint (.safetensors, timm or HuggingFace naming).
-    #[arg(long)]
-    weights: PathBuf,
+    /// Checkpoint: a .safetensors (timm or HuggingFace naming), a checkpoint folder or the
+    /// paper's .npz.
+    #[arg(long, required_unless_present = "hf")]
+    weights: Option<PathBuf>,
+    #[command(flatten)]
+    hub: super::HubArgs,
     #[command(flatten)]
     arch: ArchArgs,
     #[command(flatten)]
@@ -72,7 +75,10 @@ fn parse_colormap(s: &str) -> Result<Colormap, String> {
 }
 
 pub fn run(a: AttentionArgs) -> anyhow::Result<()> {
-    let p = Predictor::load(&a.weights, &a.pre.load_options(&a.arch, &a.device)?)?;
+    let p = Predictor::load(
+        &a.hub.or(a.weights.as_deref())?,
+        &a.pre.load_options(&a.arch, &a.device)?,
+    )?;
     for w in &p.warnings {
         eprintln!("warning: {w}");
     }

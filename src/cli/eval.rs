@@ -9,9 +9,11 @@ use super::{ArchArgs, DeviceArgs, ReportFormat as Format};
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
-    /// Checkpoint to evaluate.
-    #[arg(long)]
-    checkpoint: PathBuf,
+    /// Checkpoint to evaluate (a file, a checkpoint folder or the paper's .npz).
+    #[arg(long, required_unless_present = "hf")]
+    checkpoint: Option<PathBuf>,
+    #[command(flatten)]
+    hub: super::HubArgs,
     #[command(flatten)]
     arch: ArchArgs,
     #[command(flatten)]
@@ -25,7 +27,8 @@ pub struct EvalArgs {
     batch_size: usize,
     #[arg(long, value_enum, default_value_t = Format::Text)]
     format: Format,
-    /// Folder for confusion.png, created if missing (default: the checkpoint's folder).
+    /// Folder for confusion.png, created if missing (default: the checkpoint's folder; with
+    /// --hf, the current one).
     #[arg(long)]
     out: Option<PathBuf>,
 }
@@ -33,8 +36,9 @@ pub struct EvalArgs {
 pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     let dev = a.device.device()?;
     let quiet = matches!(a.format, Format::Json);
+    let checkpoint = a.hub.or(a.checkpoint.as_deref())?;
     let r = eval_checkpoint(
-        &a.checkpoint,
+        &checkpoint,
         &a.arch.arch(),
         &a.dataset,
         a.data_dir.as_deref(),
@@ -42,11 +46,16 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         quiet,
         &dev,
     )?;
+    // Not into the Hugging Face cache: beside a local checkpoint, else here.
     let out = a.out.clone().unwrap_or_else(|| {
-        a.checkpoint
-            .parent()
-            .map(|p| p.to_path_buf())
-            .unwrap_or_default()
+        let dir = if a.hub.hf.is_some() {
+            Some(std::path::Path::new("."))
+        } else if checkpoint.is_dir() {
+            Some(checkpoint.as_path())
+        } else {
+            checkpoint.parent()
+        };
+        dir.map(|p| p.to_path_buf()).unwrap_or_default()
     });
     std::fs::create_dir_all(&out).map_err(|e| vit::Error::io(&out, e))?;
     let png = out.join("confusion.png");

@@ -9,8 +9,12 @@ use super::ArchArgs;
 
 #[derive(Debug, Args)]
 pub struct ExportArgs {
-    /// Checkpoint to export (timm or HuggingFace naming, or the paper's .npz).
-    checkpoint: PathBuf,
+    /// Checkpoint to export (timm or HuggingFace naming, a checkpoint folder, or the paper's
+    /// .npz).
+    #[arg(required_unless_present = "hf")]
+    checkpoint: Option<PathBuf>,
+    #[command(flatten)]
+    hub: super::HubArgs,
     /// The ONNX file to write (its folder created if missing).
     #[arg(long)]
     onnx: PathBuf,
@@ -29,7 +33,12 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
         opset: a.opset,
         dynamic_batch: a.dynamic_batch,
     };
-    let (done, warnings) = export_checkpoint(&a.checkpoint, &a.arch.arch(), opts, &a.onnx)?;
+    let (done, warnings) = export_checkpoint(
+        &a.hub.or(a.checkpoint.as_deref())?,
+        &a.arch.arch(),
+        opts,
+        &a.onnx,
+    )?;
     for w in warnings {
         eprintln!("warning: {w}");
     }

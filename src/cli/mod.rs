@@ -116,6 +116,34 @@ impl DeviceArgs {
     }
 }
 
+/// `--hf REPO[@REVISION]`: a checkpoint from the Hugging Face Hub in place of a path.
+#[derive(Debug, Args, Clone)]
+pub struct HubArgs {
+    /// A checkpoint on the Hugging Face Hub, owner/name[@revision], in timm's or transformers'
+    /// layout: fetched into the Hugging Face cache (HF_HOME; HF_ENDPOINT, HF_TOKEN,
+    /// HF_HUB_OFFLINE honoured).
+    #[arg(long, value_name = "REPO[@REVISION]")]
+    hf: Option<String>,
+}
+
+impl HubArgs {
+    /// The checkpoint to read: the Hub repo's folder, fetched, or `path`.
+    fn or(&self, path: Option<&std::path::Path>) -> anyhow::Result<PathBuf> {
+        use std::io::IsTerminal;
+        match (&self.hf, path) {
+            (Some(r), _) => {
+                let r: vit::weights::hub::HubRef = r.parse()?;
+                Ok(vit::weights::hub::fetch(
+                    &r,
+                    std::io::stderr().is_terminal(),
+                )?)
+            }
+            (None, Some(p)) => Ok(p.to_path_buf()),
+            (None, None) => anyhow::bail!("no checkpoint: give a path or --hf REPO"),
+        }
+    }
+}
+
 /// Where the architecture comes from: `--preset` or `--config`, else the checkpoint.
 #[derive(Debug, Args, Clone)]
 pub struct ArchArgs {

@@ -10,9 +10,12 @@ use super::ArchArgs;
 
 #[derive(Debug, Args)]
 pub struct PosEmbedArgs {
-    /// Checkpoint (.safetensors, timm or HuggingFace naming).
-    #[arg(long)]
-    weights: PathBuf,
+    /// Checkpoint: a .safetensors (timm or HuggingFace naming), a checkpoint folder or the
+    /// paper's .npz.
+    #[arg(long, required_unless_present = "hf")]
+    weights: Option<PathBuf>,
+    #[command(flatten)]
+    hub: super::HubArgs,
     #[command(flatten)]
     arch: ArchArgs,
     /// Output folder, created if missing.
@@ -28,7 +31,7 @@ pub fn run(a: PosEmbedArgs) -> anyhow::Result<()> {
         arch: a.arch.arch(),
         ..Default::default()
     };
-    let p = Predictor::load(&a.weights, &opts)?;
+    let p = Predictor::load(&a.hub.or(a.weights.as_deref())?, &opts)?;
     for w in &p.warnings {
         eprintln!("warning: {w}");
     }

@@ -28,9 +28,12 @@ pub struct PredictArgs {
     /// Image files (PNG or JPEG) or folders, searched recursively for .png/.jpg/.jpeg files.
     #[arg(required = true)]
     images: Vec<PathBuf>,
-    /// Checkpoint (.safetensors, timm or HuggingFace naming).
-    #[arg(long)]
-    weights: PathBuf,
+    /// Checkpoint: a .safetensors (timm or HuggingFace naming), a checkpoint folder or the
+    /// paper's .npz.
+    #[arg(long, required_unless_present = "hf")]
+    weights: Option<PathBuf>,
+    #[command(flatten)]
+    hub: super::HubArgs,
     #[command(flatten)]
     arch: ArchArgs,
     #[command(flatten)]
@@ -98,7 +101,10 @@ pub fn run(a: PredictArgs) -> anyhow::Result<()> {
     if a.logits && a.format == Format::Csv {
         anyhow::bail!("--logits is not available with --format csv (use json or jsonl)");
     }
-    let p = Predictor::load(&a.weights, &a.pre.load_options(&a.arch, &a.device)?)?;
+    let p = Predictor::load(
+        &a.hub.or(a.weights.as_deref())?,
+        &a.pre.load_options(&a.arch, &a.device)?,
+    )?;
     for w in &p.warnings {
         eprintln!("warning: {w}");
     }

@@ -4,6 +4,7 @@
 //! a config (position-embedding resampling, head replacement). `weights` never builds layers.
 
 mod hf;
+pub mod hub;
 mod npz;
 pub mod resample;
 mod timm_hub;
