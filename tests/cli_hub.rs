@@ -235,6 +235,50 @@ fn checkpoints_come_from_the_hub_in_both_layouts_and_failures_say_why() {
     );
     assert!(o.status.success() && onnx.exists(), "{}", text(&o).1);
 
+    // Fine-tuning from the Hub: `train --hf` as `--init` with a file (a 2-class folder).
+    let data = home.path().join("imgs");
+    for split in ["train", "test"] {
+        for c in 0..2u8 {
+            let d = data.join(split).join(format!("c{c}"));
+            std::fs::create_dir_all(&d).unwrap();
+            for i in 0..4u8 {
+                let px = image::Rgb([60 * c + i, 100, 200 - 60 * c]);
+                image::RgbImage::from_pixel(32, 32, px)
+                    .save(d.join(format!("{i}.png")))
+                    .unwrap();
+            }
+        }
+    }
+    let run = home.path().join("ft");
+    let dataset = format!("folder:{}", data.display());
+    let o = vit_hub(
+        &endpoint,
+        home.path(),
+        false,
+        &[
+            "train",
+            "--hf",
+            "timm/tiny-vit",
+            "--dataset",
+            &dataset,
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--val-size",
+            "2",
+            "--out",
+            p(&run),
+            "--quiet",
+        ],
+    );
+    let (_, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("head dropped: the checkpoint has 3 classes"),
+        "{err}"
+    );
+
     // Failures: one line each, no panic.
     for (repo, offline, why) in [
         ("acme/missing", false, "no model.safetensors there (404"),

@@ -23,6 +23,10 @@ pub struct TrainArgs {
     resume: Option<PathBuf>,
     #[command(flatten)]
     recipe: RecipeFlags,
+    /// Fine-tune from a checkpoint on the Hugging Face Hub (owner/name[@revision]), as --init
+    /// does from a file; its own model unless --preset or --config names one.
+    #[arg(long, value_name = "REPO[@REVISION]", conflicts_with_all = ["init", "resume"])]
+    hf: Option<String>,
     /// Print only the final result.
     #[arg(long, short)]
     quiet: bool,
@@ -187,7 +191,21 @@ impl TrainArgs {
             (_, Some(p)) => Recipe::from_file(p)?,
             _ => Recipe::default(),
         };
-        self.recipe.apply(&base)
+        let mut recipe = self.recipe.apply(&base)?;
+        if self.hf.is_some() {
+            let hub = super::HubArgs {
+                hf: self.hf.clone(),
+            };
+            let dir = hub.or(None)?;
+            // Unless a recipe or --preset names the model, the Hub checkpoint's own is trained.
+            if self.config.is_none() && self.recipe.preset.is_none() {
+                if let Some(cfg) = vit::weights::Checkpoint::load(&dir)?.config {
+                    recipe.model = Some(cfg);
+                }
+            }
+            recipe.init = Some(dir);
+        }
+        Ok(recipe)
     }
 }
 
