@@ -45,6 +45,17 @@ const RULES: &[(&str, &[&str], &str)] = &[
         "weights never builds a network",
     ),
     (
+        "src/onnx",
+        &[
+            "crate::train",
+            "crate::data",
+            "crate::explain",
+            "crate::viz",
+            "crate::predict",
+        ],
+        "onnx writes a model's graph and knows nothing of training, data or pictures",
+    ),
+    (
         "src/data",
         &[
             "crate::models",

@@ -70,9 +70,7 @@ pub fn fetch(r: &HubRef, progress: bool) -> Result<PathBuf> {
     if let Ok(token) = std::env::var("HF_TOKEN") {
         builder = builder.with_token(Some(token));
     }
-    let api = builder
-        .build()
-        .map_err(|e| Error::Invalid(format!("{name}: {e}")))?;
+    let api = ApiBuilder::build(builder).map_err(|e| Error::Invalid(format!("{name}: {e}")))?;
     let endpoint = std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".into());
     let handle = api.repo(repo);
     let weights = handle
