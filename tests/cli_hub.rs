@@ -235,6 +235,26 @@ fn checkpoints_come_from_the_hub_in_both_layouts_and_failures_say_why() {
     );
     assert!(o.status.success() && onnx.exists(), "{}", text(&o).1);
 
+    // convert --hf: the one path is the file to write, in timm's naming with the config.
+    let local = home.path().join("local/model.safetensors");
+    let o = vit_hub(
+        &endpoint,
+        home.path(),
+        false,
+        &["convert", "--hf", "timm/tiny-vit", p(&local)],
+    );
+    assert!(o.status.success() && local.exists(), "{}", text(&o).1);
+    let o = vit_hub(
+        &endpoint,
+        home.path(),
+        false,
+        &["predict", img, "--weights", p(&local)],
+    );
+    assert_eq!(
+        text(&o).0.replace(p(&local), ""),
+        out.replace("timm/tiny-vit", "")
+    );
+
     // Fine-tuning from the Hub: `train --hf` as `--init` with a file (a 2-class folder).
     let data = home.path().join("imgs");
     for split in ["train", "test"] {

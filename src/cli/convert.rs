@@ -17,10 +17,13 @@ pub enum To {
 
 #[derive(Debug, Args)]
 pub struct ConvertArgs {
-    /// Checkpoint to read (timm or HuggingFace naming).
+    /// Checkpoint to read (timm or HuggingFace naming, a checkpoint folder or the paper's .npz);
+    /// with --hf, the one path given is the output.
     input: PathBuf,
     /// File to write, its folder created if missing (for --to hf, the folder also gets config.json).
-    output: PathBuf,
+    output: Option<PathBuf>,
+    #[command(flatten)]
+    hub: super::HubArgs,
     /// Output naming.
     #[arg(long, value_enum, default_value_t = To::Timm)]
     to: To,
@@ -33,7 +36,13 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<()> {
         To::Timm => Target::Timm,
         To::Hf => Target::Hf,
     };
-    let (written, warnings) = convert(&a.input, &a.output, target, &a.arch.arch())?;
+    let (input, output) = match (&a.hub.hf, a.output) {
+        (Some(_), None) => (a.hub.or(None)?, a.input),
+        (Some(_), Some(_)) => anyhow::bail!("with --hf give only the file to write"),
+        (None, Some(out)) => (a.input, out),
+        (None, None) => anyhow::bail!("give the checkpoint to read and the file to write"),
+    };
+    let (written, warnings) = convert(&input, &output, target, &a.arch.arch())?;
     for w in warnings {
         eprintln!("warning: {w}");
     }
