@@ -9,6 +9,15 @@ use common::{assert_close, fixture, load};
 use vit::weights::{resample_pos_embed, Checkpoint, PosResample};
 use vit::{Architecture, Classifier, ModelConfig};
 
+/// `cfg`'s network on the fitted `tensors`.
+fn built(
+    cfg: &ModelConfig,
+    tensors: std::collections::HashMap<String, candle_core::Tensor>,
+) -> Box<dyn Classifier> {
+    cfg.build(VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu))
+        .unwrap()
+}
+
 fn model_from(dir: &str, cfg_file: &str) -> (ModelConfig, Box<dyn Classifier>) {
     let cfg = ModelConfig::from_file(&fixture(&format!("{dir}/{cfg_file}"))).unwrap();
     let ck = Checkpoint::load(&fixture(&format!("{dir}/model.safetensors"))).unwrap();
@@ -442,9 +451,7 @@ fn jax_npz_checkpoints_load_as_timm_loads_them() {
         assert!((v.mlp_ratio - if tag == "vit" { 2.0 } else { 4.0 }).abs() < 1e-12);
         let (tensors, warnings) = ck.fit(&cfg, PosResample::Timm, None).unwrap();
         assert!(warnings.is_empty(), "{warnings:?}");
-        let m = cfg
-            .build(VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu))
-            .unwrap();
+        let m = built(&cfg, tensors);
         let want = load(&format!("jax_tiny/{tag}_expected.safetensors"));
         let got = m.forward(&want["input"]).unwrap();
         assert_close(&format!("{tag} logits"), &got, &want["logits"], 1e-4);
@@ -477,9 +484,7 @@ fn a_timm_hub_folder_describes_its_model() {
     assert_eq!(ck.class_names.clone().unwrap(), ["cat", "dog", "fish"]);
     let (tensors, warnings) = ck.fit(&cfg, PosResample::Timm, None).unwrap();
     assert!(warnings.is_empty(), "{warnings:?}");
-    let m = cfg
-        .build(VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu))
-        .unwrap();
+    let m = built(&cfg, tensors);
     let want = load("timm_hub/expected.safetensors");
     assert_close(
         "logits",
