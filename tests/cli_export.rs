@@ -136,6 +136,24 @@ fn exported_models_give_our_logits_in_onnx_runtime() {
             ),
         }
     }
+    // Hybrids: the ResNetV2 stages with uneven "SAME" padding (38x30 input), and the deep
+    // stem cut into 2x2 cells.
+    for tag in ["r", "deep"] {
+        let weights = fixture(&format!("hybrid_tiny/{tag}.safetensors"));
+        let cfg = fixture(&format!("hybrid_tiny/{tag}.json"));
+        let arch = Arch::Config(vit::ModelConfig::from_file(&cfg).unwrap());
+        let input = load(&format!("hybrid_tiny/{tag}_expected.safetensors"))["input"].clone();
+        let name = format!("hybrid_{tag}");
+        check(
+            &py,
+            dir.path(),
+            &name,
+            &weights,
+            &["--config", p(&cfg)],
+            arch,
+            &input,
+        );
+    }
     // The paper's .npz, read with no preset, exported as any checkpoint is.
     let npz = fixture("jax_tiny/vit.npz");
     let input = batch_of_three(&load("jax_tiny/vit_expected.safetensors")["input"]);

@@ -1,8 +1,8 @@
-//! ONNX export: a ViT or DeiT as a standard ONNX graph (opset 17 and up), the path to every
+//! ONNX export: a ViT, DeiT or hybrid ViT as a standard ONNX graph (opset 17 and up), the path to every
 //! runtime we do not have (ONNX Runtime, TensorRT, OpenVINO, CoreML, the browser).
 //!
 //! The graph is the model's forward in evaluation mode, op for op: the patch embedding as a
-//! strided `Conv`, `LayerNormalization`, `MatMul` + `Add` for every linear layer (weights
+//! strided `Conv` (after a hybrid's ResNetV2, `hybrid.rs`), `LayerNormalization`, `MatMul` + `Add` for every linear layer (weights
 //! stored transposed, as PyTorch's exporter stores them), `Softmax` attention, GELU in its
 //! erf form, `Gemm` heads. Its input is the normalised image (B, C, H, W) named
 //! `pixel_values`; its output `logits` (B, K), or `features` (B, D) without a head. The
@@ -10,6 +10,7 @@
 //! names go into the model's metadata. `onnx` knows the ViT's tensors by their timm names and
 //! nothing of training, files other than the one it writes, or other runtimes.
 
+mod hybrid;
 mod proto;
 
 use std::collections::HashMap;
@@ -70,17 +71,11 @@ pub fn export(
 ) -> Result<Exported> {
     let Some(vit) = cfg.as_vit() else {
         return Err(Error::Invalid(format!(
-            "ONNX export covers the ViT and DeiT (arch \"vit\"); a {} model is not exported yet",
+            "ONNX export covers the ViT, DeiT and hybrid ViT (arch \"vit\"); a {} model is not \
+             exported yet",
             cfg.arch()
         )));
     };
-    if vit.backbone.is_some() {
-        return Err(Error::Invalid(
-            "ONNX export of a hybrid ViT's backbone is not supported yet: export a plain ViT or \
-             DeiT"
-                .into(),
-        ));
-    }
     if !(17..=21).contains(&opts.opset) {
         return Err(Error::Invalid(format!(
             "opset {} is not supported: 17 to 21 (LayerNormalization needs 17)",
@@ -351,11 +346,31 @@ fn mlp(g: &mut Graph, w: &HashMap<String, Tensor>, x: &str, p: &str) -> Result<S
     linear(g, w, &h, &format!("{p}.mlp.fc2"))
 }
 
+/// The mean over `axis` (ReduceMean's axes are an attribute up to opset 17, an input after).
+fn reduce_mean(g: &mut Graph, x: &str, axis: i64, keep: bool) -> String {
+    let keepdims = ("keepdims", Attr::Int(i64::from(keep)));
+    if g.opset >= 18 {
+        let axes = g.ints(&[axis]);
+        g.op("ReduceMean", &[x, &axes], &[keepdims])
+    } else {
+        g.op(
+            "ReduceMean",
+            &[x],
+            &[("axes", Attr::Ints(vec![axis])), keepdims],
+        )
+    }
+}
+
 /// The whole forward from `pixel_values`; returns the output's name.
 fn vit_graph(cfg: &ViTConfig, w: &HashMap<String, Tensor>, g: &mut Graph) -> Result<String> {
     let (d, p) = (cfg.embed_dim as i64, cfg.patch_size as i64);
     let eps = cfg.layer_norm_eps;
-    // Patch embedding: a P×P stride-P convolution, then (B, D, N) → (B, N, D).
+    // Patch embedding: a P×P stride-P convolution (of the image, or of a hybrid's feature
+    // map), then (B, D, N) → (B, N, D).
+    let input = match &cfg.backbone {
+        Some(bb) => hybrid::backbone(g, w, bb, cfg.image_size)?,
+        None => "pixel_values".to_string(),
+    };
     let pw = g.init(
         "patch_embed.proj.weight",
         get(w, "patch_embed.proj.weight")?,
@@ -363,7 +378,7 @@ fn vit_graph(cfg: &ViTConfig, w: &HashMap<String, Tensor>, g: &mut Graph) -> Res
     let pb = g.init("patch_embed.proj.bias", get(w, "patch_embed.proj.bias")?)?;
     let x = g.op(
         "Conv",
-        &["pixel_values", &pw, &pb],
+        &[&input, &pw, &pb],
         &[
             ("kernel_shape", Attr::Ints(vec![p, p])),
             ("strides", Attr::Ints(vec![p, p])),
@@ -469,20 +484,7 @@ fn vit_graph(cfg: &ViTConfig, w: &HashMap<String, Tensor>, g: &mut Graph) -> Res
             } else {
                 x.clone()
             };
-            if g.opset >= 18 {
-                let axes = g.ints(&[1]);
-                g.op(
-                    "ReduceMean",
-                    &[&patches, &axes],
-                    &[("keepdims", Attr::Int(0))],
-                )
-            } else {
-                g.op(
-                    "ReduceMean",
-                    &[&patches],
-                    &[("axes", Attr::Ints(vec![1])), ("keepdims", Attr::Int(0))],
-                )
-            }
+            reduce_mean(g, &patches, 1, false)
         }
     };
     if cfg.fc_norm {
