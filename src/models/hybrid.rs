@@ -69,6 +69,9 @@ pub struct HybridBackbone {
     pub norm_groups: usize,
 }
 
+/// A stem convolution: (conv name, norm name, out channels, in channels, kernel, stride).
+pub type StemLayer = (&'static str, &'static str, usize, usize, usize, usize);
+
 /// One tensor-producing step of the backbone, in timm's module order.
 #[derive(Debug, Clone, PartialEq)]
 enum Unit {
@@ -256,6 +259,40 @@ impl HybridBackbone {
         flow
     }
 
+    /// Where the stem's tensors are under the backbone: without stages timm's backbone is
+    /// the stem itself, with them it is `stem`.
+    pub fn stem_prefix(&self) -> &'static str {
+        if self.layers.is_empty() {
+            ""
+        } else {
+            "stem."
+        }
+    }
+
+    /// The stem's convolutions in order, each followed by GroupNorm + ReLU: (conv name, norm
+    /// name, out channels, in channels, kernel, stride).
+    pub fn stem_layers(&self, in_channels: usize) -> Vec<StemLayer> {
+        let c = self.stem_channels;
+        match self.stem {
+            Stem::Same => vec![("conv", "norm", c, in_channels, 7, 2)],
+            Stem::DeepSame => vec![
+                ("conv1", "norm1", c / 2, in_channels, 3, 2),
+                ("conv2", "norm2", c / 2, c / 2, 3, 1),
+                ("conv3", "norm3", c, c / 2, 3, 1),
+            ],
+        }
+    }
+
+    /// The stride of block `b` of stage `s`: 2 in the first block of every stage after the
+    /// first (its 3×3 convolution and its shortcut), else 1.
+    pub fn block_stride(s: usize, b: usize) -> usize {
+        if s > 0 && b == 0 {
+            2
+        } else {
+            1
+        }
+    }
+
     /// The backbone's units in timm's module order.
     fn units(&self, in_channels: usize) -> Vec<Unit> {
         let conv = |name: String, c_out, c_in, k, stride| Unit::Conv {
@@ -266,31 +303,20 @@ impl HybridBackbone {
             stride,
         };
         let norm = |name: String, c| Unit::Norm { name, c };
-        // Without stages timm's backbone is the stem itself; with them it is `stem`.
-        let sp = if self.layers.is_empty() { "" } else { "stem." };
-        let c = self.stem_channels;
-        let mut u = match self.stem {
-            Stem::Same => vec![
-                conv(format!("{sp}conv"), c, in_channels, 7, 2),
-                norm(format!("{sp}norm"), c),
-            ],
-            Stem::DeepSame => vec![
-                conv(format!("{sp}conv1"), c / 2, in_channels, 3, 2),
-                norm(format!("{sp}norm1"), c / 2),
-                conv(format!("{sp}conv2"), c / 2, c / 2, 3, 1),
-                norm(format!("{sp}norm2"), c / 2),
-                conv(format!("{sp}conv3"), c, c / 2, 3, 1),
-                norm(format!("{sp}norm3"), c),
-            ],
-        };
+        let sp = self.stem_prefix();
+        let mut u = Vec::new();
+        for (cn, nn, c_out, c_in, k, stride) in self.stem_layers(in_channels) {
+            u.push(conv(format!("{sp}{cn}"), c_out, c_in, k, stride));
+            u.push(norm(format!("{sp}{nn}"), c_out));
+        }
         u.push(Unit::Pool);
-        let mut prev = c;
+        let mut prev = self.stem_channels;
         for (s, &n) in self.layers.iter().enumerate() {
             let out = self.channels[s];
             let mid = bottleneck_width(out);
             for b in 0..n {
                 let p = format!("stages.{s}.blocks.{b}");
-                let stride = if s > 0 && b == 0 { 2 } else { 1 };
+                let stride = Self::block_stride(s, b);
                 if b == 0 {
                     u.push(conv(format!("{p}.downsample.conv"), out, prev, 1, stride));
                     u.push(norm(format!("{p}.downsample.norm"), out));
@@ -412,38 +438,26 @@ pub struct ResNetV2 {
 
 impl ResNetV2 {
     pub fn new(cfg: &HybridBackbone, in_channels: usize, vb: &VarBuilder) -> Result<Self> {
-        let stem_vb = if cfg.layers.is_empty() {
-            vb.clone()
-        } else {
-            vb.pp("stem")
+        let stem_vb = match cfg.stem_prefix() {
+            "" => vb.clone(),
+            p => vb.pp(p.trim_end_matches('.')),
         };
-        let (c, g, vb_s) = (cfg.stem_channels, cfg.norm_groups, &stem_vb);
-        let stem = match cfg.stem {
-            Stem::Same => vec![ConvNorm::new(
-                vb_s,
-                "conv",
-                "norm",
-                c,
-                in_channels,
-                7,
-                2,
-                true,
-                g,
-            )?],
-            Stem::DeepSame => vec![
-                ConvNorm::new(vb_s, "conv1", "norm1", c / 2, in_channels, 3, 2, true, g)?,
-                ConvNorm::new(vb_s, "conv2", "norm2", c / 2, c / 2, 3, 1, true, g)?,
-                ConvNorm::new(vb_s, "conv3", "norm3", c, c / 2, 3, 1, true, g)?,
-            ],
-        };
-        let mut prev = c;
+        let g = cfg.norm_groups;
+        let stem = cfg
+            .stem_layers(in_channels)
+            .into_iter()
+            .map(|(cn, nn, c_out, c_in, k, stride)| {
+                ConvNorm::new(&stem_vb, cn, nn, c_out, c_in, k, stride, true, g)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut prev = cfg.stem_channels;
         let mut stages = Vec::new();
         for (s, &n) in cfg.layers.iter().enumerate() {
             let out = cfg.channels[s];
             let blocks = (0..n)
                 .map(|b| {
                     let vb = vb.pp(format!("stages.{s}.blocks.{b}"));
-                    let stride = if s > 0 && b == 0 { 2 } else { 1 };
+                    let stride = HybridBackbone::block_stride(s, b);
                     let c_in = if b == 0 { prev } else { out };
                     Bottleneck::new(&vb, (c_in, out), stride, b == 0, g)
                 })

@@ -9,7 +9,7 @@ use candle_core::Tensor;
 
 use super::proto::Attr;
 use super::{get, reduce_mean, Graph};
-use crate::models::hybrid::{HybridBackbone, Stem};
+use crate::models::hybrid::HybridBackbone;
 use crate::models::layers::{GroupNorm, StdConv2d};
 use crate::ops::same_padding;
 use crate::Result;
@@ -86,25 +86,14 @@ pub(super) fn backbone(
     image: [usize; 2],
 ) -> Result<String> {
     let pre = "patch_embed.backbone";
-    let stem = if bb.layers.is_empty() {
-        pre.to_string()
-    } else {
-        format!("{pre}.stem")
-    };
+    let stem = format!("{pre}.{}", bb.stem_prefix());
     let gn = bb.norm_groups;
     let mut size = (image[0], image[1]);
     let mut x = "pixel_values".to_string();
-    let convs: &[(&str, &str, usize)] = match bb.stem {
-        Stem::Same => &[("conv", "norm", 2)],
-        Stem::DeepSame => &[
-            ("conv1", "norm1", 2),
-            ("conv2", "norm2", 1),
-            ("conv3", "norm3", 1),
-        ],
-    };
-    for &(conv, norm, stride) in convs {
-        let (y, s) = std_conv(g, w, &x, &format!("{stem}.{conv}"), stride, size)?;
-        x = group_norm(g, w, &y, &format!("{stem}.{norm}"), gn, true)?;
+    // The channel counts are the weights' own; names and strides are the config's.
+    for (conv, norm, _, _, _, stride) in bb.stem_layers(0) {
+        let (y, s) = std_conv(g, w, &x, &format!("{stem}{conv}"), stride, size)?;
+        x = group_norm(g, w, &y, &format!("{stem}{norm}"), gn, true)?;
         size = s;
     }
     // The 3×3 stride-2 max-pool, "SAME" padded (ONNX's padding never wins a maximum).
@@ -124,7 +113,7 @@ pub(super) fn backbone(
     for (s, &n) in bb.layers.iter().enumerate() {
         for b in 0..n {
             let p = format!("{pre}.stages.{s}.blocks.{b}");
-            let stride = if s > 0 && b == 0 { 2 } else { 1 };
+            let stride = HybridBackbone::block_stride(s, b);
             let shortcut = if b == 0 {
                 let (y, _) = std_conv(g, w, &x, &format!("{p}.downsample.conv"), stride, size)?;
                 group_norm(g, w, &y, &format!("{p}.downsample.norm"), gn, false)?
