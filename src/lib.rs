@@ -3,7 +3,8 @@
 //! Layers, bottom up: [`ops`] (differentiable kernels), [`models`] (the architectures, their
 //! configs and presets), [`weights`] (checkpoints), [`data`] (datasets), [`predict`]
 //! (checkpoint to model, inference on image files), [`train`], [`viz`] (pictures),
-//! [`explain`] (what the model sees), [`onnx`] (export), [`bench`] (timing).
+//! [`explain`] (what the model sees), [`explore`] (the same in a local web page), [`onnx`]
+//! (export), [`bench`] (timing).
 //! The `vit` binary only parses arguments and prints.
 //!
 //! Unsafe code is confined by the compiler: it is denied here, for the whole crate, and
@@ -18,6 +19,7 @@ pub mod bench;
 pub mod data;
 pub mod error;
 pub mod explain;
+pub mod explore;
 pub mod files;
 pub mod models;
 pub mod onnx;

@@ -75,6 +75,18 @@ const RULES: &[(&str, &[&str], &str)] = &[
         ],
         "viz draws numbers and knows no model",
     ),
+    (
+        "src/explore",
+        &[
+            "forward",
+            "crate::viz::rollout",
+            "fuse_heads",
+            "crate::train",
+            "crate::data",
+            "crate::weights",
+        ],
+        "explore computes no map and runs no model: it asks explain and serializes",
+    ),
 ];
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {

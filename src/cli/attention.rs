@@ -9,7 +9,7 @@ use vit::predict::Predictor;
 use vit::viz::{Colormap, HeadFusion};
 
 use super::predict::PreprocessArgs;
-use super::{ArchArgs, DeviceArgs};
+use super::{DeviceArgs, ModelArgs};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum MethodArg {
@@ -25,14 +25,8 @@ pub enum MethodArg {
 pub struct AttentionArgs {
     /// Image file (PNG or JPEG).
     image: PathBuf,
-    /// Checkpoint: a .safetensors (timm or HuggingFace naming), a checkpoint folder or the
-    /// paper's .npz.
-    #[arg(long, required_unless_present = "hf")]
-    weights: Option<PathBuf>,
     #[command(flatten)]
-    hub: super::HubArgs,
-    #[command(flatten)]
-    arch: ArchArgs,
+    model: ModelArgs,
     #[command(flatten)]
     pre: PreprocessArgs,
     #[command(flatten)]
@@ -76,8 +70,8 @@ fn parse_colormap(s: &str) -> Result<Colormap, String> {
 
 pub fn run(a: AttentionArgs) -> anyhow::Result<()> {
     let p = Predictor::load(
-        &a.hub.or(a.weights.as_deref())?,
-        &a.pre.load_options(&a.arch, &a.device)?,
+        &a.model.path()?,
+        &a.pre.load_options(&a.model.arch, &a.device)?,
     )?;
     for w in &p.warnings {
         eprintln!("warning: {w}");

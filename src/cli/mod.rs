@@ -17,6 +17,7 @@ mod bench;
 mod compare;
 mod convert;
 mod eval;
+mod explore;
 mod export;
 mod info;
 mod patches;
@@ -59,6 +60,8 @@ enum Command {
     Attention(attention::AttentionArgs),
     /// Draw the similarity of a checkpoint's position embeddings (ViT paper, figure 7).
     PosEmbed(pos_embed::PosEmbedArgs),
+    /// Explore a checkpoint's attention in the browser: a local page for any image.
+    Explore(explore::ExploreArgs),
     /// Time a fixed workload (a training step or ViT-B/16 inference); see BENCHMARKS.md.
     Bench(bench::BenchArgs),
 }
@@ -77,6 +80,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Patches(a) => patches::run(a),
         Command::Attention(a) => attention::run(a),
         Command::PosEmbed(a) => pos_embed::run(a),
+        Command::Explore(a) => explore::run(a),
         Command::Bench(a) => bench::run(a),
     };
     match r {
@@ -140,6 +144,36 @@ impl HubArgs {
             }
             (None, Some(p)) => Ok(p.to_path_buf()),
             (None, None) => anyhow::bail!("no checkpoint: give a path or --hf REPO"),
+        }
+    }
+}
+
+/// The checkpoint a command runs: `--weights PATH` or `--hf REPO`, and where its
+/// architecture comes from.
+#[derive(Debug, Args, Clone)]
+pub struct ModelArgs {
+    /// Checkpoint: a .safetensors (timm or HuggingFace naming), a checkpoint folder or the
+    /// paper's .npz.
+    #[arg(long, required_unless_present = "hf")]
+    weights: Option<PathBuf>,
+    #[command(flatten)]
+    hub: HubArgs,
+    #[command(flatten)]
+    arch: ArchArgs,
+}
+
+impl ModelArgs {
+    /// The checkpoint to read (a Hub repo fetched first).
+    fn path(&self) -> anyhow::Result<PathBuf> {
+        self.hub.or(self.weights.as_deref())
+    }
+
+    /// What the user called the checkpoint: the Hub repo or the path.
+    fn name(&self) -> String {
+        match (&self.hub.hf, &self.weights) {
+            (Some(repo), _) => repo.clone(),
+            (None, Some(p)) => p.display().to_string(),
+            (None, None) => String::new(),
         }
     }
 }

@@ -6,18 +6,12 @@ use std::path::PathBuf;
 use clap::Args;
 use vit::predict::{LoadOptions, Predictor};
 
-use super::ArchArgs;
+use super::ModelArgs;
 
 #[derive(Debug, Args)]
 pub struct PosEmbedArgs {
-    /// Checkpoint: a .safetensors (timm or HuggingFace naming), a checkpoint folder or the
-    /// paper's .npz.
-    #[arg(long, required_unless_present = "hf")]
-    weights: Option<PathBuf>,
     #[command(flatten)]
-    hub: super::HubArgs,
-    #[command(flatten)]
-    arch: ArchArgs,
+    model: ModelArgs,
     /// Output folder, created if missing.
     #[arg(long, default_value = "vit-pos-embed")]
     out: PathBuf,
@@ -28,10 +22,10 @@ pub struct PosEmbedArgs {
 
 pub fn run(a: PosEmbedArgs) -> anyhow::Result<()> {
     let opts = LoadOptions {
-        arch: a.arch.arch(),
+        arch: a.model.arch.arch(),
         ..Default::default()
     };
-    let p = Predictor::load(&a.hub.or(a.weights.as_deref())?, &opts)?;
+    let p = Predictor::load(&a.model.path()?, &opts)?;
     for w in &p.warnings {
         eprintln!("warning: {w}");
     }

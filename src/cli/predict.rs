@@ -9,7 +9,7 @@ use serde::Serialize;
 use vit::predict::{collect_images, LoadOptions, Prediction, Predictor, Ranked, CSV_HEADER};
 use vit::weights::PosResample;
 
-use super::{parse_pos_resample, ArchArgs, DeviceArgs};
+use super::{parse_pos_resample, ArchArgs, DeviceArgs, ModelArgs};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Format {
@@ -28,14 +28,8 @@ pub struct PredictArgs {
     /// Image files (PNG or JPEG) or folders, searched recursively for .png/.jpg/.jpeg files.
     #[arg(required = true)]
     images: Vec<PathBuf>,
-    /// Checkpoint: a .safetensors (timm or HuggingFace naming), a checkpoint folder or the
-    /// paper's .npz.
-    #[arg(long, required_unless_present = "hf")]
-    weights: Option<PathBuf>,
     #[command(flatten)]
-    hub: super::HubArgs,
-    #[command(flatten)]
-    arch: ArchArgs,
+    model: ModelArgs,
     #[command(flatten)]
     pre: PreprocessArgs,
     #[command(flatten)]
@@ -102,8 +96,8 @@ pub fn run(a: PredictArgs) -> anyhow::Result<()> {
         anyhow::bail!("--logits is not available with --format csv (use json or jsonl)");
     }
     let p = Predictor::load(
-        &a.hub.or(a.weights.as_deref())?,
-        &a.pre.load_options(&a.arch, &a.device)?,
+        &a.model.path()?,
+        &a.pre.load_options(&a.model.arch, &a.device)?,
     )?;
     for w in &p.warnings {
         eprintln!("warning: {w}");

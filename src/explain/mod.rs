@@ -5,6 +5,7 @@
 //! pictures for Swin and PVT), `pos_embed.rs`; this file holds what they share (the token geometry, the display image, file writing).
 
 mod attention;
+mod inspect;
 mod local_attention;
 mod patches;
 mod pos_embed;
@@ -19,9 +20,10 @@ use crate::viz;
 use crate::{Error, Result};
 
 pub use attention::{attention, AttentionOptions, Method};
+pub use inspect::{hottest, Inspection, Layout, Query};
 use local_attention::local_attention;
 pub use patches::{patches, MAX_PATCHES};
-pub use pos_embed::pos_embed;
+pub use pos_embed::{pos_embed, pos_embed_similarity, PosSimilarity};
 
 /// What a command produced: the files written, in order, and things the user should know
 /// (a crop that was applied, a fallback that was used, an option that was ignored).

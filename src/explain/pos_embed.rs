@@ -3,6 +3,8 @@
 
 use std::path::Path;
 
+use serde::Serialize;
+
 use super::{create_dir, save, Explained, Geometry};
 use crate::models::{Architecture, Classifier};
 use crate::viz::{self, Colormap, HeatmapOpts, MapGridOpts};
@@ -25,17 +27,10 @@ use crate::{Error, Result};
 pub fn pos_embed(model: &dyn Classifier, out_dir: &Path, save_raw: bool) -> Result<Explained> {
     let cfg = model.config();
     let g = Geometry::of(&cfg)?;
-    let pos = model.pos_embed().ok_or_else(|| {
-        Error::Invalid(
-            "the model has no position embedding (pos_embed = \"none\"): nothing to draw".into(),
-        )
-    })?;
-    let n = g.gh * g.gw;
-    let d = pos.dim(2)?;
-    let patches = pos.squeeze(0)?.narrow(0, g.prefix, n)?; // (N, D)
-    let sim = viz::cosine_similarity_matrix(&patches.flatten_all()?.to_vec1::<f32>()?, n, d)?;
+    let PosSimilarity {
+        n, sim, learned, ..
+    } = pos_embed_similarity(model)?;
     let mut notes = Vec::new();
-    let learned = cfg.tokens().is_some_and(|t| t.learned_pos_embed);
     let kind = if learned {
         "learned"
     } else {
@@ -88,6 +83,42 @@ pub fn pos_embed(model: &dyn Classifier, out_dir: &Path, save_raw: bool) -> Resu
         files.push(path);
     }
     Ok(Explained { files, notes })
+}
+
+/// The cosine similarity of the position embeddings of every pair of patches.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PosSimilarity {
+    pub grid_h: usize,
+    pub grid_w: usize,
+    /// Patches: `grid_h · grid_w`.
+    pub n: usize,
+    /// `n × n` row-major: patch i against patch j, in [−1, 1].
+    pub sim: Vec<f32>,
+    /// Learned (else the fixed sin-cos table).
+    pub learned: bool,
+}
+
+/// The similarity [`pos_embed`] draws, as numbers; a model without a position embedding
+/// is an error.
+pub fn pos_embed_similarity(model: &dyn Classifier) -> Result<PosSimilarity> {
+    let cfg = model.config();
+    let g = Geometry::of(&cfg)?;
+    let pos = model.pos_embed().ok_or_else(|| {
+        Error::Invalid(
+            "the model has no position embedding (pos_embed = \"none\"): nothing to draw".into(),
+        )
+    })?;
+    let n = g.gh * g.gw;
+    let d = pos.dim(2)?;
+    let patches = pos.squeeze(0)?.narrow(0, g.prefix, n)?; // (N, D)
+    let sim = viz::cosine_similarity_matrix(&patches.flatten_all()?.to_vec1::<f32>()?, n, d)?;
+    Ok(PosSimilarity {
+        grid_h: g.gh,
+        grid_w: g.gw,
+        n,
+        sim,
+        learned: cfg.tokens().is_some_and(|t| t.learned_pos_embed),
+    })
 }
 
 /// Mean similarity of position pairs `Δ` columns apart in a row ("horizontal") and `Δ`

@@ -218,7 +218,28 @@ pub fn cls_map(
             "a class-token map needs a class token (prefix ≥ 1); use the mean-query map".into(),
         ));
     }
-    let mut map = r[prefix..t].to_vec();
+    query_map(r, t, prefix, grid_h, grid_w, 0)
+}
+
+/// Row `query` of a `t × t` attention or rollout matrix (where token `query` looks) over
+/// the patch columns `prefix..t`, as a `grid_h × grid_w` row-major map divided by its
+/// maximum. Token `prefix + i` is patch `i`.
+pub fn query_map(
+    r: &[f32],
+    t: usize,
+    prefix: usize,
+    grid_h: usize,
+    grid_w: usize,
+    query: usize,
+) -> Result<Vec<f32>> {
+    check_len("attention", r, &[t, t])?;
+    check_grid(t, prefix, grid_h, grid_w)?;
+    if query >= t {
+        return Err(Error::Invalid(format!(
+            "token {query} does not exist: there are {t} tokens"
+        )));
+    }
+    let mut map = r[query * t + prefix..(query + 1) * t].to_vec();
     normalise_max(&mut map);
     Ok(map)
 }
@@ -426,6 +447,10 @@ mod tests {
         // t = 3 = 1 + 1×2: rows 1, 2 = [x .2 .6], [x .4 .2] → means .3 .4 → [.75 1].
         let b = vec![0.9, 0.05, 0.05, 0.2, 0.2, 0.6, 0.4, 0.4, 0.2];
         close(&mean_query_map(&b, 3, 1, 1, 2).unwrap(), &[0.75, 1.0]);
+
+        // A patch's own row: token 2 of b (patch 1) = [x .4 .2] → [1 .5].
+        close(&query_map(&b, 3, 1, 1, 2, 2).unwrap(), &[1.0, 0.5]);
+        assert!(query_map(&b, 3, 1, 1, 2, 3).is_err());
     }
 
     #[test]

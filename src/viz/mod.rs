@@ -17,7 +17,7 @@ mod patches;
 mod plot;
 
 pub use attention::{
-    cls_map, cosine_similarity_matrix, fuse_heads, mean_query_map, rollout, HeadFusion,
+    cls_map, cosine_similarity_matrix, fuse_heads, mean_query_map, query_map, rollout, HeadFusion,
 };
 pub use color::{Colormap, MISSING};
 pub use grid::{image_grid, map_grid, MapGridOpts};
