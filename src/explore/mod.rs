@@ -121,7 +121,11 @@ impl Explorer {
                         Err(e) => Reply::error(400, &format!("cannot read the request: {e}")),
                         Ok(n) if n > max => api::too_large(n, max),
                         Ok(_) => {
-                            let method = rq.method().as_str().to_string();
+                            // HEAD is GET without the body (tiny_http leaves it out).
+                            let method = match rq.method() {
+                                tiny_http::Method::Head => "GET".to_string(),
+                                m => m.as_str().to_string(),
+                            };
                             let url = rq.url().to_string();
                             self.app.handle(&method, &url, &body)
                         }
@@ -213,6 +217,10 @@ mod tests {
         assert_eq!(status, 403);
         assert!(body.contains("Host"), "{body}");
         assert_eq!(get(&format!("127.0.0.1:{port}"), "/../Cargo.toml").0, 404);
+        let head =
+            format!("HEAD / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
+        let (status, body) = exchange(addr, head.as_bytes());
+        assert_eq!((status, body.as_str()), (200, ""));
 
         // An upload over the limit is refused by its length, before it is read.
         let big = format!(

@@ -137,6 +137,13 @@ try {
   check(bad.includes('cannot decode image'), `message for a non-image: ${bad}`);
   await page.setInputFiles('#file', want.big_file);
   await page.waitForFunction(() => document.getElementById('message').textContent.includes('too large'));
+  // The server refuses it too when a client sends it anyway.
+  const refused = await page.evaluate(async () => {
+    const max = (await (await fetch('/api/model')).json()).max_upload_bytes;
+    const r = await fetch('/api/images', { method: 'POST', body: new Uint8Array(4 * max) });
+    return [r.status, (await r.json()).error];
+  });
+  check(refused[0] === 413 && refused[1].includes('too large'), `the server's answer: ${refused}`);
   before = await rendered();
   await page.setInputFiles('#file', want.image);
   await waitRender(before);
