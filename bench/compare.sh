@@ -5,6 +5,13 @@
 #
 #   bash bench/compare.sh                 # from anywhere; works in the repository root
 #   ROUNDS=5 ITERS=20 bash bench/compare.sh
+#   ISA=avx2 bash bench/compare.sh        # the AVX2 tier on an AVX-512 machine (below)
+#
+# ISA=avx2 holds the runtimes to AVX2 + FMA: ours is built without the `avx512` feature (the
+# `gemm` crate's AVX-512 kernels left out; into target/isa-avx2) and run with VIT_SIMD=avx2;
+# PyTorch runs with ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2 and
+# MKL_ENABLE_INSTRUCTIONS=AVX2. ONNX Runtime has no such switch: its column stays uncapped, and
+# the table says so. The header records the kernels each runtime reported.
 #
 # Environment: ROUNDS (3), ITERS (10), WARMUP (2), THREADS (2), VENV (.venv; created and filled
 # with torch (CPU), timm, onnxruntime and onnx where they are not importable), TORCH_INDEX (the
@@ -21,6 +28,25 @@ VENV=${VENV:-.venv}
 TORCH_INDEX=${TORCH_INDEX:-https://download.pytorch.org/whl/cpu}
 WORKLOADS=${WORKLOADS:-train-fm infer-b16 train-resnet infer-swin-t}
 PY="$VENV/bin/python"
+ISA=${ISA:-native}
+case "$ISA" in
+    native)
+        BUILD=(cargo build --release --quiet)
+        VIT=./target/release/vit
+        OURS_ENV=()
+        TORCH_ENV=()
+        ;;
+    avx2)
+        BUILD=(cargo build --release --quiet --no-default-features --target-dir target/isa-avx2)
+        VIT=./target/isa-avx2/release/vit
+        OURS_ENV=(VIT_SIMD=avx2)
+        TORCH_ENV=(ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2)
+        ;;
+    *)
+        echo "compare.sh: ISA=$ISA: use native or avx2" >&2
+        exit 2
+        ;;
+esac
 
 say() { echo "compare.sh: $*" >&2; }
 
@@ -42,9 +68,8 @@ if ! "$PY" -c 'import onnxruntime, onnx' 2>/dev/null; then
 fi
 
 # (b) Our side.
-say "cargo build --release"
-cargo build --release --quiet
-VIT=./target/release/vit
+say "${BUILD[*]}"
+"${BUILD[@]}"
 
 # (c) Alternate the runtimes, round by round.
 OUT=$(mktemp -d)
@@ -55,7 +80,7 @@ for w in $WORKLOADS; do
         # RAYON_NUM_THREADS sizes the pool our kernels and gemm run on. CANDLE_NUM_THREADS is
         # left alone: unset, `vit` gives candle's separate elementwise pool no spinning
         # workers (src/runtime.rs); set to $THREADS it would compete with ours for the cores.
-        RAYON_NUM_THREADS=$THREADS \
+        env ${OURS_ENV[@]+"${OURS_ENV[@]}"} RAYON_NUM_THREADS=$THREADS \
             "$VIT" bench --workload "$w" --iters "$ITERS" --warmup "$WARMUP" --profile \
             --format json >"$OUT/ours-$w-$r.json"
         if [ "${w#infer-}" != "$w" ]; then
@@ -63,18 +88,27 @@ for w in $WORKLOADS; do
         else
             say "$w round $r/$ROUNDS: pytorch"
         fi
-        OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS \
+        env ${TORCH_ENV[@]+"${TORCH_ENV[@]}"} OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS \
             "$PY" bench/torch_bench.py --workload "$w" --iters "$ITERS" --warmup "$WARMUP" \
             --threads "$THREADS" >"$OUT/torch-$w-$r.json"
     done
 done
 
-# (d) The table.
+# (d) Which kernels PyTorch picks under these settings: ATen's CPU capability and oneDNN's ISA
+# (MKL, which runs its matrix products, does not report its code path).
+TORCH_KERNELS=$(env ${TORCH_ENV[@]+"${TORCH_ENV[@]}"} ONEDNN_VERBOSE=1 "$PY" -c '
+import torch
+x = torch.nn.functional.conv2d(torch.randn(2, 64, 28, 28), torch.randn(64, 64, 3, 3), padding=1)
+print("aten", torch.backends.cpu.get_cpu_capability())
+' 2>/dev/null | sed -n -e 's/^aten \(.*\)/ATen \1/p' -e 's/^onednn_verbose,.*info,cpu,isa:\(.*\)/oneDNN \1/p' | tr '\n' ';' || true)
+
+# (e) The table.
 CPU=$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ *//' || true)
-"$PY" - "$OUT" "$ROUNDS" "$ITERS" "$WARMUP" "$THREADS" "${CPU:-unknown}" "$(nproc)" $WORKLOADS <<'EOF'
+FLAGS=$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | tr ' ' '\n' | grep -E '^(avx2|fma|avx512[a-z_0-9]*|amx[a-z_0-9]*)$' | tr '\n' ' ' || true)
+"$PY" - "$OUT" "$ROUNDS" "$ITERS" "$WARMUP" "$THREADS" "${CPU:-unknown}" "$(nproc)" "$ISA" "${FLAGS:-}" "${TORCH_KERNELS:-}" $WORKLOADS <<'EOF'
 import datetime, json, statistics, sys
 
-out, rounds, iters, warmup, threads, cpu, cores, *workloads = sys.argv[1:]
+out, rounds, iters, warmup, threads, cpu, cores, isa, flags, torch_kernels, *workloads = sys.argv[1:]
 load = lambda p: json.load(open(f"{out}/{p}"))
 med = lambda xs: statistics.median(xs) if xs else None
 mib = lambda b: "n/a" if b is None else f"{b / 2**20:.0f} MiB"
@@ -87,6 +121,7 @@ for w in workloads:
     ort = [p["onnxruntime"] for p in pt if p.get("onnxruntime")]
     notes += sorted({p["onnxruntime_skipped"] for p in pt if p.get("onnxruntime_skipped")})
     provider, torch_provider = ours[0]["provider"], pt[0]["provider"]
+    kernels = ours[0].get("kernels", "?")
     ort_provider = ort[0]["provider"] if ort else ort_provider
     o = med([x["images_per_second"]["median"] for x in ours])
     t = med([x["images_per_second"]["median"] for x in pt])
@@ -103,10 +138,15 @@ for w in workloads:
 
 now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 print(f"{now}; CPU: {cpu}; {cores} cores; {threads} threads per runtime")
-print(f"ours: vit bench, matmul {provider}")
-print(f"PyTorch: {torch_provider}")
+print(f"CPU flags: {flags.strip() or 'unknown'}")
+if isa == "avx2":
+    print("ISA cap: avx2 (ours: built without `avx512`, VIT_SIMD=avx2; PyTorch: ATEN_CPU_CAPABILITY=avx2, "
+          "ONEDNN_MAX_CPU_ISA=AVX2, MKL_ENABLE_INSTRUCTIONS=AVX2; ONNX Runtime cannot be capped: its "
+          "column runs the CPU's widest kernels)")
+print(f"ours: vit bench, kernels {kernels}, matmul {provider}")
+print(f"PyTorch: {torch_provider}; kernels seen: {torch_kernels.strip(';').replace(';', ', ') or 'unknown'}")
 if ort_provider:
-    print(f"ORT: {ort_provider}")
+    print(f"ORT: {ort_provider}{' (not capped)' if isa == 'avx2' else ''}")
 print(f"median over {rounds} rounds of each run's median of {iters} iterations (after {warmup} warm-up)")
 print()
 print("| workload | ours img/s | PyTorch img/s | ORT img/s | ours/PyTorch | peak RSS ours | peak RSS PyTorch |")

@@ -345,9 +345,13 @@ impl SharedRhs {
     /// `rhs` must cover its (k, n) matrix inside one live allocation that outlives the
     /// value, unmodified meanwhile.
     unsafe fn new(group_rows: usize, k: usize, n: usize, rhs: MatRef) -> SharedRhs {
-        if k > 0 && n > 0 && own_kernel_for(group_rows, n, k) {
-            // SAFETY: own_kernel_for checked avx512f; the view is the caller's.
-            SharedRhs::Packed(unsafe { PackedB::new(k, n, rhs) })
+        let level = (k > 0 && n > 0)
+            .then(|| own_kernel_for(group_rows, n, k))
+            .flatten();
+        if let Some(level) = level {
+            // SAFETY: own_kernel_for checked the level's instruction set; the view is the
+            // caller's.
+            SharedRhs::Packed(unsafe { PackedB::new(level, k, n, rhs) })
         } else {
             SharedRhs::Plain { k, n, rhs }
         }
@@ -589,14 +593,14 @@ mod tests {
         }
     }
 
-    /// Large enough for our own kernel where the CPU has avx512f: the weight packed once for
+    /// Large enough for our own kernels (AVX-512, or AVX2 under `VIT_SIMD=avx2`): the weight packed once for
     /// every group in forward, its transpose once in backward. Two 12×12 images per group,
     /// the last group one image, 128 → 256 channels.
     #[test]
     fn large_layers_match_candles_convolution() {
         let (rows, patch, c_out) = (2 * 144, 128 * 9, 256);
-        let own =
-            super::own_kernel_for(rows, c_out, patch) && super::own_kernel_for(rows, patch, c_out);
+        let own = super::own_kernel_for(rows, c_out, patch).is_some()
+            && super::own_kernel_for(rows, patch, c_out).is_some();
         assert!(own || !is_avx512f());
         matches_candle(0, [3, 128, 12, 12, c_out, 3, 1, 1]);
     }
@@ -619,10 +623,11 @@ mod tests {
                 "first" => value_and_grads(fused(s, p), &inp, &cot),
                 _ => value_and_grads(fused_nhwc(s, p), &inp, &cot),
             };
-            assert!(
-                max_rel_diff(&yf, &yc) < 1e-5,
-                "case {i} channels {layout} forward"
-            );
+            // f32 sums of c·k² products, rounded once more per depth block of the kernel
+            // (AVX2's are 256 deep).
+            let tol = 1e-5 * (1.0 + (c * k * k) as f64 / 512.0).sqrt();
+            let d = max_rel_diff(&yf, &yc);
+            assert!(d < tol, "case {i} channels {layout} forward: {d}");
             for j in 0..2 {
                 let tol = 1e-4 * (1.0 + (b * oh * ow) as f64).sqrt();
                 let d = max_rel_diff(&gf[j], &gc[j]);

@@ -5,11 +5,12 @@
 //! - our own packed AVX-512 kernel ([`super::sgemm`]), the default on CPUs with avx512f, for
 //!   large products (m·n·k ≥ [`OWN_MIN_MNK`], n and k ≥ [`OWN_MIN`]: the layers of
 //!   ViT-B/16 and up); the pure-Rust `gemm` crate for the smaller ones (attention's
-//!   per-head products, the small models' layers), where it is faster. The choice is by shape and CPU only, never by timing or `VIT_SIMD`, so a
-//!   given product always rounds the same way. `VIT_GEMM=rust` uses the `gemm` crate for
-//!   everything, for comparison;
-//! - the `gemm` crate (the one candle uses, its AVX-512 kernels compiled in), the default
-//!   elsewhere;
+//!   per-head products, the small models' layers), where it is faster. The choice is by
+//!   shape, CPU and environment only, never by timing, so a given product always rounds
+//!   the same way. `VIT_GEMM=rust` uses the `gemm` crate for everything, for comparison;
+//!   `VIT_SIMD=avx2` or `baseline` turns our AVX-512 kernel off with the rest;
+//! - the `gemm` crate (the one candle uses, its AVX-512 kernels compiled in with the
+//!   `avx512` cargo feature, on by default), the default elsewhere;
 //! - a system BLAS loaded at run time on request ([`blas`]: MKL, OpenBLAS or BLIS through
 //!   `dlopen`, nothing needed at build time), used for the views it accepts, the above for
 //!   the rest. `VIT_BLAS=auto` takes the first of MKL, OpenBLAS, BLIS that is installed;
@@ -67,9 +68,14 @@ pub(crate) unsafe fn sgemm(
         }
     }
     #[cfg(target_arch = "x86_64")]
-    if own_shape(m, n, k) {
-        // SAFETY: own_kernel() checked avx512f; the views are the caller's.
-        unsafe { super::sgemm::sgemm(m, n, k, dst, dst_rs, dst_cs, lhs, rhs, scale, accumulate) };
+    if let Some(level) = own_shape(m, n, k) {
+        // SAFETY: own_kernel() checked the level's instruction set; the views are the
+        // caller's.
+        unsafe {
+            super::sgemm::sgemm(
+                level, m, n, k, dst, dst_rs, dst_cs, lhs, rhs, scale, accumulate,
+            )
+        };
         return;
     }
     // SAFETY: the caller's contract, with m, n, k ≥ 1 here.
@@ -77,7 +83,12 @@ pub(crate) unsafe fn sgemm(
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use super::sgemm::{sgemm_packed, Epilogue, PackedB, MR};
+pub(crate) use super::sgemm::{sgemm_packed, Epilogue, Level, PackedB, MR};
+
+/// Stand-in for our kernels' instruction sets where they are not compiled: none exists.
+#[cfg(not(target_arch = "x86_64"))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Level {}
 
 /// Rows of our kernel's micro-tile (where it is not compiled, nothing is tiled by it).
 #[cfg(not(target_arch = "x86_64"))]
@@ -94,8 +105,8 @@ impl PackedB {
     ///
     /// # Safety
     /// As our kernel's `PackedB::new` (nothing here relies on it).
-    pub(crate) unsafe fn new(_k: usize, _n: usize, _rhs: MatRef) -> PackedB {
-        unreachable!("no packed sgemm on this architecture")
+    pub(crate) unsafe fn new(level: Level, _k: usize, _n: usize, _rhs: MatRef) -> PackedB {
+        match level {}
     }
 
     /// Never called (see [`PackedB`]).
@@ -148,38 +159,44 @@ const OWN_MIN: usize = 128;
 /// 75–80. See `super::sgemm`.
 const OWN_MIN_MNK: usize = 1 << 26;
 
-/// Whether [`sgemm`] runs a product of this shape on our own AVX-512 kernel (no system BLAS
-/// loaded, the CPU has avx512f, `VIT_GEMM` allows it, and the shape is large enough): a
-/// function of the CPU, the shape and the environment only. The linear layer asks it to
-/// decide whether to pack its weight once for all its row blocks
-/// ([`super::sgemm::PackedB`]).
-pub(crate) fn own_kernel_for(m: usize, n: usize, k: usize) -> bool {
-    blas().is_none() && own_shape(m, n, k)
+/// Which of our own kernels [`sgemm`] runs a product of this shape on, if any (no system
+/// BLAS loaded, the CPU has the instruction set, `VIT_GEMM` allows it, and the shape is
+/// large enough): a function of the CPU, the shape and the environment only. The linear
+/// layer asks it to decide whether to pack its weight once for all its row blocks
+/// ([`PackedB`]).
+pub(crate) fn own_kernel_for(m: usize, n: usize, k: usize) -> Option<Level> {
+    if blas().is_some() {
+        return None;
+    }
+    own_shape(m, n, k)
 }
 
-/// Whether our own kernel runs a product of this shape that the system BLAS (if any)
+/// Which of our own kernels runs a product of this shape that the system BLAS (if any)
 /// declined.
-fn own_shape(m: usize, n: usize, k: usize) -> bool {
-    own_kernel()
-        && n >= OWN_MIN
-        && k >= OWN_MIN
-        && m.saturating_mul(n).saturating_mul(k) >= OWN_MIN_MNK
+fn own_shape(m: usize, n: usize, k: usize) -> Option<Level> {
+    let large =
+        n >= OWN_MIN && k >= OWN_MIN && m.saturating_mul(n).saturating_mul(k) >= OWN_MIN_MNK;
+    own_kernel().filter(|_| large)
 }
 
-/// Whether [`sgemm`] uses our own AVX-512 kernel: the CPU has avx512f and `VIT_GEMM` does
-/// not ask for the `gemm` crate (looked up once; independent of `VIT_SIMD`).
+/// Which of our own kernels [`sgemm`] may use: AVX-512 where the CPU has it, else AVX2 +
+/// FMA, as far as `VIT_SIMD` allows (the kernels' instruction set follows
+/// [`super::simd_level`]); none with `VIT_GEMM=rust` or below AVX2 (looked up once).
 #[cfg(target_arch = "x86_64")]
-fn own_kernel() -> bool {
-    static OWN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+fn own_kernel() -> Option<Level> {
+    static OWN: std::sync::OnceLock<Option<Level>> = std::sync::OnceLock::new();
     use super::settings::GemmChoice;
-    *OWN.get_or_init(|| {
-        settings().gemm == GemmChoice::Vit && std::arch::is_x86_feature_detected!("avx512f")
+    use super::simd::{simd_level, SimdLevel};
+    *OWN.get_or_init(|| match (settings().gemm, simd_level()) {
+        (GemmChoice::Rust, _) | (_, SimdLevel::Baseline) => None,
+        (GemmChoice::Vit, SimdLevel::Avx512) => Some(Level::Avx512),
+        (GemmChoice::Vit, SimdLevel::Avx2) => Some(Level::Avx2),
     })
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn own_kernel() -> bool {
-    false
+fn own_kernel() -> Option<Level> {
+    None
 }
 
 /// [`sgemm`] by the pure-Rust `gemm` crate (any strides; m, n, k ≥ 1).
@@ -446,17 +463,24 @@ pub(crate) fn provider() -> String {
 
 /// What runs without a system BLAS.
 fn base_provider() -> String {
-    if own_kernel() {
-        "vit AVX-512 sgemm (gemm crate below 2^26 m·n·k or n, k < 128)".to_string()
-    } else {
-        rust_provider().to_string()
+    match own_kernel() {
+        #[cfg(target_arch = "x86_64")]
+        Some(level) => format!(
+            "vit {} sgemm ({} below 2^26 m·n·k or n, k < 128)",
+            match level {
+                Level::Avx512 => "AVX-512",
+                Level::Avx2 => "AVX2",
+            },
+            rust_provider()
+        ),
+        _ => rust_provider().to_string(),
     }
 }
 
 fn rust_provider() -> &'static str {
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if cfg!(feature = "avx512") && std::arch::is_x86_feature_detected!("avx512f") {
             return "gemm (pure Rust, AVX-512)";
         }
         if std::arch::is_x86_feature_detected!("fma") {

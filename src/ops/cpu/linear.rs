@@ -15,7 +15,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, Te
 use rayon::prelude::*;
 
 use super::gelu;
-use super::gemm::{own_kernel_for, sgemm, sgemm_packed, Epilogue, PackedB, MR};
+use super::gemm::{own_kernel_for, sgemm, sgemm_packed, Epilogue, Level, PackedB, MR};
 use super::matrix::MatRef;
 use super::par::{new_blocks, new_ranges_uninit, sum_in_order, SendPtr};
 use super::simd::simd;
@@ -47,19 +47,22 @@ fn fwd_bounds(rows: usize, own: bool, threads: usize) -> Vec<usize> {
         .collect()
 }
 
-/// Whether the forward of `rows` rows runs on our own kernel, with Wᵀ packed once for all
-/// its row blocks: a function of the CPU, the shape and `VIT_GEMM`.
-fn packs_weight(rows: usize, n: usize, k: usize) -> bool {
-    n > 0 && k > 0 && own_kernel_for(rows.min(FWD_ROWS), n, k)
+/// Which of our own kernels the forward of `rows` rows runs on, with Wᵀ packed once for all
+/// its row blocks, if any: a function of the CPU, the shape and the environment.
+fn packs_weight(rows: usize, n: usize, k: usize) -> Option<Level> {
+    (n > 0 && k > 0)
+        .then(|| own_kernel_for(rows.min(FWD_ROWS), n, k))
+        .flatten()
 }
 
-/// Wᵀ (in, out) of W (out = n, in = k) packed for our own kernel.
+/// Wᵀ (in, out) of W (out = n, in = k) packed for our own kernel of `level`.
 ///
 /// # Safety
-/// [`packs_weight`] must hold for the shape (it checks avx512f); `w` holds n rows of k.
-unsafe fn pack_weight(w: &[f32], n: usize, k: usize) -> PackedB {
+/// `level` must come from [`packs_weight`] for the shape (it checks the instruction set);
+/// `w` holds n rows of k.
+unsafe fn pack_weight(level: Level, w: &[f32], n: usize, k: usize) -> PackedB {
     // SAFETY: the caller's contract; Wᵀ is W read with swapped strides.
-    unsafe { PackedB::new(k, n, MatRef::new(w.as_ptr(), 1, k as isize)) }
+    unsafe { PackedB::new(level, k, n, MatRef::new(w.as_ptr(), 1, k as isize)) }
 }
 
 /// At most this many row chunks in backward (each holds a partial dW of out × in).
@@ -103,13 +106,16 @@ pub(crate) fn linear(
     let w = w.contiguous()?;
     let rows = x.elem_count() / k.max(1);
     let packed = match cache {
-        Some(cache) if !w.track_op() && packs_weight(rows, n, k) => {
+        Some(cache) if !w.track_op() && packs_weight(rows, n, k).is_some() => {
+            let level = packs_weight(rows, n, k).expect("checked");
             let mut slot = cache.lock().expect("packed weight lock");
             match &*slot {
                 Some((id, p)) if *id == w.id() => Some(p.clone()),
                 _ => {
-                    // SAFETY: packs_weight holds; W holds n rows of k.
-                    let p = Arc::new(with_f32([&w], |[w]| unsafe { pack_weight(w, n, k) })?);
+                    // SAFETY: the level comes from packs_weight; W holds n rows of k.
+                    let p = Arc::new(with_f32([&w], |[w]| unsafe {
+                        pack_weight(level, w, n, k)
+                    })?);
                     *slot = Some((w.id(), p.clone()));
                     Some(p)
                 }
@@ -177,9 +183,10 @@ impl CustomOp3 for Linear {
         let (act, keep_pre) = (self.act, self.keep_pre);
         // Where our own kernel runs the blocks' products, Wᵀ is packed once here for all of
         // them instead of once per block (unless the caller's cache already holds it).
-        let fresh = (self.packed.is_none() && packs_weight(rows, n, k))
-            // SAFETY: packs_weight holds; W holds n rows of k, unmodified here.
-            .then(|| unsafe { pack_weight(w, n, k) });
+        let fresh = packs_weight(rows, n, k)
+            .filter(|_| self.packed.is_none())
+            // SAFETY: the level comes from packs_weight; W holds n rows of k, unmodified here.
+            .map(|level| unsafe { pack_weight(level, w, n, k) });
         let packed = fresh.as_ref().or(self.packed.as_deref());
         let bounds = fwd_bounds(rows, packed.is_some(), rayon::current_num_threads());
         let y = if n > 0 {
@@ -427,7 +434,7 @@ mod tests {
         // Large enough for our own kernel where the CPU has avx512f (Wᵀ packed once for all
         // row blocks): 200 rows (a full block and a partial one), in 768, out 700 (not a
         // multiple of the kernel's 32 columns).
-        assert!(super::own_kernel_for(128, 700, 768) || !is_avx512f());
+        assert!(super::own_kernel_for(128, 700, 768).is_some() || !is_avx512f());
         let (r, k, n) = (200, 768, 700);
         for act in [Activation::Identity, Activation::Gelu] {
             let inp = vec![

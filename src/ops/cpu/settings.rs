@@ -17,8 +17,9 @@ use std::sync::OnceLock;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Settings {
     /// `VIT_SIMD`: the widest instruction set the row kernels' loops may be compiled for
-    /// (`ops/cpu/simd.rs`). It lowers the level the CPU supports, never raises it, and
-    /// does not affect the matrix products.
+    /// (`ops/cpu/simd.rs`) and our own matrix-multiply kernels may use (`ops/cpu/gemm.rs`).
+    /// It lowers the level the CPU supports, never raises it. The `gemm` crate does not
+    /// read it: a build without the `avx512` feature keeps that crate to AVX2.
     pub simd_cap: SimdCap,
     /// `VIT_GEMM`: whether large products on CPUs with avx512f run on our own kernel
     /// (`ops/cpu/sgemm.rs`) or on the `gemm` crate (`ops/cpu/gemm.rs`).
