@@ -43,14 +43,18 @@ pub enum Workload {
     TrainResnet,
     /// `swin_tiny_patch4_window7_224` forward on 8 random 3×224×224 images, no gradient.
     InferSwinT,
+    /// One AdamW training step of `vit_base_patch16_224` on 32 random 3×224×224 images (the
+    /// reference documents' memory-optimisation setting; with gradient checkpointing or not).
+    TrainB16,
 }
 
 impl Workload {
-    pub const ALL: [Workload; 4] = [
+    pub const ALL: [Workload; 5] = [
         Workload::TrainFm,
         Workload::InferB16,
         Workload::TrainResnet,
         Workload::InferSwinT,
+        Workload::TrainB16,
     ];
 
     /// The name on the command line and in reports.
@@ -60,6 +64,7 @@ impl Workload {
             Workload::InferB16 => "infer-b16",
             Workload::TrainResnet => "train-resnet",
             Workload::InferSwinT => "infer-swin-t",
+            Workload::TrainB16 => "train-b16",
         }
     }
 
@@ -82,7 +87,7 @@ impl Workload {
                 ..ViTConfig::timm(28, 4, 192, 12, 3)
             }),
             // timm vit_base_patch16_224.
-            Workload::InferB16 => Some(ViTConfig::timm(224, 16, 768, 12, 12)),
+            Workload::InferB16 | Workload::TrainB16 => Some(ViTConfig::timm(224, 16, 768, 12, 12)),
             Workload::TrainResnet | Workload::InferSwinT => None,
         }
     }
@@ -91,6 +96,7 @@ impl Workload {
     pub fn batch(self) -> usize {
         match self {
             Workload::TrainFm | Workload::TrainResnet => 128,
+            Workload::TrainB16 => 32,
             Workload::InferB16 | Workload::InferSwinT => 8,
         }
     }
@@ -112,6 +118,9 @@ impl Workload {
         };
         match (self, self.vit_config()) {
             (Workload::TrainFm, Some(c)) => vit("one AdamW training step", c),
+            (Workload::TrainB16, Some(c)) => {
+                vit("vit_base_patch16_224, one AdamW training step", c)
+            }
             (Workload::InferB16, Some(c)) => vit("vit_base_patch16_224 forward, no gradient", c),
             (Workload::InferSwinT, _) => format!(
                 "swin_tiny_patch4_window7_224 forward, no gradient: batch {} of 3x224x224",
@@ -128,7 +137,7 @@ impl Workload {
     /// The phases [`BenchReport::phases`] lists, in order.
     pub fn phases(self) -> &'static [&'static str] {
         match self {
-            Workload::TrainFm | Workload::TrainResnet => {
+            Workload::TrainFm | Workload::TrainResnet | Workload::TrainB16 => {
                 &["forward + loss", "backward", "optimizer (clip + AdamW)"]
             }
             Workload::InferB16 | Workload::InferSwinT => &["forward"],
@@ -146,7 +155,7 @@ impl FromStr for Workload {
             .ok_or_else(|| Error::Unknown {
                 kind: "workload",
                 name: s.into(),
-                hint: " (known: train-fm, infer-b16, train-resnet)".into(),
+                hint: " (known: train-fm, infer-b16, train-resnet, infer-swin-t, train-b16)".into(),
             })
     }
 }
@@ -161,6 +170,8 @@ pub struct BenchOptions {
     pub warmup: usize,
     /// Also report the median time of each phase.
     pub profile: bool,
+    /// Training workloads: gradient checkpointing (see `train::forward_backward`).
+    pub grad_checkpoint: bool,
 }
 
 /// Median, minimum and maximum of a series.
@@ -235,7 +246,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         ));
     }
     let w = opts.workload;
-    let mut runner = Runner::new(w, &Device::Cpu)?;
+    let mut runner = Runner::new(w, &Device::Cpu, opts.grad_checkpoint)?;
     for _ in 0..opts.warmup {
         runner.iteration()?;
     }
@@ -290,6 +301,7 @@ enum Runner {
         opt: AdamW,
         x: Tensor,
         y: Tensor,
+        checkpoint: bool,
     },
     Infer {
         model: Box<dyn Classifier>,
@@ -298,7 +310,7 @@ enum Runner {
 }
 
 impl Runner {
-    fn new(w: Workload, dev: &Device) -> Result<Self> {
+    fn new(w: Workload, dev: &Device, checkpoint: bool) -> Result<Self> {
         let cfg = w.config();
         let mut rng = ChaCha8Rng::seed_from_u64(0);
         let b = w.batch();
@@ -308,7 +320,7 @@ impl Runner {
         let pixels: Vec<f32> = (0..n).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect();
         let x = Tensor::from_vec(pixels, shape, dev)?; // (B, C, H, W) in [-1, 1)
         Ok(match w {
-            Workload::TrainFm | Workload::TrainResnet => {
+            Workload::TrainFm | Workload::TrainResnet | Workload::TrainB16 => {
                 let labels: Vec<u32> = (0..b)
                     .map(|_| rng.random_range(0..cfg.num_classes() as u32))
                     .collect();
@@ -321,6 +333,7 @@ impl Runner {
                     opt,
                     x,
                     y: Tensor::from_vec(labels, b, dev)?,
+                    checkpoint,
                 }
             }
             Workload::InferB16 | Workload::InferSwinT => Runner::Infer {
@@ -334,9 +347,25 @@ impl Runner {
     /// One iteration; returns the wall time of each of the workload's phases.
     fn iteration(&mut self) -> Result<Vec<Duration>> {
         match self {
-            Runner::Train { net, opt, x, y } => {
+            Runner::Train {
+                net,
+                opt,
+                x,
+                y,
+                checkpoint,
+            } => {
                 // The same calls as one step of `train::train` with accum_steps = 1.
-                let m = forward_backward(net, opt, x, y, LABEL_SMOOTHING, 1, &|_| None, None)?;
+                let m = forward_backward(
+                    net,
+                    opt,
+                    x,
+                    y,
+                    LABEL_SMOOTHING,
+                    1,
+                    &|_| None,
+                    None,
+                    *checkpoint,
+                )?;
                 if !m.loss.is_finite() {
                     return Err(Error::Numeric(format!("bench: loss became {}", m.loss)));
                 }
@@ -568,6 +597,7 @@ mod tests {
             iters: 0,
             warmup: 0,
             profile: false,
+            grad_checkpoint: false,
         })
         .unwrap_err();
         assert!(e.to_string().contains("--iters"), "{e}");

@@ -1428,3 +1428,59 @@ fn a_hybrid_vit_trains_resumes_exactly_fine_tunes_from_timm_weights_and_draws_at
     ]);
     assert!(out.contains("rollout"), "{out}");
 }
+
+#[test]
+fn gradient_checkpointing_trains_to_the_same_weights() {
+    // Dropout and drop-path drawing, two blocks: with --grad-checkpoint the run ends on
+    // the same weights, bit for bit, as without (the recomputed blocks replay their random
+    // streams), and a recipe's `grad_checkpoint = true` is what the flag sets.
+    let (dir, recipe) = setup(
+        "epochs = 1\nval_size = 50\nmax_steps = 6\nlabel_smoothing = 0.1\n\
+         drop_path = 0.2\n",
+    );
+    let text = std::fs::read_to_string(&recipe).unwrap().replace(
+        "depth = 1",
+        "depth = 2\nproj_dropout = 0.1\nattn_dropout = 0.1",
+    );
+    std::fs::write(&recipe, text).unwrap();
+    let (plain, ckpt) = (dir.path().join("plain"), dir.path().join("ckpt"));
+    ok(&[
+        "train",
+        "--config",
+        p(&recipe),
+        "--out",
+        p(&plain),
+        "--quiet",
+    ]);
+    ok(&[
+        "train",
+        "--config",
+        p(&recipe),
+        "--out",
+        p(&ckpt),
+        "--quiet",
+        "--grad-checkpoint",
+    ]);
+    let last = "checkpoint-last.safetensors";
+    assert_eq!(weights(&plain.join(last)), weights(&ckpt.join(last)));
+    let resolved = std::fs::read_to_string(ckpt.join("config.toml")).unwrap();
+    assert!(resolved.contains("grad_checkpoint = true"), "{resolved}");
+
+    // A model without blocks to recompute is refused in one line.
+    let (dir, recipe) = setup_model(
+        "epochs = 1\nval_size = 50\nmax_steps = 1\n",
+        "arch = \"cnn\"\nwidths = [4, 8]\n",
+    );
+    let e = fails(&[
+        "train",
+        "--config",
+        p(&recipe),
+        "--out",
+        p(&dir.path().join("cnn")),
+        "--grad-checkpoint",
+    ]);
+    assert!(
+        e.contains("gradient checkpointing is built for ViT-family models"),
+        "{e}"
+    );
+}

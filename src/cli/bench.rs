@@ -10,7 +10,8 @@ use super::ReportFormat as Format;
 pub struct BenchArgs {
     /// train-fm (one AdamW step of a ViT, batch 128 of 28x28x1, width 192, depth 12),
     /// train-resnet (the same for resnet18_fmnist), infer-b16 (ViT-B/16 forward, batch 8 of
-    /// 224x224x3) or infer-swin-t (Swin-T forward, the same batch).
+    /// 224x224x3), infer-swin-t (Swin-T forward, the same batch) or train-b16 (one AdamW
+    /// step of ViT-B/16, batch 32 of 224x224x3).
     #[arg(long)]
     workload: String,
     /// Timed iterations.
@@ -22,6 +23,9 @@ pub struct BenchArgs {
     /// Also show the median time of each phase (forward, backward, optimizer).
     #[arg(long)]
     profile: bool,
+    /// Training workloads: gradient checkpointing (activations recomputed in backward).
+    #[arg(long)]
+    grad_checkpoint: bool,
     /// Output format (json: one object, for bench/compare.sh).
     #[arg(long, value_enum, default_value_t = Format::Text)]
     format: Format,
@@ -33,6 +37,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         iters: a.iters,
         warmup: a.warmup,
         profile: a.profile,
+        grad_checkpoint: a.grad_checkpoint,
     })?;
     match a.format {
         Format::Json => out!("{}", serde_json::to_string(&r)?),

@@ -134,6 +134,10 @@ pub struct RecipeFlags {
     /// Also write checkpoint-last every N optimizer steps.
     #[arg(long)]
     checkpoint_every: Option<u64>,
+    /// Gradient checkpointing: recompute each block's activations in backward instead of
+    /// keeping them (less memory, about a third more time; ViT, DeiT, hybrid ViT).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    grad_checkpoint: Option<bool>,
     /// Distil from this trained model (DeiT): a checkpoint that says its architecture, with
     /// the student's classes; a distilled DeiT student learns from it with its second head.
     #[arg(long)]
@@ -331,6 +335,7 @@ mod tests {
             seed: 9,
             max_steps: Some(11),
             checkpoint_every: 13,
+            grad_checkpoint: true,
             teacher: Some("/t.safetensors".into()),
             distill: vit::train::DistillKind::Soft,
             distill_alpha: 0.25,
@@ -364,6 +369,13 @@ mod tests {
         assert_eq!(parse(&args).recipe().unwrap(), want);
         // No flag: the base recipe unchanged.
         assert_eq!(parse(&[]).recipe().unwrap(), Recipe::default());
+        // A bare --grad-checkpoint means true.
+        assert!(
+            parse(&["--grad-checkpoint"])
+                .recipe()
+                .unwrap()
+                .grad_checkpoint
+        );
     }
 
     #[test]

@@ -157,6 +157,12 @@ pub trait Classifier: Send + Sync + std::fmt::Debug {
         None
     }
 
+    /// The network as stem → blocks → head, each part callable on its own, for gradient
+    /// checkpointing (`train::step`); `None` for models not built that way.
+    fn staged(&self) -> Option<&dyn Staged> {
+        None
+    }
+
     /// Moves BatchNorm running statistics by the training passes since the last call (see
     /// [`layers::BatchNorm2d`]); the training step calls it once per micro-batch. Nothing
     /// to do for models without BatchNorm.
@@ -187,6 +193,21 @@ pub trait Classifier: Send + Sync + std::fmt::Debug {
     fn forward_head(&self, feats: &Tensor) -> Result<Tensor> {
         self.forward_head_t(feats, &mut Mode::Eval)
     }
+}
+
+/// A network that runs as a stem, a chain of blocks and a head, each part on its own:
+/// `head(block_{L-1}(… block_0(stem(x))))` is the training forward, drawing from `mode`'s
+/// random stream in that order. Gradient checkpointing keeps only the blocks' inputs and
+/// recomputes each block in backward (timm's `checkpoint_seq`).
+pub trait Staged: Send + Sync {
+    /// Images (B, C, H, W) → the first block's input (tokens).
+    fn stem(&self, x: &Tensor, mode: &mut Mode) -> Result<Tensor>;
+    fn num_blocks(&self) -> usize;
+    /// Block `i` (0-based) on its input.
+    fn block(&self, i: usize, x: &Tensor, mode: &mut Mode) -> Result<Tensor>;
+    /// The last block's output → the logits of the class head and of the distillation head
+    /// (the same logits twice without one), as [`Classifier::forward_heads_t`].
+    fn heads(&self, x: &Tensor, mode: &mut Mode) -> Result<(Tensor, Tensor)>;
 }
 
 /// Serde defaults the architectures' configs share: 3 input channels, flags on, an MLP 4

@@ -14,7 +14,9 @@ use super::hybrid::{HybridBackbone, HybridEmbed};
 use super::layers::{
     normal, trunc_normal, Attention, DropPath, Dropout, LayerNorm, Linear, Mlp, Mode, PatchEmbed,
 };
-use super::{Architecture, Classifier, Intermediates, ModelConfig, Preprocess, Preset, Tokens};
+use super::{
+    Architecture, Classifier, Intermediates, ModelConfig, Preprocess, Preset, Staged, Tokens,
+};
 use crate::{ops, Error, Result};
 
 /// How the token sequence becomes one vector per image.
@@ -937,6 +939,34 @@ impl Classifier for VisionTransformer {
 
     fn pos_embed(&self) -> Option<&Tensor> {
         self.pos_embed.as_ref()
+    }
+
+    fn staged(&self) -> Option<&dyn Staged> {
+        Some(self)
+    }
+}
+
+impl Staged for VisionTransformer {
+    fn stem(&self, x: &Tensor, mode: &mut Mode) -> Result<Tensor> {
+        self.embed(x, mode) // (B, T, D)
+    }
+
+    fn num_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    fn block(&self, i: usize, x: &Tensor, mode: &mut Mode) -> Result<Tensor> {
+        self.blocks[i].forward(x, mode) // (B, T, D)
+    }
+
+    fn heads(&self, x: &Tensor, mode: &mut Mode) -> Result<(Tensor, Tensor)> {
+        let feats = self.final_norm(x)?;
+        if self.cfg.distilled {
+            self.distilled_heads(&feats, mode)
+        } else {
+            let logits = self.forward_head_t(&feats, mode)?; // (B, classes)
+            Ok((logits.clone(), logits))
+        }
     }
 }
 

@@ -76,6 +76,10 @@ pub struct Recipe {
     pub max_steps: Option<u64>,
     /// Also write `checkpoint-last` every this many optimizer steps (0 = each epoch only).
     pub checkpoint_every: u64,
+    /// Gradient checkpointing (timm's `set_grad_checkpointing`): keep only each block's
+    /// input in the forward and recompute the block in backward; the same gradients, less
+    /// memory, one more forward of the blocks. ViT-family models.
+    pub grad_checkpoint: bool,
     /// Distil from this trained model (DeiT): any checkpoint the tool reads that says its
     /// architecture (ours, or HF with config.json), with the student's classes.
     pub teacher: Option<PathBuf>,
@@ -128,6 +132,7 @@ impl Default for Recipe {
             seed: 0,
             max_steps: None,
             checkpoint_every: 0,
+            grad_checkpoint: false,
             teacher: None,
             distill: DistillKind::Hard,
             distill_alpha: 0.5,

@@ -399,6 +399,7 @@ pub fn train(
                 recipe.accum_steps,
                 &rngs,
                 taught.as_ref().map(|t| (t, &distill)),
+                recipe.grad_checkpoint,
             )?;
             if !loss_value.is_finite() {
                 let last = out.join(LAST);

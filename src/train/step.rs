@@ -147,6 +147,9 @@ pub type Teaching<'a> = Option<(&'a Tensor, &'a Distill)>;
 /// chains side by side keep both cores busy where one would leave a core waiting. The
 /// loss is the samples-weighted mean of the shards' losses, so the gradient is that of
 /// the whole micro-batch; the shards' gradients are added in shard order (deterministic).
+///
+/// With `checkpoint` (gradient checkpointing, for models that are [`Staged`]), see
+/// [`checkpointed`]: the same gradients, the blocks' activations recomputed instead of kept.
 #[allow(clippy::too_many_arguments)] // the step's inputs, each used once
 pub fn forward_backward(
     net: &Trainable,
@@ -157,7 +160,11 @@ pub fn forward_backward(
     accum_steps: usize,
     rngs: ShardRngs,
     teacher: Teaching,
+    checkpoint: bool,
 ) -> Result<MicroStep> {
+    if checkpoint {
+        return checkpointed(net, opt, x, y, label_smoothing, accum_steps, rngs, teacher);
+    }
     let start = Instant::now();
     let n = x.dim(0)?;
     let bounds = shard_bounds(x.device(), n);
@@ -204,6 +211,148 @@ pub fn forward_backward(
         forward: forward_time,
         backward: start.elapsed() - forward_time,
     })
+}
+
+/// What the checkpointed forward of one shard keeps for its backward.
+struct Kept {
+    /// The stem's output and each block's, detached: block i's input is `inputs[i]`.
+    inputs: Vec<Tensor>,
+    /// The shard's random stream before the stem (`streams[0]`) and before each block.
+    streams: Vec<Option<ChaCha8Rng>>,
+    /// The last block's output as a variable, the head's graph hanging from it.
+    last: Var,
+    logits: Tensor,
+    loss: Tensor,
+}
+
+/// [`forward_backward`] with gradient checkpointing (timm's `checkpoint_seq`): the forward
+/// runs the stem and each block without keeping their graphs, only each block's input and
+/// the random stream's state before it; the head and loss keep theirs. Backward goes back
+/// block by block: block i is run again on its kept input (a fresh variable) with the same
+/// random stream, and `(block_i(x) · g).sum()` is differentiated, where g is the gradient
+/// arriving at its output; that gives the block's parameter gradients and g for the block
+/// before. The stem last. Peak memory holds one block's activations instead of all of them;
+/// the cost is a second forward of the blocks. Every parameter lives in one part, so its
+/// gradient is the same vector-Jacobian product as without checkpointing.
+#[allow(clippy::too_many_arguments)]
+fn checkpointed(
+    net: &Trainable,
+    opt: &mut AdamW,
+    x: &Tensor,
+    y: &Tensor,
+    label_smoothing: f64,
+    accum_steps: usize,
+    rngs: ShardRngs,
+    teacher: Teaching,
+) -> Result<MicroStep> {
+    let staged = net.model.staged().ok_or_else(|| {
+        Error::Invalid(format!(
+            "gradient checkpointing is built for ViT-family models (ViT, DeiT, hybrid ViT), \
+             not for a {} model",
+            net.model.config().arch()
+        ))
+    })?;
+    let start = Instant::now();
+    let n = x.dim(0)?;
+    let bounds = shard_bounds(x.device(), n);
+    let forward: Vec<Kept> = bounds
+        .par_iter()
+        .enumerate()
+        .map(|(i, &(s0, s1))| -> Result<Kept> {
+            let mut rng = rngs(i);
+            let (x, y) = (x.narrow(0, s0, s1 - s0)?, y.narrow(0, s0, s1 - s0)?);
+            let mut streams = vec![rng.clone()];
+            let mut inputs = vec![staged.stem(&x, &mut Mode::Train(rng.as_mut()))?.detach()];
+            for b in 0..staged.num_blocks() {
+                streams.push(rng.clone());
+                let h = staged.block(b, &inputs[b], &mut Mode::Train(rng.as_mut()))?;
+                inputs.push(h.detach());
+            }
+            let last = Var::from_tensor(inputs.last().expect("the stem's output"))?;
+            let (cls, dist) = staged.heads(last.as_tensor(), &mut Mode::Train(rng.as_mut()))?;
+            let (logits, loss) = match teacher {
+                Some((t, d)) => {
+                    let t = t.narrow(0, s0, s1 - s0)?;
+                    let loss = distillation_loss(&cls, &dist, &y, &t, label_smoothing, d)?;
+                    (((cls + dist)? / 2.0)?, loss)
+                }
+                None => {
+                    let loss = ops::cross_entropy(&cls, &y, label_smoothing)?;
+                    (cls, loss)
+                }
+            };
+            inputs.pop(); // the last output lives on as `last`
+            Ok(Kept {
+                inputs,
+                streams,
+                last,
+                logits,
+                loss,
+            })
+        })
+        .collect::<Result<_>>()?;
+    net.model.commit_running_stats()?;
+    let weight = |i: usize| (bounds[i].1 - bounds[i].0) as f64 / n as f64;
+    let mut loss_value = 0f64;
+    for (i, k) in forward.iter().enumerate() {
+        loss_value += weight(i) * k.loss.to_scalar::<f32>()? as f64;
+    }
+    let forward_time = start.elapsed();
+    let mut logits = Vec::new();
+    if loss_value.is_finite() {
+        let grads: Vec<_> = forward
+            .par_iter()
+            .enumerate()
+            .map(|(i, k)| -> Result<candle_core::backprop::GradStore> {
+                let mut grads = (&k.loss * (weight(i) / accum_steps as f64))?.backward()?;
+                let mut g = grads
+                    .remove(k.last.as_tensor())
+                    .ok_or_else(|| Error::Numeric("the head received no gradient".into()))?;
+                for b in (0..staged.num_blocks()).rev() {
+                    let mut rng = k.streams[b + 1].clone();
+                    let input = Var::from_tensor(&k.inputs[b])?;
+                    let out = staged.block(b, input.as_tensor(), &mut Mode::Train(rng.as_mut()))?;
+                    let mut part = (out * &g)?.sum_all()?.backward()?;
+                    g = part.remove(input.as_tensor()).ok_or_else(|| {
+                        Error::Numeric(format!("block {b}'s input received no gradient"))
+                    })?;
+                    keep_params(&mut grads, part, &net.params);
+                }
+                let mut rng = k.streams[0].clone();
+                let xs = x.narrow(0, bounds[i].0, bounds[i].1 - bounds[i].0)?;
+                let stem = staged.stem(&xs, &mut Mode::Train(rng.as_mut()))?;
+                keep_params(&mut grads, (stem * &g)?.sum_all()?.backward()?, &net.params);
+                Ok(grads)
+            })
+            .collect::<Result<_>>()?;
+        for g in &grads {
+            opt.accumulate(g)?;
+        }
+    }
+    for k in forward {
+        logits.push(k.logits);
+    }
+    Ok(MicroStep {
+        logits: Tensor::cat(&logits, 0)?,
+        loss: loss_value,
+        forward: forward_time,
+        backward: start.elapsed() - forward_time,
+    })
+}
+
+/// Moves the parameters' gradients from `part` into `grads`, dropping the rest of `part`
+/// (the gradients of every intermediate tensor of a recomputed block: kept, they would add
+/// up to the activations checkpointing saves).
+fn keep_params(
+    grads: &mut candle_core::backprop::GradStore,
+    mut part: candle_core::backprop::GradStore,
+    params: &[(String, Var)],
+) {
+    for (_, var) in params {
+        if let Some(g) = part.remove(var.as_tensor()) {
+            grads.insert(var.as_tensor(), g);
+        }
+    }
 }
 
 /// Per-step randomness (dropout, drop-path): a ChaCha stream derived from (seed, step,
