@@ -6,6 +6,7 @@
 #   bash bench/compare.sh                 # from anywhere; works in the repository root
 #   ROUNDS=5 ITERS=20 bash bench/compare.sh
 #   ISA=avx2 bash bench/compare.sh        # the AVX2 tier on an AVX-512 machine (below)
+#   DTYPE=bf16 WORKLOADS=infer-b16 bash bench/compare.sh   # bf16 inference: ours against autocast
 #
 # ISA=avx2 holds the runtimes to AVX2 + FMA: ours is built without the `avx512` feature (the
 # `gemm` crate's AVX-512 kernels left out; into target/isa-avx2) and run with VIT_SIMD=avx2;
@@ -27,6 +28,7 @@ THREADS=${THREADS:-2}
 VENV=${VENV:-.venv}
 TORCH_INDEX=${TORCH_INDEX:-https://download.pytorch.org/whl/cpu}
 WORKLOADS=${WORKLOADS:-train-fm infer-b16 train-resnet infer-swin-t}
+DTYPE=${DTYPE:-f32}
 PY="$VENV/bin/python"
 ISA=${ISA:-native}
 case "$ISA" in
@@ -82,7 +84,7 @@ for w in $WORKLOADS; do
         # workers (src/runtime.rs); set to $THREADS it would compete with ours for the cores.
         env ${OURS_ENV[@]+"${OURS_ENV[@]}"} RAYON_NUM_THREADS=$THREADS \
             "$VIT" bench --workload "$w" --iters "$ITERS" --warmup "$WARMUP" --profile \
-            --format json >"$OUT/ours-$w-$r.json"
+            --dtype "$DTYPE" --format json >"$OUT/ours-$w-$r.json"
         if [ "${w#infer-}" != "$w" ]; then
             say "$w round $r/$ROUNDS: pytorch, then onnxruntime"
         else
@@ -90,7 +92,7 @@ for w in $WORKLOADS; do
         fi
         env ${TORCH_ENV[@]+"${TORCH_ENV[@]}"} OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS \
             "$PY" bench/torch_bench.py --workload "$w" --iters "$ITERS" --warmup "$WARMUP" \
-            --threads "$THREADS" >"$OUT/torch-$w-$r.json"
+            --threads "$THREADS" --dtype "$DTYPE" >"$OUT/torch-$w-$r.json"
     done
 done
 

@@ -143,9 +143,13 @@ def infer(args, swin=False):
     batch = 8
     x = torch.rand(batch, 3, 224, 224) * 2 - 1
 
+    # --dtype bf16: the reference documents' mixed precision, torch.autocast on the CPU
+    # (matrix products in bf16, LayerNorm and softmax in f32).
+    bf16 = args.dtype == "bf16"
+
     def step():
         t0 = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             model(x)
         return (time.perf_counter() - t0,)
 
@@ -229,6 +233,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-onnxruntime", action="store_true", help="skip ONNX Runtime (inference)")
+    ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32",
+                    help="inference: bf16 runs under torch.autocast (ONNX Runtime is then skipped)")
     args = ap.parse_args()
     if args.iters < 1 or args.warmup < 0 or args.threads < 1:
         ap.error("need --iters >= 1, --warmup >= 0 and --threads >= 1")
@@ -251,9 +257,11 @@ def main():
         **r,
         "peak_rss_bytes": peak_rss_bytes(),
         "threads": torch.get_num_threads(),
-        "provider": torch_provider(),
+        "provider": torch_provider() + (", bf16 autocast" if args.dtype == "bf16" else ""),
     }
-    if args.workload.startswith("infer-") and not args.no_onnxruntime:
+    if args.dtype == "bf16":
+        out["onnxruntime"], out["onnxruntime_skipped"] = None, "no bf16 CPU path to compare"
+    elif args.workload.startswith("infer-") and not args.no_onnxruntime:
         out["onnxruntime"], why = onnxruntime_infer(model, batch, args)
         if why:
             out["onnxruntime_skipped"] = why

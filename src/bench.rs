@@ -172,6 +172,8 @@ pub struct BenchOptions {
     pub profile: bool,
     /// Training workloads: gradient checkpointing (see `train::forward_backward`).
     pub grad_checkpoint: bool,
+    /// Inference workloads: the precision of the layers' products ([`crate::ops::set_inference_dtype`]).
+    pub dtype: crate::ops::InferenceDtype,
 }
 
 /// Median, minimum and maximum of a series.
@@ -246,6 +248,16 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         ));
     }
     let w = opts.workload;
+    if opts.dtype != crate::ops::InferenceDtype::F32
+        && !matches!(w, Workload::InferB16 | Workload::InferSwinT)
+    {
+        return Err(Error::Invalid(format!(
+            "--dtype {:?} is for the inference workloads, not {}",
+            opts.dtype,
+            w.name()
+        )));
+    }
+    crate::ops::set_inference_dtype(opts.dtype)?;
     let mut runner = Runner::new(w, &Device::Cpu, opts.grad_checkpoint)?;
     for _ in 0..opts.warmup {
         runner.iteration()?;
@@ -598,6 +610,7 @@ mod tests {
             warmup: 0,
             profile: false,
             grad_checkpoint: false,
+            dtype: Default::default(),
         })
         .unwrap_err();
         assert!(e.to_string().contains("--iters"), "{e}");

@@ -364,3 +364,66 @@ fn jax_npz_checkpoints_predict_and_convert_without_a_preset() {
         assert_eq!(e.trim_end().lines().count(), 1, "{e}");
     }
 }
+
+/// `--dtype bf16`: on a CPU with AVX512_BF16 the same top class as f32 and logits within
+/// bfloat16's rounding; held to AVX2 (or on a CPU without it), one clear line.
+#[test]
+fn bf16_inference_where_the_cpu_has_it_and_one_line_where_not() {
+    let image = fixture("predict/image_rgb.png");
+    let (w, c) = (weights(), config());
+    let args = |dtype: &'static str| {
+        let mut a = vec!["predict", p(&image), "--weights", p(&w), "--config", p(&c)];
+        a.extend([
+            "--format", "json", "--logits", "--top-k", "1", "--dtype", dtype,
+        ]);
+        a
+    };
+    let f32_out = json_lines(&ok(&args("f32")));
+    #[cfg(target_arch = "x86_64")]
+    let bf16_cpu = std::arch::is_x86_feature_detected!("avx512bf16")
+        && std::arch::is_x86_feature_detected!("avx512f");
+    #[cfg(not(target_arch = "x86_64"))]
+    let bf16_cpu = false;
+    if bf16_cpu {
+        let bf16_out = json_lines(&ok(&args("bf16")));
+        assert_eq!(
+            bf16_out[0]["top_k"][0]["index"],
+            f32_out[0]["top_k"][0]["index"]
+        );
+        let logits = |v: &serde_json::Value| -> Vec<f64> {
+            v["logits"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        };
+        let (a, b) = (logits(&f32_out[0]), logits(&bf16_out[0]));
+        let diff = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max);
+        assert!(diff > 0.0, "bf16 changed nothing: was it used?");
+        assert!(diff < 2e-2, "bf16 logits differ by {diff}");
+    } else {
+        let e = fails(&args("bf16"));
+        assert!(e.contains("AVX512_BF16"), "{e}");
+    }
+    // Held to AVX2, as on a CPU without AVX-512: refused in one line, no panic.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vit"))
+        .args(args("bf16"))
+        .env("VIT_SIMD", "avx2")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.starts_with("error: --dtype bf16 needs AVX512_BF16"),
+        "{e}"
+    );
+    assert_eq!(e.lines().count(), 1, "{e}");
+    let out = common::vit(&["predict", p(&image), "--weights", p(&w), "--dtype", "fp8"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown dtype 'fp8'"));
+}

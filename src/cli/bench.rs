@@ -26,6 +26,9 @@ pub struct BenchArgs {
     /// Training workloads: gradient checkpointing (activations recomputed in backward).
     #[arg(long)]
     grad_checkpoint: bool,
+    /// Inference workloads: f32, or bf16 matrix products (CPUs with AVX512_BF16).
+    #[arg(long, default_value = "f32", value_parser = super::parse_dtype)]
+    dtype: vit::ops::InferenceDtype,
     /// Output format (json: one object, for bench/compare.sh).
     #[arg(long, value_enum, default_value_t = Format::Text)]
     format: Format,
@@ -38,6 +41,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         warmup: a.warmup,
         profile: a.profile,
         grad_checkpoint: a.grad_checkpoint,
+        dtype: a.dtype,
     })?;
     match a.format {
         Format::Json => out!("{}", serde_json::to_string(&r)?),

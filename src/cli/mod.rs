@@ -106,16 +106,26 @@ pub enum ReportFormat {
     Json,
 }
 
-/// `--device cpu|cuda` of the commands that run a checkpoint.
+/// `--device cpu|cuda` and `--dtype f32|bf16` of the commands that run a checkpoint.
 #[derive(Debug, Args, Clone)]
 pub struct DeviceArgs {
     /// cpu or cuda (needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Precision of the layers' matrix products: f32, or bf16 (operands rounded to bfloat16,
+    /// f32 sums; CPUs with AVX512_BF16).
+    #[arg(long, default_value = "f32", value_parser = parse_dtype)]
+    dtype: vit::ops::InferenceDtype,
+}
+
+fn parse_dtype(s: &str) -> Result<vit::ops::InferenceDtype, String> {
+    s.parse().map_err(|e: vit::Error| e.to_string())
 }
 
 impl DeviceArgs {
+    /// The device, with the inference precision set for the process.
     fn device(&self) -> vit::Result<candle_core::Device> {
+        vit::ops::set_inference_dtype(self.dtype)?;
         vit::train::device(&self.device)
     }
 }

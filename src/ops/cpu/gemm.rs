@@ -113,6 +113,11 @@ impl PackedB {
     pub(crate) fn n(&self) -> usize {
         match *self {}
     }
+
+    /// Never called (see [`PackedB`]).
+    pub(crate) fn level(&self) -> Level {
+        match *self {}
+    }
 }
 
 /// Stand-in for our kernel's `sgemm_packed` where it is not compiled: no [`PackedB`] exists
@@ -463,18 +468,58 @@ pub(crate) fn provider() -> String {
 
 /// What runs without a system BLAS.
 fn base_provider() -> String {
-    match own_kernel() {
+    let f32_provider = match own_kernel() {
         #[cfg(target_arch = "x86_64")]
         Some(level) => format!(
             "vit {} sgemm ({} below 2^26 m·n·k or n, k < 128)",
             match level {
-                Level::Avx512 => "AVX-512",
+                Level::Avx512 | Level::Bf16 => "AVX-512",
                 Level::Avx2 => "AVX2",
             },
             rust_provider()
         ),
         _ => rust_provider().to_string(),
+    };
+    if bf16_inference() {
+        format!("vit bf16 sgemm (AVX512_BF16) for inference weights; {f32_provider}")
+    } else {
+        f32_provider
     }
+}
+
+/// Whether an inference weight's products run on the bf16 kernel (`--dtype bf16`).
+static BF16_INFERENCE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes the products of inference weights (a linear layer's cached packed weight) run
+/// with both operands rounded to bfloat16 and f32 sums, on the AVX512_BF16 kernel, or back
+/// to f32. Process-wide: set once by a command before it runs a model. An error names a
+/// CPU (or a `VIT_SIMD` cap) without the instructions.
+pub(crate) fn set_bf16_inference(on: bool) -> Result<(), String> {
+    if on && !bf16_supported() {
+        return Err(
+            "--dtype bf16 needs AVX512_BF16 (vdpbf16ps), which this CPU does not have \
+             (or VIT_SIMD caps below AVX-512): use --dtype f32"
+                .into(),
+        );
+    }
+    BF16_INFERENCE.store(on, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
+
+/// Whether [`set_bf16_inference`] turned bf16 on.
+pub(crate) fn bf16_inference() -> bool {
+    BF16_INFERENCE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Whether this CPU, under `VIT_SIMD`, runs the bf16 kernel.
+fn bf16_supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::simd::{simd_level, SimdLevel};
+        simd_level() == SimdLevel::Avx512 && super::sgemm::bf16_available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 fn rust_provider() -> &'static str {

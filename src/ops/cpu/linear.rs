@@ -15,7 +15,9 @@ use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, Te
 use rayon::prelude::*;
 
 use super::gelu;
-use super::gemm::{own_kernel_for, sgemm, sgemm_packed, Epilogue, Level, PackedB, MR};
+use super::gemm::{
+    bf16_inference, own_kernel_for, sgemm, sgemm_packed, Epilogue, Level, PackedB, MR,
+};
 use super::matrix::MatRef;
 use super::par::{new_blocks, new_ranges_uninit, sum_in_order, SendPtr};
 use super::simd::simd;
@@ -105,12 +107,18 @@ pub(crate) fn linear(
     }
     let w = w.contiguous()?;
     let rows = x.elem_count() / k.max(1);
-    let packed = match cache {
-        Some(cache) if !w.track_op() && packs_weight(rows, n, k).is_some() => {
-            let level = packs_weight(rows, n, k).expect("checked");
+    // An inference weight runs on the bf16 kernel whatever its shape when `--dtype bf16`
+    // asked for it, else on our own f32 kernel where that takes the shape.
+    let level = if bf16_inference() {
+        (n > 0 && k > 0).then_some(Level::Bf16)
+    } else {
+        packs_weight(rows, n, k)
+    };
+    let packed = match (cache, level) {
+        (Some(cache), Some(level)) if !w.track_op() => {
             let mut slot = cache.lock().expect("packed weight lock");
             match &*slot {
-                Some((id, p)) if *id == w.id() => Some(p.clone()),
+                Some((id, p)) if *id == w.id() && p.level() == level => Some(p.clone()),
                 _ => {
                     // SAFETY: the level comes from packs_weight; W holds n rows of k.
                     let p = Arc::new(with_f32([&w], |[w]| unsafe {
@@ -468,18 +476,21 @@ mod tests {
         let cached = |w: &Tensor| super::linear(&x, w, &b, Activation::Gelu, Some(&cache)).unwrap();
         let plain = |w: &Tensor| super::linear(&x, w, &b, Activation::Gelu, None).unwrap();
         let id = |c: &super::PackedWeight| c.lock().unwrap().as_ref().map(|(id, _)| *id);
+        // Our own kernel runs this shape where the CPU has AVX-512 or AVX2 + FMA.
+        let own = super::packs_weight(r, n, k).is_some();
+        assert!(own || !is_avx512f());
         // Same bits as packing on every call, and again from the cache.
         assert_eq!(flat(&cached(&w1)), flat(&plain(&w1)));
-        assert_eq!(id(&cache), is_avx512f().then(|| w1.id()));
+        assert_eq!(id(&cache), own.then(|| w1.id()));
         assert_eq!(flat(&cached(&w1)), flat(&plain(&w1)));
         // Another tensor in the same cache: packed anew, never the old weight's results.
         assert_eq!(flat(&cached(&w2)), flat(&plain(&w2)));
-        assert_eq!(id(&cache), is_avx512f().then(|| w2.id()));
+        assert_eq!(id(&cache), own.then(|| w2.id()));
         // A trained weight (a Var) changes between calls: never cached, and it still learns.
         let v = Var::from_tensor(&w1).unwrap();
         let y = cached(v.as_tensor());
         assert_eq!(flat(&y), flat(&plain(&w1)));
-        assert_eq!(id(&cache), is_avx512f().then(|| w2.id()));
+        assert_eq!(id(&cache), own.then(|| w2.id()));
         let grads = y.sum_all().unwrap().backward().unwrap();
         assert!(grads.get(v.as_tensor()).is_some());
     }

@@ -59,7 +59,7 @@ pub(crate) use conv::conv2d;
 pub(crate) use cross_entropy::cross_entropy;
 pub(crate) use depthwise::depthwise_conv3x3;
 pub(crate) use gelu::gelu;
-pub(crate) use gemm::provider as matmul_provider;
+pub(crate) use gemm::{provider as matmul_provider, set_bf16_inference};
 pub(crate) use group_norm::group_norm;
 pub(crate) use layer_norm::layer_norm;
 pub(crate) use linear::{linear, Activation, PackedWeight};

@@ -8,11 +8,11 @@ use super::super::matrix::MatRef;
 use super::{Blocking, Epilogue, Isa};
 
 /// Rows of the micro-tile.
-const MR: usize = 12;
+pub(super) const MR: usize = 12;
 /// Vectors of 16 lanes per micro-tile row.
-const NV: usize = 2;
+pub(super) const NV: usize = 2;
 /// Columns of the micro-tile.
-const NR: usize = 16 * NV;
+pub(super) const NR: usize = 16 * NV;
 
 /// The AVX-512 kernels (avx512f).
 #[derive(Clone, Copy, Debug)]
@@ -101,6 +101,29 @@ unsafe fn kernel(
             b = b.add(NR);
         }
     }
+    // SAFETY: the caller's contract covers the tile.
+    unsafe { store_tile(&acc, c, c_rs, mr, nr, scale, accumulate, epi) }
+}
+
+/// Stores the mr × nr corner of a 12 × 32 tile of sums as [`Isa::kernel`] says: scaled, added
+/// to `c` with `accumulate`, else plus the epilogue's bias; then GELU with the epilogue's.
+///
+/// # Safety
+/// avx512f; `c` covers the mr × nr corner (row stride `c_rs`, column stride 1); the
+/// epilogue's bias, if any, holds nr floats.
+#[target_feature(enable = "avx512f")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn store_tile(
+    acc: &[[__m512; NV]; MR],
+    c: *mut f32,
+    c_rs: usize,
+    mr: usize,
+    nr: usize,
+    scale: f32,
+    accumulate: bool,
+    epi: Epilogue,
+) {
     let sv = _mm512_set1_ps(scale);
     // Constant trip counts (a runtime row index would push the accumulators to memory).
     for (i, row) in acc.iter().enumerate() {

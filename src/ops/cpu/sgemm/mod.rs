@@ -1,6 +1,8 @@
 //! Our own single-threaded sgemm (BLIS/GotoBLAS style), with an AVX-512 micro-kernel
-//! ([`avx512`]: 12 × 32 tiles) and an AVX2 + FMA one ([`avx2`]: 6 × 16 tiles), the blocking
-//! loops below generic over the two ([`Isa`]); see [`super::gemm`] for when it runs.
+//! ([`avx512`]: 12 × 32 tiles), an AVX2 + FMA one ([`avx2`]: 6 × 16 tiles) and, for
+//! inference with `--dtype bf16`, an AVX512_BF16 one ([`bf16`]: operands rounded to
+//! bfloat16 when packed, f32 sums), the blocking loops below generic over them ([`Isa`]);
+//! see [`super::gemm`] for when each runs.
 //!
 //! Blocking, for `dst (m, n) = scale · lhs (m, k) · rhs (k, n)`:
 //!
@@ -104,6 +106,7 @@
 
 mod avx2;
 mod avx512;
+mod bf16;
 
 use std::cell::Cell;
 
@@ -111,6 +114,7 @@ use super::gelu::gelu_in_place;
 use super::matrix::MatRef;
 
 pub(super) use avx512::{mask, transpose16};
+pub(crate) use bf16::available as bf16_available;
 
 /// Callers that split the rows of a product among tasks split them at multiples of this, a
 /// multiple of every micro-kernel's MR (12 and 6), so only the product's last tile is partial.
@@ -124,6 +128,8 @@ pub(crate) enum Level {
     Avx512,
     /// avx2 + fma: [`avx2::Avx2`].
     Avx2,
+    /// avx512f + avx512bf16, operands rounded to bfloat16 (inference only): [`bf16::Bf16`].
+    Bf16,
 }
 
 /// One instruction set's micro-kernel and packing, which the blocking loops are generic over.
@@ -234,6 +240,19 @@ pub(super) unsafe fn sgemm(
             ),
             Level::Avx2 => sgemm_with::<avx2::Avx2>(
                 avx2::Avx2::BLOCKING,
+                m,
+                n,
+                k,
+                dst,
+                dst_rs,
+                dst_cs,
+                lhs,
+                rhs,
+                scale,
+                accumulate,
+            ),
+            Level::Bf16 => sgemm_with::<bf16::Bf16>(
+                bf16::Bf16::BLOCKING,
                 m,
                 n,
                 k,
@@ -489,6 +508,7 @@ impl PackedB {
             match level {
                 Level::Avx512 => Self::new_for::<avx512::Avx512>(level, k, n, rhs),
                 Level::Avx2 => Self::new_for::<avx2::Avx2>(level, k, n, rhs),
+                Level::Bf16 => Self::new_for::<bf16::Bf16>(level, k, n, rhs),
             }
         }
     }
@@ -553,6 +573,11 @@ impl PackedB {
     pub(crate) fn n(&self) -> usize {
         self.n
     }
+
+    /// The kernel the panels are laid out for.
+    pub(crate) fn level(&self) -> Level {
+        self.level
+    }
 }
 
 /// [`sgemm`] with the right-hand side packed beforehand, and an epilogue:
@@ -586,6 +611,9 @@ pub(crate) unsafe fn sgemm_packed(
                 m, dst, dst_rs, dst_cs, lhs, b, scale, accumulate, epi,
             ),
             Level::Avx2 => sgemm_packed_for::<avx2::Avx2>(
+                m, dst, dst_rs, dst_cs, lhs, b, scale, accumulate, epi,
+            ),
+            Level::Bf16 => sgemm_packed_for::<bf16::Bf16>(
                 m, dst, dst_rs, dst_cs, lhs, b, scale, accumulate, epi,
             ),
         }
@@ -941,6 +969,119 @@ mod tests {
                 }
             }
         });
+    }
+
+    /// The bf16 kernel against a triple loop in f64 over the operands rounded to bfloat16
+    /// (as the kernel rounds them): every layout, edges of its tiles and depth blocks, odd k
+    /// (a half-empty last pair); and the packed right-hand side rounds exactly as `sgemm`,
+    /// its epilogue as bias, product, GELU.
+    #[test]
+    fn bf16_matches_the_triple_loop_on_rounded_operands() {
+        if !bf16::available() {
+            eprintln!("no avx512bf16 on this CPU: skipped");
+            return;
+        }
+        let round = |v: &[f32]| -> Vec<f32> {
+            v.iter()
+                .map(|&x| f32::from_bits((bf16::to_bf16(x) as u32) << 16))
+                .collect()
+        };
+        let mut rng = Rng(0xbf16);
+        let all = [
+            Layout::Rows(0),
+            Layout::Rows(3),
+            Layout::Cols(1),
+            Layout::Strided,
+        ];
+        let shapes = [
+            (1, 1, 1),
+            (13, 33, 3),
+            (12, 32, 64),
+            (25, 70, 769),
+            (150, 97, 1537),
+        ];
+        for (s, &(m, n, k)) in shapes.iter().enumerate() {
+            for (x, &la) in all.iter().enumerate() {
+                let lb = all[(s + x) % all.len()];
+                let (ars, acs, alen) = la.strides(m, k);
+                let (brs, bcs, blen) = lb.strides(k, n);
+                let (a, b) = (rng.vec(alen), rng.vec(blen));
+                let (ra, rb) = (round(&a), round(&b));
+                let am = MatRef::new(a.as_ptr(), ars as isize, acs as isize);
+                let bm = MatRef::new(b.as_ptr(), brs as isize, bcs as isize);
+                let (dst_rs, dst_cs) = if x == 3 { (2 * n + 1, 2) } else { (n + 1, 1) };
+                let before = rng.vec(m * dst_rs);
+                let acc = (s + x) % 2 == 0;
+                let mut got = before.clone();
+                // SAFETY: avx512bf16 checked; the views cover their buffers.
+                unsafe {
+                    super::sgemm(
+                        Level::Bf16,
+                        m,
+                        n,
+                        k,
+                        got.as_mut_ptr(),
+                        dst_rs,
+                        dst_cs,
+                        am,
+                        bm,
+                        0.5,
+                        acc,
+                    )
+                };
+                for i in 0..m {
+                    for j in 0..n {
+                        let (mut sum, mut abs) = (0f64, 0f64);
+                        for p in 0..k {
+                            let v = ra[i * ars + p * acs] as f64 * rb[p * brs + j * bcs] as f64;
+                            sum += v;
+                            abs += v.abs();
+                        }
+                        let old = before[i * dst_rs + j * dst_cs] as f64;
+                        let want = 0.5 * sum + if acc { old } else { 0.0 };
+                        let g = got[i * dst_rs + j * dst_cs] as f64;
+                        let tol = f32::EPSILON as f64 * ((k + 2) as f64 * abs + old.abs());
+                        assert!(
+                            (g - want).abs() <= tol + 1e-30,
+                            "{m}x{n}x{k} {la:?} {lb:?}: ({i}, {j}) = {g}, want {want}"
+                        );
+                    }
+                }
+                for (idx, (g, w)) in got.iter().zip(&before).enumerate() {
+                    let (i, r) = (idx / dst_rs, idx % dst_rs);
+                    if r % dst_cs != 0 || r / dst_cs >= n || i >= m {
+                        assert_eq!(g.to_bits(), w.to_bits(), "wrote outside dst at {idx}");
+                    }
+                }
+                // Packed once: the same bits as sgemm, with a bias and GELU as the linear
+                // layer's fused epilogue.
+                // SAFETY: as above.
+                let packed = unsafe { PackedB::new(Level::Bf16, k, n, bm) };
+                assert_eq!(packed.level(), Level::Bf16);
+                let mut from_packed = before.clone();
+                // SAFETY: as above.
+                unsafe {
+                    sgemm_packed(
+                        m,
+                        from_packed.as_mut_ptr(),
+                        dst_rs,
+                        dst_cs,
+                        am,
+                        &packed,
+                        0.5,
+                        acc,
+                        Epilogue::NONE,
+                    )
+                };
+                assert!(
+                    from_packed
+                        .iter()
+                        .zip(&got)
+                        .all(|(p, g)| p.to_bits() == g.to_bits()),
+                    "{m}x{n}x{k}: packed B rounds differently"
+                );
+            }
+        }
     }
 
     #[test]
@@ -1343,6 +1484,9 @@ mod tests {
                                         bl, m, n, k, c, ld, 1, a, b, 1.0, acc,
                                     ),
                                     Level::Avx2 => sgemm_with::<avx2::Avx2>(
+                                        bl, m, n, k, c, ld, 1, a, b, 1.0, acc,
+                                    ),
+                                    Level::Bf16 => sgemm_with::<bf16::Bf16>(
                                         bl, m, n, k, c, ld, 1, a, b, 1.0, acc,
                                     ),
                                 }
