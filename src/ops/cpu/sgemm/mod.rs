@@ -132,6 +132,26 @@ pub(crate) enum Level {
     Bf16,
 }
 
+/// `on_isa!(level, I => expr)`: `expr` with `I` the [`Isa`] of `level`.
+macro_rules! on_isa {
+    ($level:expr, $I:ident => $body:expr) => {
+        match $level {
+            Level::Avx512 => {
+                type $I = avx512::Avx512;
+                $body
+            }
+            Level::Avx2 => {
+                type $I = avx2::Avx2;
+                $body
+            }
+            Level::Bf16 => {
+                type $I = bf16::Bf16;
+                $body
+            }
+        }
+    };
+}
+
 /// One instruction set's micro-kernel and packing, which the blocking loops are generic over.
 pub(super) trait Isa {
     /// Rows of the micro-tile.
@@ -224,47 +244,19 @@ pub(super) unsafe fn sgemm(
 ) {
     // SAFETY: the caller's contract, passed on.
     unsafe {
-        match level {
-            Level::Avx512 => sgemm_with::<avx512::Avx512>(
-                avx512::Avx512::BLOCKING,
-                m,
-                n,
-                k,
-                dst,
-                dst_rs,
-                dst_cs,
-                lhs,
-                rhs,
-                scale,
-                accumulate,
-            ),
-            Level::Avx2 => sgemm_with::<avx2::Avx2>(
-                avx2::Avx2::BLOCKING,
-                m,
-                n,
-                k,
-                dst,
-                dst_rs,
-                dst_cs,
-                lhs,
-                rhs,
-                scale,
-                accumulate,
-            ),
-            Level::Bf16 => sgemm_with::<bf16::Bf16>(
-                bf16::Bf16::BLOCKING,
-                m,
-                n,
-                k,
-                dst,
-                dst_rs,
-                dst_cs,
-                lhs,
-                rhs,
-                scale,
-                accumulate,
-            ),
-        }
+        on_isa!(level, I => sgemm_with::<I>(
+            I::BLOCKING,
+            m,
+            n,
+            k,
+            dst,
+            dst_rs,
+            dst_cs,
+            lhs,
+            rhs,
+            scale,
+            accumulate,
+        ))
     }
 }
 
@@ -504,13 +496,7 @@ impl PackedB {
     /// inside one live allocation, unmodified during the call. k, n ≥ 1.
     pub(crate) unsafe fn new(level: Level, k: usize, n: usize, rhs: MatRef) -> PackedB {
         // SAFETY: the caller's contract, passed on.
-        unsafe {
-            match level {
-                Level::Avx512 => Self::new_for::<avx512::Avx512>(level, k, n, rhs),
-                Level::Avx2 => Self::new_for::<avx2::Avx2>(level, k, n, rhs),
-                Level::Bf16 => Self::new_for::<bf16::Bf16>(level, k, n, rhs),
-            }
-        }
+        unsafe { on_isa!(level, I => Self::new_for::<I>(level, k, n, rhs)) }
     }
 
     /// [`PackedB::new`] for the kernel `I` of `level`.
@@ -606,17 +592,9 @@ pub(crate) unsafe fn sgemm_packed(
 ) {
     // SAFETY: the caller's contract, passed on.
     unsafe {
-        match b.level {
-            Level::Avx512 => sgemm_packed_for::<avx512::Avx512>(
-                m, dst, dst_rs, dst_cs, lhs, b, scale, accumulate, epi,
-            ),
-            Level::Avx2 => sgemm_packed_for::<avx2::Avx2>(
-                m, dst, dst_rs, dst_cs, lhs, b, scale, accumulate, epi,
-            ),
-            Level::Bf16 => sgemm_packed_for::<bf16::Bf16>(
-                m, dst, dst_rs, dst_cs, lhs, b, scale, accumulate, epi,
-            ),
-        }
+        on_isa!(b.level, I => sgemm_packed_for::<I>(
+            m, dst, dst_rs, dst_cs, lhs, b, scale, accumulate, epi,
+        ))
     }
 }
 
@@ -1479,17 +1457,9 @@ mod tests {
                         for case in &cases {
                             // SAFETY: as in bench_against_gemm_crate.
                             let g = gflops(case, &|m, n, k, c, ld, a, b, acc| unsafe {
-                                match level() {
-                                    Level::Avx512 => sgemm_with::<avx512::Avx512>(
-                                        bl, m, n, k, c, ld, 1, a, b, 1.0, acc,
-                                    ),
-                                    Level::Avx2 => sgemm_with::<avx2::Avx2>(
-                                        bl, m, n, k, c, ld, 1, a, b, 1.0, acc,
-                                    ),
-                                    Level::Bf16 => sgemm_with::<bf16::Bf16>(
-                                        bl, m, n, k, c, ld, 1, a, b, 1.0, acc,
-                                    ),
-                                }
+                                on_isa!(level(), I => sgemm_with::<I>(
+                                    bl, m, n, k, c, ld, 1, a, b, 1.0, acc,
+                                ))
                             });
                             line += &format!(" {g:6.1}");
                         }
