@@ -248,12 +248,16 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         ));
     }
     let w = opts.workload;
-    if opts.dtype != crate::ops::InferenceDtype::F32
-        && !matches!(w, Workload::InferB16 | Workload::InferSwinT)
-    {
+    let inference = matches!(w, Workload::InferB16 | Workload::InferSwinT);
+    if opts.dtype != crate::ops::InferenceDtype::F32 && !inference {
         return Err(Error::Invalid(format!(
-            "--dtype {:?} is for the inference workloads, not {}",
-            opts.dtype,
+            "--dtype bf16 is for the inference workloads, not {}",
+            w.name()
+        )));
+    }
+    if opts.grad_checkpoint && inference {
+        return Err(Error::Invalid(format!(
+            "--grad-checkpoint is for the training workloads, not {}",
             w.name()
         )));
     }
@@ -600,6 +604,40 @@ mod tests {
         assert_eq!(Workload::InferB16.config().num_params(), 86_567_656);
         assert_eq!(Workload::TrainResnet.config().arch(), "resnet");
         assert_eq!(Workload::InferSwinT.config().num_params(), 28_288_354);
+    }
+
+    #[test]
+    fn options_for_the_other_kind_of_workload_are_refused() {
+        let opts = |workload, grad_checkpoint, dtype| BenchOptions {
+            workload,
+            iters: 1,
+            warmup: 0,
+            profile: false,
+            grad_checkpoint,
+            dtype,
+        };
+        let e = run(&opts(
+            Workload::TrainFm,
+            false,
+            crate::ops::InferenceDtype::Bf16,
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("--dtype bf16 is for the inference workloads"),
+            "{e}"
+        );
+        let e = run(&opts(
+            Workload::InferB16,
+            true,
+            crate::ops::InferenceDtype::F32,
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("--grad-checkpoint is for the training workloads"),
+            "{e}"
+        );
     }
 
     #[test]
