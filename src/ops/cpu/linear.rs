@@ -120,7 +120,8 @@ pub(crate) fn linear(
             match &*slot {
                 Some((id, p)) if *id == w.id() && p.level() == level => Some(p.clone()),
                 _ => {
-                    // SAFETY: the level comes from packs_weight; W holds n rows of k.
+                    // SAFETY: the level comes from packs_weight, or is bf16, which
+                    // set_bf16_inference allows only where the CPU has it; W holds n rows of k.
                     let p = Arc::new(with_f32([&w], |[w]| unsafe {
                         pack_weight(level, w, n, k)
                     })?);
