@@ -235,9 +235,10 @@ fn device_flag_on_predict_eval_and_attention() {
             ]),
         ]
     };
-    // Without the cuda feature (CI's build), --device cuda says how to get it.
-    for args in commands("cuda")
+    // Without the cuda feature (CI's build), --device cuda (or cuda:N) says how to get it.
+    for args in ["cuda", "cuda:1"]
         .into_iter()
+        .flat_map(commands)
         .filter(|_| !cfg!(feature = "cuda"))
     {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -245,8 +246,16 @@ fn device_flag_on_predict_eval_and_attention() {
         assert_eq!(
             e,
             "error: this vit was built without CUDA; rebuild with \
-             `cargo build --release --features cuda`\n",
+             `cargo build --release --features cuda` (or `bash scripts/build-cuda.sh`)\n",
             "{args:?}"
+        );
+    }
+    for args in commands("cuda:x") {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let e = fails(&args);
+        assert!(
+            e.contains("'cuda:x': a GPU is cuda or cuda:N"),
+            "{args:?}: {e}"
         );
     }
     // train resolves its device through the same function, before touching any file.
@@ -263,7 +272,7 @@ fn device_flag_on_predict_eval_and_attention() {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let e = fails(&args);
         assert!(
-            e.contains("unknown device 'tpu' (known: cpu, cuda)"),
+            e.contains("unknown device 'tpu' (known: cpu, cuda, cuda:N)"),
             "{args:?}: {e}"
         );
     }

@@ -109,7 +109,7 @@ pub enum ReportFormat {
 /// `--device cpu|cuda` and `--dtype f32|bf16` of the commands that run a checkpoint.
 #[derive(Debug, Args, Clone)]
 pub struct DeviceArgs {
-    /// cpu or cuda (needs a build with `--features cuda`).
+    /// cpu, cuda or cuda:N (the N-th GPU; needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Precision of the layers' matrix products: f32, or bf16 (operands rounded to bfloat16,

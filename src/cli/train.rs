@@ -158,7 +158,7 @@ pub struct RecipeFlags {
     /// Output folder (default runs/<timestamp>).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// cpu or cuda.
+    /// cpu, cuda or cuda:N.
     #[arg(long)]
     device: Option<String>,
 }

@@ -21,24 +21,34 @@ use crate::predict::{center_crop, load_model};
 use crate::weights::{self, Arch, FitOptions, SaveMeta};
 use crate::{Error, Result};
 
-/// The device named by a recipe or a command's `--device`: `cpu`, or `cuda` (the first
-/// GPU), which needs a build with the `cuda` feature; without it, `cuda` is an error that
-/// says how to rebuild.
+/// The device named by a recipe or a command's `--device`: `cpu`, or `cuda` / `cuda:N`
+/// (the first or the N-th GPU, as PyTorch names them), which needs a build with the `cuda`
+/// feature; without it, `cuda` is an error that says how to rebuild.
 pub fn device(name: &str) -> Result<Device> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" if !cfg!(feature = "cuda") => Err(Error::Invalid(
+    let gpu = match name {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => 0,
+        _ => match name.strip_prefix("cuda:") {
+            Some(n) => n.parse::<usize>().map_err(|_| {
+                Error::Invalid(format!("'{name}': a GPU is cuda or cuda:N, N a GPU index"))
+            })?,
+            None => {
+                return Err(Error::Unknown {
+                    kind: "device",
+                    name: name.into(),
+                    hint: " (known: cpu, cuda, cuda:N)".into(),
+                })
+            }
+        },
+    };
+    if !cfg!(feature = "cuda") {
+        return Err(Error::Invalid(
             "this vit was built without CUDA; rebuild with \
-             `cargo build --release --features cuda`"
+             `cargo build --release --features cuda` (or `bash scripts/build-cuda.sh`)"
                 .into(),
-        )),
-        "cuda" => Ok(Device::new_cuda(0)?),
-        other => Err(Error::Unknown {
-            kind: "device",
-            name: other.into(),
-            hint: " (known: cpu, cuda)".into(),
-        }),
+        ));
     }
+    Ok(Device::new_cuda(gpu)?)
 }
 
 /// The datasets of a run: training, validation (held out of training) and test, with how
