@@ -25,6 +25,7 @@ pub mod models;
 pub mod onnx;
 pub mod ops;
 pub mod predict;
+pub mod quant;
 #[allow(unsafe_code)] // libc::mallopt
 pub mod runtime;
 pub mod train;

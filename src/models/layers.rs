@@ -65,18 +65,41 @@ impl DropPath {
     }
 }
 
-/// A linear layer's parameters, applied with [`ops::linear_cached`].
+/// A linear layer's parameters, applied with [`ops::linear_cached`], or with
+/// [`ops::linear_int8`] when the checkpoint holds the weight as int8 (`vit quantize`).
 #[derive(Debug, Clone)]
 pub struct Linear {
-    pub weight: Tensor, // (out, in)
+    /// (out, in) f32; for an int8 layer the same tensor as `int8.values` (u8 bytes of i8).
+    pub weight: Tensor,
     pub bias: Option<Tensor>,
     /// The CPU kernels' packed copy of an inference weight (see [`ops::WeightCache`]).
     pub packed: ops::WeightCache,
+    /// The int8 weight and its per-channel scales, when the checkpoint has `weight_scale`.
+    pub int8: Option<ops::Int8Weight>,
 }
 
 impl Linear {
+    /// Tensors `weight` (and `bias`) under `vb`; with a `weight_scale` beside them, the
+    /// weight is int8 (a quantized checkpoint) and the layer runs inference only.
     pub fn new(vb: &VarBuilder, out_dim: usize, in_dim: usize, bias: bool) -> Result<Self> {
-        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let int8 = if vb.contains_tensor(INT8_SCALE) {
+            let values = vb.get_unchecked_dtype("weight", candle_core::DType::U8)?;
+            if values.dims() != [out_dim, in_dim] {
+                return Err(crate::Error::Invalid(format!(
+                    "{}: int8 weight {:?}, expected {:?}",
+                    vb.prefix(),
+                    values.dims(),
+                    [out_dim, in_dim]
+                )));
+            }
+            Some(ops::Int8Weight::new(values, vb.get(out_dim, INT8_SCALE)?)?)
+        } else {
+            None
+        };
+        let weight = match &int8 {
+            Some(q) => q.values.clone(),
+            None => vb.get((out_dim, in_dim), "weight")?,
+        };
         let bias = if bias {
             Some(vb.get(out_dim, "bias")?)
         } else {
@@ -86,19 +109,29 @@ impl Linear {
             weight,
             bias,
             packed: ops::WeightCache::default(),
+            int8,
         })
     }
 
     /// (..., in) → (..., out).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::linear_cached(x, &self.weight, self.bias.as_ref(), false, &self.packed)
+        match &self.int8 {
+            Some(q) => ops::linear_int8(x, q, self.bias.as_ref(), false),
+            None => ops::linear_cached(x, &self.weight, self.bias.as_ref(), false, &self.packed),
+        }
     }
 
     /// `gelu(forward(x))`, fused where the device allows.
     pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
-        ops::linear_cached(x, &self.weight, self.bias.as_ref(), true, &self.packed)
+        match &self.int8 {
+            Some(q) => ops::linear_int8(x, q, self.bias.as_ref(), true),
+            None => ops::linear_cached(x, &self.weight, self.bias.as_ref(), true, &self.packed),
+        }
     }
 }
+
+/// The name, beside a linear layer's `weight`, of the per-channel scales of an int8 weight.
+pub const INT8_SCALE: &str = "weight_scale";
 
 /// Cuts the image into P×P patches and projects each to D: a stride-P convolution,
 /// done as a reshape and one matrix product.

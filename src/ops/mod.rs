@@ -154,6 +154,145 @@ fn linear_act(
     Ok(y.reshape(out_dims)?)
 }
 
+/// A linear layer's weight quantized to int8 (`vit quantize`): W ≈ scale ⊙ values, with
+/// `values` (out, in) in [−127, 127] held as the bytes of i8 in a U8 tensor (candle has no
+/// i8) and one f32 `scale` per output channel (symmetric, per channel). Clones share the
+/// CPU kernels' packing, made on first use.
+#[derive(Clone)]
+pub struct Int8Weight {
+    pub values: Tensor, // (out, in) u8: two's-complement bytes of i8
+    pub scale: Tensor,  // (out,) f32
+    packed: std::sync::Arc<cpu::QPackedWeight>,
+}
+
+impl std::fmt::Debug for Int8Weight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Int8Weight{:?}", self.values.dims())
+    }
+}
+
+impl Int8Weight {
+    /// From its parts: `values` a U8 (out, in) tensor of i8 bytes, `scale` f32 (out,).
+    pub fn new(values: Tensor, scale: Tensor) -> Result<Self> {
+        let (out, _) = values.dims2()?;
+        if values.dtype() != DType::U8 || scale.dtype() != DType::F32 || scale.dims() != [out] {
+            return Err(crate::Error::Invalid(format!(
+                "int8 weight: values {:?} {:?} and scales {:?} {:?} do not fit (want u8 (out, in) \
+                 and f32 (out))",
+                values.dtype(),
+                values.dims(),
+                scale.dtype(),
+                scale.dims()
+            )));
+        }
+        Ok(Int8Weight {
+            values,
+            scale,
+            packed: Default::default(),
+        })
+    }
+
+    /// Quantizes an f32 weight (out, in): per output channel, scale = max |w| / 127 and
+    /// values = round(w / scale) (ties to even), so |w − scale · value| ≤ scale / 2. A
+    /// channel of zeros has scale 0. Non-finite weights are an error.
+    pub fn quantize(w: &Tensor) -> Result<Self> {
+        let (out, inp) = w.dims2()?;
+        let data = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+            return Err(crate::Error::Invalid(format!(
+                "cannot quantize a weight holding {} (at flat index {i})",
+                data[i]
+            )));
+        }
+        let mut values = vec![0u8; out * inp];
+        let mut scale = vec![0f32; out];
+        for (c, row) in data.chunks(inp.max(1)).enumerate().take(out) {
+            let amax = row.iter().fold(0f32, |a, v| a.max(v.abs()));
+            if amax == 0.0 {
+                continue;
+            }
+            let s = amax / 127.0;
+            let inv = 1.0 / s;
+            for (q, v) in values[c * inp..(c + 1) * inp].iter_mut().zip(row) {
+                *q = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8 as u8;
+            }
+            scale[c] = s;
+        }
+        let dev = w.device();
+        Self::new(
+            Tensor::from_vec(values, (out, inp), dev)?,
+            Tensor::from_vec(scale, out, dev)?,
+        )
+    }
+
+    /// The values as i8, row-major (out, in).
+    pub fn to_i8(&self) -> Result<Vec<i8>> {
+        Ok(self
+            .values
+            .flatten_all()?
+            .to_vec1::<u8>()?
+            .into_iter()
+            .map(|v| v as i8)
+            .collect())
+    }
+
+    /// scale ⊙ values as f32 (out, in), on the values' device.
+    pub fn dequantize(&self) -> Result<Tensor> {
+        let v = self.values.to_dtype(DType::F32)?;
+        // The bytes of a negative i8 read as u8 are v + 256.
+        let neg = self.values.ge(128u8)?.to_dtype(DType::F32)?;
+        let signed = (v - (neg * 256.0)?)?;
+        Ok(signed.broadcast_mul(&self.scale.unsqueeze(1)?)?)
+    }
+}
+
+/// [`linear_cached`] with an int8 weight: on the CPU the int8 kernels, activations
+/// quantized per row as the product runs (`ops/cpu/qgemm`); elsewhere the dequantized
+/// weight through candle. Inference only.
+pub fn linear_int8(
+    x: &Tensor,
+    weight: &Int8Weight,
+    bias: Option<&Tensor>,
+    gelu_after: bool,
+) -> Result<Tensor> {
+    let mut out_dims = x.dims().to_vec();
+    let (out_dim, in_dim) = weight.values.dims2()?;
+    match out_dims.last_mut() {
+        Some(last) if *last == in_dim => *last = out_dim,
+        _ => {
+            return Err(crate::Error::Invalid(format!(
+                "linear: input {:?} does not end in weight's input size {in_dim}",
+                x.dims()
+            )))
+        }
+    }
+    let x2 = x.reshape((x.elem_count() / in_dim.max(1), in_dim))?; // (rows, in)
+    let y = if cpu::eligible(x) && weight.values.device().is_cpu() {
+        cpu::qlinear(
+            &x2,
+            &weight.values,
+            &weight.scale,
+            bias,
+            gelu_after,
+            &weight.packed,
+        )?
+    } else {
+        let y = linear_composed(&x2, &weight.dequantize()?.to_dtype(x.dtype())?, bias)?;
+        if gelu_after {
+            gelu(&y)?
+        } else {
+            y
+        }
+    };
+    Ok(y.reshape(out_dims)?)
+}
+
+/// The int8 kernel this CPU runs (`vit bench` reports it): "AVX-512 VNNI", "AVX2" (7-bit
+/// activations) or "portable".
+pub fn int8_kernel() -> &'static str {
+    cpu::qlevel().name()
+}
+
 /// [`linear`] of a 2-D input from candle ops: any device and dtype.
 fn linear_composed(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let y = x.matmul(&weight.t()?)?; // (rows, out)

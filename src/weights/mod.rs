@@ -127,11 +127,17 @@ impl Checkpoint {
         let metadata = meta.metadata().clone().unwrap_or_default();
 
         let mut raw = HashMap::new();
+        let mut int8 = Vec::new();
         for (name, view) in st.tensors() {
             use candle_core::safetensors::Load;
-            let t = view
-                .load(&Device::Cpu)
-                .map_err(|e| bad(format!("tensor {name}: {e}")))?;
+            let t = if view.dtype() == safetensors::Dtype::I8 {
+                // An int8 weight (`vit quantize`): its bytes kept as u8 (candle has no i8).
+                int8.push(name.clone());
+                Tensor::from_raw_buffer(view.data(), DType::U8, view.shape(), &Device::Cpu)
+            } else {
+                view.load(&Device::Cpu)
+            }
+            .map_err(|e| bad(format!("tensor {name}: {e}")))?;
             raw.insert(name, t);
         }
         let naming = if raw.keys().any(|k| hf::is_hf_name(k)) {
@@ -154,8 +160,15 @@ impl Checkpoint {
         for (name, t) in raw {
             if let Some(rest) = name.strip_prefix(TRAIN_STATE_PREFIX) {
                 ck.train_state.insert(rest.to_string(), t);
-            } else if t.dtype().is_float() && !name.ends_with(".attn_mask") {
-                ck.tensors.insert(name, t.to_dtype(DType::F32)?);
+            } else if int8.contains(&name)
+                || (t.dtype().is_float() && !name.ends_with(".attn_mask"))
+            {
+                let t = if t.dtype().is_float() {
+                    t.to_dtype(DType::F32)?
+                } else {
+                    t
+                };
+                ck.tensors.insert(name, t);
             } else {
                 // Integer tensors (BatchNorm's `num_batches_tracked`, Swin's
                 // `relative_position_index`) and Swin's shifted-window `attn_mask`, which
@@ -388,8 +401,45 @@ impl Checkpoint {
                 Some(_) => {}
             }
         }
-        let known: std::collections::HashSet<&str> =
-            expected.iter().map(|(n, _)| n.as_str()).collect();
+        // An int8 checkpoint (`vit quantize`): each int8 weight with its per-channel scales
+        // beside it, and only in layers that run on the int8 kernels (any other layer would
+        // read the bytes as numbers).
+        let mut scales = Vec::new();
+        for (name, t) in &tensors {
+            if t.dtype() != DType::U8 {
+                continue;
+            }
+            if !crate::quant::quantizable(cfg, name) {
+                return Err(err(format!(
+                    "tensor {name} is int8, but only the linear layers of a ViT's blocks (qkv, \
+                     proj, fc1, fc2) can be"
+                )));
+            }
+            let scale = int8_scale_name(name);
+            match tensors.get(&scale) {
+                Some(s) if s.dtype() == DType::F32 && s.dims() == [t.dim(0)?] => {}
+                Some(s) => {
+                    return Err(err(format!(
+                        "tensor {scale}: expected f32 [{}], found {:?} {:?}",
+                        t.dim(0)?,
+                        s.dtype(),
+                        s.dims()
+                    )))
+                }
+                None => {
+                    return Err(err(format!(
+                        "tensor {name} is int8 but its scales {scale} are missing"
+                    )))
+                }
+            }
+            scales.push(scale);
+        }
+        scales.sort();
+        let known: std::collections::HashSet<&str> = expected
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .chain(scales.iter().map(|s| s.as_str()))
+            .collect();
         let mut unexpected: Vec<&String> = tensors
             .keys()
             .filter(|k| !known.contains(k.as_str()))
@@ -435,7 +485,7 @@ impl Checkpoint {
         }
         // One pass over the values: a NaN or an infinity in a weight would only show as a
         // meaningless output later.
-        for (name, _) in &expected {
+        for name in expected.iter().map(|(n, _)| n).chain(&scales) {
             let t = &tensors[name];
             let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             if let Some(i) = values.iter().position(|v| !v.is_finite()) {
@@ -467,6 +517,28 @@ impl Checkpoint {
                  checkpoint does not say its image size"
             ),
         })
+    }
+}
+
+impl Fitted {
+    /// Whether the checkpoint holds int8 weights (`vit quantize`).
+    pub fn is_int8(&self) -> bool {
+        self.tensors.values().any(|t| t.dtype() == DType::U8)
+    }
+
+    /// An error for an int8 checkpoint given to a command that needs f32 weights (`what`:
+    /// "training", "ONNX export", ...).
+    pub fn require_f32(&self, what: &str) -> Result<()> {
+        if self.is_int8() {
+            return Err(Error::Checkpoint {
+                path: self.checkpoint.path.clone(),
+                msg: format!(
+                    "an int8 checkpoint (vit quantize) runs inference only; {what} needs the \
+                     f32 checkpoint it was quantized from"
+                ),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -688,9 +760,44 @@ pub fn save(
         all.push((format!("{TRAIN_STATE_PREFIX}{k}"), t.contiguous()?));
     }
     all.sort_by(|a, b| a.0.cmp(&b.0));
-    let bytes = safetensors::serialize(all.iter().map(|(k, t)| (k.as_str(), t)), Some(metadata))
+    let stored = all.iter().map(|(k, t)| {
+        let int8 = t.dtype() == DType::U8 && tensors.contains_key(&int8_scale_name(k));
+        (k.as_str(), Stored { t, int8 })
+    });
+    let bytes = safetensors::serialize(stored, Some(metadata))
         .map_err(|e| Error::Invalid(format!("{}: cannot serialise: {e}", path.display())))?;
     crate::atomic::write_atomic(path, &bytes)
+}
+
+/// The name of the per-channel scales beside an int8 weight `name` (`X.weight` →
+/// `X.weight_scale`).
+pub fn int8_scale_name(name: &str) -> String {
+    format!("{name}_scale")
+}
+
+/// A tensor as [`save`] stores it: as is, or (an int8 weight, held as u8 bytes) as I8.
+struct Stored<'a> {
+    t: &'a Tensor,
+    int8: bool,
+}
+
+impl safetensors::View for Stored<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        if self.int8 {
+            safetensors::Dtype::I8
+        } else {
+            safetensors::View::dtype(self.t)
+        }
+    }
+    fn shape(&self) -> &[usize] {
+        self.t.dims()
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        safetensors::View::data(self.t)
+    }
+    fn data_len(&self) -> usize {
+        safetensors::View::data_len(self.t)
+    }
 }
 
 /// Output naming of [`convert`].

@@ -41,6 +41,8 @@ mod linear;
 mod math;
 mod matrix;
 mod par;
+mod qgemm;
+mod qlinear;
 mod relu;
 mod settings;
 #[cfg(target_arch = "x86_64")]
@@ -63,6 +65,8 @@ pub(crate) use gemm::{provider as matmul_provider, set_bf16_inference};
 pub(crate) use group_norm::group_norm;
 pub(crate) use layer_norm::layer_norm;
 pub(crate) use linear::{linear, Activation, PackedWeight};
+pub(crate) use qgemm::qlevel;
+pub(crate) use qlinear::{qlinear, QPackedWeight};
 pub(crate) use relu::{add_relu, relu};
 pub(crate) use simd::{simd_level, SimdLevel};
 pub(crate) use softmax::softmax_last_dim;

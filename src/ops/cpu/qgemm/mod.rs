@@ -1,0 +1,318 @@
+//! int8 matrix products for inference with a quantized checkpoint (`vit quantize`):
+//!
+//! ```text
+//! y[m, n] = act( sa[m] · sw[n] · (Σ_k aq[m, k] · wq[n, k] − zp[m] · Σ_k wq[n, k]) + b[n] )
+//! ```
+//!
+//! with the weight W (n, k) stored as int8 wq ∈ [−127, 127] with one scale sw per output
+//! channel (symmetric), and each row of activations x (m, k) quantized when the product
+//! runs ([`quantize_row`], as ONNX Runtime's `quantize_dynamic`, but per row): unsigned aq ∈
+//! [0, L] with its own scale sa and zero point zp, so that x ≈ sa · (aq − zp). The sums are
+//! exact in i32 (|Σ| ≤ 255 · 127 · k < 2³¹ for k < 66,000); dequantization, bias and GELU
+//! are the epilogue of each tile.
+//!
+//! Kernels ([`QLevel`]), chosen at run time by CPU (and `VIT_SIMD`):
+//! - AVX-512 VNNI ([`vnni`]): `vpdpbusd` multiplies four u8 × s8 pairs per 32-bit lane and
+//!   adds them to the lane in i32, without intermediate rounding or saturation; 12 × 32
+//!   tiles in 24 zmm accumulators, as the f32 kernel. L = 255.
+//! - AVX2 ([`avx2`]): `vpmaddubsw` multiplies u8 × s8 pairs and adds each pair into an i16
+//!   with saturation, then `vpmaddwd` by ones adds pairs of those into i32. With 8-bit
+//!   activations a pair could reach 2 · 255 · 127 > 32,767, so activations are quantized to
+//!   7 bits here (L = 127: 2 · 127 · 127 = 32,258 never saturates) and the sums stay exact;
+//!   4 × 16 tiles.
+//! - portable code otherwise (L = 255).
+//!
+//! The weight is packed once ([`QPacked`]) into panels of NR output channels: for each
+//! group of four consecutive k, NR × 4 bytes (channel j's four values together, the order
+//! both instructions read a 32-bit lane in), zero past n and k; with it its per-channel
+//! sums (for the zero point) and scales. Activations are quantized per block of rows into
+//! rows of ⌈k/4⌉·4 bytes (zero past k). Loops: for each panel of B (k·NR bytes, in L2), for
+//! each MR-row tile of the block: the whole depth in one pass, then the epilogue.
+
+use super::gelu;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod vnni;
+
+/// The largest tile of any kernel, in i32 (12 × 32).
+const MAX_TILE: usize = 12 * 32;
+
+/// Which int8 kernel runs the products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum QLevel {
+    /// AVX-512 VNNI, 8-bit activations.
+    Vnni,
+    /// AVX2, 7-bit activations.
+    Avx2,
+    /// Portable code, 8-bit activations.
+    Scalar,
+}
+
+impl QLevel {
+    /// The largest quantized activation, L: 255, or 127 for the AVX2 kernel (see above).
+    pub(crate) fn act_max(self) -> u8 {
+        match self {
+            QLevel::Avx2 => 127,
+            QLevel::Vnni | QLevel::Scalar => 255,
+        }
+    }
+
+    /// Rows of a tile.
+    pub(crate) fn mr(self) -> usize {
+        match self {
+            QLevel::Vnni => 12,
+            QLevel::Avx2 | QLevel::Scalar => 4,
+        }
+    }
+
+    /// Output channels of a tile (and of a packed panel).
+    fn nr(self) -> usize {
+        match self {
+            QLevel::Vnni => 32,
+            QLevel::Avx2 | QLevel::Scalar => 16,
+        }
+    }
+
+    /// Name, for reports.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            QLevel::Vnni => "AVX-512 VNNI",
+            QLevel::Avx2 => "AVX2",
+            QLevel::Scalar => "portable",
+        }
+    }
+}
+
+/// The int8 kernel of this CPU: VNNI where the AVX-512 level has it, AVX2 where the CPU
+/// (or `VIT_SIMD`) stops there, portable code below (looked up once).
+pub(crate) fn qlevel() -> QLevel {
+    static LEVEL: std::sync::OnceLock<QLevel> = std::sync::OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use super::simd::{simd_level, SimdLevel};
+            match simd_level() {
+                SimdLevel::Avx512 if std::arch::is_x86_feature_detected!("avx512vnni") => {
+                    QLevel::Vnni
+                }
+                SimdLevel::Avx512 | SimdLevel::Avx2 => QLevel::Avx2,
+                SimdLevel::Baseline => QLevel::Scalar,
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        QLevel::Scalar
+    })
+}
+
+/// The levels this CPU can run (for tests: each against the exact reference).
+#[cfg(test)]
+pub(crate) fn available_levels() -> Vec<QLevel> {
+    let mut out = vec![QLevel::Scalar];
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx2") {
+            out.push(QLevel::Avx2);
+        }
+        if has!("avx512f") && has!("avx512bw") && has!("avx512vnni") {
+            out.push(QLevel::Vnni);
+        }
+    }
+    out
+}
+
+/// A weight W (n, k) as int8 with per-channel scales, packed for one [`QLevel`].
+#[derive(Debug)]
+pub(crate) struct QPacked {
+    level: QLevel,
+    n: usize,
+    k: usize,
+    /// k rounded up to a multiple of 4.
+    k4: usize,
+    /// ⌈n/NR⌉ panels of k4 · NR bytes.
+    data: Vec<i8>,
+    /// Σ_k wq[n, k], per channel.
+    colsum: Vec<i32>,
+    /// sw, per channel.
+    scale: Vec<f32>,
+}
+
+impl QPacked {
+    /// Packs `wq` (n rows of k int8 values) with its `scale` (n) for `level`.
+    pub(crate) fn new(level: QLevel, wq: &[i8], scale: &[f32], n: usize, k: usize) -> Self {
+        assert!(wq.len() == n * k && scale.len() == n, "int8 weight shape");
+        let nr = level.nr();
+        let k4 = k.next_multiple_of(4);
+        let panel = k4 * nr;
+        let mut data = vec![0i8; n.div_ceil(nr) * panel];
+        for (c, row) in wq.chunks_exact(k.max(1)).enumerate().take(n) {
+            let (p, j) = (c / nr, c % nr);
+            let dst = &mut data[p * panel..(p + 1) * panel];
+            for (kk, &v) in row.iter().enumerate() {
+                dst[(kk / 4) * nr * 4 + j * 4 + kk % 4] = v;
+            }
+        }
+        let colsum = (0..n)
+            .map(|c| wq[c * k..(c + 1) * k].iter().map(|&v| v as i32).sum())
+            .collect();
+        QPacked {
+            level,
+            n,
+            k,
+            k4,
+            data,
+            colsum,
+            scale: scale.to_vec(),
+        }
+    }
+
+    pub(crate) fn level(&self) -> QLevel {
+        self.level
+    }
+}
+
+/// Quantizes one row `x` of activations to `out` (at least x.len() bytes; what lies past
+/// x.len() is zeroed) in [0, `max`] and returns (scale, zero point) with x ≈ scale · (q −
+/// zp): the range [min(x, 0), max(x, 0)] over `max` steps, so that zero is exact. A row of
+/// zeros has scale 0. A row holding a NaN or an infinity gets a NaN scale, so its outputs
+/// are NaN as the f32 product's would be, not a silently finite number.
+#[inline(always)]
+pub(crate) fn quantize_row(x: &[f32], max: u8, out: &mut [u8]) -> (f32, i32) {
+    let (mut lo, mut hi) = (0f32, 0f32);
+    for &v in x {
+        lo = if v < lo { v } else { lo };
+        hi = if v > hi { v } else { hi };
+    }
+    let (head, tail) = out.split_at_mut(x.len());
+    tail.fill(0);
+    let finite = x.iter().fold(0f32, |s, &v| s + v * 0.0) == 0.0;
+    if !finite {
+        head.fill(0);
+        return (f32::NAN, 0);
+    }
+    if hi == lo {
+        head.fill(0);
+        return (0.0, 0);
+    }
+    let levels = max as f32;
+    let scale = (hi - lo) / levels;
+    let zp = (-lo / scale).round_ties_even().clamp(0.0, levels);
+    let inv = 1.0 / scale;
+    for (o, &v) in head.iter_mut().zip(x) {
+        *o = ((v * inv).round_ties_even() + zp).clamp(0.0, levels) as u8;
+    }
+    (scale, zp as i32)
+}
+
+/// The i32 tile (MR × NR, row-major, NR apart) of rows `a` (`rows` of them, `a_rs` bytes
+/// apart; rows past `rows` repeat the last) times one packed panel `b`, over k4 bytes.
+///
+/// # Safety
+/// `a` holds `rows` ≥ 1 rows of k4 readable bytes `a_rs` apart; `b` a whole panel of
+/// `level`; the CPU has the level's instructions.
+unsafe fn tile(
+    level: QLevel,
+    k4: usize,
+    a: *const u8,
+    a_rs: usize,
+    rows: usize,
+    b: *const i8,
+) -> [i32; MAX_TILE] {
+    let mut out = [0i32; MAX_TILE];
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the caller's contract (avx512f/bw/vnni for this level).
+        QLevel::Vnni => unsafe { vnni::tile(k4, a, a_rs, rows, b, out.as_mut_ptr()) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the caller's contract (avx2 for this level).
+        QLevel::Avx2 => unsafe { avx2::tile(k4, a, a_rs, rows, b, out.as_mut_ptr()) },
+        _ => {
+            let (mr, nr) = (level.mr(), level.nr());
+            for i in 0..mr {
+                // SAFETY: row min(i, rows − 1) of a, k4 bytes (the caller's contract).
+                let ar = unsafe { std::slice::from_raw_parts(a.add(i.min(rows - 1) * a_rs), k4) };
+                // SAFETY: a whole panel, k4 · nr bytes.
+                let bp = unsafe { std::slice::from_raw_parts(b, k4 * nr) };
+                for q in 0..k4 / 4 {
+                    for j in 0..nr {
+                        let mut s = 0i32;
+                        for r in 0..4 {
+                            s += ar[4 * q + r] as i32 * bp[q * nr * 4 + j * 4 + r] as i32;
+                        }
+                        out[i * nr + j] += s;
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `y = act(dequant(quant(x) · Wᵀ) + b)` for one block of rows: x (m, k) with m = x.len() / k,
+/// into y (m, n), with GELU when `gelu`.
+///
+/// # Safety
+/// `y` is valid for writes of m · n floats; `p`'s level runs on this CPU ([`qlevel`], or
+/// one of [`available_levels`] in tests).
+#[inline(always)]
+pub(crate) unsafe fn qgemm_block(
+    x: &[f32],
+    p: &QPacked,
+    bias: Option<&[f32]>,
+    gelu: bool,
+    y: *mut f32,
+) {
+    let (n, k, k4) = (p.n, p.k, p.k4);
+    let m = x.len() / k.max(1);
+    if m == 0 || n == 0 {
+        return;
+    }
+    let (mr, nr, max) = (p.level.mr(), p.level.nr(), p.level.act_max());
+    let mut aq = vec![0u8; m * k4];
+    let mut sa = vec![0f32; m];
+    let mut zp = vec![0i32; m];
+    for i in 0..m {
+        (sa[i], zp[i]) = quantize_row(&x[i * k..(i + 1) * k], max, &mut aq[i * k4..(i + 1) * k4]);
+    }
+    for pi in 0..n.div_ceil(nr) {
+        let (c0, cols) = (pi * nr, nr.min(n - pi * nr));
+        let panel = &p.data[pi * k4 * nr..(pi + 1) * k4 * nr];
+        let (sw, cs) = (&p.scale[c0..c0 + cols], &p.colsum[c0..c0 + cols]);
+        for i0 in (0..m).step_by(mr) {
+            let rows = mr.min(m - i0);
+            // SAFETY: rows i0.. of aq (k4 bytes each, `rows` ≥ 1 of them); a whole panel;
+            // the level runs here (the caller's contract).
+            let acc = unsafe {
+                tile(
+                    p.level,
+                    k4,
+                    aq.as_ptr().add(i0 * k4),
+                    k4,
+                    rows,
+                    panel.as_ptr(),
+                )
+            };
+            for i in 0..rows {
+                let r = i0 + i;
+                // SAFETY: row r < m of y, columns c0..c0 + cols < n (the caller's contract).
+                let yr = unsafe { std::slice::from_raw_parts_mut(y.add(r * n + c0), cols) };
+                let (s, z) = (sa[r], zp[r]);
+                for j in 0..cols {
+                    let v = (acc[i * nr + j] as i64 - z as i64 * cs[j] as i64) as f32 * (s * sw[j]);
+                    yr[j] = match bias {
+                        Some(b) => v + b[c0 + j],
+                        None => v,
+                    };
+                }
+                if gelu {
+                    gelu::gelu_in_place(yr);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

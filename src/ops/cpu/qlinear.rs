@@ -1,0 +1,108 @@
+//! The int8 linear layer of a quantized checkpoint: y = act(x Wᵀ + b) with W as int8 and
+//! per-channel scales, x quantized per row when it runs, on the [`super::qgemm`] kernels.
+//! Inference only: no gradient flows through it (a tracked input is refused).
+
+use std::sync::OnceLock;
+
+use candle_core::{bail, Result, Storage, Tensor};
+
+use super::par::new_ranges_uninit;
+use super::qgemm::{qgemm_block, qlevel, QPacked};
+use super::simd::simd;
+use super::storage::with_f32;
+
+/// Rows per task: as the f32 linear layer's forward (a block of activations, k bytes a
+/// row once quantized, stays in L2 while every panel of the weight passes over it).
+const ROWS: usize = 128;
+
+/// The packed int8 weight of a layer, made on first use and kept (it cannot change).
+pub(crate) type QPackedWeight = OnceLock<QPacked>;
+
+/// The first row of each task, then `rows`: whole tiles, about [`ROWS`] rows each, as many
+/// tasks as a multiple of the pool's threads (see the f32 layer's `fwd_bounds`).
+fn bounds(rows: usize, mr: usize, threads: usize) -> Vec<usize> {
+    let tiles = rows.div_ceil(mr);
+    let mut tasks = tiles.div_ceil(ROWS.div_ceil(mr)).max(1);
+    if tasks > 1 {
+        tasks = tasks.next_multiple_of(threads.max(1)).min(tiles);
+    }
+    (0..=tasks)
+        .map(|i| (i * tiles / tasks * mr).min(rows))
+        .collect()
+}
+
+/// `act(x · Wᵀ + b)` for a CPU f32 x (rows, k), W given as `values` (n, k), the bytes of i8
+/// in a U8 tensor, with `scale` (n) f32, and bias (n).
+pub(crate) fn qlinear(
+    x: &Tensor,
+    values: &Tensor,
+    scale: &Tensor,
+    bias: Option<&Tensor>,
+    gelu: bool,
+    cache: &QPackedWeight,
+) -> Result<Tensor> {
+    if x.track_op() {
+        bail!(
+            "an int8 layer runs inference only: it has no gradient (train from the f32 checkpoint)"
+        )
+    }
+    let (rows, k) = x.dims2()?;
+    let (n, kw) = values.dims2()?;
+    if k != kw {
+        bail!(
+            "int8 linear: input {:?} does not fit weight {:?}",
+            x.dims(),
+            values.dims()
+        )
+    }
+    let packed = match cache.get() {
+        Some(p) => p,
+        None => {
+            let wq: Vec<i8> = values
+                .flatten_all()?
+                .to_vec1::<u8>()?
+                .into_iter()
+                .map(|v| v as i8)
+                .collect();
+            let sw = scale.to_vec1::<f32>()?;
+            if sw.len() != n {
+                bail!("int8 linear: {} scales for {n} channels", sw.len())
+            }
+            let _ = cache.set(QPacked::new(qlevel(), &wq, &sw, n, k));
+            cache.get().expect("set above")
+        }
+    };
+    let bias = match bias {
+        Some(b) => Some(b.contiguous()?),
+        None => None,
+    };
+    let b_vec = match &bias {
+        Some(b) => {
+            let (s, l) = b.storage_and_layout();
+            let Storage::Cpu(cpu) = &*s else {
+                bail!("int8 linear: bias is not on the CPU")
+            };
+            Some(super::storage::f32_slice(cpu, l)?.to_vec())
+        }
+        None => None,
+    };
+    if b_vec.as_ref().is_some_and(|b| b.len() != n) {
+        bail!("int8 linear: bias does not have {n} values")
+    }
+    let bounds = bounds(rows, packed.level().mr(), rayon::current_num_threads());
+    let y = with_f32([&x.contiguous()?], |[x]| {
+        let elems: Vec<usize> = bounds.iter().map(|r| r * n).collect();
+        let fill = |i: usize, yb: *mut f32, _len: usize| {
+            let xb = &x[bounds[i] * k..bounds[i + 1] * k];
+            // SAFETY: yb holds this task's rows of n floats (the ranges are `bounds` rows
+            // times n); the packing's level is this CPU's (qlevel).
+            simd!(unsafe { qgemm_block(xb, packed, b_vec.as_deref(), gelu, yb) });
+        };
+        if n == 0 {
+            return Vec::new();
+        }
+        // SAFETY: qgemm_block writes every float of its rows (every column of every row).
+        unsafe { new_ranges_uninit(&elems, fill) }
+    })?;
+    Tensor::from_vec(y, (rows, n), x.device())
+}

@@ -1,0 +1,144 @@
+//! int8 checkpoints (`vit quantize`): which layers become int8 and the file they make.
+//!
+//! Scheme (the one ONNX Runtime's `quantize_dynamic` uses with `per_channel=True`, with
+//! activations quantized per row instead of per tensor): each linear layer of a ViT's
+//! blocks (attention qkv and proj, MLP fc1 and fc2: all but 2% of ViT-B/16's products)
+//! keeps its weight as int8 with one symmetric f32 scale per output channel
+//! ([`crate::ops::Int8Weight::quantize`]), stored as an I8 tensor under the weight's name and
+//! an F32 tensor `<name>_scale` beside it; the safetensors metadata says so under
+//! [`META_QUANT`]. The patch embedding, LayerNorms, position embedding, head and the
+//! attention products stay f32, and activations are quantized as each product runs
+//! (`ops/cpu/qgemm`). Loading needs nothing more: a layer with `weight_scale` beside its
+//! weight builds as int8 ([`crate::models::layers::Linear::new`]).
+//!
+//! This module knows the file and the layer names; it does not know the kernels.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+use crate::models::{Architecture, ModelConfig};
+use crate::ops::Int8Weight;
+use crate::weights::{self, int8_scale_name, Arch, FitOptions, SaveMeta};
+use crate::{Error, Result};
+
+/// The metadata key holding a quantized checkpoint's [`Scheme`] (JSON).
+pub const META_QUANT: &str = "vit.quantization";
+
+/// What a quantized checkpoint says about its quantization.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Scheme {
+    /// "int8, symmetric, per output channel".
+    pub weights: String,
+    /// "dynamic, per row".
+    pub activations: String,
+    /// The int8 layers' names (their weights).
+    pub layers: Vec<String>,
+}
+
+/// The layer suffixes that become int8.
+const LAYERS: [&str; 4] = [
+    ".attn.qkv.weight",
+    ".attn.proj.weight",
+    ".mlp.fc1.weight",
+    ".mlp.fc2.weight",
+];
+
+/// Whether tensor `name` of a model of `cfg` is a weight the int8 kernels run: a linear
+/// layer of a ViT's (DeiT's, hybrid ViT's) blocks.
+pub fn quantizable(cfg: &ModelConfig, name: &str) -> bool {
+    cfg.as_vit().is_some()
+        && name.starts_with("blocks.")
+        && LAYERS.iter().any(|s| name.ends_with(s))
+}
+
+/// Replaces every [`quantizable`] weight in `tensors` (timm names, f32) by its int8 values
+/// and adds its scales; returns the quantized names, sorted. An error for an architecture
+/// with none (Swin, PVT and the CNNs are not supported).
+pub fn quantize_tensors(
+    cfg: &ModelConfig,
+    tensors: &mut HashMap<String, Tensor>,
+) -> Result<Vec<String>> {
+    let mut names: Vec<String> = tensors
+        .keys()
+        .filter(|n| quantizable(cfg, n))
+        .cloned()
+        .collect();
+    names.sort();
+    if names.is_empty() {
+        return Err(Error::Invalid(format!(
+            "int8 quantization supports the ViT family (ViT, DeiT, hybrid ViT); a {} model has \
+             no layer it quantizes",
+            cfg.arch()
+        )));
+    }
+    for name in &names {
+        let q = Int8Weight::quantize(&tensors[name])?;
+        tensors.insert(int8_scale_name(name), q.scale.clone());
+        tensors.insert(name.clone(), q.values.clone());
+    }
+    Ok(names)
+}
+
+/// What [`quantize_checkpoint`] did.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// The int8 layers.
+    pub layers: Vec<String>,
+    /// Sizes of the input and output files, in bytes.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Things the user should know (from loading the input).
+    pub warnings: Vec<String>,
+}
+
+/// Reads the f32 checkpoint `input` (any form `vit predict` reads: ours, timm, HF, `.npz`),
+/// quantizes its ViT blocks' linear layers to int8 and writes `output` (timm naming, our
+/// metadata, written atomically).
+pub fn quantize_checkpoint(input: &Path, output: &Path, arch: &Arch) -> Result<Report> {
+    let fitted = weights::load_fitted(input, arch, FitOptions::default())?;
+    if fitted.is_int8() {
+        return Err(Error::Checkpoint {
+            path: fitted.checkpoint.path.clone(),
+            msg: "it is already int8".into(),
+        });
+    }
+    let cfg = fitted.config;
+    let mut tensors = fitted.tensors;
+    let layers = quantize_tensors(&cfg, &mut tensors)?;
+    let scheme = Scheme {
+        weights: "int8, symmetric, per output channel".into(),
+        activations: "dynamic, per row".into(),
+        layers: layers.clone(),
+    };
+    let pre = fitted
+        .checkpoint
+        .preprocess
+        .clone()
+        .unwrap_or_else(|| cfg.default_preprocess());
+    let meta = SaveMeta {
+        config: Some(&cfg),
+        preprocess: Some(&pre),
+        class_names: fitted.checkpoint.class_names.as_deref(),
+        extra: vec![(
+            META_QUANT.into(),
+            serde_json::to_string(&scheme).map_err(|e| Error::Invalid(e.to_string()))?,
+        )],
+    };
+    if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    weights::save(output, &tensors, &HashMap::new(), &meta)?;
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    Ok(Report {
+        layers,
+        bytes_in: size(&fitted.checkpoint.path),
+        bytes_out: size(output),
+        warnings: fitted.warnings,
+    })
+}
+
+#[cfg(test)]
+mod tests;
