@@ -14,6 +14,10 @@ pub struct EvalArgs {
     checkpoint: Option<PathBuf>,
     #[command(flatten)]
     hub: super::HubArgs,
+    /// A second checkpoint to run on the same images (e.g. the f32 one an int8 checkpoint was
+    /// quantized from): reports its accuracy, top-1 agreement and the logits' cosine similarity.
+    #[arg(long)]
+    reference: Option<PathBuf>,
     #[command(flatten)]
     arch: ArchArgs,
     #[command(flatten)]
@@ -39,6 +43,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     let checkpoint = a.hub.or(a.checkpoint.as_deref())?;
     let r = eval_checkpoint(
         &checkpoint,
+        a.reference.as_deref(),
         &a.arch.arch(),
         &a.dataset,
         a.data_dir.as_deref(),
@@ -69,6 +74,15 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
                 100.0 * r.accuracy,
                 r.loss
             );
+            if let Some(g) = &r.reference {
+                out!(
+                    "reference: accuracy {:.2}%; top-1 agreement {:.2}%; logits' cosine mean {:.5}, min {:.5}",
+                    100.0 * g.accuracy,
+                    100.0 * g.top1_agreement,
+                    g.mean_logit_cosine,
+                    g.min_logit_cosine
+                );
+            }
             out!("\nper-class accuracy:");
             for (i, acc) in r.per_class_accuracy.iter().enumerate() {
                 out!("  {i:>3} {:<24} {:>6.2}%", r.class_names[i], 100.0 * acc);

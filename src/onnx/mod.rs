@@ -49,6 +49,7 @@ pub fn export_checkpoint(
     out: &Path,
 ) -> Result<(Exported, Vec<String>)> {
     let fitted = crate::weights::load_fitted(input, arch, Default::default())?;
+    fitted.require_f32("ONNX export")?;
     let pre = fitted
         .checkpoint
         .preprocess

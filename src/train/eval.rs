@@ -25,6 +25,22 @@ pub struct EvalResult {
     /// `confusion[true][predicted]` counts.
     pub confusion: Vec<Vec<u64>>,
     pub class_names: Vec<String>,
+    /// How a reference model ([`eval_checkpoint`]'s `reference`, e.g. the f32 checkpoint an
+    /// int8 one was quantized from) does on the same images, and how often the two agree.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<Agreement>,
+}
+
+/// A reference model beside the evaluated one, on the same images.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Agreement {
+    /// The reference's accuracy.
+    pub accuracy: f64,
+    /// The share of images where both models' top-1 class is the same.
+    pub top1_agreement: f64,
+    /// The mean and the smallest cosine similarity between the two models' logits.
+    pub mean_logit_cosine: f64,
+    pub min_logit_cosine: f64,
 }
 
 /// Number of rows of `logits` (B, K) whose argmax equals `y` (B,).
@@ -45,6 +61,17 @@ pub fn evaluate(
     config: LoaderConfig,
     dev: &Device,
 ) -> Result<EvalResult> {
+    evaluate_against(model, None, images, config, dev)
+}
+
+/// [`evaluate`], with a `reference` model run on the same batches ([`EvalResult::reference`]).
+pub fn evaluate_against(
+    model: &dyn Classifier,
+    reference: Option<&dyn Classifier>,
+    images: &Images,
+    config: LoaderConfig,
+    dev: &Device,
+) -> Result<EvalResult> {
     if images.is_empty() {
         return Err(Error::Invalid(
             "the dataset to evaluate on has no images".into(),
@@ -54,6 +81,8 @@ pub fn evaluate(
     let loader = DataLoader::new(images.clone(), config)?;
     let mut confusion = vec![vec![0u64; k]; k];
     let mut loss_sum = 0.0;
+    // The reference's correct count, agreeing count, and cosine sum and minimum.
+    let (mut ref_correct, mut agree, mut cos_sum, mut cos_min) = (0u64, 0u64, 0f64, f64::INFINITY);
     for batch in loader.epoch(0)? {
         let batch = batch?;
         let n = batch.labels.len();
@@ -69,12 +98,31 @@ pub fn evaluate(
         }
         loss_sum += loss * n as f64;
         let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+        if let Some(r) = reference {
+            let r_logits = super::forward_sharded(r, &x)?;
+            let r_pred = r_logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+            let (a, b) = (logits.to_vec2::<f32>()?, r_logits.to_vec2::<f32>()?);
+            for i in 0..n {
+                ref_correct += (r_pred[i] == batch.labels[i]) as u64;
+                agree += (r_pred[i] == pred[i]) as u64;
+                let c = cosine(&a[i], &b[i]);
+                cos_sum += c;
+                cos_min = cos_min.min(c);
+            }
+        }
         for (t, p) in batch.labels.iter().zip(pred) {
             confusion[*t as usize][p as usize] += 1;
         }
     }
     let class_names = images.class_names().to_vec();
     let images = images.len();
+    let per_image = |c: u64| c as f64 / images.max(1) as f64;
+    let reference = reference.map(|_| Agreement {
+        accuracy: per_image(ref_correct),
+        top1_agreement: per_image(agree),
+        mean_logit_cosine: cos_sum / images.max(1) as f64,
+        min_logit_cosine: cos_min,
+    });
     let correct: u64 = (0..k).map(|i| confusion[i][i]).sum();
     let per_class_accuracy = confusion
         .iter()
@@ -95,14 +143,30 @@ pub fn evaluate(
         per_class_accuracy,
         confusion,
         class_names,
+        reference,
     })
+}
+
+/// The cosine similarity of two vectors, in f64 (1 for two zero vectors).
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum();
+    if na == 0.0 && nb == 0.0 {
+        1.0
+    } else {
+        dot / (na * nb).sqrt()
+    }
 }
 
 /// Evaluates a checkpoint on a dataset's test split (`vit eval`): the architecture comes
 /// from `arch` or the checkpoint, normalisation from the checkpoint's preprocessing
-/// (else the dataset's statistics). Runs on `dev`.
+/// (else the dataset's statistics). Runs on `dev`. With `reference`, that checkpoint (its
+/// own architecture) runs on the same images too ([`EvalResult::reference`]).
+#[allow(clippy::too_many_arguments)]
 pub fn eval_checkpoint(
     path: &Path,
+    reference: Option<&Path>,
     arch: &weights::Arch,
     dataset: &str,
     data_dir: Option<&Path>,
@@ -114,6 +178,26 @@ pub fn eval_checkpoint(
         return Err(Error::Invalid("batch size must be at least 1".into()));
     }
     let (model, fitted) = load_model(path, arch, FitOptions::default(), dev)?;
+    let reference = match reference {
+        Some(p) => {
+            let (r, rf) = load_model(
+                p,
+                &weights::Arch::FromCheckpoint,
+                FitOptions::default(),
+                dev,
+            )?;
+            if rf.config.num_classes() != fitted.config.num_classes()
+                || rf.config.image_size() != fitted.config.image_size()
+            {
+                return Err(Error::Config(format!(
+                    "the reference {} does not take the same images or give the same classes",
+                    p.display()
+                )));
+            }
+            Some(r)
+        }
+        None => None,
+    };
     let (ck, cfg) = (fitted.checkpoint, fitted.config);
     let spec: data::DatasetSpec = dataset.parse()?;
     let opts = data::LoadOptions {
@@ -147,5 +231,5 @@ pub fn eval_checkpoint(
         }
     };
     config.augment.validate(cfg.in_channels())?;
-    evaluate(model.as_ref(), &test, config, dev)
+    evaluate_against(model.as_ref(), reference.as_deref(), &test, config, dev)
 }

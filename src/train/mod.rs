@@ -22,7 +22,7 @@ use std::path::PathBuf;
 
 pub use compare::{compare_picture, compare_runs, read_run, table, RunRow};
 pub use distill::{distillation_loss, Distill, DistillKind, Teacher};
-pub use eval::{eval_checkpoint, evaluate, EvalResult};
+pub use eval::{eval_checkpoint, evaluate, evaluate_against, Agreement, EvalResult};
 pub use optim::{decays, AdamW, AdamWConfig, Schedule};
 pub use progress::{Progress, ProgressMode};
 pub use recipe::Recipe;

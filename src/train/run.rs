@@ -209,6 +209,7 @@ fn initial_weights(
             ..FitOptions::default()
         },
     )?;
+    fitted.require_f32("training")?;
     Ok((fitted.tensors, fitted.warnings))
 }
 

@@ -818,12 +818,14 @@ pub fn convert(
     to: Target,
     arch: &Arch,
 ) -> Result<(Vec<PathBuf>, Vec<String>)> {
+    let fitted = load_fitted(input, arch, FitOptions::default())?;
+    fitted.require_f32("vit convert")?;
     let Fitted {
         checkpoint: ck,
         config: cfg,
         tensors,
         warnings,
-    } = load_fitted(input, arch, FitOptions::default())?;
+    } = fitted;
     if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
