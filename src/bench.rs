@@ -38,6 +38,9 @@ pub enum Workload {
     TrainFm,
     /// `vit_base_patch16_224` forward on 8 random 3×224×224 images, no gradient.
     InferB16,
+    /// [`Workload::InferB16`] with the blocks' linear layers int8, as `vit quantize` writes
+    /// them (per-channel weights, activations quantized per row as each product runs).
+    InferB16Int8,
     /// One AdamW training step of `resnet18_fmnist` (ResNet-18, 3×3 stride-1 stem, no
     /// pool) on 128 random 1×28×28 images.
     TrainResnet,
@@ -49,9 +52,10 @@ pub enum Workload {
 }
 
 impl Workload {
-    pub const ALL: [Workload; 5] = [
+    pub const ALL: [Workload; 6] = [
         Workload::TrainFm,
         Workload::InferB16,
+        Workload::InferB16Int8,
         Workload::TrainResnet,
         Workload::InferSwinT,
         Workload::TrainB16,
@@ -62,6 +66,7 @@ impl Workload {
         match self {
             Workload::TrainFm => "train-fm",
             Workload::InferB16 => "infer-b16",
+            Workload::InferB16Int8 => "infer-b16-int8",
             Workload::TrainResnet => "train-resnet",
             Workload::InferSwinT => "infer-swin-t",
             Workload::TrainB16 => "train-b16",
@@ -87,7 +92,9 @@ impl Workload {
                 ..ViTConfig::timm(28, 4, 192, 12, 3)
             }),
             // timm vit_base_patch16_224.
-            Workload::InferB16 | Workload::TrainB16 => Some(ViTConfig::timm(224, 16, 768, 12, 12)),
+            Workload::InferB16 | Workload::InferB16Int8 | Workload::TrainB16 => {
+                Some(ViTConfig::timm(224, 16, 768, 12, 12))
+            }
             Workload::TrainResnet | Workload::InferSwinT => None,
         }
     }
@@ -97,7 +104,7 @@ impl Workload {
         match self {
             Workload::TrainFm | Workload::TrainResnet => 128,
             Workload::TrainB16 => 32,
-            Workload::InferB16 | Workload::InferSwinT => 8,
+            Workload::InferB16 | Workload::InferB16Int8 | Workload::InferSwinT => 8,
         }
     }
 
@@ -122,6 +129,10 @@ impl Workload {
                 vit("vit_base_patch16_224, one AdamW training step", c)
             }
             (Workload::InferB16, Some(c)) => vit("vit_base_patch16_224 forward, no gradient", c),
+            (Workload::InferB16Int8, Some(c)) => vit(
+                "vit_base_patch16_224 forward, blocks' linear layers int8, no gradient",
+                c,
+            ),
             (Workload::InferSwinT, _) => format!(
                 "swin_tiny_patch4_window7_224 forward, no gradient: batch {} of 3x224x224",
                 self.batch()
@@ -140,7 +151,7 @@ impl Workload {
             Workload::TrainFm | Workload::TrainResnet | Workload::TrainB16 => {
                 &["forward + loss", "backward", "optimizer (clip + AdamW)"]
             }
-            Workload::InferB16 | Workload::InferSwinT => &["forward"],
+            Workload::InferB16 | Workload::InferB16Int8 | Workload::InferSwinT => &["forward"],
         }
     }
 }
@@ -155,7 +166,9 @@ impl FromStr for Workload {
             .ok_or_else(|| Error::Unknown {
                 kind: "workload",
                 name: s.into(),
-                hint: " (known: train-fm, infer-b16, train-resnet, infer-swin-t, train-b16)".into(),
+                hint: " (known: train-fm, infer-b16, infer-b16-int8, train-resnet, \
+                       infer-swin-t, train-b16)"
+                    .into(),
             })
     }
 }
@@ -235,6 +248,9 @@ pub struct BenchReport {
     pub provider: String,
     /// The instruction set of the fused kernels' own loops.
     pub kernels: &'static str,
+    /// The int8 kernel (int8 workloads): "AVX-512 VNNI", "AVX2" or "portable".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub int8_kernel: Option<&'static str>,
     /// With `profile`: each phase's median, in [`Workload::phases`] order.
     pub phases: Option<Vec<PhaseTime>>,
 }
@@ -248,7 +264,10 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         ));
     }
     let w = opts.workload;
-    let inference = matches!(w, Workload::InferB16 | Workload::InferSwinT);
+    let inference = matches!(
+        w,
+        Workload::InferB16 | Workload::InferB16Int8 | Workload::InferSwinT
+    );
     if opts.dtype != crate::ops::InferenceDtype::F32 && !inference {
         return Err(Error::Invalid(format!(
             "--dtype bf16 is for the inference workloads, not {}",
@@ -302,6 +321,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         threads: candle_core::utils::get_num_threads(),
         provider: crate::ops::matmul_provider(),
         kernels: crate::ops::kernel_isa(),
+        int8_kernel: (w == Workload::InferB16Int8).then(crate::ops::int8_kernel),
         phases,
     })
 }
@@ -357,6 +377,17 @@ impl Runner {
                 model: cfg.init_model(0, dev)?,
                 x,
             },
+            Workload::InferB16Int8 => {
+                // The same weights as infer-b16, quantized as `vit quantize` does.
+                let mut params: HashMap<String, Tensor> =
+                    cfg.init_params(0, dev)?.into_iter().collect();
+                crate::quant::quantize_tensors(&cfg, &mut params)?;
+                let vb = candle_nn::VarBuilder::from_tensors(params, candle_core::DType::F32, dev);
+                Runner::Infer {
+                    model: cfg.build(vb)?,
+                    x,
+                }
+            }
         })
     }
 

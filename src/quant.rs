@@ -3,10 +3,11 @@
 //! Scheme (the one ONNX Runtime's `quantize_dynamic` uses with `per_channel=True`, with
 //! activations quantized per row instead of per tensor): each linear layer of a ViT's
 //! blocks (attention qkv and proj, MLP fc1 and fc2: all but 2% of ViT-B/16's products)
-//! keeps its weight as int8 with one symmetric f32 scale per output channel
+//! and the patch projection (a stride-P convolution, as ONNX Runtime quantizes a `Conv`)
+//! keep their weights as int8 with one symmetric f32 scale per output channel
 //! ([`crate::ops::Int8Weight::quantize`]), stored as an I8 tensor under the weight's name and
 //! an F32 tensor `<name>_scale` beside it; the safetensors metadata says so under
-//! [`META_QUANT`]. The patch embedding, LayerNorms, position embedding, head and the
+//! [`META_QUANT`]. LayerNorms, position embedding, head and the
 //! attention products stay f32, and activations are quantized as each product runs
 //! (`ops/cpu/qgemm`). Loading needs nothing more: a layer with `weight_scale` beside its
 //! weight builds as int8 ([`crate::models::layers::Linear::new`]).
@@ -47,12 +48,17 @@ const LAYERS: [&str; 4] = [
 ];
 
 /// Whether tensor `name` of a model of `cfg` is a weight the int8 kernels run: a linear
-/// layer of a ViT's (DeiT's, hybrid ViT's) blocks.
+/// layer of a ViT's (DeiT's, hybrid ViT's) blocks, or a plain ViT's patch projection.
 pub fn quantizable(cfg: &ModelConfig, name: &str) -> bool {
-    cfg.as_vit().is_some()
-        && name.starts_with("blocks.")
-        && LAYERS.iter().any(|s| name.ends_with(s))
+    let Some(vit) = cfg.as_vit() else {
+        return false;
+    };
+    (name.starts_with("blocks.") && LAYERS.iter().any(|s| name.ends_with(s)))
+        || (name == PATCH && vit.backbone.is_none())
 }
+
+/// The patch projection (a stride-P convolution, run as a matrix product).
+const PATCH: &str = "patch_embed.proj.weight";
 
 /// Replaces every [`quantizable`] weight in `tensors` (timm names, f32) by its int8 values
 /// and adds its scales; returns the quantized names, sorted. An error for an architecture
@@ -75,9 +81,12 @@ pub fn quantize_tensors(
         )));
     }
     for name in &names {
-        let q = Int8Weight::quantize(&tensors[name])?;
+        // A convolution's (D, C, P, P) as the (D, C·P·P) matrix it multiplies by, and back.
+        let w = &tensors[name];
+        let dims = w.dims().to_vec();
+        let q = Int8Weight::quantize(&w.flatten_from(1)?)?;
         tensors.insert(int8_scale_name(name), q.scale.clone());
-        tensors.insert(name.clone(), q.values.clone());
+        tensors.insert(name.clone(), q.values.reshape(dims)?);
     }
     Ok(names)
 }

@@ -78,6 +78,9 @@ fn print_text(r: &BenchReport) -> anyhow::Result<()> {
     out!("  threads      {:>9}", r.threads);
     out!("  matmul       {}", r.provider);
     out!("  kernels      {}", r.kernels);
+    if let Some(k) = r.int8_kernel {
+        out!("  int8 kernel  {k}");
+    }
     if let Some(phases) = &r.phases {
         let total: f64 = phases.iter().map(|p| p.median_ms).sum();
         out!("\n  {:<26} {:>10} {:>7}", "phase", "median ms", "share");

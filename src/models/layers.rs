@@ -137,9 +137,14 @@ pub const INT8_SCALE: &str = "weight_scale";
 /// done as a reshape and one matrix product.
 #[derive(Debug, Clone)]
 pub struct PatchEmbed {
-    pub weight: Tensor, // (D, C, P, P), as timm's conv `patch_embed.proj.weight`
-    pub bias: Tensor,   // (D,)
+    /// (D, C, P, P), as timm's conv `patch_embed.proj.weight`; for an int8 projection the
+    /// same tensor as `int8.values`, as u8 bytes of i8.
+    pub weight: Tensor,
+    pub bias: Tensor, // (D,)
     pub patch_size: usize,
+    /// The int8 projection (D, C·P·P) and its per-channel scales, when the checkpoint has
+    /// `proj.weight_scale`.
+    pub int8: Option<ops::Int8Weight>,
 }
 
 impl PatchEmbed {
@@ -148,10 +153,26 @@ impl PatchEmbed {
     pub fn new(vb: &VarBuilder, dim: usize, in_channels: usize, patch: usize) -> Result<Self> {
         let vb = vb.pp("proj");
         let (d, c, p) = (dim, in_channels, patch);
+        let (weight, int8) = if vb.contains_tensor(INT8_SCALE) {
+            let values = vb.get_unchecked_dtype("weight", candle_core::DType::U8)?;
+            if values.dims() != [d, c, p, p] {
+                return Err(crate::Error::Invalid(format!(
+                    "{}: int8 weight {:?}, expected {:?}",
+                    vb.prefix(),
+                    values.dims(),
+                    [d, c, p, p]
+                )));
+            }
+            let q = ops::Int8Weight::new(values.reshape((d, c * p * p))?, vb.get(d, INT8_SCALE)?)?;
+            (values, Some(q))
+        } else {
+            (vb.get((d, c, p, p), "weight")?, None)
+        };
         Ok(PatchEmbed {
-            weight: vb.get((d, c, p, p), "weight")?,
+            weight,
             bias: vb.get(d, "bias")?,
             patch_size: p,
+            int8,
         })
     }
 
@@ -164,6 +185,9 @@ impl PatchEmbed {
             .reshape(vec![b, c, gh, p, gw, p])? // (B, C, gh, P, gw, P)
             .permute(vec![0, 2, 4, 1, 3, 5])? // (B, gh, gw, C, P, P)
             .reshape((b, gh * gw, c * p * p))?; // (B, N, C·P·P)
+        if let Some(q) = &self.int8 {
+            return ops::linear_int8(&patches, q, Some(&self.bias), false); // (B, N, D)
+        }
         let d = self.weight.dim(0)?;
         let w = self.weight.reshape((d, c * p * p))?; // (D, C·P·P)
         ops::linear(&patches, &w, Some(&self.bias)) // (B, N, D)

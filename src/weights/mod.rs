@@ -411,7 +411,7 @@ impl Checkpoint {
             }
             if !crate::quant::quantizable(cfg, name) {
                 return Err(err(format!(
-                    "tensor {name} is int8, but only the linear layers of a ViT's blocks (qkv, \
+                    "tensor {name} is int8, but only a ViT's patch projection and the linear layers of its blocks (qkv, \
                      proj, fc1, fc2) can be"
                 )));
             }

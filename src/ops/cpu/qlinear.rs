@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 use candle_core::{bail, Result, Storage, Tensor};
 
 use super::par::new_ranges_uninit;
-use super::qgemm::{qgemm_block, qlevel, QPacked};
+use super::qgemm::{qgemm_block, qlevel, QPacked, MAX_K};
 use super::simd::simd;
 use super::storage::with_f32;
 
@@ -48,6 +48,9 @@ pub(crate) fn qlinear(
     }
     let (rows, k) = x.dims2()?;
     let (n, kw) = values.dims2()?;
+    if k > MAX_K {
+        bail!("int8 linear: {k} inputs per output is more than the int8 kernels take ({MAX_K})")
+    }
     if k != kw {
         bail!(
             "int8 linear: input {:?} does not fit weight {:?}",
@@ -86,7 +89,8 @@ pub(crate) fn qlinear(
         }
         None => None,
     };
-    if b_vec.as_ref().is_some_and(|b| b.len() != n) {
+    let b_vec = b_vec.unwrap_or_else(|| vec![0.0; n]);
+    if b_vec.len() != n {
         bail!("int8 linear: bias does not have {n} values")
     }
     let bounds = bounds(rows, packed.level().mr(), rayon::current_num_threads());
@@ -96,7 +100,7 @@ pub(crate) fn qlinear(
             let xb = &x[bounds[i] * k..bounds[i + 1] * k];
             // SAFETY: yb holds this task's rows of n floats (the ranges are `bounds` rows
             // times n); the packing's level is this CPU's (qlevel).
-            simd!(unsafe { qgemm_block(xb, packed, b_vec.as_deref(), gelu, yb) });
+            simd!(unsafe { qgemm_block(xb, packed, &b_vec, gelu, yb) });
         };
         if n == 0 {
             return Vec::new();

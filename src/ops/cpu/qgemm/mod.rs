@@ -39,6 +39,10 @@ mod vnni;
 /// The largest tile of any kernel, in i32 (12 × 32).
 const MAX_TILE: usize = 12 * 32;
 
+/// The longest depth of an int8 product: its i32 sums (and the zero-point term) stay below
+/// 255 · 127 · 2¹⁵ < 2³⁰ in size.
+pub(crate) const MAX_K: usize = 1 << 15;
+
 /// Which int8 kernel runs the products.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum QLevel {
@@ -142,7 +146,10 @@ pub(crate) struct QPacked {
 impl QPacked {
     /// Packs `wq` (n rows of k int8 values) with its `scale` (n) for `level`.
     pub(crate) fn new(level: QLevel, wq: &[i8], scale: &[f32], n: usize, k: usize) -> Self {
-        assert!(wq.len() == n * k && scale.len() == n, "int8 weight shape");
+        assert!(
+            wq.len() == n * k && scale.len() == n && k <= MAX_K,
+            "int8 weight shape"
+        );
         let nr = level.nr();
         let k4 = k.next_multiple_of(4);
         let panel = k4 * nr;
@@ -180,14 +187,28 @@ impl QPacked {
 /// are NaN as the f32 product's would be, not a silently finite number.
 #[inline(always)]
 pub(crate) fn quantize_row(x: &[f32], max: u8, out: &mut [u8]) -> (f32, i32) {
-    let (mut lo, mut hi) = (0f32, 0f32);
-    for &v in x {
-        lo = if v < lo { v } else { lo };
-        hi = if v > hi { v } else { hi };
+    // Minimum, maximum and Σ v·0 (NaN once any v is not finite) over 16 lanes, so that
+    // the loop vectorises; a single running minimum does not.
+    const L: usize = 16;
+    let (chunks, rest) = x.as_chunks::<L>();
+    let (mut lo, mut hi, mut nan) = ([0f32; L], [0f32; L], [0f32; L]);
+    for c in chunks {
+        for l in 0..L {
+            lo[l] = if c[l] < lo[l] { c[l] } else { lo[l] };
+            hi[l] = if c[l] > hi[l] { c[l] } else { hi[l] };
+            nan[l] += c[l] * 0.0;
+        }
     }
+    for (l, &v) in rest.iter().enumerate() {
+        lo[l] = if v < lo[l] { v } else { lo[l] };
+        hi[l] = if v > hi[l] { v } else { hi[l] };
+        nan[l] += v * 0.0;
+    }
+    let lo = lo.iter().fold(0f32, |a, &v| a.min(v));
+    let hi = hi.iter().fold(0f32, |a, &v| a.max(v));
+    let finite = nan.iter().sum::<f32>() == 0.0;
     let (head, tail) = out.split_at_mut(x.len());
     tail.fill(0);
-    let finite = x.iter().fold(0f32, |s, &v| s + v * 0.0) == 0.0;
     if !finite {
         head.fill(0);
         return (f32::NAN, 0);
@@ -198,12 +219,28 @@ pub(crate) fn quantize_row(x: &[f32], max: u8, out: &mut [u8]) -> (f32, i32) {
     }
     let levels = max as f32;
     let scale = (hi - lo) / levels;
-    let zp = (-lo / scale).round_ties_even().clamp(0.0, levels);
+    let zp = round(-lo / scale).clamp(0.0, levels);
     let inv = 1.0 / scale;
     for (o, &v) in head.iter_mut().zip(x) {
-        *o = ((v * inv).round_ties_even() + zp).clamp(0.0, levels) as u8;
+        // round(v / scale) + zp, as zp is a whole number: rounding after the shift is the
+        // same, and the clamp keeps |t| small enough for `round`.
+        *o = round((v * inv + zp).clamp(0.0, levels)) as u8;
     }
     (scale, zp as i32)
+}
+
+/// `t` rounded to the nearest whole number, ties to even, for |t| < 2²²: adding and
+/// subtracting 1.5 · 2²³ leaves no fraction bits, and f32 addition rounds to nearest even.
+/// Unlike `f32::round_ties_even` (a libm call when not vectorised) it vectorises to two adds.
+#[inline(always)]
+fn round(t: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (t + MAGIC) - MAGIC
+}
+
+thread_local! {
+    /// [`qgemm_block`]'s quantized rows, kept for this thread's next call.
+    static SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// The i32 tile (MR × NR, row-major, NR apart) of rows `a` (`rows` of them, `a_rs` bytes
@@ -219,8 +256,8 @@ unsafe fn tile(
     a_rs: usize,
     rows: usize,
     b: *const i8,
-) -> [i32; MAX_TILE] {
-    let mut out = [0i32; MAX_TILE];
+    out: &mut [i32; MAX_TILE],
+) {
     match level {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the caller's contract (avx512f/bw/vnni for this level).
@@ -230,6 +267,7 @@ unsafe fn tile(
         QLevel::Avx2 => unsafe { avx2::tile(k4, a, a_rs, rows, b, out.as_mut_ptr()) },
         _ => {
             let (mr, nr) = (level.mr(), level.nr());
+            out.fill(0);
             for i in 0..mr {
                 // SAFETY: row min(i, rows − 1) of a, k4 bytes (the caller's contract).
                 let ar = unsafe { std::slice::from_raw_parts(a.add(i.min(rows - 1) * a_rs), k4) };
@@ -247,44 +285,47 @@ unsafe fn tile(
             }
         }
     }
-    out
 }
 
 /// `y = act(dequant(quant(x) · Wᵀ) + b)` for one block of rows: x (m, k) with m = x.len() / k,
-/// into y (m, n), with GELU when `gelu`.
+/// into y (m, n), with GELU when `gelu`; `bias` has n values.
 ///
 /// # Safety
 /// `y` is valid for writes of m · n floats; `p`'s level runs on this CPU ([`qlevel`], or
 /// one of [`available_levels`] in tests).
 #[inline(always)]
-pub(crate) unsafe fn qgemm_block(
-    x: &[f32],
-    p: &QPacked,
-    bias: Option<&[f32]>,
-    gelu: bool,
-    y: *mut f32,
-) {
+pub(crate) unsafe fn qgemm_block(x: &[f32], p: &QPacked, bias: &[f32], gelu: bool, y: *mut f32) {
     let (n, k, k4) = (p.n, p.k, p.k4);
     let m = x.len() / k.max(1);
     if m == 0 || n == 0 {
         return;
     }
     let (mr, nr, max) = (p.level.mr(), p.level.nr(), p.level.act_max());
-    let mut aq = vec![0u8; m * k4];
+    // The quantized rows, in this thread's scratch buffer (reused from call to call: it is
+    // hundreds of KB, and quantize_row writes every byte of each row, so it needs no zeroing).
+    let mut aq = SCRATCH.take();
+    if aq.len() < m * k4 {
+        aq = vec![0u8; m * k4];
+    }
     let mut sa = vec![0f32; m];
     let mut zp = vec![0i32; m];
     for i in 0..m {
         (sa[i], zp[i]) = quantize_row(&x[i * k..(i + 1) * k], max, &mut aq[i * k4..(i + 1) * k4]);
     }
+    let mut acc = [0i32; MAX_TILE];
     for pi in 0..n.div_ceil(nr) {
         let (c0, cols) = (pi * nr, nr.min(n - pi * nr));
         let panel = &p.data[pi * k4 * nr..(pi + 1) * k4 * nr];
-        let (sw, cs) = (&p.scale[c0..c0 + cols], &p.colsum[c0..c0 + cols]);
+        let (sw, cs, b) = (
+            &p.scale[c0..c0 + cols],
+            &p.colsum[c0..c0 + cols],
+            &bias[c0..c0 + cols],
+        );
         for i0 in (0..m).step_by(mr) {
             let rows = mr.min(m - i0);
             // SAFETY: rows i0.. of aq (k4 bytes each, `rows` ≥ 1 of them); a whole panel;
             // the level runs here (the caller's contract).
-            let acc = unsafe {
+            unsafe {
                 tile(
                     p.level,
                     k4,
@@ -292,6 +333,7 @@ pub(crate) unsafe fn qgemm_block(
                     k4,
                     rows,
                     panel.as_ptr(),
+                    &mut acc,
                 )
             };
             for i in 0..rows {
@@ -299,12 +341,11 @@ pub(crate) unsafe fn qgemm_block(
                 // SAFETY: row r < m of y, columns c0..c0 + cols < n (the caller's contract).
                 let yr = unsafe { std::slice::from_raw_parts_mut(y.add(r * n + c0), cols) };
                 let (s, z) = (sa[r], zp[r]);
+                let ar = &acc[i * nr..i * nr + cols];
                 for j in 0..cols {
-                    let v = (acc[i * nr + j] as i64 - z as i64 * cs[j] as i64) as f32 * (s * sw[j]);
-                    yr[j] = match bias {
-                        Some(b) => v + b[c0 + j],
-                        None => v,
-                    };
+                    // Exact in i32 for k ≤ MAX_K (both terms are below 2³⁰ in size).
+                    let d = ar[j].wrapping_sub(z.wrapping_mul(cs[j]));
+                    yr[j] = d as f32 * (s * sw[j]) + b[j];
                 }
                 if gelu {
                     gelu::gelu_in_place(yr);
@@ -312,6 +353,7 @@ pub(crate) unsafe fn qgemm_block(
             }
         }
     }
+    SCRATCH.set(aq);
 }
 
 #[cfg(test)]

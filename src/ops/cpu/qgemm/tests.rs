@@ -18,7 +18,8 @@ fn int_product(level: QLevel, aq: &[u8], m: usize, k: usize, wq: &[i8], n: usize
         for i0 in (0..m).step_by(mr) {
             let r = mr.min(m - i0);
             // SAFETY: as qgemm_block; the level is available on this CPU.
-            let t = unsafe {
+            let mut t = [0i32; MAX_TILE];
+            unsafe {
                 tile(
                     level,
                     k4,
@@ -26,6 +27,7 @@ fn int_product(level: QLevel, aq: &[u8], m: usize, k: usize, wq: &[i8], n: usize
                     k4,
                     r,
                     p.data[pi * k4 * nr..].as_ptr(),
+                    &mut t,
                 )
             };
             for i in 0..r {
@@ -153,7 +155,7 @@ fn int8_block_matches_the_dequantized_product_in_f64() {
             for gelu in [false, true] {
                 let mut y = vec![0f32; m * n];
                 // SAFETY: y holds m · n floats; the level is available here.
-                unsafe { qgemm_block(&x, &p, Some(&b), gelu, y.as_mut_ptr()) };
+                unsafe { qgemm_block(&x, &p, &b, gelu, y.as_mut_ptr()) };
                 for i in 0..m {
                     let mut q = vec![0u8; k];
                     let (s, zp) = quantize_row(&x[i * k..(i + 1) * k], level.act_max(), &mut q);
