@@ -7,6 +7,8 @@
 #   ROUNDS=5 ITERS=20 bash bench/compare.sh
 #   ISA=avx2 bash bench/compare.sh        # the AVX2 tier on an AVX-512 machine (below)
 #   DTYPE=bf16 WORKLOADS=infer-b16 bash bench/compare.sh   # bf16 inference: ours against autocast
+#   WORKLOADS="infer-b16 infer-b16-int8" bash bench/compare.sh  # int8: ours against PyTorch's
+#                                         # dynamic quantization and ORT's quantize_dynamic
 #
 # ISA=avx2 holds the runtimes to AVX2 + FMA: ours is built without the `avx512` feature (the
 # `gemm` crate's AVX-512 kernels left out; into target/isa-avx2) and run with VIT_SIMD=avx2;
@@ -16,8 +18,8 @@
 #
 # Environment: ROUNDS (3), ITERS (10), WARMUP (2), THREADS (2), VENV (.venv; created and filled
 # with torch (CPU), timm, onnxruntime and onnx where they are not importable), TORCH_INDEX (the
-# CPU wheel index tried first for torch), WORKLOADS ("train-fm infer-b16 train-resnet
-# infer-swin-t").
+# CPU wheel index tried first for torch), WORKLOADS ("train-fm infer-b16 infer-b16-int8
+# train-resnet infer-swin-t").
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -27,7 +29,7 @@ WARMUP=${WARMUP:-2}
 THREADS=${THREADS:-2}
 VENV=${VENV:-.venv}
 TORCH_INDEX=${TORCH_INDEX:-https://download.pytorch.org/whl/cpu}
-WORKLOADS=${WORKLOADS:-train-fm infer-b16 train-resnet infer-swin-t}
+WORKLOADS=${WORKLOADS:-train-fm infer-b16 infer-b16-int8 train-resnet infer-swin-t}
 DTYPE=${DTYPE:-f32}
 PY="$VENV/bin/python"
 ISA=${ISA:-native}
@@ -117,14 +119,21 @@ mib = lambda b: "n/a" if b is None else f"{b / 2**20:.0f} MiB"
 num = lambda x: "n/a" if x is None else f"{x:.1f}"
 
 rows, phase_rows, notes, provider, torch_provider, ort_provider = [], [], [], "", "", ""
+int8_kernel, int8_torch, int8_ort = None, "", ""
 for w in workloads:
     ours = [load(f"ours-{w}-{r}.json") for r in range(1, int(rounds) + 1)]
     pt = [load(f"torch-{w}-{r}.json") for r in range(1, int(rounds) + 1)]
     ort = [p["onnxruntime"] for p in pt if p.get("onnxruntime")]
     notes += sorted({p["onnxruntime_skipped"] for p in pt if p.get("onnxruntime_skipped")})
-    provider, torch_provider = ours[0]["provider"], pt[0]["provider"]
     kernels = ours[0].get("kernels", "?")
-    ort_provider = ort[0]["provider"] if ort else ort_provider
+    if w.endswith("-int8"):
+        # The int8 runs' providers name their quantization; the f32 ones go in the header.
+        int8_kernel = ours[0].get("int8_kernel", "?")
+        int8_torch = pt[0]["provider"]
+        int8_ort = ort[0]["provider"] if ort else int8_ort
+    else:
+        provider, torch_provider = ours[0]["provider"], pt[0]["provider"]
+        ort_provider = ort[0]["provider"] if ort else ort_provider
     o = med([x["images_per_second"]["median"] for x in ours])
     t = med([x["images_per_second"]["median"] for x in pt])
     infer = w.startswith("infer-")
@@ -132,7 +141,7 @@ for w in workloads:
     rss = lambda rs: med([r["peak_rss_bytes"] for r in rs if r.get("peak_rss_bytes") is not None])
     rows.append(
         f"| {w} | {num(o)} | {num(t)} | {num(x) if infer else '—'} | "
-        f"{o / t:.2f} | {mib(rss(ours))} | {mib(rss(pt))} |"
+        f"{o / t:.2f} | {f'{o / x:.2f}' if x else '—'} | {mib(rss(ours))} | {mib(rss(pt))} |"
     )
     phase = lambda rs, i: med([r["phases"][i]["median_ms"] for r in rs if r.get("phases")])
     for i, p in enumerate(ours[0].get("phases") or []):
@@ -149,10 +158,13 @@ print(f"ours: vit bench, kernels {kernels}, matmul {provider}")
 print(f"PyTorch: {torch_provider}; kernels seen: {torch_kernels.strip(';').replace(';', ', ') or 'unknown'}")
 if ort_provider:
     print(f"ORT: {ort_provider}{' (not capped)' if isa == 'avx2' else ''}")
+if int8_kernel:
+    print(f"int8: ours {int8_kernel} kernel (vit quantize's scheme); PyTorch: {int8_torch.split(', ')[-1]}; "
+          f"ORT: {int8_ort.split('torch ')[-1].rstrip(')') or 'skipped'}")
 print(f"median over {rounds} rounds of each run's median of {iters} iterations (after {warmup} warm-up)")
 print()
-print("| workload | ours img/s | PyTorch img/s | ORT img/s | ours/PyTorch | peak RSS ours | peak RSS PyTorch |")
-print("|---|---|---|---|---|---|---|")
+print("| workload | ours img/s | PyTorch img/s | ORT img/s | ours/PyTorch | ours/ORT | peak RSS ours | peak RSS PyTorch |")
+print("|---|---|---|---|---|---|---|---|")
 print("\n".join(rows))
 if phase_rows:
     print()

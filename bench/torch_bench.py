@@ -12,6 +12,11 @@
              inference_mode; then the same model exported to ONNX and run in ONNX Runtime
              (2 intra-op threads) when onnxruntime is importable.
   infer-swin-t  the same for timm's swin_tiny_patch4_window7_224 (random weights).
+  infer-b16-int8  the infer-b16 model in int8: PyTorch's dynamic quantization of its
+             nn.Linear layers (torch.ao.quantization.quantize_dynamic, qint8, the x86/fbgemm
+             engine), and ONNX Runtime on the fp32 export passed through
+             onnxruntime.quantization.quantize_dynamic (QInt8 weights, per channel; dynamic
+             uint8 activations; MatMul and Conv).
 
 Each iteration is timed after --warmup untimed ones. Prints one JSON object with the fields
 of `vit bench --format json`: images_per_second and step_ms as {median, min, max},
@@ -42,6 +47,8 @@ EPS = 1e-8
 WEIGHT_DECAY = 0.05
 LABEL_SMOOTHING = 0.1
 CLIP = 1.0
+# infer-b16-int8: ONNX Runtime weights per channel, as ours (ORT_PER_CHANNEL=0: per tensor).
+PER_CHANNEL = os.environ.get("ORT_PER_CHANNEL", "1") != "0"
 
 
 def stats(xs):
@@ -131,7 +138,7 @@ def train_fm(args, resnet=False):
     return model, batch, time_loop(step, args.warmup, args.iters, batch, phases)
 
 
-def infer(args, swin=False):
+def infer(args, swin=False, int8=False):
     torch.manual_seed(0)
     if swin:
         model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False).eval()
@@ -142,6 +149,13 @@ def infer(args, swin=False):
         ).eval()
     batch = 8
     x = torch.rand(batch, 3, 224, 224) * 2 - 1
+    timed = model
+    if int8:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            timed = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
     # --dtype bf16: the reference documents' mixed precision, torch.autocast on the CPU
     # (matrix products in bf16, LayerNorm and softmax in f32).
@@ -150,7 +164,7 @@ def infer(args, swin=False):
     def step():
         t0 = time.perf_counter()
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            model(x)
+            timed(x)
         return (time.perf_counter() - t0,)
 
     return model, batch, time_loop(step, args.warmup, args.iters, batch, ["forward"])
@@ -188,8 +202,9 @@ def export_onnx(model, x, path):
     raise RuntimeError("; ".join(errors))
 
 
-def onnxruntime_infer(model, batch, args):
-    """ONNX Runtime on the exported model: (result, None) or (None, why it was skipped)."""
+def onnxruntime_infer(model, batch, args, int8=False):
+    """ONNX Runtime on the exported model (with `int8`, its quantize_dynamic): (result, None) or
+    (None, why it was skipped)."""
     try:
         import onnxruntime as ort
     except ImportError as e:
@@ -201,6 +216,17 @@ def onnxruntime_infer(model, batch, args):
             exporter = export_onnx(model, x, path)
         except Exception as e:  # noqa: BLE001
             return None, f"ONNX export failed: {e}"
+        if int8:
+            try:
+                from onnxruntime.quantization import QuantType, quantize_dynamic
+
+                qpath = os.path.join(tmp, "model-int8.onnx")
+                with stdout_to_stderr():
+                    quantize_dynamic(path, qpath, weight_type=QuantType.QInt8, per_channel=PER_CHANNEL)
+                path = qpath
+                exporter += f", quantize_dynamic QInt8 per {'channel' if PER_CHANNEL else 'tensor'}"
+            except Exception as e:  # noqa: BLE001
+                return None, f"ONNX Runtime quantize_dynamic failed: {type(e).__name__}: {e}"
         so = ort.SessionOptions()
         so.intra_op_num_threads = args.threads
         so.inter_op_num_threads = 1
@@ -228,7 +254,7 @@ def onnxruntime_infer(model, batch, args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workload", required=True, choices=["train-fm", "infer-b16", "train-resnet", "infer-swin-t"])
+    ap.add_argument("--workload", required=True, choices=["train-fm", "infer-b16", "infer-b16-int8", "train-resnet", "infer-swin-t"])
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
@@ -244,6 +270,7 @@ def main():
         "train-fm": train_fm,
         "train-resnet": lambda a: train_fm(a, resnet=True),
         "infer-b16": infer,
+        "infer-b16-int8": lambda a: infer(a, int8=True),
         "infer-swin-t": lambda a: infer(a, swin=True),
     }[args.workload]
     model, batch, r = run(args)
@@ -257,12 +284,14 @@ def main():
         **r,
         "peak_rss_bytes": peak_rss_bytes(),
         "threads": torch.get_num_threads(),
-        "provider": torch_provider() + (", bf16 autocast" if args.dtype == "bf16" else ""),
+        "provider": torch_provider()
+        + (", bf16 autocast" if args.dtype == "bf16" else "")
+        + (f", dynamic int8 nn.Linear ({torch.backends.quantized.engine} engine)" if args.workload.endswith("-int8") else ""),
     }
     if args.dtype == "bf16":
         out["onnxruntime"], out["onnxruntime_skipped"] = None, "no bf16 CPU path to compare"
     elif args.workload.startswith("infer-") and not args.no_onnxruntime:
-        out["onnxruntime"], why = onnxruntime_infer(model, batch, args)
+        out["onnxruntime"], why = onnxruntime_infer(model, batch, args, int8=args.workload.endswith("-int8"))
         if why:
             out["onnxruntime_skipped"] = why
     print(json.dumps(out))
