@@ -17,8 +17,8 @@ fn int_product(level: QLevel, aq: &[u8], m: usize, k: usize, wq: &[i8], n: usize
     for pi in 0..n.div_ceil(nr) {
         for i0 in (0..m).step_by(mr) {
             let r = mr.min(m - i0);
-            // SAFETY: as qgemm_block; the level is available on this CPU.
             let mut t = [0i32; MAX_TILE];
+            // SAFETY: as qgemm_block; the level is available on this CPU.
             unsafe {
                 tile(
                     level,
