@@ -436,3 +436,65 @@ fn bf16_inference_where_the_cpu_has_it_and_one_line_where_not() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown dtype 'fp8'"));
 }
+
+#[test]
+fn int8_checkpoints_predict_and_draw_attention_on_every_kernel() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = fixture("predict/image_rgb.png");
+    let (w, c) = (weights(), config());
+    let q = dir.path().join("int8.safetensors");
+    let out = ok(&["quantize", p(&w), "--config", p(&c), p(&q)]);
+    assert!(out.contains("linear layers int8"), "{out}");
+    let logits = |weights: &Path, simd: Option<&str>| -> (Vec<f64>, u64) {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vit"));
+        cmd.args([
+            "predict",
+            p(&image),
+            "--weights",
+            p(weights),
+            "--format",
+            "json",
+        ]);
+        cmd.args(["--logits", "--top-k", "1"]);
+        if weights == w.as_path() {
+            cmd.args(["--config", p(&c)]);
+        }
+        if let Some(s) = simd {
+            cmd.env("VIT_SIMD", s);
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v = &json_lines(&String::from_utf8(out.stdout).unwrap())[0];
+        let l = v["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap());
+        (l.collect(), v["top_k"][0]["index"].as_u64().unwrap())
+    };
+    let (f, top) = logits(&w, None);
+    // The VNNI kernel where the CPU has it, AVX2 (7-bit activations), portable code.
+    for simd in [None, Some("avx2"), Some("baseline")] {
+        let (g, t) = logits(&q, simd);
+        assert_eq!(t, top, "{simd:?}");
+        let dot: f64 = f.iter().zip(&g).map(|(a, b)| a * b).sum();
+        let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let cos = dot / (norm(&f) * norm(&g));
+        assert!(cos > 0.999, "{simd:?}: cosine {cos}");
+        assert_ne!(f, g, "{simd:?}: the int8 path ran");
+    }
+    let attn = dir.path().join("attn");
+    ok(&[
+        "attention",
+        p(&image),
+        "--weights",
+        p(&q),
+        "--out",
+        p(&attn),
+    ]);
+    assert!(std::fs::read_dir(&attn).unwrap().count() > 0);
+}

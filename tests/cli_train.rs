@@ -141,6 +141,61 @@ fn training_lowers_the_loss_and_writes_the_run() {
         p(&run.join("checkpoint-best.safetensors")),
     ]);
     assert!(pred.contains("1. "), "{pred}");
+
+    // int8: quantize, evaluate against the f32 checkpoint, and refuse to train from it.
+    let best = run.join("checkpoint-best.safetensors");
+    let int8 = dir.path().join("q/int8.safetensors");
+    let out = ok(&["quantize", p(&best), p(&int8)]);
+    // One block: qkv, proj, fc1, fc2, and the patch projection.
+    assert!(out.contains("5 linear layers int8"), "{out}");
+    let json = ok(&[
+        "eval",
+        "--checkpoint",
+        p(&int8),
+        "--reference",
+        p(&best),
+        "--data-dir",
+        p(&dir.path().join("data")),
+        "--format",
+        "json",
+        "--out",
+        p(&dir.path().join("eval-int8")),
+    ]);
+    let q: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let r = &q["reference"];
+    assert_eq!(
+        r["accuracy"].as_f64().unwrap(),
+        acc,
+        "the reference is the f32 checkpoint"
+    );
+    assert!(r["top1_agreement"].as_f64().unwrap() >= 0.97, "{r}");
+    assert!(r["mean_logit_cosine"].as_f64().unwrap() >= 0.999, "{r}");
+    assert!((q["accuracy"].as_f64().unwrap() - acc).abs() <= 0.03, "{q}");
+    let pred = ok(&["predict", p(&img), "--weights", p(&int8)]);
+    assert!(pred.contains("1. "), "{pred}");
+    let e = fails(&[
+        "train",
+        "--config",
+        p(&recipe),
+        "--init",
+        p(&int8),
+        "--out",
+        p(&dir.path().join("from-int8")),
+        "--quiet",
+    ]);
+    assert!(
+        e.contains("int8 checkpoint (vit quantize) runs inference only"),
+        "{e}"
+    );
+    for args in [
+        vec!["export", p(&int8), "--onnx", p(&dir.path().join("m.onnx"))],
+        vec!["convert", p(&int8), p(&dir.path().join("c.safetensors"))],
+        vec!["quantize", p(&int8), p(&dir.path().join("qq.safetensors"))],
+    ] {
+        let e = fails(&args);
+        assert!(e.contains("int8"), "{args:?}: {e}");
+    }
+    assert!(!dir.path().join("from-int8").exists());
 }
 
 /// Starts `vit train ARGS` and kills it (SIGKILL) soon after its first `checkpoint-last`
