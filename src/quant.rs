@@ -20,7 +20,7 @@ use std::path::Path;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use crate::models::{Architecture, ModelConfig};
+use crate::models::ModelConfig;
 use crate::ops::Int8Weight;
 use crate::weights::{self, int8_scale_name, Arch, FitOptions, SaveMeta};
 use crate::{Error, Result};
@@ -114,6 +114,7 @@ pub fn quantize_checkpoint(input: &Path, output: &Path, arch: &Arch) -> Result<R
             msg: "it is already int8".into(),
         });
     }
+    let pre = fitted.preprocess(arch);
     let cfg = fitted.config;
     let mut tensors = fitted.tensors;
     let layers = quantize_tensors(&cfg, &mut tensors)?;
@@ -122,11 +123,6 @@ pub fn quantize_checkpoint(input: &Path, output: &Path, arch: &Arch) -> Result<R
         activations: "dynamic, per row".into(),
         layers: layers.clone(),
     };
-    let pre = fitted
-        .checkpoint
-        .preprocess
-        .clone()
-        .unwrap_or_else(|| cfg.default_preprocess());
     let meta = SaveMeta {
         config: Some(&cfg),
         preprocess: Some(&pre),

@@ -50,11 +50,7 @@ pub fn export_checkpoint(
 ) -> Result<(Exported, Vec<String>)> {
     let fitted = crate::weights::load_fitted(input, arch, Default::default())?;
     fitted.require_f32("ONNX export")?;
-    let pre = fitted
-        .checkpoint
-        .preprocess
-        .clone()
-        .unwrap_or_else(|| crate::models::Architecture::default_preprocess(&fitted.config));
+    let pre = fitted.preprocess(arch);
     let names = fitted.checkpoint.class_names.as_deref();
     let done = export(&fitted.config, &fitted.tensors, &pre, names, opts, out)?;
     Ok((done, fitted.warnings))

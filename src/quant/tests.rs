@@ -4,7 +4,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::*;
 use crate::models::vit::init_params;
-use crate::models::{Mode, Preprocess, ViTConfig};
+use crate::models::{Architecture, Mode, Preprocess, ViTConfig};
 use crate::predict::load_model;
 
 fn tiny() -> ViTConfig {
@@ -206,4 +206,30 @@ fn int8_outside_the_quantized_layers_or_without_scales_is_refused() {
     assert!(e.contains("non-finite"), "{e}");
 
     assert_eq!(ck.tensors["blocks.0.attn.qkv.weight"].dtype(), DType::U8);
+}
+
+/// A checkpoint without preprocessing read as a preset (timm's files): the int8 copy keeps
+/// the preset's pretrained preprocessing, which `vit predict --preset` would have used.
+#[test]
+fn a_preset_checkpoint_keeps_the_presets_preprocessing() {
+    let dir = tempfile::tempdir().unwrap();
+    let preset = "vit_tiny_patch16_224";
+    let cfg = ModelConfig::preset(preset).unwrap();
+    let params: HashMap<String, Tensor> = cfg
+        .init_params(0, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .collect();
+    let input = dir.path().join("timm.safetensors");
+    weights::save(&input, &params, &HashMap::new(), &SaveMeta::default()).unwrap();
+    let out = dir.path().join("int8.safetensors");
+    quantize_checkpoint(&input, &out, &Arch::Preset(preset.into())).unwrap();
+    let ck = weights::Checkpoint::load(&out).unwrap();
+    let want = crate::models::preset_preprocess(preset).unwrap();
+    assert_eq!(ck.preprocess.as_ref(), Some(&want));
+    assert_ne!(
+        want,
+        cfg.default_preprocess(),
+        "the test would not tell them apart"
+    );
 }

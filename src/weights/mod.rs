@@ -521,6 +521,20 @@ impl Checkpoint {
 }
 
 impl Fitted {
+    /// The evaluation preprocessing of this checkpoint read as `arch`: its own, else the
+    /// preset's pretrained one (timm's `pretrained_cfg`), else the architecture's default.
+    pub fn preprocess(&self, arch: &Arch) -> Preprocess {
+        let preset = match arch {
+            Arch::Preset(name) => crate::models::preset_preprocess(name),
+            _ => None,
+        };
+        self.checkpoint
+            .preprocess
+            .clone()
+            .or(preset)
+            .unwrap_or_else(|| self.config.default_preprocess())
+    }
+
     /// Whether the checkpoint holds int8 weights (`vit quantize`).
     pub fn is_int8(&self) -> bool {
         self.tensors.values().any(|t| t.dtype() == DType::U8)
@@ -820,6 +834,7 @@ pub fn convert(
 ) -> Result<(Vec<PathBuf>, Vec<String>)> {
     let fitted = load_fitted(input, arch, FitOptions::default())?;
     fitted.require_f32("vit convert")?;
+    let pre = fitted.preprocess(arch);
     let Fitted {
         checkpoint: ck,
         config: cfg,
@@ -829,10 +844,6 @@ pub fn convert(
     if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
-    let pre = ck
-        .preprocess
-        .clone()
-        .unwrap_or_else(|| cfg.default_preprocess());
     let names = ck.class_names.as_deref();
     let mut written = vec![output.to_path_buf()];
     match to {
