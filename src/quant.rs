@@ -91,6 +91,88 @@ pub fn quantize_tensors(
     Ok(names)
 }
 
+/// Static activations (`vit quantize --calibrate`): the images whose activations fix each
+/// int8 layer's input range.
+#[derive(Debug, Clone)]
+pub struct Calibration {
+    /// A dataset as `vit train` names it; its training split is used.
+    pub dataset: String,
+    pub data_dir: Option<std::path::PathBuf>,
+    /// How many images (spread evenly over the split).
+    pub images: usize,
+    pub quiet: bool,
+}
+
+/// Runs the model of `cfg` with `tensors` (int8 layers, dynamic activations) on
+/// `calibration`'s images, prepared as `pre` says, and adds each int8 layer's input range
+/// (`<layer>.input_range`: [min, max] of its inputs, widened to hold 0) to `tensors`.
+/// Returns a description of the data for the checkpoint's metadata.
+pub fn calibrate(
+    cfg: &ModelConfig,
+    tensors: &mut HashMap<String, Tensor>,
+    layers: &[String],
+    pre: &crate::models::Preprocess,
+    calibration: &Calibration,
+) -> Result<String> {
+    use crate::data::{self, DataLoader, LoaderConfig, PhotoCrop, Split};
+    use crate::models::Architecture;
+    if calibration.images == 0 {
+        return Err(Error::Invalid(
+            "--calibrate-images must be at least 1".into(),
+        ));
+    }
+    let spec: data::DatasetSpec = calibration.dataset.parse()?;
+    let [h, w] = cfg.image_size();
+    let opts = data::LoadOptions {
+        quiet: calibration.quiet,
+        image_size: Some((h, w)),
+        channels: Some(cfg.in_channels()),
+        ..Default::default()
+    };
+    let all = data::open(&spec, Split::Train, calibration.data_dir.as_deref(), &opts)?;
+    if all.is_empty() {
+        return Err(Error::Invalid(format!(
+            "dataset {} has no training images to calibrate on",
+            calibration.dataset
+        )));
+    }
+    let n = calibration.images.min(all.len());
+    let picked: Vec<usize> = (0..n).map(|i| i * all.len() / n).collect();
+    let images = all.subset(&picked)?;
+    let dev = candle_core::Device::Cpu;
+    let model = cfg.build(candle_nn::VarBuilder::from_tensors(
+        tensors.clone(),
+        candle_core::DType::F32,
+        &dev,
+    ))?;
+    let mut config = LoaderConfig::eval(32, pre.mean.clone(), pre.std.clone());
+    config.crop = PhotoCrop::Center(crate::predict::center_crop(pre));
+    let loader = DataLoader::new(images, config)?;
+    let ((), ranges) = crate::ops::calibrate(|| {
+        for batch in loader.epoch(0)? {
+            let batch = batch?;
+            let x = Tensor::from_vec(batch.images, batch.shape.to_vec(), &dev)?;
+            model.forward(&x)?;
+        }
+        Ok(())
+    })?;
+    for name in layers {
+        let layer = name.strip_suffix(".weight").unwrap_or(name);
+        let (lo, hi) = ranges
+            .get(layer)
+            .copied()
+            .ok_or_else(|| Error::Invalid(format!("calibration: layer {layer} saw no input")))?;
+        tensors.insert(
+            format!("{layer}.{}", crate::models::layers::INT8_INPUT_RANGE),
+            Tensor::new(&[lo, hi], &dev)?,
+        );
+    }
+    Ok(format!(
+        "static, per tensor: calibrated on {n} training images of {}",
+        calibration.dataset
+    ))
+}
+
 /// What [`quantize_checkpoint`] did.
 #[derive(Debug, Clone)]
 pub struct Report {
@@ -99,14 +181,22 @@ pub struct Report {
     /// Sizes of the input and output files, in bytes.
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// How activations are quantized ([`Scheme::activations`]).
+    pub activations: String,
     /// Things the user should know (from loading the input).
     pub warnings: Vec<String>,
 }
 
 /// Reads the f32 checkpoint `input` (any form `vit predict` reads: ours, timm, HF, `.npz`),
 /// quantizes its ViT blocks' linear layers to int8 and writes `output` (timm naming, our
-/// metadata, written atomically).
-pub fn quantize_checkpoint(input: &Path, output: &Path, arch: &Arch) -> Result<Report> {
+/// metadata, written atomically). Activations are quantized per row as each product runs,
+/// or, with `calibration`, with the fixed ranges [`calibrate`] finds.
+pub fn quantize_checkpoint(
+    input: &Path,
+    output: &Path,
+    arch: &Arch,
+    calibration: Option<&Calibration>,
+) -> Result<Report> {
     let fitted = weights::load_fitted(input, arch, FitOptions::default())?;
     if fitted.is_int8() {
         return Err(Error::Checkpoint {
@@ -118,9 +208,13 @@ pub fn quantize_checkpoint(input: &Path, output: &Path, arch: &Arch) -> Result<R
     let cfg = fitted.config;
     let mut tensors = fitted.tensors;
     let layers = quantize_tensors(&cfg, &mut tensors)?;
+    let activations = match calibration {
+        Some(c) => calibrate(&cfg, &mut tensors, &layers, &pre, c)?,
+        None => "dynamic, per row".into(),
+    };
     let scheme = Scheme {
         weights: "int8, symmetric, per output channel".into(),
-        activations: "dynamic, per row".into(),
+        activations: activations.clone(),
         layers: layers.clone(),
     };
     let meta = SaveMeta {
@@ -141,6 +235,7 @@ pub fn quantize_checkpoint(input: &Path, output: &Path, arch: &Arch) -> Result<R
         layers,
         bytes_in: size(&fitted.checkpoint.path),
         bytes_out: size(output),
+        activations,
         warnings: fitted.warnings,
     })
 }

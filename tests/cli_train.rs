@@ -173,6 +173,54 @@ fn training_lowers_the_loss_and_writes_the_run() {
     assert!((q["accuracy"].as_f64().unwrap() - acc).abs() <= 0.03, "{q}");
     let pred = ok(&["predict", p(&img), "--weights", p(&int8)]);
     assert!(pred.contains("1. "), "{pred}");
+    // Static activations, calibrated on 64 training images.
+    let calibrated = dir.path().join("q/static.safetensors");
+    let out = ok(&[
+        "quantize",
+        p(&best),
+        p(&calibrated),
+        "--calibrate",
+        "fashion-mnist",
+        "--data-dir",
+        p(&dir.path().join("data")),
+        "--calibrate-images",
+        "64",
+    ]);
+    assert!(out.contains("calibrated on 64 training images"), "{out}");
+    let json = ok(&[
+        "eval",
+        "--checkpoint",
+        p(&calibrated),
+        "--reference",
+        p(&best),
+        "--data-dir",
+        p(&dir.path().join("data")),
+        "--format",
+        "json",
+        "--out",
+        p(&dir.path().join("eval-static")),
+    ]);
+    let s: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert!(
+        s["reference"]["top1_agreement"].as_f64().unwrap() >= 0.95,
+        "{s}"
+    );
+    assert_ne!(
+        s["loss"], q["loss"],
+        "static and dynamic activations differ"
+    );
+    let e = fails(&[
+        "quantize",
+        p(&best),
+        p(&dir.path().join("q/none.safetensors")),
+        "--calibrate",
+        "fashion-mnist",
+        "--data-dir",
+        p(&dir.path().join("data")),
+        "--calibrate-images",
+        "0",
+    ]);
+    assert!(e.contains("at least 1"), "{e}");
     let e = fails(&[
         "train",
         "--config",

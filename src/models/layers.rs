@@ -92,7 +92,8 @@ impl Linear {
                     [out_dim, in_dim]
                 )));
             }
-            Some(ops::Int8Weight::new(values, vb.get(out_dim, INT8_SCALE)?)?)
+            let q = ops::Int8Weight::new(values, vb.get(out_dim, INT8_SCALE)?)?;
+            Some(q.named(&vb.prefix(), input_range(vb)?)?)
         } else {
             None
         };
@@ -133,6 +134,19 @@ impl Linear {
 /// The name, beside a linear layer's `weight`, of the per-channel scales of an int8 weight.
 pub const INT8_SCALE: &str = "weight_scale";
 
+/// The name, beside an int8 layer's weight, of its calibrated input range [lo, hi]
+/// (`vit quantize --calibrate`: static activations).
+pub const INT8_INPUT_RANGE: &str = "input_range";
+
+/// The calibrated input range under `vb`, if the checkpoint has one.
+fn input_range(vb: &VarBuilder) -> Result<Option<(f32, f32)>> {
+    if !vb.contains_tensor(INT8_INPUT_RANGE) {
+        return Ok(None);
+    }
+    let r = vb.get(2, INT8_INPUT_RANGE)?.to_vec1::<f32>()?;
+    Ok(Some((r[0], r[1])))
+}
+
 /// Cuts the image into P×P patches and projects each to D: a stride-P convolution,
 /// done as a reshape and one matrix product.
 #[derive(Debug, Clone)]
@@ -164,7 +178,7 @@ impl PatchEmbed {
                 )));
             }
             let q = ops::Int8Weight::new(values.reshape((d, c * p * p))?, vb.get(d, INT8_SCALE)?)?;
-            (values, Some(q))
+            (values, Some(q.named(&vb.prefix(), input_range(&vb)?)?))
         } else {
             (vb.get((d, c, p, p), "weight")?, None)
         };

@@ -162,6 +162,11 @@ fn linear_act(
 pub struct Int8Weight {
     pub values: Tensor, // (out, in) u8: two's-complement bytes of i8
     pub scale: Tensor,  // (out,) f32
+    /// The calibrated range [lo, hi] of the layer's input (`vit quantize --calibrate`):
+    /// activations quantized with its fixed scale and zero point; else per row as they come.
+    pub input_range: Option<(f32, f32)>,
+    /// The layer's name (its tensors' prefix), under which calibration records its inputs.
+    pub name: String,
     packed: std::sync::Arc<cpu::QPackedWeight>,
 }
 
@@ -188,8 +193,25 @@ impl Int8Weight {
         Ok(Int8Weight {
             values,
             scale,
+            input_range: None,
+            name: String::new(),
             packed: Default::default(),
         })
+    }
+
+    /// The same weight named `name` (its layer's tensor prefix), with static activations
+    /// over `range` when given: [lo, hi] with lo ≤ 0 ≤ hi, both finite.
+    pub fn named(mut self, name: &str, range: Option<(f32, f32)>) -> Result<Self> {
+        if let Some((lo, hi)) = range {
+            if !(lo.is_finite() && hi.is_finite() && lo <= 0.0 && 0.0 <= hi) {
+                return Err(crate::Error::Invalid(format!(
+                    "{name}: input range [{lo}, {hi}] must be finite and hold 0"
+                )));
+            }
+        }
+        self.name = name.to_string();
+        self.input_range = range;
+        Ok(self)
     }
 
     /// Quantizes an f32 weight (out, in): per output channel, scale = max |w| / 127 and
@@ -267,15 +289,14 @@ pub fn linear_int8(
         }
     }
     let x2 = x.reshape((x.elem_count() / in_dim.max(1), in_dim))?; // (rows, in)
+    record_input_range(&weight.name, &x2)?;
     let y = if cpu::eligible(x) && weight.values.device().is_cpu() {
-        cpu::qlinear(
-            &x2,
-            &weight.values,
-            &weight.scale,
-            bias,
-            gelu_after,
-            &weight.packed,
-        )?
+        let q = cpu::QInput {
+            values: &weight.values,
+            scale: &weight.scale,
+            range: weight.input_range,
+        };
+        cpu::qlinear(&x2, q, bias, gelu_after, &weight.packed)?
     } else {
         let y = linear_composed(&x2, &weight.dequantize()?.to_dtype(x.dtype())?, bias)?;
         if gelu_after {
@@ -285,6 +306,45 @@ pub fn linear_int8(
         }
     };
     Ok(y.reshape(out_dims)?)
+}
+
+/// The input ranges recorded by int8 layers while [`calibrate`] runs, by layer name.
+static CALIBRATION: std::sync::Mutex<Option<std::collections::HashMap<String, (f32, f32)>>> =
+    std::sync::Mutex::new(None);
+
+/// Runs `f` (forward passes of a model with int8 layers) recording the range of every int8
+/// layer's inputs, widened to hold 0: `vit quantize --calibrate`'s statistics. Returns f's
+/// result and the ranges by layer name. Calibration is process-wide: one at a time.
+pub fn calibrate<R>(
+    f: impl FnOnce() -> Result<R>,
+) -> Result<(R, std::collections::HashMap<String, (f32, f32)>)> {
+    let lock = || CALIBRATION.lock().unwrap_or_else(|e| e.into_inner());
+    *lock() = Some(Default::default());
+    let r = f();
+    let ranges = lock().take().unwrap_or_default();
+    Ok((r?, ranges))
+}
+
+/// Adds the range of `x` to layer `name`'s while [`calibrate`] runs (a non-finite input is
+/// an error: it would make a meaningless range).
+fn record_input_range(name: &str, x: &Tensor) -> Result<()> {
+    let mut guard = CALIBRATION.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(ranges) = guard.as_mut() else {
+        return Ok(());
+    };
+    let flat = x.flatten_all()?.to_dtype(DType::F32)?;
+    let (lo, hi) = (
+        flat.min(0)?.to_scalar::<f32>()?,
+        flat.max(0)?.to_scalar::<f32>()?,
+    );
+    if !(lo.is_finite() && hi.is_finite()) {
+        return Err(crate::Error::Numeric(format!(
+            "calibration: the input of {name} holds a non-finite value"
+        )));
+    }
+    let r = ranges.entry(name.to_string()).or_insert((0.0, 0.0));
+    *r = (r.0.min(lo), r.1.max(hi));
+    Ok(())
 }
 
 /// The int8 kernel this CPU runs (`vit bench` reports it): "AVX-512 VNNI", "AVX2" (7-bit

@@ -98,7 +98,7 @@ fn quantized_checkpoint_round_trips_and_stays_close_to_f32() {
     let cfg = tiny();
     let f32_path = saved(dir.path(), &cfg);
     let q_path = dir.path().join("int8.safetensors");
-    let report = quantize_checkpoint(&f32_path, &q_path, &Arch::FromCheckpoint).unwrap();
+    let report = quantize_checkpoint(&f32_path, &q_path, &Arch::FromCheckpoint, None).unwrap();
     assert_eq!(report.layers.len(), 4 * 3 + 1);
     assert!(report.bytes_out < report.bytes_in);
 
@@ -154,6 +154,7 @@ fn quantized_checkpoint_round_trips_and_stays_close_to_f32() {
         &q_path,
         &dir.path().join("x.safetensors"),
         &Arch::FromCheckpoint,
+        None,
     )
     .unwrap_err()
     .to_string();
@@ -166,7 +167,7 @@ fn int8_outside_the_quantized_layers_or_without_scales_is_refused() {
     let cfg = tiny();
     let f32_path = saved(dir.path(), &cfg);
     let q_path = dir.path().join("int8.safetensors");
-    quantize_checkpoint(&f32_path, &q_path, &Arch::FromCheckpoint).unwrap();
+    quantize_checkpoint(&f32_path, &q_path, &Arch::FromCheckpoint, None).unwrap();
     let ck = weights::Checkpoint::load(&q_path).unwrap();
     let mcfg = ModelConfig::Vit(cfg.clone());
 
@@ -206,6 +207,27 @@ fn int8_outside_the_quantized_layers_or_without_scales_is_refused() {
     assert!(e.contains("non-finite"), "{e}");
 
     assert_eq!(ck.tensors["blocks.0.attn.qkv.weight"].dtype(), DType::U8);
+
+    // A calibrated input range of the wrong shape, or one without 0 in it.
+    let mut range = weights::Checkpoint::load(&q_path).unwrap();
+    let name = "blocks.0.attn.qkv.input_range";
+    range.tensors.insert(
+        name.into(),
+        Tensor::new(&[0f32, 1.0, 2.0], &Device::Cpu).unwrap(),
+    );
+    let e = range
+        .fit(&mcfg, Default::default(), None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("expected f32 [2]"), "{e}");
+    range.tensors.insert(
+        name.into(),
+        Tensor::new(&[0.5f32, 2.0], &Device::Cpu).unwrap(),
+    );
+    let (tensors, _) = range.fit(&mcfg, Default::default(), None).unwrap();
+    let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+    let e = mcfg.build(vb).unwrap_err().to_string();
+    assert!(e.contains("must be finite and hold 0"), "{e}");
 }
 
 /// A checkpoint without preprocessing read as a preset (timm's files): the int8 copy keeps
@@ -223,7 +245,7 @@ fn a_preset_checkpoint_keeps_the_presets_preprocessing() {
     let input = dir.path().join("timm.safetensors");
     weights::save(&input, &params, &HashMap::new(), &SaveMeta::default()).unwrap();
     let out = dir.path().join("int8.safetensors");
-    quantize_checkpoint(&input, &out, &Arch::Preset(preset.into())).unwrap();
+    quantize_checkpoint(&input, &out, &Arch::Preset(preset.into()), None).unwrap();
     let ck = weights::Checkpoint::load(&out).unwrap();
     let want = crate::models::preset_preprocess(preset).unwrap();
     assert_eq!(ck.preprocess.as_ref(), Some(&want));

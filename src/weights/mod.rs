@@ -415,6 +415,22 @@ impl Checkpoint {
                      proj, fc1, fc2) can be"
                 )));
             }
+            // Static activations: the calibrated input range beside it, if any.
+            let range = format!(
+                "{}.{}",
+                name.strip_suffix(".weight").unwrap_or(name),
+                crate::models::layers::INT8_INPUT_RANGE
+            );
+            if let Some(r) = tensors.get(&range) {
+                if r.dtype() != DType::F32 || r.dims() != [2] {
+                    return Err(err(format!(
+                        "tensor {range}: expected f32 [2], found {:?} {:?}",
+                        r.dtype(),
+                        r.dims()
+                    )));
+                }
+                scales.push(range);
+            }
             let scale = int8_scale_name(name);
             match tensors.get(&scale) {
                 Some(s) if s.dtype() == DType::F32 && s.dims() == [t.dim(0)?] => {}

@@ -66,7 +66,7 @@ pub(crate) use group_norm::group_norm;
 pub(crate) use layer_norm::layer_norm;
 pub(crate) use linear::{linear, Activation, PackedWeight};
 pub(crate) use qgemm::qlevel;
-pub(crate) use qlinear::{qlinear, QPackedWeight};
+pub(crate) use qlinear::{qlinear, QInput, QPackedWeight};
 pub(crate) use relu::{add_relu, relu};
 pub(crate) use simd::{simd_level, SimdLevel};
 pub(crate) use softmax::softmax_last_dim;

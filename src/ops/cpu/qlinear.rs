@@ -31,16 +31,25 @@ fn bounds(rows: usize, mr: usize, threads: usize) -> Vec<usize> {
         .collect()
 }
 
-/// `act(x · Wᵀ + b)` for a CPU f32 x (rows, k), W given as `values` (n, k), the bytes of i8
-/// in a U8 tensor, with `scale` (n) f32, and bias (n).
+/// An int8 weight as [`qlinear`] takes it.
+pub(crate) struct QInput<'a> {
+    /// (n, k): the bytes of i8 in a U8 tensor.
+    pub values: &'a Tensor,
+    /// (n) f32, per output channel.
+    pub scale: &'a Tensor,
+    /// The calibrated input range (static activations), if any.
+    pub range: Option<(f32, f32)>,
+}
+
+/// `act(x · Wᵀ + b)` for a CPU f32 x (rows, k), W the int8 weight `w`, and bias (n).
 pub(crate) fn qlinear(
     x: &Tensor,
-    values: &Tensor,
-    scale: &Tensor,
+    w: QInput,
     bias: Option<&Tensor>,
     gelu: bool,
     cache: &QPackedWeight,
 ) -> Result<Tensor> {
+    let (values, scale) = (w.values, w.scale);
     if x.track_op() {
         bail!(
             "an int8 layer runs inference only: it has no gradient (train from the f32 checkpoint)"
@@ -71,7 +80,7 @@ pub(crate) fn qlinear(
             if sw.len() != n {
                 bail!("int8 linear: {} scales for {n} channels", sw.len())
             }
-            let _ = cache.set(QPacked::new(qlevel(), &wq, &sw, n, k));
+            let _ = cache.set(QPacked::new(qlevel(), &wq, &sw, n, k).with_input_range(w.range));
             cache.get().expect("set above")
         }
     };

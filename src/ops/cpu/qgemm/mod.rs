@@ -141,6 +141,8 @@ pub(crate) struct QPacked {
     colsum: Vec<i32>,
     /// sw, per channel.
     scale: Vec<f32>,
+    /// The calibrated range [lo, hi] of the input (static activations), if any.
+    input_range: Option<(f32, f32)>,
 }
 
 impl QPacked {
@@ -172,7 +174,15 @@ impl QPacked {
             data,
             colsum,
             scale: scale.to_vec(),
+            input_range: None,
         }
+    }
+
+    /// Quantizes inputs with the fixed scale and zero point of the calibrated range [lo, hi]
+    /// (lo ≤ 0 ≤ hi) instead of each row's own.
+    pub(crate) fn with_input_range(mut self, range: Option<(f32, f32)>) -> Self {
+        self.input_range = range;
+        self
     }
 
     pub(crate) fn level(&self) -> QLevel {
@@ -180,13 +190,32 @@ impl QPacked {
     }
 }
 
+/// The scale and zero point that map [lo, hi] (lo ≤ 0 ≤ hi) onto [0, `max`] with zero
+/// exact: the range over `max` steps; (0, 0) for an empty range.
+#[inline(always)]
+pub(crate) fn range_params(lo: f32, hi: f32, max: u8) -> (f32, f32) {
+    if hi == lo {
+        return (0.0, 0.0);
+    }
+    let levels = max as f32;
+    let scale = (hi - lo) / levels;
+    (scale, round(-lo / scale).clamp(0.0, levels))
+}
+
 /// Quantizes one row `x` of activations to `out` (at least x.len() bytes; what lies past
 /// x.len() is zeroed) in [0, `max`] and returns (scale, zero point) with x ≈ scale · (q −
-/// zp): the range [min(x, 0), max(x, 0)] over `max` steps, so that zero is exact. A row of
-/// zeros has scale 0. A row holding a NaN or an infinity gets a NaN scale, so its outputs
-/// are NaN as the f32 product's would be, not a silently finite number.
+/// zp). Dynamic (`fixed` None): the row's range [min(x, 0), max(x, 0)] over `max` steps
+/// ([`range_params`]); static: the calibrated (scale, zero point) given, values outside
+/// clamped. A row of zeros (dynamic) has scale 0. A row holding a NaN or an infinity gets a
+/// NaN scale, so its outputs are NaN as the f32 product's would be, not a silently finite
+/// number.
 #[inline(always)]
-pub(crate) fn quantize_row(x: &[f32], max: u8, out: &mut [u8]) -> (f32, i32) {
+pub(crate) fn quantize_row(
+    x: &[f32],
+    max: u8,
+    fixed: Option<(f32, f32)>,
+    out: &mut [u8],
+) -> (f32, i32) {
     // Minimum, maximum and Σ v·0 (NaN once any v is not finite) over 16 lanes, so that
     // the loop vectorises; a single running minimum does not.
     const L: usize = 16;
@@ -213,13 +242,12 @@ pub(crate) fn quantize_row(x: &[f32], max: u8, out: &mut [u8]) -> (f32, i32) {
         head.fill(0);
         return (f32::NAN, 0);
     }
-    if hi == lo {
+    let (scale, zp) = fixed.unwrap_or_else(|| range_params(lo, hi, max));
+    if scale == 0.0 {
         head.fill(0);
         return (0.0, 0);
     }
     let levels = max as f32;
-    let scale = (hi - lo) / levels;
-    let zp = round(-lo / scale).clamp(0.0, levels);
     let inv = 1.0 / scale;
     for (o, &v) in head.iter_mut().zip(x) {
         // round(v / scale) + zp, as zp is a whole number: rounding after the shift is the
@@ -295,6 +323,10 @@ unsafe fn tile(
 /// one of [`available_levels`] in tests).
 #[inline(always)]
 pub(crate) unsafe fn qgemm_block(x: &[f32], p: &QPacked, bias: &[f32], gelu: bool, y: *mut f32) {
+    // Static activations: the calibrated range's scale and zero point for this level.
+    let fixed = p
+        .input_range
+        .map(|(lo, hi)| range_params(lo, hi, p.level.act_max()));
     let (n, k, k4) = (p.n, p.k, p.k4);
     let m = x.len() / k.max(1);
     if m == 0 || n == 0 {
@@ -310,7 +342,12 @@ pub(crate) unsafe fn qgemm_block(x: &[f32], p: &QPacked, bias: &[f32], gelu: boo
     let mut sa = vec![0f32; m];
     let mut zp = vec![0i32; m];
     for i in 0..m {
-        (sa[i], zp[i]) = quantize_row(&x[i * k..(i + 1) * k], max, &mut aq[i * k4..(i + 1) * k4]);
+        (sa[i], zp[i]) = quantize_row(
+            &x[i * k..(i + 1) * k],
+            max,
+            fixed,
+            &mut aq[i * k4..(i + 1) * k4],
+        );
     }
     let mut acc = [0i32; MAX_TILE];
     for pi in 0..n.div_ceil(nr) {

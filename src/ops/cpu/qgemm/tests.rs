@@ -108,7 +108,7 @@ fn quantize_row_is_within_half_a_step_and_keeps_zero_exact() {
                     .map(|_| rng.random_range(-1.0..1.0f32) + shift)
                     .collect();
                 let mut q = vec![9u8; len + 3];
-                let (s, zp) = quantize_row(&x, max, &mut q);
+                let (s, zp) = quantize_row(&x, max, None, &mut q);
                 assert!(s > 0.0 && (0..=max as i32).contains(&zp));
                 assert_eq!(&q[len..], &[0, 0, 0], "padding zeroed");
                 let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
@@ -132,10 +132,10 @@ fn quantize_row_is_within_half_a_step_and_keeps_zero_exact() {
 #[test]
 fn quantize_row_of_zeros_and_of_non_finite_values() {
     let mut q = [1u8; 4];
-    assert_eq!(quantize_row(&[0.0; 4], 255, &mut q), (0.0, 0));
+    assert_eq!(quantize_row(&[0.0; 4], 255, None, &mut q), (0.0, 0));
     assert_eq!(q, [0; 4]);
     for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
-        let (s, _) = quantize_row(&[1.0, bad, -2.0], 255, &mut q);
+        let (s, _) = quantize_row(&[1.0, bad, -2.0], 255, None, &mut q);
         assert!(s.is_nan(), "{bad}");
     }
 }
@@ -151,14 +151,25 @@ fn int8_block_matches_the_dequantized_product_in_f64() {
             let wq: Vec<i8> = (0..n * k).map(|_| rng.random_range(-127..=127)).collect();
             let sw: Vec<f32> = (0..n).map(|_| rng.random_range(0.001..0.02f32)).collect();
             let b: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0f32)).collect();
-            let p = QPacked::new(level, &wq, &sw, n, k);
-            for gelu in [false, true] {
+            for (gelu, range) in [
+                (false, None),
+                (true, None),
+                (false, Some((-1.5f32, 0.8f32))),
+            ] {
+                // Static activations: a calibrated range that clamps some of x.
+                let p = QPacked::new(level, &wq, &sw, n, k).with_input_range(range);
                 let mut y = vec![0f32; m * n];
                 // SAFETY: y holds m · n floats; the level is available here.
                 unsafe { qgemm_block(&x, &p, &b, gelu, y.as_mut_ptr()) };
                 for i in 0..m {
                     let mut q = vec![0u8; k];
-                    let (s, zp) = quantize_row(&x[i * k..(i + 1) * k], level.act_max(), &mut q);
+                    let (s, zp) = quantize_row(
+                        &x[i * k..(i + 1) * k],
+                        level.act_max(),
+                        p.input_range
+                            .map(|(lo, hi)| range_params(lo, hi, level.act_max())),
+                        &mut q,
+                    );
                     for j in 0..n {
                         let mut z: f64 = (0..k)
                             .map(|t| {
@@ -200,4 +211,16 @@ fn libm_erf(x: f64) -> f64 {
         }
     }
     sum * 2.0 / std::f64::consts::PI.sqrt()
+}
+
+#[test]
+fn static_quantization_clamps_to_the_calibrated_range_and_keeps_nan() {
+    let (s, zp) = range_params(-1.0, 3.0, 255);
+    assert_eq!(zp, 64.0);
+    let mut q = [0u8; 4];
+    let got = quantize_row(&[-5.0, 0.0, 3.0, 9.0], 255, Some((s, zp)), &mut q);
+    assert_eq!(got, (s, 64));
+    assert_eq!(q, [0, 64, 255, 255], "outside the range: clamped");
+    let (bad, _) = quantize_row(&[0.5, f32::NAN], 255, Some((s, zp)), &mut q);
+    assert!(bad.is_nan());
 }
