@@ -308,16 +308,18 @@ pub fn linear_int8(
     Ok(y.reshape(out_dims)?)
 }
 
-/// The input ranges recorded by int8 layers while [`calibrate`] runs, by layer name.
-static CALIBRATION: std::sync::Mutex<Option<std::collections::HashMap<String, (f32, f32)>>> =
-    std::sync::Mutex::new(None);
+/// Input ranges [lo, hi] by int8 layer name, as [`calibrate`] records them.
+pub type InputRanges = std::collections::HashMap<String, (f32, f32)>;
+
+/// The input ranges recorded while [`calibrate`] runs.
+static CALIBRATION: std::sync::Mutex<Option<InputRanges>> = std::sync::Mutex::new(None);
 
 /// Runs `f` (forward passes of a model with int8 layers) recording the range of every int8
 /// layer's inputs, widened to hold 0: `vit quantize --calibrate`'s statistics. Returns f's
 /// result and the ranges by layer name. Calibration is process-wide: one at a time.
 pub fn calibrate<R>(
     f: impl FnOnce() -> Result<R>,
-) -> Result<(R, std::collections::HashMap<String, (f32, f32)>)> {
+) -> Result<(R, InputRanges)> {
     let lock = || CALIBRATION.lock().unwrap_or_else(|e| e.into_inner());
     *lock() = Some(Default::default());
     let r = f();
