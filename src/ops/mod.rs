@@ -317,9 +317,7 @@ static CALIBRATION: std::sync::Mutex<Option<InputRanges>> = std::sync::Mutex::ne
 /// Runs `f` (forward passes of a model with int8 layers) recording the range of every int8
 /// layer's inputs, widened to hold 0: `vit quantize --calibrate`'s statistics. Returns f's
 /// result and the ranges by layer name. Calibration is process-wide: one at a time.
-pub fn calibrate<R>(
-    f: impl FnOnce() -> Result<R>,
-) -> Result<(R, InputRanges)> {
+pub fn calibrate<R>(f: impl FnOnce() -> Result<R>) -> Result<(R, InputRanges)> {
     let lock = || CALIBRATION.lock().unwrap_or_else(|e| e.into_inner());
     *lock() = Some(Default::default());
     let r = f();

@@ -251,8 +251,11 @@ pub(crate) fn quantize_row(
     let inv = 1.0 / scale;
     for (o, &v) in head.iter_mut().zip(x) {
         // round(v / scale) + zp, as zp is a whole number: rounding after the shift is the
-        // same, and the clamp keeps |t| small enough for `round`.
-        *o = round((v * inv + zp).clamp(0.0, levels)) as u8;
+        // same. The clamped t lies in [0, 255]: t + 1.5 · 2²³ rounds it to a whole number
+        // (see `round`) held in the low bits of the sum, read directly (a saturating
+        // float-to-int cast does not vectorise).
+        let t = (v * inv + zp).clamp(0.0, levels);
+        *o = (t + MAGIC).to_bits() as u8;
     }
     (scale, zp as i32)
 }
@@ -262,9 +265,11 @@ pub(crate) fn quantize_row(
 /// Unlike `f32::round_ties_even` (a libm call when not vectorised) it vectorises to two adds.
 #[inline(always)]
 fn round(t: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0;
     (t + MAGIC) - MAGIC
 }
+
+/// 1.5 · 2²³: see [`round`].
+const MAGIC: f32 = 12_582_912.0;
 
 thread_local! {
     /// [`qgemm_block`]'s quantized rows, kept for this thread's next call.
