@@ -12,8 +12,8 @@
 #
 # ISA=avx2 holds the runtimes to AVX2 + FMA: ours is built without the `avx512` feature (the
 # `gemm` crate's AVX-512 kernels left out; into target/isa-avx2) and run with VIT_SIMD=avx2;
-# PyTorch runs with ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2 and
-# MKL_ENABLE_INSTRUCTIONS=AVX2. ONNX Runtime has no such switch: its column stays uncapped, and
+# PyTorch runs with ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2, MKL_ENABLE_INSTRUCTIONS=AVX2
+# and FBGEMM_ENABLE_INSTRUCTIONS=AVX2 (its int8 kernels). ONNX Runtime has no such switch: its column stays uncapped, and
 # the table says so. The header records the kernels each runtime reported.
 #
 # Environment: ROUNDS (3), ITERS (10), WARMUP (2), THREADS (2), VENV (.venv; created and filled
@@ -44,7 +44,8 @@ case "$ISA" in
         BUILD=(cargo build --release --quiet --no-default-features --target-dir target/isa-avx2)
         VIT=./target/isa-avx2/release/vit
         OURS_ENV=(VIT_SIMD=avx2)
-        TORCH_ENV=(ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2)
+        TORCH_ENV=(ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
+            FBGEMM_ENABLE_INSTRUCTIONS=AVX2)
         ;;
     *)
         echo "compare.sh: ISA=$ISA: use native or avx2" >&2
@@ -152,8 +153,8 @@ print(f"{now}; CPU: {cpu}; {cores} cores; {threads} threads per runtime")
 print(f"CPU flags: {flags.strip() or 'unknown'}")
 if isa == "avx2":
     print("ISA cap: avx2 (ours: built without `avx512`, VIT_SIMD=avx2; PyTorch: ATEN_CPU_CAPABILITY=avx2, "
-          "ONEDNN_MAX_CPU_ISA=AVX2, MKL_ENABLE_INSTRUCTIONS=AVX2; ONNX Runtime cannot be capped: its "
-          "column runs the CPU's widest kernels)")
+          "ONEDNN_MAX_CPU_ISA=AVX2, MKL_ENABLE_INSTRUCTIONS=AVX2, FBGEMM_ENABLE_INSTRUCTIONS=AVX2; ONNX "
+          "Runtime cannot be capped: its column runs the CPU's widest kernels)")
 print(f"ours: vit bench, kernels {kernels}, matmul {provider}")
 print(f"PyTorch: {torch_provider}; kernels seen: {torch_kernels.strip(';').replace(';', ', ') or 'unknown'}")
 if ort_provider:
