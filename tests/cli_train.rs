@@ -148,20 +148,24 @@ fn training_lowers_the_loss_and_writes_the_run() {
     let out = ok(&["quantize", p(&best), p(&int8)]);
     // One block: qkv, proj, fc1, fc2, and the patch projection.
     assert!(out.contains("5 linear layers int8"), "{out}");
-    let json = ok(&[
-        "eval",
-        "--checkpoint",
-        p(&int8),
-        "--reference",
-        p(&best),
-        "--data-dir",
-        p(&dir.path().join("data")),
-        "--format",
-        "json",
-        "--out",
-        p(&dir.path().join("eval-int8")),
-    ]);
-    let q: serde_json::Value = serde_json::from_str(&json).unwrap();
+    // `vit eval CK --reference best` as JSON.
+    let against_best = |ck: &Path, out: &str| -> serde_json::Value {
+        let json = ok(&[
+            "eval",
+            "--checkpoint",
+            p(ck),
+            "--reference",
+            p(&best),
+            "--data-dir",
+            p(&dir.path().join("data")),
+            "--format",
+            "json",
+            "--out",
+            p(&dir.path().join(out)),
+        ]);
+        serde_json::from_str(&json).unwrap()
+    };
+    let q = against_best(&int8, "eval-int8");
     let r = &q["reference"];
     assert_eq!(
         r["accuracy"].as_f64().unwrap(),
@@ -187,20 +191,7 @@ fn training_lowers_the_loss_and_writes_the_run() {
         "64",
     ]);
     assert!(out.contains("calibrated on 64 training images"), "{out}");
-    let json = ok(&[
-        "eval",
-        "--checkpoint",
-        p(&calibrated),
-        "--reference",
-        p(&best),
-        "--data-dir",
-        p(&dir.path().join("data")),
-        "--format",
-        "json",
-        "--out",
-        p(&dir.path().join("eval-static")),
-    ]);
-    let s: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let s = against_best(&calibrated, "eval-static");
     assert!(
         s["reference"]["top1_agreement"].as_f64().unwrap() >= 0.95,
         "{s}"

@@ -19,7 +19,7 @@ use super::gemm::{
     bf16_inference, own_kernel_for, sgemm, sgemm_packed, Epilogue, Level, PackedB, MR,
 };
 use super::matrix::MatRef;
-use super::par::{new_blocks, new_ranges_uninit, sum_in_order, SendPtr};
+use super::par::{new_blocks, new_ranges_uninit, sum_in_order, tile_tasks, SendPtr};
 use super::simd::simd;
 use super::storage::{f32_slice, with_f32};
 
@@ -39,14 +39,7 @@ fn fwd_bounds(rows: usize, own: bool, threads: usize) -> Vec<usize> {
     if !own {
         return (0..rows).step_by(FWD_ROWS).chain([rows]).collect();
     }
-    let tiles = rows.div_ceil(MR);
-    let mut tasks = tiles.div_ceil(FWD_ROWS.div_ceil(MR)).max(1);
-    if tasks > 1 {
-        tasks = tasks.next_multiple_of(threads.max(1)).min(tiles);
-    }
-    (0..=tasks)
-        .map(|i| (i * tiles / tasks * MR).min(rows))
-        .collect()
+    tile_tasks(rows, MR, FWD_ROWS, threads)
 }
 
 /// Which of our own kernels the forward of `rows` rows runs on, with Wᵀ packed once for all

@@ -70,6 +70,20 @@ where
     unsafe { new_ranges_uninit(&bounds, f) }
 }
 
+/// The first row of each task, then `rows`, for a kernel of `tile`-row tiles: tasks of whole
+/// tiles, as equal as the tiles allow, about `target` rows each, and as many as a multiple of
+/// the pool's `threads` so that the workers finish together (the linear layers' forward).
+pub(super) fn tile_tasks(rows: usize, tile: usize, target: usize, threads: usize) -> Vec<usize> {
+    let tiles = rows.div_ceil(tile);
+    let mut tasks = tiles.div_ceil(target.div_ceil(tile)).max(1);
+    if tasks > 1 {
+        tasks = tasks.next_multiple_of(threads.max(1)).min(tiles);
+    }
+    (0..=tasks)
+        .map(|i| (i * tiles / tasks * tile).min(rows))
+        .collect()
+}
+
 /// As [`new_blocks_uninit`] over blocks of any sizes: block i is `bounds[i]..bounds[i + 1]`
 /// of a new buffer of `bounds.last()` floats (`bounds` starts at 0 and never decreases).
 ///

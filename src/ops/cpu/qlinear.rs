@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 
 use candle_core::{bail, Result, Storage, Tensor};
 
-use super::par::new_ranges_uninit;
+use super::par::{new_ranges_uninit, tile_tasks};
 use super::qgemm::{qgemm_block, qlevel, QPacked, MAX_K};
 use super::simd::simd;
 use super::storage::with_f32;
@@ -17,19 +17,6 @@ const ROWS: usize = 128;
 
 /// The packed int8 weight of a layer, made on first use and kept (it cannot change).
 pub(crate) type QPackedWeight = OnceLock<QPacked>;
-
-/// The first row of each task, then `rows`: whole tiles, about [`ROWS`] rows each, as many
-/// tasks as a multiple of the pool's threads (see the f32 layer's `fwd_bounds`).
-fn bounds(rows: usize, mr: usize, threads: usize) -> Vec<usize> {
-    let tiles = rows.div_ceil(mr);
-    let mut tasks = tiles.div_ceil(ROWS.div_ceil(mr)).max(1);
-    if tasks > 1 {
-        tasks = tasks.next_multiple_of(threads.max(1)).min(tiles);
-    }
-    (0..=tasks)
-        .map(|i| (i * tiles / tasks * mr).min(rows))
-        .collect()
-}
 
 /// An int8 weight as [`qlinear`] takes it.
 pub(crate) struct QInput<'a> {
@@ -102,7 +89,12 @@ pub(crate) fn qlinear(
     if b_vec.len() != n {
         bail!("int8 linear: bias does not have {n} values")
     }
-    let bounds = bounds(rows, packed.level().mr(), rayon::current_num_threads());
+    let bounds = tile_tasks(
+        rows,
+        packed.level().mr(),
+        ROWS,
+        rayon::current_num_threads(),
+    );
     let y = with_f32([&x.contiguous()?], |[x]| {
         let elems: Vec<usize> = bounds.iter().map(|r| r * n).collect();
         let fill = |i: usize, yb: *mut f32, _len: usize| {
