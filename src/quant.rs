@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::models::ModelConfig;
 use crate::ops::Int8Weight;
-use crate::weights::{self, int8_scale_name, Arch, FitOptions, SaveMeta};
+use crate::weights::{self, int8_input_range_name, int8_scale_name, Arch, FitOptions, SaveMeta};
 use crate::{Error, Result};
 
 /// The metadata key holding a quantized checkpoint's [`Scheme`] (JSON).
@@ -162,10 +162,7 @@ pub fn calibrate(
             .get(layer)
             .copied()
             .ok_or_else(|| Error::Invalid(format!("calibration: layer {layer} saw no input")))?;
-        tensors.insert(
-            format!("{layer}.{}", crate::models::layers::INT8_INPUT_RANGE),
-            Tensor::new(&[lo, hi], &dev)?,
-        );
+        tensors.insert(int8_input_range_name(name), Tensor::new(&[lo, hi], &dev)?);
     }
     Ok(format!(
         "static, per tensor: calibrated on {n} training images of {}",

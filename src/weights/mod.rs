@@ -416,11 +416,7 @@ impl Checkpoint {
                 )));
             }
             // Static activations: the calibrated input range beside it, if any.
-            let range = format!(
-                "{}.{}",
-                name.strip_suffix(".weight").unwrap_or(name),
-                crate::models::layers::INT8_INPUT_RANGE
-            );
+            let range = int8_input_range_name(name);
             if let Some(r) = tensors.get(&range) {
                 if r.dtype() != DType::F32 || r.dims() != [2] {
                     return Err(err(format!(
@@ -803,6 +799,16 @@ pub fn save(
 /// `X.weight_scale`).
 pub fn int8_scale_name(name: &str) -> String {
     format!("{name}_scale")
+}
+
+/// The name of the calibrated input range of the int8 layer whose weight is `name`
+/// (`X.weight` → `X.input_range`; `layers::Linear` reads it, and the tests check the two
+/// agree).
+pub fn int8_input_range_name(name: &str) -> String {
+    format!(
+        "{}.input_range",
+        name.strip_suffix(".weight").unwrap_or(name)
+    )
 }
 
 /// A tensor as [`save`] stores it: as is, or (an int8 weight, held as u8 bytes) as I8.
