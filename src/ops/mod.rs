@@ -347,7 +347,7 @@ fn record_input_range(name: &str, x: &Tensor) -> Result<()> {
     Ok(())
 }
 
-/// The int8 kernel this CPU runs (`vit bench` reports it): "AVX-512 VNNI", "AVX2" (7-bit
+/// The int8 kernel this CPU runs (`vit bench` reports it): "AVX-512 VNNI", "AVX2" (i16
 /// activations) or "portable".
 pub fn int8_kernel() -> &'static str {
     cpu::qlevel().name()

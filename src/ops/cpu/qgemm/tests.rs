@@ -8,9 +8,16 @@ use super::*;
 fn int_product(level: QLevel, aq: &[u8], m: usize, k: usize, wq: &[i8], n: usize) -> Vec<i32> {
     let p = QPacked::new(level, wq, &vec![1.0; n], n, k);
     let k4 = p.k4;
-    let mut rows = vec![0u8; m * k4];
+    let rs = k4 * level.width();
+    let mut rows = vec![0u8; m * rs];
     for i in 0..m {
-        rows[i * k4..i * k4 + k].copy_from_slice(&aq[i * k..(i + 1) * k]);
+        let mut one = vec![0u8; k4];
+        one[..k].copy_from_slice(&aq[i * k..(i + 1) * k]);
+        if level.width() == 1 {
+            rows[i * rs..(i + 1) * rs].copy_from_slice(&one);
+        } else {
+            widen(&one, &mut rows[i * rs..(i + 1) * rs]);
+        }
     }
     let (mr, nr) = (level.mr(), level.nr());
     let mut out = vec![0i32; m * n];
@@ -23,10 +30,10 @@ fn int_product(level: QLevel, aq: &[u8], m: usize, k: usize, wq: &[i8], n: usize
                 tile(
                     level,
                     k4,
-                    rows.as_ptr().add(i0 * k4),
-                    k4,
+                    rows.as_ptr().add(i0 * rs),
+                    rs,
                     r,
-                    p.data[pi * k4 * nr..].as_ptr(),
+                    p.data[pi * rs * nr..].as_ptr(),
                     &mut t,
                 )
             };
