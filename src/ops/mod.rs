@@ -311,6 +311,9 @@ pub fn linear_int8(
 /// Input ranges [lo, hi] by int8 layer name, as [`calibrate`] records them.
 pub type InputRanges = std::collections::HashMap<String, (f32, f32)>;
 
+/// Whether [`calibrate`] is running.
+static CALIBRATING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// The input ranges recorded while [`calibrate`] runs.
 static CALIBRATION: std::sync::Mutex<Option<InputRanges>> = std::sync::Mutex::new(None);
 
@@ -318,9 +321,12 @@ static CALIBRATION: std::sync::Mutex<Option<InputRanges>> = std::sync::Mutex::ne
 /// layer's inputs, widened to hold 0: `vit quantize --calibrate`'s statistics. Returns f's
 /// result and the ranges by layer name. Calibration is process-wide: one at a time.
 pub fn calibrate<R>(f: impl FnOnce() -> Result<R>) -> Result<(R, InputRanges)> {
+    use std::sync::atomic::Ordering;
     let lock = || CALIBRATION.lock().unwrap_or_else(|e| e.into_inner());
     *lock() = Some(Default::default());
+    CALIBRATING.store(true, Ordering::Release);
     let r = f();
+    CALIBRATING.store(false, Ordering::Release);
     let ranges = lock().take().unwrap_or_default();
     Ok((r?, ranges))
 }
@@ -328,6 +334,10 @@ pub fn calibrate<R>(f: impl FnOnce() -> Result<R>) -> Result<(R, InputRanges)> {
 /// Adds the range of `x` to layer `name`'s while [`calibrate`] runs (a non-finite input is
 /// an error: it would make a meaningless range).
 fn record_input_range(name: &str, x: &Tensor) -> Result<()> {
+    // Outside calibration (every inference): one atomic load, no lock.
+    if !CALIBRATING.load(std::sync::atomic::Ordering::Acquire) {
+        return Ok(());
+    }
     let mut guard = CALIBRATION.lock().unwrap_or_else(|e| e.into_inner());
     let Some(ranges) = guard.as_mut() else {
         return Ok(());

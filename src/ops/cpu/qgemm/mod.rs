@@ -39,6 +39,9 @@ mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod vnni;
 
+/// The largest quantized activation, L, on every kernel.
+pub(crate) const ACT_MAX: u8 = 255;
+
 /// The largest tile of any kernel, in i32 (12 × 32).
 const MAX_TILE: usize = 12 * 32;
 
@@ -58,11 +61,6 @@ pub(crate) enum QLevel {
 }
 
 impl QLevel {
-    /// The largest quantized activation, L: 255 on every kernel.
-    pub(crate) fn act_max(self) -> u8 {
-        255
-    }
-
     /// Rows of a tile.
     pub(crate) fn mr(self) -> usize {
         match self {
@@ -356,15 +354,13 @@ unsafe fn tile(
 #[inline(always)]
 pub(crate) unsafe fn qgemm_block(x: &[f32], p: &QPacked, bias: &[f32], gelu: bool, y: *mut f32) {
     // Static activations: the calibrated range's scale and zero point for this level.
-    let fixed = p
-        .input_range
-        .map(|(lo, hi)| range_params(lo, hi, p.level.act_max()));
+    let fixed = p.input_range.map(|(lo, hi)| range_params(lo, hi, ACT_MAX));
     let (n, k, k4) = (p.n, p.k, p.k4);
     let m = x.len() / k.max(1);
     if m == 0 || n == 0 {
         return;
     }
-    let (mr, nr, max) = (p.level.mr(), p.level.nr(), p.level.act_max());
+    let (mr, nr, max) = (p.level.mr(), p.level.nr(), ACT_MAX);
     let (width, rs) = (p.level.width(), k4 * p.level.width());
     // The quantized rows as the kernel reads them (rs bytes each), in this thread's scratch
     // buffer (reused from call to call: it is hundreds of KB, and every byte of each row is

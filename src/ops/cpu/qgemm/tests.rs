@@ -64,7 +64,7 @@ fn int8_tiles_match_the_exact_integer_product_on_every_level() {
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     for level in available_levels() {
         for (m, n, k) in shapes() {
-            let max = level.act_max();
+            let max = ACT_MAX;
             let aq: Vec<u8> = (0..m * k).map(|_| rng.random_range(0..=max)).collect();
             let mut wq: Vec<i8> = (0..n * k).map(|_| rng.random_range(-127..=127)).collect();
             // The extremes too, where saturation would show.
@@ -91,7 +91,7 @@ fn int8_tiles_match_the_exact_integer_product_on_every_level() {
 fn int8_tiles_do_not_saturate_at_the_largest_values() {
     for level in available_levels() {
         let (m, n, k) = (3, 20, 64);
-        let max = level.act_max();
+        let max = ACT_MAX;
         let aq = vec![max; m * k];
         for w in [127i8, -127] {
             let wq = vec![w; n * k];
@@ -172,9 +172,8 @@ fn int8_block_matches_the_dequantized_product_in_f64() {
                     let mut q = vec![0u8; k];
                     let (s, zp) = quantize_row(
                         &x[i * k..(i + 1) * k],
-                        level.act_max(),
-                        p.input_range
-                            .map(|(lo, hi)| range_params(lo, hi, level.act_max())),
+                        ACT_MAX,
+                        p.input_range.map(|(lo, hi)| range_params(lo, hi, ACT_MAX)),
                         &mut q,
                     );
                     for j in 0..n {
