@@ -14,8 +14,9 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
+use crate::dist::Single;
 use crate::models::{Architecture, Classifier, ModelConfig, ViTConfig};
-use crate::train::{forward_backward, AdamW, AdamWConfig, Trainable};
+use crate::train::{forward_backward, AdamW, AdamWConfig, Micro, Shards, StepOptions, Trainable};
 use crate::{Error, Result};
 
 /// The training step's hyper-parameters: the default recipe's peak learning rate, AdamW settings,
@@ -402,17 +403,19 @@ impl Runner {
                 checkpoint,
             } => {
                 // The same calls as one step of `train::train` with accum_steps = 1.
-                let m = forward_backward(
-                    net,
-                    opt,
+                let shards = Shards::whole(x.device(), x.dim(0)?);
+                let micro = Micro {
                     x,
                     y,
-                    LABEL_SMOOTHING,
-                    1,
-                    &|_| None,
-                    None,
-                    *checkpoint,
-                )?;
+                    shards: &shards,
+                    teacher: None,
+                };
+                let opts = StepOptions {
+                    label_smoothing: LABEL_SMOOTHING,
+                    accum_steps: 1,
+                    checkpoint: *checkpoint,
+                };
+                let m = forward_backward(net, opt, &micro, opts, &|_| None, &Single)?;
                 if !m.loss.is_finite() {
                     return Err(Error::Numeric(format!("bench: loss became {}", m.loss)));
                 }

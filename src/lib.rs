@@ -17,6 +17,7 @@
 pub mod atomic;
 pub mod bench;
 pub mod data;
+pub mod dist;
 pub mod error;
 pub mod explain;
 pub mod explore;

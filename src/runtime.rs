@@ -14,7 +14,9 @@
 //!   spinning workers, which take cores from ours between ops (≈20% of samples spinning,
 //!   and a training step 25% slower at batch 64). The elementwise work left to candle
 //!   (residual adds, gradient sums) is small, so unless `CANDLE_NUM_THREADS` is set, candle's
-//!   pool gets no workers and that work runs on the calling thread: one pool in all.
+//!   pool gets no workers and that work runs on the calling thread: one pool in all. The
+//!   processes of a data-parallel job on one machine (`mpirun -np N`) each get an equal
+//!   share of its cores (unless `RAYON_NUM_THREADS` is set).
 //! - System BLAS (used for matrix products when one is installed, see `ops/cpu/gemm.rs`):
 //!   OpenBLAS 0.3.21 (Debian 12's) does not recognise AVX-512 AMD CPUs
 //!   (Zen 4) and runs its AVX2 "Haswell" kernels there; on such a CPU, unless
@@ -29,6 +31,13 @@ pub fn init() {
     crate::files::quiet_decoder_panics();
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+    // Processes of a data-parallel job on this machine share its cores equally.
+    if let Some(local) = crate::dist::local_processes().filter(|&n| n > 1) {
+        if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            std::env::set_var("RAYON_NUM_THREADS", (cores / local).max(1).to_string());
+        }
     }
     if std::env::var_os("OPENBLAS_CORETYPE").is_none() && amd_with_avx512() {
         std::env::set_var("OPENBLAS_CORETYPE", "SkylakeX");

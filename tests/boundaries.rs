@@ -29,9 +29,22 @@ const RULES: &[(&str, &[&str], &str)] = &[
             "crate::explain",
             "crate::viz",
             "crate::atomic",
+            "crate::dist",
             "safetensors",
         ],
-        "models know nothing of checkpoints, data or training, and write no file",
+        "models know nothing of checkpoints, data, training or processes, and write no file",
+    ),
+    (
+        "src/dist",
+        &[
+            "crate::models",
+            "crate::train",
+            "crate::data",
+            "crate::weights",
+            "crate::ops",
+            "candle",
+        ],
+        "dist moves numbers and bytes between processes and knows nothing of models or training",
     ),
     (
         "src/weights",
@@ -89,11 +102,23 @@ const RULES: &[(&str, &[&str], &str)] = &[
     ),
 ];
 
+/// The Rust files of a module: its folder's, and its `<folder>.rs` beside the folder.
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    let file = dir.with_extension("rs");
+    if file.is_file() {
+        out.push(file);
+    }
+    if !dir.is_dir() {
+        return;
+    }
+    walk(dir, out);
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
         if path.is_dir() {
-            rust_files(&path, out);
+            walk(&path, out);
         } else if path.extension().is_some_and(|e| e == "rs") && !path.ends_with("tests.rs") {
             out.push(path);
         }

@@ -64,6 +64,7 @@ fn bench_train_fm_prints_one_json_object_with_every_field() {
     assert!(
         provider.starts_with("gemm (pure Rust")
             || provider.starts_with("vit AVX-512 sgemm")
+            || provider.starts_with("vit AVX2 sgemm")
             || provider.contains("(system BLAS;"),
         "{v}"
     );

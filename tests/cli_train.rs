@@ -1578,3 +1578,26 @@ fn gradient_checkpointing_trains_to_the_same_weights() {
         "{e}"
     );
 }
+
+/// A build without the `mpi` feature started by an MPI launcher as one of several
+/// processes: each would train alone and all would write the same files. Refused.
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn a_build_without_mpi_refuses_to_be_one_of_several_processes() {
+    let (dir, recipe) = setup("epochs = 1\n");
+    let run = dir.path().join("run");
+    let out = Command::new(env!("CARGO_BIN_EXE_vit"))
+        .args(["train", "--config", p(&recipe), "--out", p(&run), "--quiet"])
+        .env("OMPI_COMM_WORLD_SIZE", "2")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.starts_with("error: started as one of 2 MPI processes")
+            && err.contains("--features mpi")
+            && err.lines().count() == 1,
+        "{err}"
+    );
+    assert!(!run.exists());
+}

@@ -215,8 +215,30 @@ impl TrainArgs {
 
 pub fn run(a: TrainArgs) -> anyhow::Result<()> {
     let recipe = a.recipe()?;
-    let mut progress = Progress::new(ProgressMode::auto(a.quiet));
-    let s = train::train(&recipe, a.resume.as_deref(), &mut progress)?;
+    // One process, or the ranks of `mpirun -np N vit train …`; rank 0 reports.
+    let world = vit::dist::init()?;
+    let (rank, size) = (world.rank(), world.size());
+    let mut progress = Progress::new(match rank {
+        0 => ProgressMode::auto(a.quiet),
+        _ => ProgressMode::Quiet,
+    });
+    let s = match train::train(&recipe, a.resume.as_deref(), &mut progress, world.as_ref()) {
+        Ok(s) => s,
+        // The other processes would wait for this one forever: end them all. An error every
+        // process meets (a bad recipe) is told once, by rank 0: the others wait a moment
+        // first, and its abort ends them before they speak.
+        Err(e) if size > 1 => {
+            if rank != 0 {
+                std::thread::sleep(std::time::Duration::from_secs(2));
+            }
+            eprintln!("error: process {rank} of {size}: {e}");
+            world.abort(1)
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if rank != 0 {
+        return Ok(());
+    }
     if s.already_finished {
         let (epochs, steps) = (s.epochs.len(), s.epochs.last().map_or(0, |m| m.step));
         out!(

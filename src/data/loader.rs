@@ -186,6 +186,8 @@ pub struct DataLoader {
     config: LoaderConfig,
     /// The file decoders (files only).
     pool: Option<Arc<rayon::ThreadPool>>,
+    /// Only these samples of every batch ([`DataLoader::part`]).
+    part: Option<std::ops::Range<usize>>,
 }
 
 impl DataLoader {
@@ -236,7 +238,22 @@ impl DataLoader {
             images,
             config,
             pool,
+            part: None,
         })
+    }
+
+    /// The loader that makes only samples `part` of every batch (a data-parallel process's
+    /// share), each exactly as in the whole batch: the order, batch count and each image's
+    /// augmentation depend on the whole batch size, never on the part.
+    pub fn part(mut self, part: std::ops::Range<usize>) -> Result<Self> {
+        if part.is_empty() || part.end > self.config.batch_size {
+            return Err(Error::Invalid(format!(
+                "samples {part:?} are not a part of a batch of {}",
+                self.config.batch_size
+            )));
+        }
+        self.part = Some(part);
+        Ok(self)
     }
 
     /// The images.
@@ -288,13 +305,26 @@ impl DataLoader {
                 "cannot start at batch {start}: an epoch has {total} batches"
             )));
         }
+        self.batches(epoch, (start..total).collect())
+    }
+
+    /// Every `step`-th batch of epoch `epoch` from batch `first` on (a data-parallel
+    /// process's share of an evaluation).
+    pub fn epoch_strided(&self, epoch: u64, first: usize, step: usize) -> Result<Batches> {
+        let total = self.num_batches();
+        self.batches(epoch, (first..total).step_by(step.max(1)).collect())
+    }
+
+    /// Batches `which` of epoch `epoch`, made in that order by a background thread.
+    fn batches(&self, epoch: u64, which: Vec<usize>) -> Result<Batches> {
+        let remaining = which.len();
         let order = self.order(epoch);
         let loader = self.clone();
         let (tx, rx) = sync_channel(PREFETCH);
         let handle = std::thread::Builder::new()
             .name("vit-data".into())
             .spawn(move || {
-                for b in start..total {
+                for b in which {
                     let batch = loader.make_batch(&order, epoch, b);
                     let failed = batch.is_err();
                     if tx.send(batch).is_err() || failed {
@@ -306,14 +336,18 @@ impl DataLoader {
         Ok(Batches {
             rx: Some(rx),
             handle: Some(handle),
-            remaining: total - start,
+            remaining,
         })
     }
 
     fn make_batch(&self, order: &[usize], epoch: u64, batch_index: usize) -> Result<Batch> {
         let b = self.config.batch_size;
         let end = ((batch_index + 1) * b).min(order.len());
-        let indices = order[batch_index * b..end].to_vec();
+        let mut indices = &order[batch_index * b..end];
+        if let Some(part) = &self.part {
+            indices = &indices[part.start.min(indices.len())..part.end.min(indices.len())];
+        }
+        let indices = indices.to_vec();
         let (c, h, w) = self.images.image_shape();
         let per = c * h * w;
         let mut images = vec![0.0f32; indices.len() * per];
@@ -484,6 +518,33 @@ mod tests {
             .iter()
             .all(|v| (v - 9.0).abs() < 1e-4));
         assert_eq!(batches[2].images.len(), 2 * 12);
+    }
+
+    #[test]
+    fn a_part_of_every_batch_is_that_part_of_the_whole_batch() {
+        let whole: Vec<Batch> = all(train(4, 7, true).epoch(1));
+        let part: Vec<Batch> = all(train(4, 7, true).part(1..3).unwrap().epoch(1));
+        assert_eq!(part.len(), whole.len());
+        for (p, w) in part.iter().zip(&whole) {
+            assert_eq!(p.indices, w.indices[1..3]);
+            assert_eq!(p.labels, w.labels[1..3]);
+            assert_eq!(p.images, w.images[12..36]); // the same augmentation
+            assert_eq!(p.shape, [2, 3, 2, 2]);
+        }
+        assert!(train(4, 7, true).part(2..5).is_err());
+        assert!(train(4, 7, true).part(2..2).is_err());
+    }
+
+    #[test]
+    fn strided_epochs_share_the_batches_out() {
+        let loader = train(3, 7, false);
+        let whole: Vec<Batch> = all(loader.epoch(2));
+        let (a, b) = (
+            all(loader.epoch_strided(2, 0, 2)),
+            all(loader.epoch_strided(2, 1, 2)),
+        );
+        assert_eq!(a, [whole[0].clone(), whole[2].clone()]);
+        assert_eq!(b, [whole[1].clone(), whole[3].clone()]);
     }
 
     #[test]

@@ -395,9 +395,12 @@ impl GroupNorm {
 /// A training step runs a micro-batch as shards side by side (`train::step`): each shard
 /// is normalised by its own statistics (as `DistributedDataParallel` without
 /// `SyncBatchNorm` does), and the running statistics move once per micro-batch, from the
-/// statistics of all its shards together, when the step calls [`BatchNorm2d::commit`]
-/// (through [`super::Classifier::commit_running_stats`]). The update is then independent
-/// of the order in which the shards finish, so training stays a function of its seed.
+/// statistics of all its shards together: the step takes each layer's passes
+/// ([`BatchNorm2d::take_pending`], the layers from [`super::Classifier::batch_norms`]),
+/// gathers those of every process in a data-parallel run, and commits them
+/// ([`BatchNorm2d::commit_passes`]). The update is then independent of the order in which
+/// the shards finish and of the processes that ran them, so training stays a function of
+/// its seed.
 #[derive(Debug, Clone)]
 pub struct BatchNorm2d {
     pub weight: Tensor,       // (C,)
@@ -406,10 +409,13 @@ pub struct BatchNorm2d {
     pub running_var: Tensor,  // (C,), unbiased
     pub eps: f64,
     pub momentum: f64,
-    /// (values per channel, mean, biased variance) of each training pass since the last
-    /// [`BatchNorm2d::commit`].
-    pending: Arc<Mutex<Vec<(usize, Tensor, Tensor)>>>,
+    /// The training passes since the last commit.
+    pending: Arc<Mutex<Vec<BnPass>>>,
 }
+
+/// One training pass of a [`BatchNorm2d`]: values per channel, and the batch's mean and
+/// biased variance (C,).
+pub type BnPass = (usize, Tensor, Tensor);
 
 impl BatchNorm2d {
     /// PyTorch's defaults: eps 1e-5, momentum 0.1.
@@ -469,13 +475,23 @@ impl BatchNorm2d {
         Ok(y)
     }
 
-    /// Moves the running statistics towards those of the training passes since the last
-    /// commit, taken together as one batch of N values: running ← (1 − momentum)·running +
-    /// momentum·batch, the batch variance made unbiased (N/(N−1)) as PyTorch does. With one
-    /// pass this is PyTorch's update; with two shards the pooled statistics are sums of two
-    /// terms, which do not depend on their order. Nothing to do after evaluation passes.
+    /// The training passes since the last commit, taken out.
+    pub fn take_pending(&self) -> Vec<BnPass> {
+        std::mem::take(&mut *self.pending.lock().expect("batch-norm statistics lock"))
+    }
+
+    /// Commits the training passes since the last commit ([`BatchNorm2d::commit_passes`]).
     pub fn commit(&self) -> Result<()> {
-        let passes = std::mem::take(&mut *self.pending.lock().expect("batch-norm statistics lock"));
+        self.commit_passes(self.take_pending())
+    }
+
+    /// Moves the running statistics towards those of `passes`, taken together as one batch
+    /// of N values: running ← (1 − momentum)·running + momentum·batch, the batch variance
+    /// made unbiased (N/(N−1)) as PyTorch does. With one pass this is PyTorch's update;
+    /// with more, the pooled statistics are sums over the passes in their order (with two,
+    /// sums of two terms, which do not depend on it). Nothing to do without passes (after
+    /// evaluation).
+    pub fn commit_passes(&self, passes: Vec<BnPass>) -> Result<()> {
         if passes.is_empty() {
             return Ok(());
         }

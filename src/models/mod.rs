@@ -163,11 +163,10 @@ pub trait Classifier: Send + Sync + std::fmt::Debug {
         None
     }
 
-    /// Moves BatchNorm running statistics by the training passes since the last call (see
-    /// [`layers::BatchNorm2d`]); the training step calls it once per micro-batch. Nothing
-    /// to do for models without BatchNorm.
-    fn commit_running_stats(&self) -> Result<()> {
-        Ok(())
+    /// The model's BatchNorm layers, whose running statistics the training step moves once
+    /// per micro-batch (see [`layers::BatchNorm2d`]); none for models without BatchNorm.
+    fn batch_norms(&self) -> Vec<&layers::BatchNorm2d> {
+        vec![]
     }
 
     /// Training with a teacher (DeiT): images → the logits of the class head and of the

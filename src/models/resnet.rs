@@ -634,15 +634,15 @@ impl Classifier for ResNet {
         ModelConfig::Resnet(self.cfg.clone())
     }
 
-    fn commit_running_stats(&self) -> Result<()> {
+    fn batch_norms(&self) -> Vec<&BatchNorm2d> {
         let blocks = self
             .blocks
             .iter()
             .flat_map(|b| b.convs.iter().chain(&b.downsample));
-        for cb in std::iter::once(&self.stem).chain(blocks) {
-            cb.bn.commit()?;
-        }
-        Ok(())
+        std::iter::once(&self.stem)
+            .chain(blocks)
+            .map(|cb| &cb.bn)
+            .collect()
     }
 
     /// Images → the last stage's feature map (B, C, h, w), channels first as timm's.
@@ -856,12 +856,12 @@ mod tests {
                 d["bn1.running_mean"].as_tensor().to_vec1::<f32>().unwrap()
             };
             assert!(mean(&data).iter().all(|&v| v == 0.0));
-            m.commit_running_stats().unwrap();
+            m.batch_norms().iter().for_each(|bn| bn.commit().unwrap());
             assert!(mean(&data).iter().all(|&v| v != 0.0));
             // Evaluation passes leave nothing to commit.
             m.forward(&x).unwrap();
             let before = mean(&data);
-            m.commit_running_stats().unwrap();
+            m.batch_norms().iter().for_each(|bn| bn.commit().unwrap());
             assert_eq!(mean(&data), before);
         }
     }

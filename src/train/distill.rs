@@ -133,6 +133,12 @@ impl Teacher {
     /// The teacher's logits (B, K) for the student's batch `x` (B, C, H, W), in
     /// evaluation mode, without gradient.
     pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        self.logits_in(x, &super::step::Shards::whole(x.device(), x.dim(0)?))
+    }
+
+    /// [`Teacher::logits`] of this process's samples of a micro-batch split as `shards`,
+    /// run shard by shard (the same pieces, so the same numbers, as one process alone).
+    pub fn logits_in(&self, x: &Tensor, shards: &super::step::Shards) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let ct = self.config.in_channels();
         let x = if c == 1 && ct == 3 {
@@ -165,7 +171,8 @@ impl Teacher {
             .map_err(Error::Invalid)?;
             Tensor::from_vec(resized, (b, ct, th, tw), x.device())?
         };
-        Ok(super::forward_sharded(self.model.as_ref(), &x)?.detach())
+        let bounds = shards.local_bounds();
+        Ok(super::step::forward_in(self.model.as_ref(), &x, &bounds)?.detach())
     }
 }
 

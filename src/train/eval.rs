@@ -8,6 +8,7 @@ use crate::data::{DataLoader, Images, LoaderConfig, PhotoCrop};
 use std::path::Path;
 
 use crate::data::{self, Split};
+use crate::dist::{Collective, Single};
 use crate::models::{Architecture, Classifier};
 use crate::predict::{center_crop, load_model};
 use crate::weights::{self, FitOptions};
@@ -72,18 +73,48 @@ pub fn evaluate_against(
     config: LoaderConfig,
     dev: &Device,
 ) -> Result<EvalResult> {
+    evaluate_shared(model, reference, images, config, dev, &Single)
+}
+
+/// [`evaluate`] by every process of a data-parallel run together: each evaluates every
+/// `size`-th batch, and all get the whole result, the same as one process alone (the
+/// batches' losses are added in batch order whichever process computed them).
+pub fn evaluate_on(
+    model: &dyn Classifier,
+    images: &Images,
+    config: LoaderConfig,
+    dev: &Device,
+    world: &dyn Collective,
+) -> Result<EvalResult> {
+    evaluate_shared(model, None, images, config, dev, world)
+}
+
+fn evaluate_shared(
+    model: &dyn Classifier,
+    reference: Option<&dyn Classifier>,
+    images: &Images,
+    config: LoaderConfig,
+    dev: &Device,
+    world: &dyn Collective,
+) -> Result<EvalResult> {
     if images.is_empty() {
         return Err(Error::Invalid(
             "the dataset to evaluate on has no images".into(),
         ));
     }
+    if reference.is_some() && world.size() > 1 {
+        return Err(Error::Invalid(
+            "a reference model is evaluated by one process".into(),
+        ));
+    }
     let k = images.num_classes();
     let loader = DataLoader::new(images.clone(), config)?;
-    let mut confusion = vec![vec![0u64; k]; k];
-    let mut loss_sum = 0.0;
+    // Each batch's summed loss, then the confusion counts: this process's, then everyone's.
+    let batches = loader.num_batches();
+    let mut sums = vec![0f64; batches + k * k];
     // The reference's correct count, agreeing count, and cosine sum and minimum.
     let (mut ref_correct, mut agree, mut cos_sum, mut cos_min) = (0u64, 0u64, 0f64, f64::INFINITY);
-    for batch in loader.epoch(0)? {
+    for batch in loader.epoch_strided(0, world.rank(), world.size())? {
         let batch = batch?;
         let n = batch.labels.len();
         let x = Tensor::from_vec(batch.images, batch.shape.to_vec(), dev)?;
@@ -96,7 +127,7 @@ pub fn evaluate_against(
                  normalisation hold NaN or infinite values"
             )));
         }
-        loss_sum += loss * n as f64;
+        sums[batch.batch_index] = loss * n as f64;
         let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
         if let Some(r) = reference {
             let r_logits = super::forward_sharded(r, &x)?;
@@ -111,9 +142,15 @@ pub fn evaluate_against(
             }
         }
         for (t, p) in batch.labels.iter().zip(pred) {
-            confusion[*t as usize][p as usize] += 1;
+            sums[batches + *t as usize * k + p as usize] += 1.0;
         }
     }
+    world.sum_f64(&mut sums)?;
+    let loss_sum = sums[..batches].iter().fold(0.0, |acc, l| acc + l);
+    let confusion: Vec<Vec<u64>> = sums[batches..]
+        .chunks(k)
+        .map(|row| row.iter().map(|&c| c as u64).collect())
+        .collect();
     let class_names = images.class_names().to_vec();
     let images = images.len();
     let per_image = |c: u64| c as f64 / images.max(1) as f64;

@@ -2,6 +2,9 @@
 //! cross-entropy, backward, accumulation, clipping, AdamW, schedule), per-epoch validation,
 //! crash-safe checkpoints with exact resume, metrics, and the final report.
 //!
+//! A data-parallel run (`dist`) is the same loop in every process, each on its shards of
+//! every micro-batch, the gradients summed before each optimizer step.
+//!
 //! `step` is one micro-batch (shards side by side, gradients into the optimizer), `distill`
 //! the teacher and DeiT's distillation loss, `compare` finished runs side by side, `run_dir`
 //! the run folder (checkpoints with training state), `run` the epoch loop, `eval` the
@@ -22,7 +25,7 @@ use std::path::PathBuf;
 
 pub use compare::{compare_picture, compare_runs, read_run, table, RunRow};
 pub use distill::{distillation_loss, Distill, DistillKind, Teacher};
-pub use eval::{eval_checkpoint, evaluate, evaluate_against, Agreement, EvalResult};
+pub use eval::{eval_checkpoint, evaluate, evaluate_against, evaluate_on, Agreement, EvalResult};
 pub use optim::{decays, AdamW, AdamWConfig, Schedule};
 pub use progress::{Progress, ProgressMode};
 pub use recipe::Recipe;
@@ -30,7 +33,8 @@ pub use report::{confusion_picture, curves_picture, EpochMetrics};
 pub use run::{device, load_data, train, Data};
 pub use run_dir::{default_out_dir, BEST, LAST, METRICS, RECIPE, TEST};
 pub use step::{
-    forward_backward, forward_sharded, shard_count, MicroStep, ShardRngs, Teaching, Trainable,
+    forward_backward, forward_sharded, shard_count, Micro, MicroStep, ShardRngs, Shards,
+    StepOptions, Teaching, Trainable,
 };
 
 /// What a finished run reports.

@@ -1,12 +1,14 @@
 //! AdamW with decoupled weight decay (PyTorch's update, term for term), global-norm
 //! gradient clipping, gradient accumulation, and the warmup + cosine learning-rate schedule.
-//! Moments and gradients live in flat f32 buffers, one per parameter, updated in place.
+//! Moments live in flat f32 buffers, one per parameter, and the step's gradients in one
+//! buffer for all parameters (summed over a data-parallel run's processes in one pass).
 
 use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 
+use crate::dist::Collective;
 use crate::{Error, Result};
 
 /// One trainable tensor with its optimizer state.
@@ -14,9 +16,10 @@ struct Slot {
     name: String,
     var: Var,
     decay: bool,
-    m: Vec<f32>,    // first moment
-    v: Vec<f32>,    // second moment
-    grad: Vec<f32>, // accumulated gradient of the current step
+    m: Vec<f32>, // first moment
+    v: Vec<f32>, // second moment
+    /// Where its gradient lies in [`AdamW::grad`].
+    at: std::ops::Range<usize>,
 }
 
 /// AdamW hyper-parameters.
@@ -29,9 +32,19 @@ pub struct AdamWConfig {
 }
 
 /// AdamW over a fixed, ordered list of parameters.
+///
+/// The step's gradient of every parameter lies in one flat buffer (in parameter order), so
+/// a data-parallel run sums it over its processes in one pass ([`AdamW::reduce`]). A step
+/// whose micro-batches are split into shards may accumulate each shard into a buffer of
+/// its own (a *lane*): the gradient is then the lanes added in shard order, the same
+/// order in which a data-parallel run adds its processes' gradients.
 pub struct AdamW {
     cfg: AdamWConfig,
     slots: Vec<Slot>,
+    /// Accumulated gradients of the current step: lane 0 (where the step reads them).
+    grad: Vec<f32>,
+    /// Lanes 1.. (allocated when first used).
+    lanes: Vec<Vec<f32>>,
     /// Optimizer steps taken (PyTorch's `state['step']`).
     pub step: u64,
 }
@@ -46,54 +59,82 @@ pub fn decays(name: &str, rank: usize) -> bool {
 impl AdamW {
     /// `params` in a fixed order (the config's `param_shapes` order).
     pub fn new(params: Vec<(String, Var)>, cfg: AdamWConfig) -> Self {
+        let mut total = 0;
         let slots = params
             .into_iter()
             .map(|(name, var)| {
                 let n = var.elem_count();
+                total += n;
                 Slot {
                     decay: decays(&name, var.rank()),
                     name,
                     var,
                     m: vec![0.0; n],
                     v: vec![0.0; n],
-                    grad: vec![0.0; n],
+                    at: total - n..total,
                 }
             })
             .collect();
         AdamW {
             cfg,
             slots,
+            grad: vec![0.0; total],
+            lanes: vec![],
             step: 0,
         }
     }
 
-    /// Adds this backward pass's gradients into the step's buffers. A parameter without
-    /// a gradient is an error: it would silently never train.
+    /// Adds this backward pass's gradients into the step's buffers (lane 0). A parameter
+    /// without a gradient is an error: it would silently never train.
     pub fn accumulate(&mut self, grads: &GradStore) -> Result<()> {
-        for s in &mut self.slots {
+        self.accumulate_lane(grads, 0)
+    }
+
+    /// [`AdamW::accumulate`] into lane `lane` (see [`AdamW`]).
+    pub fn accumulate_lane(&mut self, grads: &GradStore, lane: usize) -> Result<()> {
+        let total = self.grad.len();
+        if lane > self.lanes.len() {
+            self.lanes.resize_with(lane, || vec![0.0; total]);
+        }
+        let buf = match lane {
+            0 => &mut self.grad,
+            _ => &mut self.lanes[lane - 1],
+        };
+        for s in &self.slots {
             let g = grads.get(s.var.as_tensor()).ok_or_else(|| {
                 Error::Numeric(format!("parameter {} received no gradient", s.name))
             })?;
             let g = g.flatten_all()?.to_vec1::<f32>()?;
-            for (acc, x) in s.grad.iter_mut().zip(g) {
+            for (acc, x) in buf[s.at.clone()].iter_mut().zip(g) {
                 *acc += x;
             }
         }
         Ok(())
     }
 
+    /// Makes the step's gradient whole: adds the lanes into lane 0 in lane order (clearing
+    /// them), then sums lane 0 over the job's processes. Call it once per step, before
+    /// [`AdamW::step`]; with one process and one lane it changes nothing.
+    pub fn reduce(&mut self, world: &dyn Collective) -> Result<()> {
+        for lane in &mut self.lanes {
+            for (g, l) in self.grad.iter_mut().zip(lane.iter_mut()) {
+                *g += std::mem::take(l);
+            }
+        }
+        world.sum_f32(&mut self.grad)
+    }
+
     /// The accumulated gradient of parameter `name`.
     #[cfg(test)]
     pub(crate) fn grad(&self, name: &str) -> Option<&[f32]> {
         let slot = self.slots.iter().find(|s| s.name == name)?;
-        Some(&slot.grad)
+        Some(&self.grad[slot.at.clone()])
     }
 
     /// L2 norm of all accumulated gradients together.
     pub fn grad_norm(&self) -> f64 {
-        self.slots
+        self.grad
             .iter()
-            .flat_map(|s| s.grad.iter())
             .map(|&g| (g as f64) * (g as f64))
             .sum::<f64>()
             .sqrt()
@@ -122,7 +163,8 @@ impl AdamW {
             } else {
                 1.0
             };
-            let state = s.m.iter_mut().zip(s.v.iter_mut()).zip(s.grad.iter_mut());
+            let grad = &mut self.grad[s.at.clone()];
+            let state = s.m.iter_mut().zip(s.v.iter_mut()).zip(grad.iter_mut());
             for (p, ((m, v), grad)) in p.iter_mut().zip(state) {
                 let g = *grad * scale;
                 // PyTorch: param.mul_(1 − lr·wd); exp_avg.lerp_(grad, 1 − β1);
@@ -143,8 +185,8 @@ impl AdamW {
 
     /// Clears accumulated gradients without stepping.
     pub fn zero_grad(&mut self) {
-        for s in &mut self.slots {
-            s.grad.iter_mut().for_each(|g| *g = 0.0);
+        for buf in std::iter::once(&mut self.grad).chain(&mut self.lanes) {
+            buf.iter_mut().for_each(|g| *g = 0.0);
         }
     }
 
@@ -181,7 +223,7 @@ impl AdamW {
             s.v = get(&format!("adam.v.{}", s.name))?
                 .flatten_all()?
                 .to_vec1::<f32>()?;
-            if s.m.len() != s.grad.len() || s.v.len() != s.grad.len() {
+            if s.m.len() != s.at.len() || s.v.len() != s.at.len() {
                 return Err(Error::Invalid(format!(
                     "optimizer state of {} has the wrong size",
                     s.name

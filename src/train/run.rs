@@ -3,19 +3,20 @@
 //! checkpoints, and the final test and report.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 
 use super::distill::Teacher;
-use super::eval::{count_correct, evaluate, EvalResult};
+use super::eval::{evaluate_on, EvalResult};
 use super::run_dir::{self, default_out_dir, Position, BEST, LAST, METRICS, RECIPE};
-use super::step::{forward_backward, step_rng, MicroStep, Trainable};
+use super::step::{forward_backward, step_rng, Micro, MicroStep, Shards, StepOptions, Trainable};
 use super::{report, AdamW, AdamWConfig, EpochMetrics, Progress, Recipe, RunSummary, Schedule};
 use crate::data::{
     self, AugmentConfig, DataLoader, Images, LoaderConfig, PhotoCrop, Split, ValSize,
 };
+use crate::dist::Collective;
 use crate::models::{self, Architecture, ModelConfig, Preprocess};
 use crate::predict::{center_crop, load_model};
 use crate::weights::{self, Arch, FitOptions, SaveMeta};
@@ -221,15 +222,33 @@ fn initial_weights(
 ///
 /// The output folder is created only once the data and the model are ready, so a run
 /// that fails to start leaves no folder behind.
+///
+/// `world`: the processes that train together ([`crate::dist::Single`] alone). In a
+/// data-parallel run every process runs this with the same recipe; each takes its shards
+/// of every micro-batch ([`Shards`]), the step's gradient is summed over all of them, and
+/// rank 0 alone writes the run's files (the others return no [`RunSummary::files`]). With
+/// the same seed, one process and two give the same weights bit for bit.
 pub fn train(
     recipe: &Recipe,
     resume: Option<&Path>,
     progress: &mut Progress,
+    world: &dyn Collective,
 ) -> Result<RunSummary> {
     let out = match resume {
         Some(dir) => dir.to_path_buf(),
         None => recipe.out.clone().unwrap_or_else(default_out_dir),
     };
+    // Rank 0's folder (a default one is named after the time, which differs by process).
+    let out = if world.size() > 1 {
+        let name = out
+            .to_str()
+            .ok_or_else(|| Error::Invalid(format!("{}: not a UTF-8 path", out.display())))?;
+        let name = world.broadcast(name.as_bytes().to_vec())?;
+        PathBuf::from(String::from_utf8_lossy(&name).into_owned())
+    } else {
+        out
+    };
+    let writer = world.rank() == 0;
     let mut recipe = recipe.clone();
     recipe.validate()?;
     let mut cfg = recipe.model_config()?;
@@ -262,6 +281,7 @@ pub fn train(
     let class_names = data.train.class_names().to_vec();
     let preprocess = data.preprocess.clone();
     let micro = recipe.batch_size / recipe.accum_steps;
+    let shards = Shards::new(&dev, micro, world.rank(), world.size())?;
     let loader = DataLoader::new(
         data.train.clone(),
         LoaderConfig {
@@ -273,7 +293,8 @@ pub fn train(
             crop: data.train_crop,
             workers: data.workers,
         },
-    )?;
+    )?
+    .part(shards.samples())?;
     let steps_per_epoch = (loader.num_batches() / recipe.accum_steps) as u64;
     if steps_per_epoch == 0 {
         return Err(Error::Config("an epoch has no full optimizer step".into()));
@@ -293,6 +314,16 @@ pub fn train(
     let (tensors, mut pos, opt_state) = match resume {
         Some(dir) => {
             let r = run_dir::resume_state(dir, &cfg)?;
+            let before = r.position.processes.max(1) as usize;
+            let layout = Shards::new(&dev, micro, 0, before).map(|s| s.count());
+            if layout.ok() != Some(shards.count()) {
+                return Err(Error::Config(format!(
+                    "this run was trained by {before} process{}, which split a micro-batch \
+                     differently from {}; resume it with {before} (mpirun -np {before})",
+                    if before == 1 { "" } else { "es" },
+                    world.size()
+                )));
+            }
             (r.tensors, r.position, Some(r.state))
         }
         None => {
@@ -306,10 +337,11 @@ pub fn train(
     let finished = |pos: &Position| {
         pos.epoch >= recipe.epochs as u64 || recipe.max_steps.is_some_and(|m| pos.step >= m)
     };
+    pos.processes = world.size() as u64;
     if resume.is_some() && finished(&pos) {
         // Nothing to train: report the run's result as it stands, writing nothing.
         let history = report::read_metrics(&out.join(METRICS), u64::MAX)?;
-        let test = test_result(&out, &cfg, &data, &recipe, &dev)?;
+        let test = test_result(&out, &cfg, &data, &recipe, &dev, world)?;
         return Ok(RunSummary {
             best_val_acc: best_val_acc(&history),
             out,
@@ -344,13 +376,23 @@ pub fn train(
     let mut history = report::read_metrics(&out.join(METRICS), pos.epoch)?;
 
     // The resolved recipe travels with the run.
-    std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
     let saved = Recipe {
         out: Some(out.clone()),
         ..recipe.clone()
     };
     let text = toml::to_string(&saved).map_err(|e| Error::Invalid(e.to_string()))?;
-    crate::atomic::write_atomic(&out.join(RECIPE), text.as_bytes())?;
+    // Every process must start from the same recipe, data and weights.
+    same_everywhere(world, "recipe", text.as_bytes())?;
+    same_everywhere(
+        world,
+        "training images",
+        &(data.train.len() as u64).to_le_bytes(),
+    )?;
+    same_everywhere(world, "starting weights", &weights_digest(&net)?)?;
+    if writer {
+        std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+        crate::atomic::write_atomic(&out.join(RECIPE), text.as_bytes())?;
+    }
 
     let clip = (recipe.clip_grad > 0.0).then_some(recipe.clip_grad);
     let meta = SaveMeta {
@@ -359,8 +401,9 @@ pub fn train(
         class_names: Some(&class_names),
         extra: vec![("vit.recipe".to_string(), text.clone())],
     };
-    let save = |path: &Path, net: &Trainable, opt: &AdamW, pos: Position| {
-        run_dir::save_checkpoint(path, net, opt, pos, &meta)
+    let save = |path: &Path, net: &Trainable, opt: &AdamW, pos: Position| match writer {
+        true => run_dir::save_checkpoint(path, net, opt, pos, &meta),
+        false => Ok(()),
     };
 
     let run_start = Instant::now();
@@ -391,27 +434,31 @@ pub fn train(
             let micro_idx = batch.batch_index as u64 % recipe.accum_steps as u64;
             let x = Tensor::from_vec(batch.images, batch.shape.to_vec(), &dev)?;
             let asked = Instant::now();
-            let taught = teacher.as_ref().map(|t| t.logits(&x)).transpose()?;
+            let taught = teacher
+                .as_ref()
+                .map(|t| t.logits_in(&x, &shards))
+                .transpose()?;
             teaching += asked.elapsed().as_secs_f64();
-            let n = batch.labels.len();
-            let y = Tensor::from_vec(batch.labels, n, &dev)?;
+            let y = Tensor::from_vec(batch.labels, x.dim(0)?, &dev)?;
             let step = pos.step;
             let rngs = move |shard| Some(step_rng(recipe.seed, step, micro_idx, shard));
+            let micro_batch = Micro {
+                x: &x,
+                y: &y,
+                shards: &shards,
+                teacher: taught.as_ref().map(|t| (t, &distill)),
+            };
+            let step_opts = StepOptions {
+                label_smoothing: recipe.label_smoothing,
+                accum_steps: recipe.accum_steps,
+                checkpoint: recipe.grad_checkpoint,
+            };
             let MicroStep {
-                logits,
                 loss: loss_value,
+                correct,
                 ..
-            } = forward_backward(
-                &net,
-                &mut opt,
-                &x,
-                &y,
-                recipe.label_smoothing,
-                recipe.accum_steps,
-                &rngs,
-                taught.as_ref().map(|t| (t, &distill)),
-                recipe.grad_checkpoint,
-            )?;
+            } = forward_backward(&net, &mut opt, &micro_batch, step_opts, &rngs, world)?;
+            let n = shards.len(); // the whole micro-batch's samples
             if !loss_value.is_finite() {
                 let last = out.join(LAST);
                 let kept = if last.exists() {
@@ -426,11 +473,12 @@ pub fn train(
                 )));
             }
             pos.loss_sum += loss_value * n as f64;
-            pos.correct += count_correct(&logits, &y)?;
+            pos.correct += correct;
             pos.seen += n as u64;
             pos.batch += 1;
             let lr = schedule.lr(pos.step);
             if micro_idx + 1 == recipe.accum_steps as u64 {
+                opt.reduce(world)?;
                 opt.step(lr, clip)?;
                 pos.step += 1;
             }
@@ -464,11 +512,12 @@ pub fn train(
         let val = if data.val.is_empty() {
             None
         } else {
-            Some(evaluate(
+            Some(evaluate_on(
                 net.frozen(&cfg)?.as_ref(),
                 &data.val,
                 data.eval_config(recipe.eval_batch()),
                 &dev,
+                world,
             )?)
         };
         let m = EpochMetrics {
@@ -484,7 +533,11 @@ pub fn train(
         };
         progress.end_epoch(&m);
         history.push(m.clone());
-        report::write_metrics(&out.join(METRICS), &history)?;
+        // Every process must still hold the same weights.
+        same_everywhere(world, "weights", &weights_digest(&net)?)?;
+        if writer {
+            report::write_metrics(&out.join(METRICS), &history)?;
+        }
         let acc = m.val_acc.unwrap_or(m.train_acc);
         let is_best = acc > pos.best_val_acc || pos.epoch == 0;
         if is_best {
@@ -508,9 +561,14 @@ pub fn train(
         }
     }
 
-    // Final report on the test set, with the best checkpoint's weights.
-    let test = test_result(&out, &cfg, &data, &recipe, &dev)?;
-    let files = report::write_report(&out, &saved, &cfg, &history, &test, &class_names)?;
+    // Final report on the test set, with the best checkpoint's weights (once rank 0 has
+    // written them).
+    world.barrier()?;
+    let test = test_result(&out, &cfg, &data, &recipe, &dev, world)?;
+    let files = match writer {
+        true => report::write_report(&out, &saved, &cfg, &history, &test, &class_names)?,
+        false => vec![],
+    };
     Ok(RunSummary {
         out,
         best_val_acc: best_val_acc(&history),
@@ -534,6 +592,7 @@ fn test_result(
     data: &Data,
     recipe: &Recipe,
     dev: &Device,
+    world: &dyn Collective,
 ) -> Result<EvalResult> {
     let (best_model, _) = load_model(
         &out.join(BEST),
@@ -541,10 +600,40 @@ fn test_result(
         FitOptions::default(),
         dev,
     )?;
-    evaluate(
+    evaluate_on(
         best_model.as_ref(),
         &data.test,
         data.eval_config(recipe.eval_batch()),
         dev,
+        world,
     )
+}
+
+/// An error unless `bytes` (their digest) are the same on every process: a data-parallel
+/// run whose processes disagree on `what` would train nonsense.
+fn same_everywhere(world: &dyn Collective, what: &str, bytes: &[u8]) -> Result<()> {
+    if world.size() == 1 {
+        return Ok(());
+    }
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(bytes);
+    let all = world.gather(&digest)?;
+    match all.iter().position(|d| d[..] != all[0][..]) {
+        None => Ok(()),
+        Some(r) => Err(Error::Invalid(format!(
+            "process {r} of the data-parallel run has other {what} than process 0"
+        ))),
+    }
+}
+
+/// A digest of the model's weights and buffers, in parameter order.
+fn weights_digest(net: &Trainable) -> Result<Vec<u8>> {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for (_, v) in net.params.iter().chain(&net.buffers) {
+        for x in v.as_tensor().flatten_all()?.to_vec1::<f32>()? {
+            h.update(x.to_le_bytes());
+        }
+    }
+    Ok(h.finalize().to_vec())
 }

@@ -34,6 +34,8 @@ pub(super) struct Position {
     pub(super) correct: u64,
     pub(super) seen: u64,
     pub(super) seconds: f64,
+    /// Processes that trained the run (data-parallel; 1 alone).
+    pub(super) processes: u64,
 }
 
 impl Position {
@@ -47,6 +49,10 @@ impl Position {
                 Tensor::new(&ints.map(|x| x as i64), &dev)?,
             ),
             ("position.floats".to_string(), Tensor::new(&floats, &dev)?),
+            (
+                "position.processes".to_string(),
+                Tensor::new(&[self.processes.max(1) as i64], &dev)?,
+            ),
         ]))
     }
 
@@ -63,6 +69,11 @@ impl Position {
         if i.len() != 5 || f.len() != 3 {
             return Err(missing());
         }
+        // Written since data-parallel training; a run from before had one process.
+        let processes = match state.get("position.processes") {
+            Some(t) => t.to_vec1::<i64>()?.first().copied().unwrap_or(1).max(1) as u64,
+            None => 1,
+        };
         Ok(Position {
             epoch: i[0] as u64,
             batch: i[1] as u64,
@@ -72,6 +83,7 @@ impl Position {
             best_val_acc: f[0],
             loss_sum: f[1],
             seconds: f[2],
+            processes,
         })
     }
 }

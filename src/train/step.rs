@@ -3,8 +3,10 @@
 //! files, epochs or schedules.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::time::{Duration, Instant};
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use rand::SeedableRng;
@@ -12,8 +14,11 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
 use super::distill::{distillation_loss, Distill};
+use super::eval::count_correct;
 use super::{AdamW, AdamWConfig};
-use crate::models::{Architecture, Classifier, Mode, ModelConfig};
+use crate::dist::{self, Collective};
+use crate::models::layers::BnPass;
+use crate::models::{Architecture, Classifier, Mode, ModelConfig, Staged};
 use crate::{ops, Error, Result};
 
 /// A model whose parameters are trainable `Var`s, in `param_shapes` order, and whose
@@ -87,10 +92,13 @@ impl Trainable {
 
 /// What [`forward_backward`] did with one micro-batch.
 pub struct MicroStep {
-    /// (B, classes), for accuracy.
+    /// (b, classes) of this process's samples, for accuracy.
     pub logits: Tensor,
-    /// The label-smoothed cross-entropy; not finite means backward was skipped.
+    /// The label-smoothed cross-entropy of the whole micro-batch (all processes); not
+    /// finite means backward was skipped.
     pub loss: f64,
+    /// Samples of the whole micro-batch whose top class is the label.
+    pub correct: u64,
     /// Wall time of the forward pass and the loss.
     pub forward: Duration,
     /// Wall time of backward and of adding the gradients into the optimizer.
@@ -116,17 +124,110 @@ pub fn shard_count(dev: &Device, batch: usize) -> usize {
     }
 }
 
+/// How a micro-batch of `len` samples is split into shards of consecutive samples, and
+/// which of them this process runs.
+///
+/// There are [`shard_count`] shards, raised to a multiple of the job's process count, so
+/// every process of a data-parallel run takes the same number of whole shards (rank r the
+/// r-th run of them). Each shard has its own random stream and its own gradient, added in
+/// shard order. One process on the CPU and two processes both split a micro-batch in two:
+/// the same shards, streams and sums, so the two runs give the same weights bit for bit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shards {
+    /// (start, end) samples of every shard of the micro-batch.
+    bounds: Vec<(usize, usize)>,
+    /// The shards this process runs.
+    own: Range<usize>,
+}
+
+impl Shards {
+    /// The shards of a micro-batch of `len` for process `rank` of `processes`.
+    pub fn new(dev: &Device, len: usize, rank: usize, processes: usize) -> Result<Self> {
+        let processes = processes.max(1);
+        let count = shard_count(dev, len).div_ceil(processes) * processes;
+        if len < count {
+            return Err(Error::Config(format!(
+                "a micro-batch of {len} images cannot be shared by {processes} processes: \
+                 make batch_size / accum_steps at least {count}"
+            )));
+        }
+        let per = count / processes;
+        Ok(Shards {
+            bounds: (0..count)
+                .map(|i| (i * len / count, (i + 1) * len / count))
+                .collect(),
+            own: rank * per..(rank + 1) * per,
+        })
+    }
+
+    /// All shards of a micro-batch of `len`, run by one process alone.
+    pub fn whole(dev: &Device, len: usize) -> Self {
+        Self::new(dev, len, 0, 1).unwrap_or(Shards {
+            bounds: vec![(0, len)],
+            own: 0..1,
+        })
+    }
+
+    /// Samples in the whole micro-batch.
+    pub fn len(&self) -> usize {
+        self.bounds.last().map_or(0, |b| b.1)
+    }
+
+    /// Whether the micro-batch has no samples.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Shards of the micro-batch.
+    pub fn count(&self) -> usize {
+        self.bounds.len()
+    }
+
+    /// This process's samples of the micro-batch.
+    pub fn samples(&self) -> Range<usize> {
+        self.bounds[self.own.start].0..self.bounds[self.own.end - 1].1
+    }
+
+    /// This process's shards as (start, end) within [`Shards::samples`].
+    pub fn local_bounds(&self) -> Vec<(usize, usize)> {
+        self.local().iter().map(|&(_, s, n)| (s, s + n)).collect()
+    }
+
+    /// This process's shards: (shard index, first sample within [`Shards::samples`],
+    /// samples), in shard order.
+    fn local(&self) -> Vec<(usize, usize, usize)> {
+        let first = self.samples().start;
+        self.own
+            .clone()
+            .map(|i| {
+                (
+                    i,
+                    self.bounds[i].0 - first,
+                    self.bounds[i].1 - self.bounds[i].0,
+                )
+            })
+            .collect()
+    }
+}
+
 /// The (start, end) sample ranges of the [`shard_count`] shards of a batch of `n`.
 pub(super) fn shard_bounds(dev: &Device, n: usize) -> Vec<(usize, usize)> {
-    let shards = shard_count(dev, n);
-    (0..shards)
-        .map(|i| (i * n / shards, (i + 1) * n / shards))
-        .collect()
+    Shards::whole(dev, n).bounds
 }
 
 /// Logits of `model` for the batch `x` (inference), its shards run side by side.
 pub fn forward_sharded(model: &dyn Classifier, x: &Tensor) -> Result<Tensor> {
-    let logits: Vec<Tensor> = shard_bounds(x.device(), x.dim(0)?)
+    forward_in(model, x, &shard_bounds(x.device(), x.dim(0)?))
+}
+
+/// Logits of `model` for the batch `x` (inference), run in pieces `bounds` (start, end)
+/// side by side.
+pub(super) fn forward_in(
+    model: &dyn Classifier,
+    x: &Tensor,
+    bounds: &[(usize, usize)],
+) -> Result<Tensor> {
+    let logits: Vec<Tensor> = bounds
         .par_iter()
         .map(|&(s0, s1)| model.forward(&x.narrow(0, s0, s1 - s0)?))
         .collect::<Result<_>>()?;
@@ -136,81 +237,210 @@ pub fn forward_sharded(model: &dyn Classifier, x: &Tensor) -> Result<Tensor> {
 /// A teacher's logits (B, K) for the micro-batch, and how to learn from them.
 pub type Teaching<'a> = Option<(&'a Tensor, &'a Distill)>;
 
+/// One micro-batch as a training step sees it.
+pub struct Micro<'a> {
+    /// This process's samples of the micro-batch ([`Shards::samples`]; alone, all of
+    /// them): images (b, C, H, W) and labels (b,).
+    pub x: &'a Tensor,
+    pub y: &'a Tensor,
+    /// How the whole micro-batch is split, and which shards are this process's.
+    pub shards: &'a Shards,
+    /// A teacher's logits for the same samples, and how to learn from them.
+    pub teacher: Teaching<'a>,
+}
+
+/// How a step learns from its micro-batches.
+#[derive(Debug, Clone, Copy)]
+pub struct StepOptions {
+    pub label_smoothing: f64,
+    /// Micro-batches per optimizer step (their gradients add up).
+    pub accum_steps: usize,
+    /// Gradient checkpointing (see [`checkpointed_forward`]).
+    pub checkpoint: bool,
+}
+
+/// One shard's forward pass, kept for its backward.
+enum Pass {
+    /// The whole graph from the shard's images to its loss.
+    Plain { logits: Tensor, loss: Tensor },
+    /// Gradient checkpointing: see [`Kept`].
+    Checkpointed(Kept),
+}
+
+impl Pass {
+    fn logits(&self) -> &Tensor {
+        match self {
+            Pass::Plain { logits, .. } => logits,
+            Pass::Checkpointed(k) => &k.logits,
+        }
+    }
+    fn loss(&self) -> &Tensor {
+        match self {
+            Pass::Plain { loss, .. } => loss,
+            Pass::Checkpointed(k) => &k.loss,
+        }
+    }
+}
+
 /// One micro-batch of training, up to the optimizer step: forward in training mode
 /// (dropout and drop-path drawn from `rngs`), label-smoothed cross-entropy (with a
-/// `teacher`: DeiT's distillation loss on the class and distillation heads), backward of
-/// loss / `accum_steps`, gradients added into `opt` (then [`AdamW::step`] clips and
-/// updates). A loss that is not finite is returned before backward, nothing accumulated.
+/// teacher: DeiT's distillation loss on the class and distillation heads), backward of
+/// loss / `accum_steps`, gradients added into `opt` (then [`AdamW::reduce`] and
+/// [`AdamW::step`] finish the step). A loss that is not finite is returned before
+/// backward, nothing accumulated.
 ///
-/// The micro-batch is split into [`shard_count`] shards run in parallel: each shard's
+/// The micro-batch is split into [`Shards`]; this process's run in parallel: each shard's
 /// forward and backward is a chain of mostly small, serial candle operations, and two
 /// chains side by side keep both cores busy where one would leave a core waiting. The
 /// loss is the samples-weighted mean of the shards' losses, so the gradient is that of
-/// the whole micro-batch; the shards' gradients are added in shard order (deterministic).
+/// the whole micro-batch. With one micro-batch per step the shards' gradients are added in
+/// shard order into one buffer; with several, each shard has its own lane (see
+/// [`AdamW`]), so the sum has the same order whether one process runs every shard or each
+/// process of a data-parallel run (`world`) runs some.
 ///
 /// With `checkpoint` (gradient checkpointing, for models that are [`Staged`]), see
-/// [`checkpointed`]: the same gradients, the blocks' activations recomputed instead of kept.
-#[allow(clippy::too_many_arguments)] // the step's inputs, each used once
+/// [`checkpointed_forward`]: the same gradients, the blocks' activations recomputed
+/// instead of kept.
 pub fn forward_backward(
     net: &Trainable,
     opt: &mut AdamW,
-    x: &Tensor,
-    y: &Tensor,
-    label_smoothing: f64,
-    accum_steps: usize,
+    micro: &Micro,
+    opts: StepOptions,
     rngs: ShardRngs,
-    teacher: Teaching,
-    checkpoint: bool,
+    world: &dyn Collective,
 ) -> Result<MicroStep> {
-    if checkpoint {
-        return checkpointed(net, opt, x, y, label_smoothing, accum_steps, rngs, teacher);
-    }
     let start = Instant::now();
-    let n = x.dim(0)?;
-    let bounds = shard_bounds(x.device(), n);
-    // (logits, loss) of each shard, in shard order.
-    let forward: Vec<(Tensor, Tensor)> = bounds
+    let staged = match opts.checkpoint {
+        false => None,
+        true => Some(net.model.staged().ok_or_else(|| {
+            Error::Invalid(format!(
+                "gradient checkpointing is built for ViT-family models (ViT, DeiT, hybrid \
+                 ViT), not for a {} model",
+                net.model.config().arch()
+            ))
+        })?),
+    };
+    let shards = micro.shards.local();
+    let passes: Vec<Pass> = shards
         .par_iter()
-        .enumerate()
-        .map(|(i, &(s0, s1))| -> Result<(Tensor, Tensor)> {
+        .map(|&(i, s0, len)| -> Result<Pass> {
             let mut rng = rngs(i);
-            let mut mode = Mode::Train(rng.as_mut());
-            let (x, y) = (x.narrow(0, s0, s1 - s0)?, y.narrow(0, s0, s1 - s0)?);
-            if let Some((t, d)) = teacher {
-                let (cls, dist) = net.model.forward_heads_t(&x, &mut mode)?;
-                let t = t.narrow(0, s0, s1 - s0)?;
-                let loss = distillation_loss(&cls, &dist, &y, &t, label_smoothing, d)?;
-                return Ok((((cls + dist)? / 2.0)?, loss)); // the inference output
+            let (x, y) = (micro.x.narrow(0, s0, len)?, micro.y.narrow(0, s0, len)?);
+            let teacher = match micro.teacher {
+                Some((t, d)) => Some((t.narrow(0, s0, len)?, d)),
+                None => None,
+            };
+            if let Some(staged) = staged {
+                let kept = checkpointed_forward(staged, &x, &y, &mut rng, teacher, opts)?;
+                return Ok(Pass::Checkpointed(kept));
             }
-            let logits = net.model.forward_t(&x, &mut mode)?;
-            let loss = ops::cross_entropy(&logits, &y, label_smoothing)?;
-            Ok((logits, loss))
+            let mut mode = Mode::Train(rng.as_mut());
+            let (logits, loss) = match teacher {
+                Some((t, d)) => {
+                    let (cls, dist) = net.model.forward_heads_t(&x, &mut mode)?;
+                    let loss = distillation_loss(&cls, &dist, &y, &t, opts.label_smoothing, d)?;
+                    (((cls + dist)? / 2.0)?, loss) // the inference output
+                }
+                None => {
+                    let logits = net.model.forward_t(&x, &mut mode)?;
+                    let loss = ops::cross_entropy(&logits, &y, opts.label_smoothing)?;
+                    (logits, loss)
+                }
+            };
+            Ok(Pass::Plain { logits, loss })
         })
         .collect::<Result<_>>()?;
-    net.model.commit_running_stats()?;
-    let weight = |i: usize| (bounds[i].1 - bounds[i].0) as f64 / n as f64;
-    let mut loss_value = 0f64;
-    for (i, (_, loss)) in forward.iter().enumerate() {
-        loss_value += weight(i) * loss.to_scalar::<f32>()? as f64;
+    commit_running_stats(net.model.as_ref(), world)?;
+    let n = micro.shards.len();
+    let weight = |len: usize| len as f64 / n as f64;
+    let logits: Vec<Tensor> = passes.iter().map(|p| p.logits().clone()).collect();
+    let logits = Tensor::cat(&logits, 0)?;
+    // The whole micro-batch's loss and correct count: this process's part, summed over all.
+    let mut sums = [0f64, count_correct(&logits, micro.y)? as f64];
+    for (p, &(_, _, len)) in passes.iter().zip(&shards) {
+        sums[0] += weight(len) * p.loss().to_scalar::<f32>()? as f64;
     }
+    world.sum_f64(&mut sums)?;
     let forward_time = start.elapsed();
-    if loss_value.is_finite() {
-        let grads: Vec<_> = forward
+    if sums[0].is_finite() {
+        let grads: Vec<GradStore> = passes
             .par_iter()
-            .enumerate()
-            .map(|(i, (_, loss))| (loss * (weight(i) / accum_steps as f64))?.backward())
-            .collect::<std::result::Result<_, _>>()?;
-        for g in &grads {
-            opt.accumulate(g)?;
+            .zip(&shards)
+            .map(|(p, &(_, s0, len))| {
+                let scale = weight(len) / opts.accum_steps as f64;
+                match p {
+                    Pass::Plain { loss, .. } => Ok((loss * scale)?.backward()?),
+                    Pass::Checkpointed(k) => {
+                        let x = micro.x.narrow(0, s0, len)?;
+                        let staged = staged.expect("a checkpointed pass");
+                        checkpointed_backward(staged, net, k, &x, scale)
+                    }
+                }
+            })
+            .collect::<Result<_>>()?;
+        for (lane, g) in grads.iter().enumerate() {
+            opt.accumulate_lane(g, if opts.accum_steps == 1 { 0 } else { lane })?;
         }
     }
-    let logits: Vec<Tensor> = forward.into_iter().map(|(l, _)| l).collect();
     Ok(MicroStep {
-        logits: Tensor::cat(&logits, 0)?,
-        loss: loss_value,
+        logits,
+        loss: sums[0],
+        correct: sums[1] as u64,
         forward: forward_time,
         backward: start.elapsed() - forward_time,
     })
+}
+
+/// Moves BatchNorm running statistics by the micro-batch's training passes, taken together
+/// (see [`crate::models::layers::BatchNorm2d`]): in a data-parallel run, the passes of
+/// every process, in rank order, so every process moves them the same way, and the same
+/// way one process alone would.
+fn commit_running_stats(model: &dyn Classifier, world: &dyn Collective) -> Result<()> {
+    let norms = model.batch_norms();
+    if norms.is_empty() {
+        return Ok(());
+    }
+    let local: Vec<Vec<BnPass>> = norms.iter().map(|bn| bn.take_pending()).collect();
+    if world.size() == 1 {
+        for (bn, passes) in norms.iter().zip(local) {
+            bn.commit_passes(passes)?;
+        }
+        return Ok(());
+    }
+    // Every layer's passes as f32: per layer, the pass count, then (n, mean, var) each.
+    let mut packed = vec![];
+    for passes in &local {
+        packed.push(passes.len() as f32);
+        for (n, mean, var) in passes {
+            packed.push(*n as f32);
+            packed.extend(mean.to_vec1::<f32>()?);
+            packed.extend(var.to_vec1::<f32>()?);
+        }
+    }
+    let all = world.gather(&dist::f32_bytes(&packed))?;
+    let mut pooled: Vec<Vec<BnPass>> = vec![vec![]; norms.len()];
+    for bytes in all {
+        let values = dist::bytes_f32(&bytes)?;
+        let mut at = values.iter().copied();
+        let mut next = || {
+            at.next()
+                .ok_or_else(|| Error::Invalid("a process sent short BatchNorm statistics".into()))
+        };
+        for (bn, out) in norms.iter().zip(&mut pooled) {
+            let c = bn.running_mean.elem_count();
+            let dev = bn.running_mean.device();
+            for _ in 0..next()? as usize {
+                let n = next()? as usize;
+                let mean: Vec<f32> = (0..c).map(|_| next()).collect::<Result<_>>()?;
+                let var: Vec<f32> = (0..c).map(|_| next()).collect::<Result<_>>()?;
+                out.push((n, Tensor::new(mean, dev)?, Tensor::new(var, dev)?));
+            }
+        }
+    }
+    for (bn, passes) in norms.iter().zip(pooled) {
+        bn.commit_passes(passes)?;
+    }
+    Ok(())
 }
 
 /// What the checkpointed forward of one shard keeps for its backward.
@@ -225,119 +455,80 @@ struct Kept {
     loss: Tensor,
 }
 
-/// [`forward_backward`] with gradient checkpointing (timm's `checkpoint_seq`): the forward
-/// runs the stem and each block without keeping their graphs, only each block's input and
-/// the random stream's state before it; the head and loss keep theirs. Backward goes back
-/// block by block: block i is run again on its kept input (a fresh variable) with the same
-/// random stream, and `(block_i(x) · g).sum()` is differentiated, where g is the gradient
-/// arriving at its output; that gives the block's parameter gradients and g for the block
-/// before. The stem last. Peak memory holds one block's activations instead of all of them;
-/// the cost is a second forward of the blocks. Every parameter lives in one part, so its
-/// gradient is the same vector-Jacobian product as without checkpointing.
-#[allow(clippy::too_many_arguments)]
-fn checkpointed(
-    net: &Trainable,
-    opt: &mut AdamW,
+/// The forward pass of one shard with gradient checkpointing (timm's `checkpoint_seq`):
+/// the stem and each block run without keeping their graphs, only each block's input and
+/// the random stream's state before it; the head and loss keep theirs.
+/// [`checkpointed_backward`] then goes back block by block: block i is run again on its
+/// kept input (a fresh variable) with the same random stream, and `(block_i(x) · g).sum()`
+/// is differentiated, where g is the gradient arriving at its output; that gives the
+/// block's parameter gradients and g for the block before. The stem last. Peak memory
+/// holds one block's activations instead of all of them; the cost is a second forward of
+/// the blocks. Every parameter lives in one part, so its gradient is the same
+/// vector-Jacobian product as without checkpointing.
+fn checkpointed_forward(
+    staged: &dyn Staged,
     x: &Tensor,
     y: &Tensor,
-    label_smoothing: f64,
-    accum_steps: usize,
-    rngs: ShardRngs,
-    teacher: Teaching,
-) -> Result<MicroStep> {
-    let staged = net.model.staged().ok_or_else(|| {
-        Error::Invalid(format!(
-            "gradient checkpointing is built for ViT-family models (ViT, DeiT, hybrid ViT), \
-             not for a {} model",
-            net.model.config().arch()
-        ))
-    })?;
-    let start = Instant::now();
-    let n = x.dim(0)?;
-    let bounds = shard_bounds(x.device(), n);
-    let forward: Vec<Kept> = bounds
-        .par_iter()
-        .enumerate()
-        .map(|(i, &(s0, s1))| -> Result<Kept> {
-            let mut rng = rngs(i);
-            let (x, y) = (x.narrow(0, s0, s1 - s0)?, y.narrow(0, s0, s1 - s0)?);
-            let mut streams = vec![rng.clone()];
-            let mut inputs = vec![staged.stem(&x, &mut Mode::Train(rng.as_mut()))?.detach()];
-            for b in 0..staged.num_blocks() {
-                streams.push(rng.clone());
-                let h = staged.block(b, &inputs[b], &mut Mode::Train(rng.as_mut()))?;
-                inputs.push(h.detach());
-            }
-            let last = Var::from_tensor(inputs.last().expect("the stem's output"))?;
-            let (cls, dist) = staged.heads(last.as_tensor(), &mut Mode::Train(rng.as_mut()))?;
-            let (logits, loss) = match teacher {
-                Some((t, d)) => {
-                    let t = t.narrow(0, s0, s1 - s0)?;
-                    let loss = distillation_loss(&cls, &dist, &y, &t, label_smoothing, d)?;
-                    (((cls + dist)? / 2.0)?, loss)
-                }
-                None => {
-                    let loss = ops::cross_entropy(&cls, &y, label_smoothing)?;
-                    (cls, loss)
-                }
-            };
-            inputs.pop(); // the last output lives on as `last`
-            Ok(Kept {
-                inputs,
-                streams,
-                last,
-                logits,
-                loss,
-            })
-        })
-        .collect::<Result<_>>()?;
-    net.model.commit_running_stats()?;
-    let weight = |i: usize| (bounds[i].1 - bounds[i].0) as f64 / n as f64;
-    let mut loss_value = 0f64;
-    for (i, k) in forward.iter().enumerate() {
-        loss_value += weight(i) * k.loss.to_scalar::<f32>()? as f64;
+    rng: &mut Option<ChaCha8Rng>,
+    teacher: Option<(Tensor, &Distill)>,
+    opts: StepOptions,
+) -> Result<Kept> {
+    let mut streams = vec![rng.clone()];
+    let mut inputs = vec![staged.stem(x, &mut Mode::Train(rng.as_mut()))?.detach()];
+    for b in 0..staged.num_blocks() {
+        streams.push(rng.clone());
+        let h = staged.block(b, &inputs[b], &mut Mode::Train(rng.as_mut()))?;
+        inputs.push(h.detach());
     }
-    let forward_time = start.elapsed();
-    let mut logits = Vec::new();
-    if loss_value.is_finite() {
-        let grads: Vec<_> = forward
-            .par_iter()
-            .enumerate()
-            .map(|(i, k)| -> Result<candle_core::backprop::GradStore> {
-                let mut grads = (&k.loss * (weight(i) / accum_steps as f64))?.backward()?;
-                let mut g = grads
-                    .remove(k.last.as_tensor())
-                    .ok_or_else(|| Error::Numeric("the head received no gradient".into()))?;
-                for b in (0..staged.num_blocks()).rev() {
-                    let mut rng = k.streams[b + 1].clone();
-                    let input = Var::from_tensor(&k.inputs[b])?;
-                    let out = staged.block(b, input.as_tensor(), &mut Mode::Train(rng.as_mut()))?;
-                    let mut part = (out * &g)?.sum_all()?.backward()?;
-                    g = part.remove(input.as_tensor()).ok_or_else(|| {
-                        Error::Numeric(format!("block {b}'s input received no gradient"))
-                    })?;
-                    keep_params(&mut grads, part, &net.params);
-                }
-                let mut rng = k.streams[0].clone();
-                let xs = x.narrow(0, bounds[i].0, bounds[i].1 - bounds[i].0)?;
-                let stem = staged.stem(&xs, &mut Mode::Train(rng.as_mut()))?;
-                keep_params(&mut grads, (stem * &g)?.sum_all()?.backward()?, &net.params);
-                Ok(grads)
-            })
-            .collect::<Result<_>>()?;
-        for g in &grads {
-            opt.accumulate(g)?;
+    let last = Var::from_tensor(inputs.last().expect("the stem's output"))?;
+    let (cls, dist) = staged.heads(last.as_tensor(), &mut Mode::Train(rng.as_mut()))?;
+    let (logits, loss) = match teacher {
+        Some((t, d)) => {
+            let loss = distillation_loss(&cls, &dist, y, &t, opts.label_smoothing, d)?;
+            (((cls + dist)? / 2.0)?, loss)
         }
-    }
-    for k in forward {
-        logits.push(k.logits);
-    }
-    Ok(MicroStep {
-        logits: Tensor::cat(&logits, 0)?,
-        loss: loss_value,
-        forward: forward_time,
-        backward: start.elapsed() - forward_time,
+        None => {
+            let loss = ops::cross_entropy(&cls, y, opts.label_smoothing)?;
+            (cls, loss)
+        }
+    };
+    inputs.pop(); // the last output lives on as `last`
+    Ok(Kept {
+        inputs,
+        streams,
+        last,
+        logits,
+        loss,
     })
+}
+
+/// The backward pass of one checkpointed shard (see [`checkpointed_forward`]) of loss ×
+/// `scale`.
+fn checkpointed_backward(
+    staged: &dyn Staged,
+    net: &Trainable,
+    k: &Kept,
+    x: &Tensor,
+    scale: f64,
+) -> Result<GradStore> {
+    let mut grads = (&k.loss * scale)?.backward()?;
+    let mut g = grads
+        .remove(k.last.as_tensor())
+        .ok_or_else(|| Error::Numeric("the head received no gradient".into()))?;
+    for b in (0..staged.num_blocks()).rev() {
+        let mut rng = k.streams[b + 1].clone();
+        let input = Var::from_tensor(&k.inputs[b])?;
+        let out = staged.block(b, input.as_tensor(), &mut Mode::Train(rng.as_mut()))?;
+        let mut part = (out * &g)?.sum_all()?.backward()?;
+        g = part
+            .remove(input.as_tensor())
+            .ok_or_else(|| Error::Numeric(format!("block {b}'s input received no gradient")))?;
+        keep_params(&mut grads, part, &net.params);
+    }
+    let mut rng = k.streams[0].clone();
+    let stem = staged.stem(x, &mut Mode::Train(rng.as_mut()))?;
+    keep_params(&mut grads, (stem * &g)?.sum_all()?.backward()?, &net.params);
+    Ok(grads)
 }
 
 /// Moves the parameters' gradients from `part` into `grads`, dropping the rest of `part`

@@ -6,7 +6,40 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::step::{forward_backward, shard_bounds, step_rng, Trainable};
+use super::step::{
+    forward_backward, shard_bounds, step_rng, Micro, MicroStep, ShardRngs, Shards, StepOptions,
+    Teaching, Trainable,
+};
+use super::AdamW;
+use crate::dist::Single;
+
+/// [`forward_backward`] of a whole micro-batch by one process.
+#[allow(clippy::too_many_arguments)]
+fn step(
+    net: &Trainable,
+    opt: &mut AdamW,
+    x: &Tensor,
+    y: &Tensor,
+    label_smoothing: f64,
+    accum_steps: usize,
+    rngs: ShardRngs,
+    teacher: Teaching,
+    checkpoint: bool,
+) -> crate::Result<MicroStep> {
+    let shards = Shards::whole(x.device(), x.dim(0)?);
+    let micro = Micro {
+        x,
+        y,
+        shards: &shards,
+        teacher,
+    };
+    let opts = StepOptions {
+        label_smoothing,
+        accum_steps,
+        checkpoint,
+    };
+    forward_backward(net, opt, &micro, opts, rngs, &Single)
+}
 use super::*;
 use crate::models::{Architecture, Mode, ModelConfig};
 use crate::ops;
@@ -142,6 +175,28 @@ fn two_clipped_adamw_steps_match_pytorch() {
 }
 
 #[test]
+fn one_process_and_two_split_a_micro_batch_the_same_way() {
+    let cpu = Device::Cpu;
+    let one = Shards::whole(&cpu, 19);
+    assert_eq!((one.count(), one.samples()), (2, 0..19));
+    assert_eq!(one.local_bounds(), vec![(0, 9), (9, 19)]);
+    let (r0, r1) = (
+        Shards::new(&cpu, 19, 0, 2).unwrap(),
+        Shards::new(&cpu, 19, 1, 2).unwrap(),
+    );
+    assert_eq!((r0.count(), r0.samples(), r1.samples()), (2, 0..9, 9..19));
+    assert_eq!(r1.local_bounds(), vec![(0, 10)]);
+    // Three processes: three shards, one each.
+    let r2 = Shards::new(&cpu, 19, 2, 3).unwrap();
+    assert_eq!((r2.count(), r2.samples()), (3, 12..19));
+    // A small micro-batch runs whole alone, but is still split for two processes.
+    assert_eq!(Shards::whole(&cpu, 8).count(), 1);
+    assert_eq!(Shards::new(&cpu, 8, 1, 2).unwrap().samples(), 4..8);
+    let e = Shards::new(&cpu, 2, 0, 3).unwrap_err().to_string();
+    assert!(e.contains("cannot be shared by 3 processes"), "{e}");
+}
+
+#[test]
 fn sharded_micro_batch_gives_the_whole_batch_gradient() {
     let g = golden();
     let n = 19; // two shards of 9 and 10
@@ -160,11 +215,11 @@ fn sharded_micro_batch_gives_the_whole_batch_gradient() {
         let mut opt = AdamW::new(g.net.params.clone(), cfg);
         let mut losses = vec![];
         for _ in 0..2 {
-            let m =
-                forward_backward(&g.net, &mut opt, &x, &y, 0.1, 2, &|_| None, None, false).unwrap();
+            let m = step(&g.net, &mut opt, &x, &y, 0.1, 2, &|_| None, None, false).unwrap();
             assert_eq!(m.logits.dims(), &[n, g.cfg.num_classes()]);
             losses.push(m.loss);
         }
+        opt.reduce(&Single).unwrap(); // the shards' lanes into one gradient
         (opt, losses)
     };
     let (a, losses) = sharded();
@@ -268,8 +323,7 @@ fn gradient_checkpointing_gives_the_same_gradients() {
                 weight_decay: 0.05,
             });
             let rngs = |shard| Some(step_rng(7, 3, 1, shard));
-            let m = forward_backward(&net, &mut opt, &x, &y, 0.1, 2, &rngs, teaching, checkpoint)
-                .unwrap();
+            let m = step(&net, &mut opt, &x, &y, 0.1, 2, &rngs, teaching, checkpoint).unwrap();
             (opt, m.loss, m.logits)
         };
         let (plain, loss, logits) = run(false);
@@ -303,7 +357,7 @@ fn gradient_checkpointing_refuses_a_model_without_blocks_to_recompute() {
     });
     let x = Tensor::zeros((2, 1, 28, 28), DType::F32, &dev).unwrap();
     let y = Tensor::new(&[0u32, 1], &dev).unwrap();
-    let e = forward_backward(&net, &mut opt, &x, &y, 0.0, 1, &|_| None, None, true)
+    let e = step(&net, &mut opt, &x, &y, 0.0, 1, &|_| None, None, true)
         .err()
         .unwrap()
         .to_string();
