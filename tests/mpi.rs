@@ -67,6 +67,7 @@ fn metrics(run: &Path) -> Vec<serde_json::Value> {
             let m = v.as_object_mut().unwrap();
             m.remove("seconds");
             m.remove("images_per_second");
+            m.remove("sync_share");
             v
         })
         .collect()

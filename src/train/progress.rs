@@ -91,7 +91,8 @@ impl Progress {
     }
 
     /// One batch done: running loss and accuracy, learning rate, images per second, and the
-    /// shares of the time spent waiting for data and running the teacher (if any).
+    /// shares of the time spent waiting for data, running the teacher and (data-parallel) in
+    /// collectives, where there are any.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn step(
         &mut self,
@@ -102,6 +103,7 @@ impl Progress {
         ips: f64,
         wait: f64,
         teacher: Option<f64>,
+        sync: Option<f64>,
     ) {
         let mut msg = format!(
             "loss {loss:.4} acc {:.2}% lr {lr:.2e} {ips:.0} img/s data-wait {:.0}%",
@@ -110,6 +112,9 @@ impl Progress {
         );
         if let Some(t) = teacher {
             msg.push_str(&format!(" teacher {:.0}%", 100.0 * t));
+        }
+        if let Some(s) = sync {
+            msg.push_str(&format!(" sync {:.0}%", 100.0 * s));
         }
         match self.mode {
             ProgressMode::Bar => {

@@ -27,6 +27,11 @@ pub struct EpochMetrics {
     pub lr: f64,
     pub seconds: f64,
     pub images_per_second: f64,
+    /// A data-parallel run: the share of the epoch's training time spent in collectives
+    /// (the gradient all-reduce, the loss sums, BatchNorm's statistics), waiting for the
+    /// slowest process included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync_share: Option<f64>,
 }
 
 impl EpochMetrics {

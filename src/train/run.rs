@@ -421,8 +421,8 @@ pub fn train(
         );
         let mut batches = loader.epoch_from(pos.epoch, pos.batch as usize)?;
         // Time spent waiting for the loader, as a share of this epoch's time so far.
-        // And the time the teacher took.
-        let (since, mut waited, mut teaching) = (Instant::now(), 0.0, 0.0);
+        // And the time the teacher took, and the time spent in collectives.
+        let (since, mut waited, mut teaching, mut synced) = (Instant::now(), 0.0, 0.0, 0.0);
         loop {
             let asked = Instant::now();
             let Some(batch) = batches.next() else { break };
@@ -456,8 +456,10 @@ pub fn train(
             let MicroStep {
                 loss: loss_value,
                 correct,
+                sync,
                 ..
             } = forward_backward(&net, &mut opt, &micro_batch, step_opts, &rngs, world)?;
+            synced += sync.as_secs_f64();
             let n = shards.len(); // the whole micro-batch's samples
             if !loss_value.is_finite() {
                 let last = out.join(LAST);
@@ -478,7 +480,9 @@ pub fn train(
             pos.batch += 1;
             let lr = schedule.lr(pos.step);
             if micro_idx + 1 == recipe.accum_steps as u64 {
+                let asked = Instant::now();
                 opt.reduce(world)?;
+                synced += asked.elapsed().as_secs_f64();
                 opt.step(lr, clip)?;
                 pos.step += 1;
             }
@@ -493,6 +497,7 @@ pub fn train(
                 teacher
                     .is_some()
                     .then(|| teaching / since.elapsed().as_secs_f64().max(1e-9)),
+                (world.size() > 1).then(|| synced / since.elapsed().as_secs_f64().max(1e-9)),
             );
             let at_limit = recipe.max_steps.is_some_and(|m| pos.step >= m);
             if micro_idx + 1 == recipe.accum_steps as u64
@@ -507,6 +512,9 @@ pub fn train(
                 break;
             }
         }
+
+        let sync_share =
+            (world.size() > 1).then(|| synced / since.elapsed().as_secs_f64().max(1e-9));
 
         // End of epoch (or of a --max-steps run): validate, record, checkpoint.
         let val = if data.val.is_empty() {
@@ -530,6 +538,7 @@ pub fn train(
             lr: schedule.lr(pos.step.saturating_sub(1)),
             seconds: pos.seconds,
             images_per_second: pos.seen as f64 / pos.seconds.max(1e-9),
+            sync_share,
         };
         progress.end_epoch(&m);
         history.push(m.clone());

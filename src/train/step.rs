@@ -103,6 +103,8 @@ pub struct MicroStep {
     pub forward: Duration,
     /// Wall time of backward and of adding the gradients into the optimizer.
     pub backward: Duration,
+    /// Wall time in collectives with the other processes (part of `forward`).
+    pub sync: Duration,
 }
 
 /// The randomness of one shard of a micro-batch: `rngs(shard)` gives shard `shard` its
@@ -350,7 +352,9 @@ pub fn forward_backward(
             Ok(Pass::Plain { logits, loss })
         })
         .collect::<Result<_>>()?;
+    let synced = Instant::now();
     commit_running_stats(net.model.as_ref(), world)?;
+    let mut sync = synced.elapsed();
     let n = micro.shards.len();
     let weight = |len: usize| len as f64 / n as f64;
     let logits: Vec<Tensor> = passes.iter().map(|p| p.logits().clone()).collect();
@@ -360,7 +364,9 @@ pub fn forward_backward(
     for (p, &(_, _, len)) in passes.iter().zip(&shards) {
         sums[0] += weight(len) * p.loss().to_scalar::<f32>()? as f64;
     }
+    let synced = Instant::now();
     world.sum_f64(&mut sums)?;
+    sync += synced.elapsed();
     let forward_time = start.elapsed();
     if sums[0].is_finite() {
         let grads: Vec<GradStore> = passes
@@ -388,6 +394,7 @@ pub fn forward_backward(
         correct: sums[1] as u64,
         forward: forward_time,
         backward: start.elapsed() - forward_time,
+        sync,
     })
 }
 
