@@ -414,6 +414,7 @@ impl Runner {
                     label_smoothing: LABEL_SMOOTHING,
                     accum_steps: 1,
                     checkpoint: *checkpoint,
+                    precision: crate::ops::Precision::F32,
                 };
                 let m = forward_backward(net, opt, &micro, opts, &|_| None, &Single)?;
                 if !m.loss.is_finite() {

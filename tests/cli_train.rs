@@ -1601,3 +1601,42 @@ fn a_build_without_mpi_refuses_to_be_one_of_several_processes() {
     );
     assert!(!run.exists());
 }
+
+/// Mixed precision: `--precision bf16` trains (the loss falls as in f32) and resumes
+/// exactly; an unknown precision is one clear line.
+#[test]
+fn bf16_mixed_precision_trains_and_resumes_exactly() {
+    let (dir, recipe) = setup("epochs = 4\nval_size = 50\nprecision = \"bf16\"\n");
+    let run = dir.path().join("run");
+    ok(&["train", "--config", p(&recipe), "--out", p(&run), "--quiet"]);
+    let m = metrics(&run);
+    let (first, last) = (
+        m[0]["train_loss"].as_f64().unwrap(),
+        m[3]["train_loss"].as_f64().unwrap(),
+    );
+    assert!(last < 0.85 * first, "loss did not fall: {first} → {last}");
+    let saved = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(saved.contains("precision = \"bf16\""), "{saved}");
+    // The f32 run of the same recipe differs: the products really were bf16.
+    let f32_run = dir.path().join("f32");
+    ok(&[
+        "train",
+        "--config",
+        p(&recipe),
+        "--out",
+        p(&f32_run),
+        "--quiet",
+        "--precision",
+        "f32",
+    ]);
+    assert_ne!(
+        weights(&run.join("checkpoint-last.safetensors")),
+        weights(&f32_run.join("checkpoint-last.safetensors"))
+    );
+    resumed_equals_uninterrupted(dir.path(), &recipe);
+    let err = fails(&["train", "--config", p(&recipe), "--precision", "fp8"]);
+    assert!(
+        err.contains("unknown precision 'fp8'") && err.contains("f32, bf16"),
+        "{err}"
+    );
+}

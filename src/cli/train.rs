@@ -138,6 +138,10 @@ pub struct RecipeFlags {
     /// keeping them (less memory, about a third more time; ViT, DeiT, hybrid ViT).
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     grad_checkpoint: Option<bool>,
+    /// f32, or bf16: mixed precision (products of linear layers and attention on bf16
+    /// operands; weights, gradients, LayerNorm, softmax and loss in f32).
+    #[arg(long)]
+    precision: Option<String>,
     /// Distil from this trained model (DeiT): a checkpoint that says its architecture, with
     /// the student's classes; a distilled DeiT student learns from it with its second head.
     #[arg(long)]
@@ -358,6 +362,7 @@ mod tests {
             max_steps: Some(11),
             checkpoint_every: 13,
             grad_checkpoint: true,
+            precision: "bf16".into(),
             teacher: Some("/t.safetensors".into()),
             distill: vit::train::DistillKind::Soft,
             distill_alpha: 0.25,

@@ -580,7 +580,7 @@ impl Attention {
         let out = if mode.draws() && self.attn_drop.0 > 0.0 {
             let (v, probs) = self.probs(&qkv)?;
             let probs = self.attn_drop.forward(&probs, mode)?;
-            ops::merge_heads(&probs.matmul(&v)?)? // (B, T, D)
+            ops::merge_heads(&ops::matmul(&probs, &v)?)? // (B, T, D)
         } else {
             ops::attention(&qkv, self.num_heads, self.scale)? // (B, T, D)
         };
@@ -591,14 +591,14 @@ impl Attention {
     pub fn forward_with_probs(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         let qkv = self.qkv.forward(x)?; // (B, T, 3·D)
         let (v, probs) = self.probs(&qkv)?;
-        let out = ops::merge_heads(&probs.matmul(&v)?)?; // (B, T, D)
+        let out = ops::merge_heads(&ops::matmul(&probs, &v)?)?; // (B, T, D)
         Ok((self.proj.forward(&out)?, probs.detach()))
     }
 
     /// v (B, heads, T, hd) and softmax(scale · q kᵀ) (B, heads, T, T) from qkv (B, T, 3·D).
     fn probs(&self, qkv: &Tensor) -> Result<(Tensor, Tensor)> {
         let (q, k, v) = ops::split_heads(qkv, self.num_heads)?; // each (B, heads, T, hd)
-        let scores = (q * self.scale)?.matmul(&k.t()?)?; // (B, heads, T, T)
+        let scores = ops::matmul(&(q * self.scale)?, &k.t()?)?; // (B, heads, T, T)
         Ok((v, ops::softmax_last_dim(&scores)?))
     }
 }

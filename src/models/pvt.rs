@@ -523,10 +523,10 @@ impl SrAttention {
             .reshape((b, m, 2, self.heads, hd))?
             .permute((2, 0, 3, 1, 4))?;
         let (k, v) = (kv.get(0)?.contiguous()?, kv.get(1)?.contiguous()?); // (B, heads, M, hd)
-        let scores = (q * self.scale)?.matmul(&k.t()?)?; // (B, heads, N, M)
+        let scores = ops::matmul(&(q * self.scale)?, &k.t()?)?; // (B, heads, N, M)
         let probs = ops::softmax_last_dim(&scores)?;
         let dropped = self.attn_drop.forward(&probs, mode)?;
-        let out = ops::merge_heads(&dropped.matmul(&v)?)?; // (B, N, C)
+        let out = ops::merge_heads(&ops::matmul(&dropped, &v)?)?; // (B, N, C)
         let out = self.proj_drop.forward(&self.proj.forward(&out)?, mode)?;
         Ok((out.reshape((b, h, w, c))?, probs))
     }

@@ -623,7 +623,7 @@ impl WindowAttention {
         let out = if mode.draws() && self.attn_drop.0 > 0.0 {
             let (v, probs) = self.probs(&qkv, &bias)?;
             let probs = self.attn_drop.forward(&probs, mode)?;
-            ops::merge_heads(&probs.matmul(&v)?)?
+            ops::merge_heads(&ops::matmul(&probs, &v)?)?
         } else {
             ops::attention_biased(&qkv, &bias, self.heads, self.scale)? // (B·nW, N, C)
         };
@@ -634,14 +634,14 @@ impl WindowAttention {
     fn forward_with_probs(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
         let qkv = self.qkv.forward(x)?;
         let (v, probs) = self.probs(&qkv, &self.scores_bias(mask)?)?;
-        let out = ops::merge_heads(&probs.matmul(&v)?)?;
+        let out = ops::merge_heads(&ops::matmul(&probs, &v)?)?;
         Ok((self.proj.forward(&out)?, probs.detach()))
     }
 
     /// v (B·nW, heads, N, hd) and softmax(scale · q kᵀ + bias) (B·nW, heads, N, N).
     fn probs(&self, qkv: &Tensor, bias: &Tensor) -> Result<(Tensor, Tensor)> {
         let (q, k, v) = ops::split_heads(qkv, self.heads)?; // each (B·nW, heads, N, hd)
-        let scores = (q * self.scale)?.matmul(&k.t()?)?; // (B·nW, heads, N, N)
+        let scores = ops::matmul(&(q * self.scale)?, &k.t()?)?; // (B·nW, heads, N, N)
         let scores = ops::add_attention_bias(&scores, bias)?;
         Ok((v, ops::softmax_last_dim(&scores)?))
     }

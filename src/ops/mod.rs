@@ -53,6 +53,73 @@ pub fn set_inference_dtype(dtype: InferenceDtype) -> Result<()> {
     cpu::set_bf16_inference(dtype == InferenceDtype::Bf16).map_err(crate::Error::Invalid)
 }
 
+/// The precision of training's matrix products (`vit train --precision`): f32, or mixed
+/// precision as PyTorch's `autocast(dtype=torch.bfloat16)`: the products of linear layers
+/// and of attention take bf16 operands and give f32 results, while the weights (the
+/// master copy the optimizer updates), their gradients, LayerNorm, softmax, GELU and the
+/// loss stay f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = crate::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" | "float32" => Ok(Precision::F32),
+            "bf16" | "bfloat16" => Ok(Precision::Bf16),
+            _ => Err(crate::Error::Unknown {
+                kind: "precision",
+                name: s.into(),
+                hint: " (known: f32, bf16)".into(),
+            }),
+        }
+    }
+}
+
+thread_local! {
+    /// Whether this thread's products run in bf16 ([`autocast`]).
+    static AUTOCAST_BF16: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with the matrix products of [`linear`], [`attention`] and [`attention_biased`]
+/// in `precision` on this thread (an autocast region: the forward pass of a training step).
+/// The casts are recorded in the graph, so backward needs no region: each product's
+/// gradients come back through bf16 to the f32 tensors. Inside it those products use
+/// candle's own kernels (bf16 is what the device's matrix units run; the fused f32 CPU
+/// kernels are for f32).
+pub fn autocast<R>(precision: Precision, f: impl FnOnce() -> R) -> R {
+    let before = AUTOCAST_BF16.with(|a| a.replace(precision == Precision::Bf16));
+    let out = f();
+    AUTOCAST_BF16.with(|a| a.set(before));
+    out
+}
+
+/// Whether products of this f32 tensor run in bf16 here ([`autocast`]).
+fn in_bf16(x: &Tensor) -> bool {
+    x.dtype() == DType::F32 && AUTOCAST_BF16.with(|a| a.get())
+}
+
+/// The matrix product a · b (batched over leading dimensions), in bf16 within an
+/// [`autocast`] region: the attention products models write out themselves (when they
+/// need the probabilities, for dropout or to return them).
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if in_bf16(a) {
+        return matmul_bf16(a, b);
+    }
+    Ok(a.matmul(b)?)
+}
+
+/// a · b with bf16 operands and an f32 result.
+fn matmul_bf16(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (a, b) = (a.to_dtype(DType::BF16)?, b.to_dtype(DType::BF16)?);
+    Ok(a.matmul(&b)?.to_dtype(DType::F32)?)
+}
+
 /// The instruction set the fused CPU kernels' own loops run with here: "AVX-512", "AVX2"
 /// or "baseline" (chosen at run time; `VIT_SIMD=baseline|avx2` lowers it).
 pub fn kernel_isa() -> &'static str {
@@ -140,6 +207,17 @@ fn linear_act(
     *last = out_dim;
     let x2 = x.reshape((x.elem_count() / in_dim.max(1), in_dim))?; // (rows, in)
     let y = match bias {
+        _ if in_bf16(x) => {
+            let y = matmul_bf16(&x2, &weight.t()?)?;
+            let y = match bias {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            };
+            match act {
+                cpu::Activation::Identity => y,
+                cpu::Activation::Gelu => gelu(&y)?,
+            }
+        }
         Some(b) if cpu::eligible(x) && cpu::eligible(weight) && cpu::eligible(b) => {
             cpu::linear(&x2, weight, b, act, cache)?
         }
@@ -430,6 +508,11 @@ fn softmax_composed(x: &Tensor) -> Result<Tensor> {
 /// softmax(scale · q kᵀ) v per head, heads concatenated: (B, T, D).
 /// Fused kernel on the CPU in f32 (`ops::cpu`), composed candle ops elsewhere.
 pub fn attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    if in_bf16(qkv) {
+        let (q, k, v) = split_heads(qkv, heads)?;
+        let probs = softmax_last_dim(&matmul_bf16(&(q * scale)?, &k.t()?)?)?;
+        return merge_heads(&matmul_bf16(&probs, &v)?);
+    }
     if cpu::eligible(qkv) {
         return Ok(cpu::attention(qkv, heads, scale)?);
     }
@@ -449,6 +532,11 @@ fn attention_composed(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> 
 /// mask; batch items are image-major windows). The bias receives a gradient.
 /// Fused kernel on the CPU in f32 (`ops::cpu`), composed candle ops elsewhere.
 pub fn attention_biased(qkv: &Tensor, bias: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    if in_bf16(qkv) {
+        let (q, k, v) = split_heads(qkv, heads)?;
+        let scores = add_attention_bias(&matmul_bf16(&(q * scale)?, &k.t()?)?, bias)?;
+        return merge_heads(&matmul_bf16(&softmax_last_dim(&scores)?, &v)?);
+    }
     if cpu::eligible(qkv) && cpu::eligible(bias) {
         return Ok(cpu::attention_biased(qkv, bias, heads, scale)?);
     }

@@ -80,6 +80,10 @@ pub struct Recipe {
     /// input in the forward and recompute the block in backward; the same gradients, less
     /// memory, one more forward of the blocks. ViT-family models.
     pub grad_checkpoint: bool,
+    /// The precision of the matrix products: "f32", or "bf16" (mixed precision as PyTorch's
+    /// bf16 autocast: linear layers' and attention's products on bf16 operands, weights,
+    /// gradients, LayerNorm, softmax and the loss in f32).
+    pub precision: String,
     /// Distil from this trained model (DeiT): any checkpoint the tool reads that says its
     /// architecture (ours, or HF with config.json), with the student's classes.
     pub teacher: Option<PathBuf>,
@@ -133,6 +137,7 @@ impl Default for Recipe {
             max_steps: None,
             checkpoint_every: 0,
             grad_checkpoint: false,
+            precision: "f32".into(),
             teacher: None,
             distill: DistillKind::Hard,
             distill_alpha: 0.5,
@@ -195,6 +200,11 @@ impl Recipe {
         }
     }
 
+    /// The precision of the run's matrix products, from the `precision` field.
+    pub fn precision(&self) -> Result<crate::ops::Precision> {
+        self.precision.parse()
+    }
+
     /// The model config this recipe trains.
     pub fn model_config(&self) -> Result<ModelConfig> {
         let mut c = match &self.model {
@@ -241,6 +251,7 @@ impl Recipe {
     /// Checks the numbers fit together.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
+        self.precision()?;
         if self.epochs == 0 {
             return bad("epochs must be at least 1".into());
         }

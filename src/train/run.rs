@@ -363,6 +363,7 @@ pub fn train(
         None => None,
     };
     let distill = recipe.distillation();
+    let precision = recipe.precision()?;
     let net = Trainable::new(&cfg, &tensors, &dev)?;
     let mut opt = net.adamw(AdamWConfig {
         beta1: recipe.beta1,
@@ -452,6 +453,7 @@ pub fn train(
                 label_smoothing: recipe.label_smoothing,
                 accum_steps: recipe.accum_steps,
                 checkpoint: recipe.grad_checkpoint,
+                precision,
             };
             let MicroStep {
                 loss: loss_value,

@@ -259,6 +259,8 @@ pub struct StepOptions {
     pub accum_steps: usize,
     /// Gradient checkpointing (see [`checkpointed_forward`]).
     pub checkpoint: bool,
+    /// The precision of the forward pass's matrix products ([`ops::autocast`]).
+    pub precision: ops::Precision,
 }
 
 /// One shard's forward pass, kept for its backward.
@@ -326,30 +328,32 @@ pub fn forward_backward(
     let passes: Vec<Pass> = shards
         .par_iter()
         .map(|&(i, s0, len)| -> Result<Pass> {
-            let mut rng = rngs(i);
-            let (x, y) = (micro.x.narrow(0, s0, len)?, micro.y.narrow(0, s0, len)?);
-            let teacher = match micro.teacher {
-                Some((t, d)) => Some((t.narrow(0, s0, len)?, d)),
-                None => None,
-            };
-            if let Some(staged) = staged {
-                let kept = checkpointed_forward(staged, &x, &y, &mut rng, teacher, opts)?;
-                return Ok(Pass::Checkpointed(kept));
-            }
-            let mut mode = Mode::Train(rng.as_mut());
-            let (logits, loss) = match teacher {
-                Some((t, d)) => {
-                    let (cls, dist) = net.model.forward_heads_t(&x, &mut mode)?;
-                    let loss = distillation_loss(&cls, &dist, &y, &t, opts.label_smoothing, d)?;
-                    (((cls + dist)? / 2.0)?, loss) // the inference output
+            ops::autocast(opts.precision, || {
+                let mut rng = rngs(i);
+                let (x, y) = (micro.x.narrow(0, s0, len)?, micro.y.narrow(0, s0, len)?);
+                let teacher = match micro.teacher {
+                    Some((t, d)) => Some((t.narrow(0, s0, len)?, d)),
+                    None => None,
+                };
+                if let Some(staged) = staged {
+                    let kept = checkpointed_forward(staged, &x, &y, &mut rng, teacher, opts)?;
+                    return Ok(Pass::Checkpointed(kept));
                 }
-                None => {
-                    let logits = net.model.forward_t(&x, &mut mode)?;
-                    let loss = ops::cross_entropy(&logits, &y, opts.label_smoothing)?;
-                    (logits, loss)
-                }
-            };
-            Ok(Pass::Plain { logits, loss })
+                let mut mode = Mode::Train(rng.as_mut());
+                let (logits, loss) = match teacher {
+                    Some((t, d)) => {
+                        let (cls, dist) = net.model.forward_heads_t(&x, &mut mode)?;
+                        let loss = distillation_loss(&cls, &dist, &y, &t, opts.label_smoothing, d)?;
+                        (((cls + dist)? / 2.0)?, loss) // the inference output
+                    }
+                    None => {
+                        let logits = net.model.forward_t(&x, &mut mode)?;
+                        let loss = ops::cross_entropy(&logits, &y, opts.label_smoothing)?;
+                        (logits, loss)
+                    }
+                };
+                Ok(Pass::Plain { logits, loss })
+            })
         })
         .collect::<Result<_>>()?;
     let synced = Instant::now();
@@ -379,7 +383,10 @@ pub fn forward_backward(
                     Pass::Checkpointed(k) => {
                         let x = micro.x.narrow(0, s0, len)?;
                         let staged = staged.expect("a checkpointed pass");
-                        checkpointed_backward(staged, net, k, &x, scale)
+                        // The blocks run again: in the forward's precision.
+                        ops::autocast(opts.precision, || {
+                            checkpointed_backward(staged, net, k, &x, scale)
+                        })
                     }
                 }
             })

@@ -37,6 +37,7 @@ fn step(
         label_smoothing,
         accum_steps,
         checkpoint,
+        precision: crate::ops::Precision::F32,
     };
     forward_backward(net, opt, &micro, opts, rngs, &Single)
 }
@@ -194,6 +195,60 @@ fn one_process_and_two_split_a_micro_batch_the_same_way() {
     assert_eq!(Shards::new(&cpu, 8, 1, 2).unwrap().samples(), 4..8);
     let e = Shards::new(&cpu, 2, 0, 3).unwrap_err().to_string();
     assert!(e.contains("cannot be shared by 3 processes"), "{e}");
+}
+
+#[test]
+fn bf16_autocast_gives_the_f32_gradients_within_bf16_rounding() {
+    let g = golden();
+    let n = 19;
+    let pixels = (0..n * 256).map(|i| (i as f32 * 0.37).sin()).collect();
+    let x = Tensor::from_vec(pixels, (n, 1, 16, 16), &Device::Cpu).unwrap();
+    let y = Tensor::from_vec((0..n as u32).map(|i| i % 3).collect(), n, &Device::Cpu).unwrap();
+    let run = |precision| {
+        let mut opt = AdamW::new(
+            g.net.params.clone(),
+            AdamWConfig {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.05,
+            },
+        );
+        let shards = Shards::whole(&Device::Cpu, n);
+        let micro = Micro {
+            x: &x,
+            y: &y,
+            shards: &shards,
+            teacher: None,
+        };
+        let opts = StepOptions {
+            label_smoothing: 0.1,
+            accum_steps: 1,
+            checkpoint: false,
+            precision,
+        };
+        let m = forward_backward(&g.net, &mut opt, &micro, opts, &|_| None, &Single).unwrap();
+        (opt, m.loss)
+    };
+    let (f32_run, f32_loss) = run(ops::Precision::F32);
+    let (bf16_run, bf16_loss) = run(ops::Precision::Bf16);
+    assert!(f32_loss != bf16_loss, "the bf16 products were not used");
+    assert!(
+        (f32_loss - bf16_loss).abs() < 1e-2 * f32_loss,
+        "{f32_loss} vs {bf16_loss}"
+    );
+    for (name, _) in &g.net.params {
+        let (a, b) = (f32_run.grad(name).unwrap(), bf16_run.grad(name).unwrap());
+        assert!(b.iter().any(|&v| v != 0.0), "{name}: no gradient in bf16");
+        let diff: f64 = a.iter().zip(b).map(|(p, q)| ((p - q) as f64).powi(2)).sum();
+        let norm: f64 = a.iter().map(|&p| (p as f64).powi(2)).sum();
+        // bf16 keeps 8 bits of mantissa (relative rounding 2⁻⁹ ≈ 0.2% per operand).
+        assert!(
+            diff.sqrt() <= 0.05 * norm.sqrt() + 1e-6,
+            "{name}: relative error {}",
+            (diff / norm).sqrt()
+        );
+    }
 }
 
 #[test]
