@@ -187,7 +187,7 @@ pub struct BenchOptions {
     /// Training workloads: gradient checkpointing (see `train::forward_backward`).
     pub grad_checkpoint: bool,
     /// Inference workloads: the precision of the layers' products ([`crate::ops::set_inference_dtype`]).
-    pub dtype: crate::ops::InferenceDtype,
+    pub dtype: crate::ops::Precision,
 }
 
 /// Median, minimum and maximum of a series.
@@ -269,7 +269,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         w,
         Workload::InferB16 | Workload::InferB16Int8 | Workload::InferSwinT
     );
-    if opts.dtype != crate::ops::InferenceDtype::F32 && !inference {
+    if opts.dtype != crate::ops::Precision::F32 && !inference {
         return Err(Error::Invalid(format!(
             "--dtype bf16 is for the inference workloads, not {}",
             w.name()
@@ -651,24 +651,16 @@ mod tests {
             grad_checkpoint,
             dtype,
         };
-        let e = run(&opts(
-            Workload::TrainFm,
-            false,
-            crate::ops::InferenceDtype::Bf16,
-        ))
-        .unwrap_err()
-        .to_string();
+        let e = run(&opts(Workload::TrainFm, false, crate::ops::Precision::Bf16))
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("--dtype bf16 is for the inference workloads"),
             "{e}"
         );
-        let e = run(&opts(
-            Workload::InferB16,
-            true,
-            crate::ops::InferenceDtype::F32,
-        ))
-        .unwrap_err()
-        .to_string();
+        let e = run(&opts(Workload::InferB16, true, crate::ops::Precision::F32))
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("--grad-checkpoint is for the training workloads"),
             "{e}"

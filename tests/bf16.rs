@@ -3,7 +3,7 @@
 //! and the same top class for every image.
 
 use candle_core::{Device, Tensor};
-use vit::ops::{set_inference_dtype, InferenceDtype};
+use vit::ops::{set_inference_dtype, Precision};
 use vit::{Classifier, ModelConfig};
 
 #[test]
@@ -13,7 +13,7 @@ fn bf16_logits_follow_f32() {
     #[cfg(not(target_arch = "x86_64"))]
     let supported = false;
     if !supported {
-        let e = set_inference_dtype(InferenceDtype::Bf16).unwrap_err();
+        let e = set_inference_dtype(Precision::Bf16).unwrap_err();
         assert!(e.to_string().contains("AVX512_BF16"), "{e}");
         eprintln!("no avx512bf16 on this CPU: only the refusal checked");
         return;
@@ -25,9 +25,9 @@ fn bf16_logits_follow_f32() {
     let pixels: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.0137).sin()).collect();
     let x = Tensor::from_vec(pixels, (4, 3, 224, 224), &dev).unwrap();
     let f32_logits = model.forward(&x).unwrap();
-    set_inference_dtype(InferenceDtype::Bf16).unwrap();
+    set_inference_dtype(Precision::Bf16).unwrap();
     let bf16_logits = model.forward(&x).unwrap();
-    set_inference_dtype(InferenceDtype::F32).unwrap();
+    set_inference_dtype(Precision::F32).unwrap();
     let again = model.forward(&x).unwrap();
     let rows = |t: &Tensor| t.to_vec2::<f32>().unwrap();
     let (a, b, c) = (rows(&f32_logits), rows(&bf16_logits), rows(&again));

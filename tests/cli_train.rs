@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{fails, ok, p, tiny_recipe, vit, write_idx_dataset};
+use common::{fails, ok, p, tiny_recipe, vit, weights, write_idx_dataset};
 
 fn metrics(run: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(run.join("metrics.jsonl"))
@@ -14,20 +14,6 @@ fn metrics(run: &Path) -> Vec<serde_json::Value> {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
-}
-
-/// Model tensors of a checkpoint (training state left out), as raw bytes by name.
-fn weights(path: &Path) -> Vec<(String, Vec<u8>)> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut out: Vec<(String, Vec<u8>)> = st
-        .tensors()
-        .into_iter()
-        .filter(|(n, _)| !n.starts_with("train_state."))
-        .map(|(n, v)| (n, v.data().to_vec()))
-        .collect();
-    out.sort();
-    out
 }
 
 fn setup(extra: &str) -> (tempfile::TempDir, std::path::PathBuf) {

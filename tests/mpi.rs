@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{ok, p, tiny_recipe, write_idx_dataset};
+use common::{ok, p, tiny_recipe, weights, write_idx_dataset};
 
 /// `mpirun -np N vit ARGS` (as root too, where CI runs, and on a machine with fewer cores
 /// than N), not yet started. Its processes carry `VIT_TEST_JOB=job` in their environment,
@@ -41,20 +41,6 @@ fn ok_mpi(n: usize, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
-}
-
-/// Model tensors of a checkpoint (training state left out), as raw bytes by name.
-fn weights(path: &Path) -> Vec<(String, Vec<u8>)> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut out: Vec<(String, Vec<u8>)> = st
-        .tensors()
-        .into_iter()
-        .filter(|(n, _)| !n.starts_with("train_state."))
-        .map(|(n, v)| (n, v.data().to_vec()))
-        .collect();
-    out.sort();
-    out
 }
 
 /// metrics.jsonl without its timings.

@@ -28,7 +28,7 @@ pub struct BenchArgs {
     grad_checkpoint: bool,
     /// Inference workloads: f32, or bf16 matrix products (CPUs with AVX512_BF16).
     #[arg(long, default_value = "f32", value_parser = super::parse_dtype)]
-    dtype: vit::ops::InferenceDtype,
+    dtype: vit::ops::Precision,
     /// Output format (json: one object, for bench/compare.sh).
     #[arg(long, value_enum, default_value_t = Format::Text)]
     format: Format,

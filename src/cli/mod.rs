@@ -119,11 +119,12 @@ pub struct DeviceArgs {
     /// Precision of the layers' matrix products: f32, or bf16 (operands rounded to bfloat16,
     /// f32 sums; CPUs with AVX512_BF16).
     #[arg(long, default_value = "f32", value_parser = parse_dtype)]
-    dtype: vit::ops::InferenceDtype,
+    dtype: vit::ops::Precision,
 }
 
-fn parse_dtype(s: &str) -> Result<vit::ops::InferenceDtype, String> {
-    s.parse().map_err(|e: vit::Error| e.to_string())
+fn parse_dtype(s: &str) -> Result<vit::ops::Precision, String> {
+    s.parse()
+        .map_err(|_: vit::Error| format!("unknown dtype '{s}' (known: f32, bf16)"))
 }
 
 impl DeviceArgs {

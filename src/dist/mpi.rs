@@ -50,26 +50,12 @@ impl Collective for Mpi {
     }
 
     fn sum_f32(&self, buf: &mut [f32]) -> Result<()> {
-        let scratch = &mut self.scratch.borrow_mut().0;
-        scratch.resize(BUCKET.min(buf.len()), 0.0);
-        for chunk in buf.chunks_mut(BUCKET) {
-            let out = &mut scratch[..chunk.len()];
-            self.world
-                .all_reduce_into(&*chunk, out, SystemOperation::sum());
-            chunk.copy_from_slice(out);
-        }
+        sum_in_buckets(&self.world, buf, &mut self.scratch.borrow_mut().0);
         Ok(())
     }
 
     fn sum_f64(&self, buf: &mut [f64]) -> Result<()> {
-        let scratch = &mut self.scratch.borrow_mut().1;
-        scratch.resize(BUCKET.min(buf.len()), 0.0);
-        for chunk in buf.chunks_mut(BUCKET) {
-            let out = &mut scratch[..chunk.len()];
-            self.world
-                .all_reduce_into(&*chunk, out, SystemOperation::sum());
-            chunk.copy_from_slice(out);
-        }
+        sum_in_buckets(&self.world, buf, &mut self.scratch.borrow_mut().1);
         Ok(())
     }
 
@@ -116,5 +102,18 @@ impl Collective for Mpi {
 
     fn abort(&self, code: i32) -> ! {
         self.world.abort(code)
+    }
+}
+
+/// Sums `buf` over the processes in place, [`BUCKET`] elements at a time through `scratch`.
+fn sum_in_buckets<T>(world: &SimpleCommunicator, buf: &mut [T], scratch: &mut Vec<T>)
+where
+    T: Equivalence + Copy + Default,
+{
+    scratch.resize(BUCKET.min(buf.len()), T::default());
+    for chunk in buf.chunks_mut(BUCKET) {
+        let out = &mut scratch[..chunk.len()];
+        world.all_reduce_into(&*chunk, out, SystemOperation::sum());
+        chunk.copy_from_slice(out);
     }
 }

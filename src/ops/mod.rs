@@ -19,45 +19,21 @@ pub fn matmul_provider() -> String {
     cpu::matmul_provider()
 }
 
-/// The precision of the matrix products of inference weights (a linear layer's weight
-/// that tracks no gradient): f32, or bf16 operands with f32 sums (`--dtype bf16`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum InferenceDtype {
-    #[default]
-    F32,
-    Bf16,
-}
-
-impl std::str::FromStr for InferenceDtype {
-    type Err = crate::Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "f32" | "float32" => Ok(InferenceDtype::F32),
-            "bf16" | "bfloat16" => Ok(InferenceDtype::Bf16),
-            _ => Err(crate::Error::Unknown {
-                kind: "dtype",
-                name: s.into(),
-                hint: " (known: f32, bf16)".into(),
-            }),
-        }
-    }
-}
-
 /// Sets the precision of inference products for the whole process (a command sets it once,
 /// before it runs a model). `Bf16` runs them on the AVX512_BF16 kernel: operands rounded to
 /// bfloat16, sums and everything else (LayerNorm, softmax, the attention products) in f32.
 /// An error names a CPU without AVX512_BF16 (or a `VIT_SIMD` cap below AVX-512); on
 /// other devices the setting does nothing (their products are candle's).
-pub fn set_inference_dtype(dtype: InferenceDtype) -> Result<()> {
-    cpu::set_bf16_inference(dtype == InferenceDtype::Bf16).map_err(crate::Error::Invalid)
+pub fn set_inference_dtype(dtype: Precision) -> Result<()> {
+    cpu::set_bf16_inference(dtype == Precision::Bf16).map_err(crate::Error::Invalid)
 }
 
-/// The precision of training's matrix products (`vit train --precision`): f32, or mixed
-/// precision as PyTorch's `autocast(dtype=torch.bfloat16)`: the products of linear layers
-/// and of attention take bf16 operands and give f32 results, while the weights (the
-/// master copy the optimizer updates), their gradients, LayerNorm, softmax, GELU and the
-/// loss stay f32.
+/// The precision of matrix products: f32, or bf16 operands with f32 results. For inference
+/// ([`set_inference_dtype`], `--dtype`) it applies to a linear layer's weight that tracks no
+/// gradient; for training ([`autocast`], `vit train --precision`) it is mixed precision as
+/// PyTorch's `autocast(dtype=torch.bfloat16)`: the products of linear layers and of
+/// attention take bf16 operands, while the weights (the master copy the optimizer
+/// updates), their gradients, LayerNorm, softmax, GELU and the loss stay f32.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Precision {
     #[default]

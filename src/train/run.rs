@@ -565,11 +565,14 @@ pub fn train(
                 ..pos
             };
         }
-        // A --max-steps run that ends mid-epoch keeps its exact position for a resume.
-        save(&out.join(LAST), &net, &opt, pos)?;
+        // A --max-steps run that ends mid-epoch keeps its exact position for a resume. The
+        // best first: `checkpoint-last` is what a resume starts from, so once it says an
+        // epoch is done, that epoch's best checkpoint must already be on disk (killed
+        // between the two, the run redoes the epoch's end instead of finding no best).
         if is_best {
             save(&out.join(BEST), &net, &opt, pos)?;
         }
+        save(&out.join(LAST), &net, &opt, pos)?;
     }
 
     // Final report on the test set, with the best checkpoint's weights (once rank 0 has

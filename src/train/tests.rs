@@ -13,6 +13,14 @@ use super::step::{
 use super::AdamW;
 use crate::dist::Single;
 
+/// The golden fixture's AdamW settings.
+const ADAMW: AdamWConfig = AdamWConfig {
+    beta1: 0.9,
+    beta2: 0.999,
+    eps: 1e-8,
+    weight_decay: 0.05,
+};
+
 /// [`forward_backward`] of a whole micro-batch by one process.
 #[allow(clippy::too_many_arguments)]
 fn step(
@@ -117,15 +125,7 @@ fn every_gradient_matches_pytorch() {
 #[test]
 fn two_clipped_adamw_steps_match_pytorch() {
     let g = golden();
-    let mut opt = AdamW::new(
-        g.net.params.clone(),
-        AdamWConfig {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.05,
-        },
-    );
+    let mut opt = AdamW::new(g.net.params.clone(), ADAMW);
     let mut norms = vec![];
     for _ in 0..2 {
         let logits = g.net.model.forward_t(&g.x, &mut Mode::Eval).unwrap();
@@ -205,15 +205,7 @@ fn bf16_autocast_gives_the_f32_gradients_within_bf16_rounding() {
     let x = Tensor::from_vec(pixels, (n, 1, 16, 16), &Device::Cpu).unwrap();
     let y = Tensor::from_vec((0..n as u32).map(|i| i % 3).collect(), n, &Device::Cpu).unwrap();
     let run = |precision| {
-        let mut opt = AdamW::new(
-            g.net.params.clone(),
-            AdamWConfig {
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-                weight_decay: 0.05,
-            },
-        );
+        let mut opt = AdamW::new(g.net.params.clone(), ADAMW);
         let shards = Shards::whole(&Device::Cpu, n);
         let micro = Micro {
             x: &x,
@@ -371,12 +363,7 @@ fn gradient_checkpointing_gives_the_same_gradients() {
         let net = Trainable::new(&cfg, &params, &dev).unwrap();
         let teaching = distilled.then_some((&teacher, &distill));
         let run = |checkpoint: bool| {
-            let mut opt = net.adamw(AdamWConfig {
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-                weight_decay: 0.05,
-            });
+            let mut opt = net.adamw(ADAMW);
             let rngs = |shard| Some(step_rng(7, 3, 1, shard));
             let m = step(&net, &mut opt, &x, &y, 0.1, 2, &rngs, teaching, checkpoint).unwrap();
             (opt, m.loss, m.logits)

@@ -135,3 +135,17 @@ pub fn fails(args: &[&str]) -> String {
 pub fn p(path: &std::path::Path) -> &str {
     path.to_str().unwrap()
 }
+
+/// Model tensors of a checkpoint (training state left out), as raw bytes by name.
+pub fn weights(path: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<(String, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .filter(|(n, _)| !n.starts_with("train_state."))
+        .map(|(n, v)| (n, v.data().to_vec()))
+        .collect();
+    out.sort();
+    out
+}
