@@ -83,10 +83,16 @@ pub fn init() -> Result<Box<dyn Collective>> {
     }
 }
 
-/// The job's process count as an MPI launcher (Open MPI's `mpirun`, MPICH's Hydra, or
-/// Slurm's `srun --mpi`) tells it in the environment; `None` when none started us.
+/// Whether an MPI launcher started us, and the job's process count as it tells it in the
+/// environment (Open MPI's `mpirun`, MPICH's Hydra); 0 when a PMIx launcher (`srun
+/// --mpi=pmix`) names only our rank and Slurm does not say the step's size. `None` when no
+/// launcher started us.
 pub fn launched_size() -> Option<usize> {
-    env_count(&["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"])
+    if let Some(n) = env_count(&["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]) {
+        return Some(n);
+    }
+    std::env::var_os("PMIX_RANK")
+        .map(|_| env_count(&["SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"]).unwrap_or(0))
 }
 
 /// How many processes of the job run on this machine, as the launcher tells it; `None`

@@ -1586,6 +1586,19 @@ fn a_build_without_mpi_refuses_to_be_one_of_several_processes() {
         "{err}"
     );
     assert!(!run.exists());
+    // Slurm's srun with PMIx: the rank from PMIx, the step's size from Slurm.
+    let out = Command::new(env!("CARGO_BIN_EXE_vit"))
+        .args(["train", "--config", p(&recipe), "--out", p(&run), "--quiet"])
+        .env("PMIX_RANK", "1")
+        .env("SLURM_STEP_NUM_TASKS", "4")
+        .output()
+        .unwrap();
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.starts_with("error: started as one of 4 MPI processes"),
+        "{err}"
+    );
+    assert!(!run.exists());
 }
 
 /// Mixed precision: `--precision bf16` trains (the loss falls as in f32) and resumes
