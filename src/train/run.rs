@@ -383,13 +383,11 @@ pub fn train(
     };
     let text = toml::to_string(&saved).map_err(|e| Error::Invalid(e.to_string()))?;
     // Every process must start from the same recipe, data and weights.
-    same_everywhere(world, "recipe", text.as_bytes())?;
-    same_everywhere(
-        world,
-        "training images",
-        &(data.train.len() as u64).to_le_bytes(),
-    )?;
-    same_everywhere(world, "starting weights", &weights_digest(&net)?)?;
+    same_everywhere(world, "recipe", || Ok(text.as_bytes().to_vec()))?;
+    same_everywhere(world, "training images", || {
+        Ok((data.train.len() as u64).to_le_bytes().to_vec())
+    })?;
+    same_everywhere(world, "starting weights", || weights_digest(&net))?;
     if writer {
         std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
         crate::atomic::write_atomic(&out.join(RECIPE), text.as_bytes())?;
@@ -545,7 +543,7 @@ pub fn train(
         progress.end_epoch(&m);
         history.push(m.clone());
         // Every process must still hold the same weights.
-        same_everywhere(world, "weights", &weights_digest(&net)?)?;
+        same_everywhere(world, "weights", || weights_digest(&net))?;
         if writer {
             report::write_metrics(&out.join(METRICS), &history)?;
         }
@@ -623,14 +621,19 @@ fn test_result(
     )
 }
 
-/// An error unless `bytes` (their digest) are the same on every process: a data-parallel
-/// run whose processes disagree on `what` would train nonsense.
-fn same_everywhere(world: &dyn Collective, what: &str, bytes: &[u8]) -> Result<()> {
+/// An error unless `bytes()` (their digest) are the same on every process: a data-parallel
+/// run whose processes disagree on `what` would train nonsense. One process computes
+/// nothing.
+fn same_everywhere(
+    world: &dyn Collective,
+    what: &str,
+    bytes: impl FnOnce() -> Result<Vec<u8>>,
+) -> Result<()> {
     if world.size() == 1 {
         return Ok(());
     }
     use sha2::Digest;
-    let digest = sha2::Sha256::digest(bytes);
+    let digest = sha2::Sha256::digest(bytes()?);
     let all = world.gather(&digest)?;
     match all.iter().position(|d| d[..] != all[0][..]) {
         None => Ok(()),
