@@ -94,6 +94,7 @@ const CASES: &[Case] = &[
     case("train fraction nan", &["train", "--config", "{T}/r_ok.toml", "--train-fraction", "NaN"], "train_fraction must be a finite number"),
     case("train teacher missing", &["train", "--config", "{T}/r_ok.toml", "--teacher", "{T}/missing_teacher.safetensors"], "missing_teacher.safetensors"),
     case("train teacher garbage", &["train", "--config", "{T}/r_ok.toml", "--teacher", "{T}/garbage.safetensors"], "garbage.safetensors"),
+    case("train teacher cache without a teacher", &["train", "--config", "{T}/r_ok.toml", "--teacher-cache"], "teacher_cache needs a teacher"),
     case("train teacher without architecture", &["train", "--config", "{T}/r_ok.toml", "--teacher", "{F}/timm_tiny/model.safetensors"], "does not describe its architecture"),
     case("train distill alpha above one", &["train", "--config", "{T}/r_ok.toml", "--distill-alpha", "1.5"], "distill_alpha must be in [0, 1]"),
     case("train distill tau zero", &["train", "--config", "{T}/r_ok.toml", "--distill-tau", "0"], "distill_tau must be > 0"),

@@ -1082,6 +1082,29 @@ fn a_deit_student_learns_from_a_teacher_and_resumes_exactly() {
         weights(&full.join("checkpoint-last.safetensors")),
         weights(&other.join("checkpoint-last.safetensors"))
     );
+    // The teacher's logits cached once, un-augmented: another run (the teacher saw other
+    // crops), said in the output, and resumed exactly as well.
+    let cached = dir.path().join("cached");
+    let mut a = args(&cached);
+    a.push("--teacher-cache".into());
+    let out = ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.contains("teacher: labelled the"), "{out}");
+    assert_ne!(
+        weights(&full.join("checkpoint-last.safetensors")),
+        weights(&cached.join("checkpoint-last.safetensors"))
+    );
+    let cached_part = dir.path().join("cached-part");
+    let mut a = args(&cached_part);
+    a.extend(["--teacher-cache", "--quiet"].map(String::from));
+    kill_after_first_checkpoint(
+        &cached_part,
+        &a.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    ok(&["train", "--resume", p(&cached_part), "--quiet"]);
+    assert_eq!(
+        weights(&cached.join("checkpoint-last.safetensors")),
+        weights(&cached_part.join("checkpoint-last.safetensors"))
+    );
     // A teacher of another class count: one clear line, no run folder.
     let imgs = dir.path().join("imgs");
     gray_folder(&imgs, 3, 8);

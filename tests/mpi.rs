@@ -83,17 +83,25 @@ fn setup(extra: &str, model: Option<&str>) -> (tempfile::TempDir, PathBuf) {
 /// the same metrics, and that only rank 0 reported.
 fn one_and_two_agree(extra: &str, model: Option<&str>) {
     let (dir, recipe) = setup(extra, model);
+    agree(&dir, &recipe, &[], &format!("{extra} {model:?}"));
+}
+
+/// [`one_and_two_agree`] for `recipe` trained with the flags `flags` in `dir`.
+fn agree(dir: &tempfile::TempDir, recipe: &Path, flags: &[&str], what: &str) {
     let (one, two) = (dir.path().join("one"), dir.path().join("two"));
-    ok(&["train", "--config", p(&recipe), "--out", p(&one), "--quiet"]);
-    let out = ok_mpi(
-        2,
-        &["train", "--config", p(&recipe), "--out", p(&two), "--quiet"],
-    );
+    let args = |out: &Path| -> Vec<String> {
+        let mut a = ["train", "--config", p(recipe), "--out", p(out), "--quiet"].to_vec();
+        a.extend(flags);
+        a.into_iter().map(String::from).collect()
+    };
+    let (a1, a2) = (args(&one), args(&two));
+    ok(&a1.iter().map(String::as_str).collect::<Vec<_>>());
+    let out = ok_mpi(2, &a2.iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(out.matches("test accuracy").count(), 1, "{out}");
     for f in ["checkpoint-last.safetensors", "checkpoint-best.safetensors"] {
         assert!(
             weights(&one.join(f)) == weights(&two.join(f)),
-            "{extra} {model:?}: {f} differs between one process and two"
+            "{what}: {f} differs between one process and two"
         );
     }
     assert_eq!(metrics(&one), metrics(&two));
@@ -113,6 +121,39 @@ fn two_processes_train_the_same_weights_as_one() {
         "epochs = 1\nval_size = 50\nbatch_size = 32\naccum_steps = 2\n",
         None,
     );
+}
+
+#[test]
+fn two_processes_label_with_the_teacher_and_share_its_cache_as_one() {
+    let (dir, recipe) = setup("epochs = 1\nval_size = 50\nmax_steps = 6\n", None);
+    let teacher = dir.path().join("teacher");
+    ok(&[
+        "train",
+        "--config",
+        p(&recipe),
+        "--out",
+        p(&teacher),
+        "--max-steps",
+        "3",
+        "--quiet",
+    ]);
+    let ck = teacher.join("checkpoint-last.safetensors");
+    // The teacher on each process's shard of every batch, then its logits cached once
+    // (each process labels part of the images; the parts are shared).
+    for cache in ["false", "true"] {
+        let flags = [
+            "--teacher",
+            p(&ck),
+            "--distill",
+            "soft",
+            "--teacher-cache",
+            cache,
+        ];
+        agree(&dir, &recipe, &flags, &format!("teacher cache {cache}"));
+        for run in ["one", "two"] {
+            std::fs::remove_dir_all(dir.path().join(run)).unwrap();
+        }
+    }
 }
 
 #[test]

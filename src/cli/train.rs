@@ -156,6 +156,10 @@ pub struct RecipeFlags {
     /// Temperature of soft distillation (default 1).
     #[arg(long)]
     distill_tau: Option<f64>,
+    /// Label every training image with the teacher once, un-augmented, before training,
+    /// and distil from those logits (the teacher's cost once instead of at every step).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    teacher_cache: Option<bool>,
     /// Start from these weights (fine-tuning; timm or HF naming, any resolution).
     #[arg(long)]
     init: Option<PathBuf>,
@@ -367,6 +371,7 @@ mod tests {
             distill: vit::train::DistillKind::Soft,
             distill_alpha: 0.25,
             distill_tau: 3.0,
+            teacher_cache: true,
             init: Some("/w.safetensors".into()),
             out: Some("/runs/x".into()),
             device: "cuda".into(),

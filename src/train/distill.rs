@@ -9,6 +9,8 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 
+use crate::data::{DataLoader, Images, LoaderConfig};
+use crate::dist::Collective;
 use crate::models::{Architecture, Classifier, ModelConfig};
 use crate::predict::load_model;
 use crate::weights::{resample, Arch, FitOptions};
@@ -176,6 +178,78 @@ impl Teacher {
     }
 }
 
+/// The teacher's logits for every training image, computed once before the first epoch on
+/// the images as evaluation sees them (no augmentation), and read by index at every step
+/// instead of running the teacher on the augmented batch (`teacher_cache`). One teacher
+/// pass in all instead of one per epoch; the student's crop and the view the teacher
+/// labelled differ by the augmentation, so it suits mild augmentation (small shifts,
+/// flips) best. The same logits on every process: each labels its share of the batches,
+/// then all are summed (the other rows are zeros).
+#[derive(Debug, Clone)]
+pub struct TeacherCache {
+    /// (N, K), row i for training image i.
+    logits: Vec<f32>,
+    classes: usize,
+}
+
+impl TeacherCache {
+    /// The most logits a cache holds (1 GiB of f32): beyond it, per-step teaching.
+    pub const MAX_VALUES: usize = 1 << 28;
+
+    /// Runs `teacher` over `images` loaded with `config` (an evaluation loader: no
+    /// shuffling, no augmentation).
+    pub fn build(
+        teacher: &Teacher,
+        images: &Images,
+        config: LoaderConfig,
+        dev: &Device,
+        world: &dyn Collective,
+    ) -> Result<TeacherCache> {
+        let classes = teacher.config.num_classes();
+        let values = images.len().saturating_mul(classes);
+        if values > Self::MAX_VALUES {
+            return Err(Error::Config(format!(
+                "teacher_cache would hold {} images × {classes} classes of logits ({:.1} GiB, \
+                 at most {} GiB): train without it (the teacher then runs on each batch)",
+                images.len(),
+                values as f64 * 4.0 / (1u64 << 30) as f64,
+                (Self::MAX_VALUES * 4) >> 30
+            )));
+        }
+        let mut logits = vec![0f32; values];
+        let loader = DataLoader::new(images.clone(), config)?;
+        for batch in loader.epoch_strided(0, world.rank(), world.size())? {
+            let batch = batch?;
+            let x = Tensor::from_vec(batch.images, batch.shape.to_vec(), dev)?;
+            let rows = teacher.logits(&x)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+            for (&i, row) in batch.indices.iter().zip(rows) {
+                logits[i * classes..(i + 1) * classes].copy_from_slice(&row);
+            }
+        }
+        world.sum_f32(&mut logits)?;
+        if let Some(i) = logits.iter().position(|v| !v.is_finite()) {
+            return Err(Error::Numeric(format!(
+                "the teacher's logits for training image {} are not finite",
+                i / classes
+            )));
+        }
+        Ok(TeacherCache { logits, classes })
+    }
+
+    /// The cached logits (b, K) of the training images `indices`.
+    pub fn rows(&self, indices: &[usize], dev: &Device) -> Result<Tensor> {
+        let k = self.classes;
+        let mut out = Vec::with_capacity(indices.len() * k);
+        for &i in indices {
+            let row = self.logits.get(i * k..(i + 1) * k).ok_or_else(|| {
+                Error::Invalid(format!("training image {i} is not in the teacher's cache"))
+            })?;
+            out.extend_from_slice(row);
+        }
+        Ok(Tensor::from_vec(out, (indices.len(), k), dev)?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,6 +364,57 @@ mod tests {
         };
         crate::weights::save(&path, &tensors, &Default::default(), &meta).unwrap();
         (path, cfg)
+    }
+
+    #[test]
+    fn the_cache_holds_the_teachers_logits_of_each_unaugmented_training_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = Device::Cpu;
+        let student = ModelConfig::Vit(crate::models::ViTConfig {
+            in_channels: 1,
+            num_classes: 3,
+            ..crate::models::ViTConfig::timm(16, 8, 16, 1, 2)
+        });
+        let (path, _) = saved_teacher(dir.path(), 16);
+        let teacher = Teacher::load(&path, &student, &[0.2], &[0.25], &dev).unwrap();
+        // 7 gray 16 px images, image i a ramp scaled by i; batches of 3 (the last short).
+        let n = 7;
+        let pixels = (0..n)
+            .flat_map(|i| (0..256).map(move |p| ((p * (i + 1)) % 256) as u8))
+            .collect();
+        let labels = (0..n).map(|i| (i % 3) as u32).collect();
+        let names = (0..3).map(|c| format!("c{c}")).collect();
+        let images: Images = crate::data::Dataset::new(pixels, labels, 1, 16, 16, names)
+            .unwrap()
+            .into();
+        let config = LoaderConfig::eval(3, vec![0.2], vec![0.25]);
+        let cache = TeacherCache::build(
+            &teacher,
+            &images,
+            config.clone(),
+            &dev,
+            &crate::dist::Single,
+        )
+        .unwrap();
+        // Rows asked in any order are the teacher's logits of those images, unaugmented.
+        let all = DataLoader::new(images.clone(), LoaderConfig::eval(n, vec![0.2], vec![0.25]))
+            .unwrap()
+            .epoch(0)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap();
+        let x = Tensor::from_vec(all.images, all.shape.to_vec(), &dev).unwrap();
+        let want = teacher.logits(&x).unwrap();
+        let order = [6usize, 0, 3, 3, 5];
+        let got = cache.rows(&order, &dev).unwrap();
+        let idx = Tensor::new(&order.map(|i| i as u32), &dev).unwrap();
+        let want = want.index_select(&idx, 0).unwrap();
+        let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+        // An image the cache has not seen is an error, not a panic.
+        let e = cache.rows(&[7], &dev).unwrap_err();
+        assert!(e.to_string().contains("training image 7"), "{e}");
     }
 
     #[test]

@@ -24,7 +24,7 @@ mod step;
 use std::path::PathBuf;
 
 pub use compare::{compare_picture, compare_runs, read_run, table, RunRow};
-pub use distill::{distillation_loss, Distill, DistillKind, Teacher};
+pub use distill::{distillation_loss, Distill, DistillKind, Teacher, TeacherCache};
 pub use eval::{eval_checkpoint, evaluate, evaluate_against, evaluate_on, Agreement, EvalResult};
 pub use optim::{decays, AdamW, AdamWConfig, Schedule};
 pub use progress::{Progress, ProgressMode};

@@ -93,6 +93,11 @@ pub struct Recipe {
     pub distill_alpha: f64,
     /// Temperature of soft distillation.
     pub distill_tau: f64,
+    /// Label every training image with the teacher once, un-augmented, before the first
+    /// epoch, and distil from those logits at every step instead of running the teacher on
+    /// each augmented batch ([`super::TeacherCache`]): the teacher's cost once, not every
+    /// epoch.
+    pub teacher_cache: bool,
     /// Start from these weights (fine-tuning; timm or HF naming, any resolution).
     pub init: Option<PathBuf>,
     /// Output folder (default `runs/<timestamp>`).
@@ -142,6 +147,7 @@ impl Default for Recipe {
             distill: DistillKind::Hard,
             distill_alpha: 0.5,
             distill_tau: 1.0,
+            teacher_cache: false,
             init: None,
             out: None,
             device: "cpu".into(),
@@ -314,6 +320,9 @@ impl Recipe {
         }
         if self.distill_tau <= 0.0 {
             return bad(format!("distill_tau must be > 0, got {}", self.distill_tau));
+        }
+        if self.teacher_cache && self.teacher.is_none() {
+            return bad("teacher_cache needs a teacher (--teacher CHECKPOINT)".into());
         }
         if self.workers == Some(0) {
             return bad("workers must be at least 1".into());

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 
-use super::distill::Teacher;
+use super::distill::{Teacher, TeacherCache};
 use super::eval::{evaluate_on, EvalResult};
 use super::run_dir::{self, default_out_dir, Position, BEST, LAST, METRICS, RECIPE};
 use super::step::{forward_backward, step_rng, Micro, MicroStep, Shards, StepOptions, Trainable};
@@ -362,6 +362,26 @@ pub fn train(
         )?),
         None => None,
     };
+    // Teacher logits once for the whole training set, or per batch in the loop.
+    let cache = match (&teacher, recipe.teacher_cache) {
+        (Some(t), true) => {
+            let started = Instant::now();
+            let cache = TeacherCache::build(
+                t,
+                &data.train,
+                data.eval_config(recipe.eval_batch()),
+                &dev,
+                world,
+            )?;
+            progress.info(&format!(
+                "teacher: labelled the {} training images once, in {:.1} s",
+                data.train.len(),
+                started.elapsed().as_secs_f64()
+            ));
+            Some(cache)
+        }
+        _ => None,
+    };
     let distill = recipe.distillation();
     let precision = recipe.precision()?;
     let net = Trainable::new(&cfg, &tensors, &dev)?;
@@ -433,10 +453,11 @@ pub fn train(
             let micro_idx = batch.batch_index as u64 % recipe.accum_steps as u64;
             let x = Tensor::from_vec(batch.images, batch.shape.to_vec(), &dev)?;
             let asked = Instant::now();
-            let taught = teacher
-                .as_ref()
-                .map(|t| t.logits_in(&x, &shards))
-                .transpose()?;
+            let taught = match (&cache, &teacher) {
+                (Some(c), _) => Some(c.rows(&batch.indices, &dev)?),
+                (None, Some(t)) => Some(t.logits_in(&x, &shards)?),
+                (None, None) => None,
+            };
             teaching += asked.elapsed().as_secs_f64();
             let y = Tensor::from_vec(batch.labels, x.dim(0)?, &dev)?;
             let step = pos.step;
