@@ -366,15 +366,20 @@ mod tests {
         (path, cfg)
     }
 
+    /// A gray 16 px ViT student of `classes` classes.
+    fn gray_student(classes: usize) -> ModelConfig {
+        ModelConfig::Vit(crate::models::ViTConfig {
+            in_channels: 1,
+            num_classes: classes,
+            ..crate::models::ViTConfig::timm(16, 8, 16, 1, 2)
+        })
+    }
+
     #[test]
     fn the_cache_holds_the_teachers_logits_of_each_unaugmented_training_image() {
         let dir = tempfile::tempdir().unwrap();
         let dev = Device::Cpu;
-        let student = ModelConfig::Vit(crate::models::ViTConfig {
-            in_channels: 1,
-            num_classes: 3,
-            ..crate::models::ViTConfig::timm(16, 8, 16, 1, 2)
-        });
+        let student = gray_student(3);
         let (path, _) = saved_teacher(dir.path(), 16);
         let teacher = Teacher::load(&path, &student, &[0.2], &[0.25], &dev).unwrap();
         // 7 gray 16 px images, image i a ramp scaled by i; batches of 3 (the last short).
@@ -423,11 +428,7 @@ mod tests {
         let dev = Device::Cpu;
         // A gray 16 px student normalised with mean 0.2, std 0.25; a uniform gray batch
         // of pixel value 0.7 is x = 2 everywhere.
-        let student = ModelConfig::Vit(crate::models::ViTConfig {
-            in_channels: 1,
-            num_classes: 3,
-            ..crate::models::ViTConfig::timm(16, 8, 16, 1, 2)
-        });
+        let student = gray_student(3);
         let x = Tensor::full(2f32, (2, 1, 16, 16), &dev).unwrap();
         for size in [16, 32] {
             let (path, cfg) = saved_teacher(dir.path(), size);
@@ -444,11 +445,7 @@ mod tests {
             assert_eq!(cfg.num_classes(), 3);
         }
         // Another class count: refused, naming both.
-        let other = ModelConfig::Vit(crate::models::ViTConfig {
-            num_classes: 5,
-            in_channels: 1,
-            ..crate::models::ViTConfig::timm(16, 8, 16, 1, 2)
-        });
+        let other = gray_student(5);
         let (path, _) = saved_teacher(dir.path(), 16);
         let e = Teacher::load(&path, &other, &[0.2], &[0.25], &dev).unwrap_err();
         assert!(e.to_string().contains("3 classes but the student 5"), "{e}");
