@@ -193,7 +193,8 @@ pub struct TeacherCache {
 }
 
 impl TeacherCache {
-    /// The most logits a cache holds (1 GiB of f32): beyond it, per-step teaching.
+    /// The most logits a cache holds (1 GiB of f32); a larger one is refused (the teacher
+    /// can still run on each batch).
     pub const MAX_VALUES: usize = 1 << 28;
 
     /// Runs `teacher` over `images` loaded with `config` (an evaluation loader: no
@@ -393,14 +394,8 @@ mod tests {
             .unwrap()
             .into();
         let config = LoaderConfig::eval(3, vec![0.2], vec![0.25]);
-        let cache = TeacherCache::build(
-            &teacher,
-            &images,
-            config.clone(),
-            &dev,
-            &crate::dist::Single,
-        )
-        .unwrap();
+        let cache =
+            TeacherCache::build(&teacher, &images, config, &dev, &crate::dist::Single).unwrap();
         // Rows asked in any order are the teacher's logits of those images, unaugmented.
         let all = DataLoader::new(images.clone(), LoaderConfig::eval(n, vec![0.2], vec![0.25]))
             .unwrap()
